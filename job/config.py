@@ -1,0 +1,170 @@
+"""Every setting, read from the environment once (flags override by passing `overrides`).
+
+The original worker's variables keep their names and defaults; new ones are listed in
+the README. A bad value raises ConfigError with one line naming the variable.
+"""
+
+import os
+import re
+from dataclasses import dataclass, fields, replace
+
+from .errors import ConfigError
+
+_BITRATE = re.compile(r"^(\d{2,3})k$")
+MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+
+
+@dataclass(frozen=True)
+class Settings:
+    processing_mode: str = "pubsub"
+    storage_mode: str = "local"
+    gcs_bucket: str = ""
+    output_dir: str = "/outputs"
+    input_dir: str = ""
+    gcp_project_id: str = ""
+    pubsub_subscription: str = "stem-separate-worker"
+    pubsub_results_topic: str = "stem-results"
+    model_name: str = "htdemucs_6s"
+    model_dir: str = ""
+    device: str = "auto"
+    precision: str = "auto"
+    segment_batch: int = 0            # 0 = auto
+    shifts: int = 0
+    seed: int = 0
+    output_format: str = "mp3"
+    mp3_bitrate: int = 320
+    max_input_bytes: int = 2 * 1024**3
+    max_duration_s: float = 3 * 3600.0
+    allowed_input_buckets: tuple = ()
+    max_messages: int = 1
+    idle_timeout_s: float = 10.0
+    progress_events: bool = False
+    log_format: str = "auto"
+    http_host: str = "0.0.0.0"
+    http_port: int = 8000
+    http_queue: int = 4
+
+    def allowed_buckets(self) -> tuple:
+        if self.allowed_input_buckets:
+            return self.allowed_input_buckets
+        return (self.gcs_bucket,) if self.gcs_bucket else ()
+
+
+def _choice(name, value, choices):
+    value = value.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is invalid: use one of {', '.join(choices)}")
+    return value
+
+
+def _int(name, value, low, high=None):
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is invalid: use a whole number") from None
+    if number < low or (high is not None and number > high):
+        limit = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{name}={value!r} is invalid: use a number {limit}")
+    return number
+
+
+def _float(name, value, low):
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is invalid: use a number of seconds") from None
+    if not number > low or number != number or number == float("inf"):
+        raise ConfigError(f"{name}={value!r} is invalid: use a number above {low}")
+    return number
+
+
+def _bool(name, value):
+    value = value.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={value!r} is invalid: use true or false")
+
+
+def _bitrate(name, value):
+    match = _BITRATE.match(value.strip().lower()) or re.match(r"^(\d{2,3})$", value.strip())
+    if not match or int(match.group(1)) not in MP3_BITRATES:
+        raise ConfigError(f"{name}={value!r} is invalid: use an MP3 bitrate such as 320k "
+                          f"({', '.join(f'{b}k' for b in MP3_BITRATES)})")
+    return int(match.group(1))
+
+
+def _batch(name, value):
+    return 0 if value.strip().lower() == "auto" else _int(name, value, 1, 64)
+
+
+def _buckets(name, value):
+    buckets = tuple(b.strip().removeprefix("gs://").strip("/") for b in value.split(",") if b.strip())
+    for bucket in buckets:
+        if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
+            raise ConfigError(f"{name} holds {bucket!r}, which is not a bucket name")
+    return buckets
+
+
+def _text(name, value):
+    return value.strip()
+
+
+# env variable -> (Settings field, parser)
+ENV = {
+    "PROCESSING_MODE": ("processing_mode", lambda n, v: _choice(n, v, ("job", "pubsub", "http"))),
+    "STORAGE_MODE": ("storage_mode", lambda n, v: _choice(n, v, ("local", "gcs"))),
+    "GCS_BUCKET": ("gcs_bucket", lambda n, v: (_buckets(n, v) or ("",))[0]),
+    "OUTPUT_DIR": ("output_dir", _text),
+    "INPUT_DIR": ("input_dir", _text),
+    "GCP_PROJECT_ID": ("gcp_project_id", _text),
+    "PUBSUB_SUBSCRIPTION": ("pubsub_subscription", _text),
+    "PUBSUB_RESULTS_TOPIC": ("pubsub_results_topic", _text),
+    "MODEL_NAME": ("model_name", _text),
+    "MODEL_DIR": ("model_dir", _text),
+    "DEVICE": ("device", lambda n, v: _choice(n, v, ("auto", "cpu", "cuda"))),
+    "PRECISION": ("precision", lambda n, v: _choice(n, v, ("auto", "fp32", "bf16", "fp16"))),
+    "SEGMENT_BATCH": ("segment_batch", _batch),
+    "SHIFTS": ("shifts", lambda n, v: _int(n, v, 0, 20)),
+    "SEED": ("seed", lambda n, v: _int(n, v, 0)),
+    "OUTPUT_FORMAT": ("output_format", lambda n, v: _choice(n, v, ("mp3", "wav", "flac"))),
+    "MP3_BITRATE": ("mp3_bitrate", _bitrate),
+    "MAX_INPUT_BYTES": ("max_input_bytes", lambda n, v: _int(n, v, 1)),
+    "MAX_DURATION_S": ("max_duration_s", lambda n, v: _float(n, v, 0)),
+    "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", _buckets),
+    "MAX_MESSAGES": ("max_messages", lambda n, v: _int(n, v, 1, 1000)),
+    "IDLE_TIMEOUT_S": ("idle_timeout_s", lambda n, v: _float(n, v, 0)),
+    "PROGRESS_EVENTS": ("progress_events", _bool),
+    "LOG_FORMAT": ("log_format", lambda n, v: _choice(n, v, ("auto", "json", "text"))),
+    "HTTP_HOST": ("http_host", _text),
+    "PORT": ("http_port", lambda n, v: _int(n, v, 1, 65535)),
+    "HTTP_QUEUE": ("http_queue", lambda n, v: _int(n, v, 0, 1000)),
+}
+FIELD_TO_ENV = {field: env for env, (field, _) in ENV.items()}
+
+
+def load_settings(environ=None, **overrides) -> Settings:
+    """Settings from `environ` (default os.environ); keyword overrides are raw strings
+    or values from flags, validated like the env variable they stand for."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for env, (field, parse) in ENV.items():
+        raw = environ.get(env)
+        if raw is not None and (raw.strip() or field in ("gcs_bucket",)):
+            values[field] = parse(env, raw)
+    for field, raw in overrides.items():
+        if raw is None:
+            continue
+        env = FIELD_TO_ENV[field]
+        values[field] = ENV[env][1](env, raw) if isinstance(raw, str) else raw
+    settings = replace(Settings(), **values)
+    if settings.storage_mode == "gcs" and not settings.gcs_bucket:
+        raise ConfigError("GCS_BUCKET is required when STORAGE_MODE=gcs")
+    return settings
+
+
+def describe() -> list[tuple[str, str]]:
+    """(variable, default) pairs, for the README and `--help`."""
+    defaults = {f.name: f.default for f in fields(Settings)}
+    return [(env, repr(defaults[field])) for env, (field, _) in ENV.items()]

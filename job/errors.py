@@ -1,0 +1,41 @@
+"""Failures the job reports, and the exit codes platforms act on.
+
+A `JobError` is a failure we understand: it carries a stable `code` for
+dashboards, a message a person can act on, and whether a retry may help.
+"""
+
+EXIT_OK = 0
+EXIT_USAGE = 2          # click's code for a bad invocation
+EXIT_BAD_INPUT = 65     # reported, not worth a retry (sysexits EX_DATAERR)
+EXIT_RETRY = 75         # reported, a retry may help (sysexits EX_TEMPFAIL)
+EXIT_CONFIG = 78        # invalid configuration (sysexits EX_CONFIG)
+
+
+class JobError(Exception):
+    """A failure with a stable code, a human message and a retry hint."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "retryable": self.retryable}
+
+
+class ConfigError(Exception):
+    """Invalid configuration: one line naming the variable and what is accepted."""
+
+
+class Interrupted(JobError):
+    """SIGTERM arrived: stop, leave nothing that looks complete, let a retry redo it."""
+
+    def __init__(self, message: str = "interrupted by SIGTERM"):
+        super().__init__("interrupted", message, retryable=True)
+
+
+def exit_code_for(error: JobError | None) -> int:
+    if error is None:
+        return EXIT_OK
+    return EXIT_RETRY if error.retryable else EXIT_BAD_INPUT
