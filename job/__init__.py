@@ -1,0 +1,1 @@
+"""stem-job: one music track in, six Demucs stems out, as a batch job."""

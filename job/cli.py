@@ -1,0 +1,160 @@
+"""The `stem-job` command line: run one track, drain a subscription, serve HTTP."""
+
+import json
+import os
+import signal
+import sys
+
+import click
+
+from . import messages
+from .config import ConfigError, load_settings
+from .errors import EXIT_CONFIG, JobError, exit_code_for
+from .logs import setup_logging
+
+
+def fail_config(message: str):
+    click.echo(f"stem-job: configuration error: {message}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def settings_or_exit(**overrides):
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        fail_config(str(exc))
+
+
+def make_storage(settings, restrict_inputs: bool = False):
+    if settings.storage_mode == "gcs":
+        from .gcs_storage import GcsStorage
+        return GcsStorage(settings.gcs_bucket, settings.allowed_buckets(), settings.max_input_bytes,
+                          project=settings.gcp_project_id or None)
+    from .storage import LocalStorage
+    return LocalStorage(settings.output_dir, settings.input_dir, settings.max_input_bytes,
+                        restrict_inputs=restrict_inputs)
+
+
+def on_sigterm(cancel):
+    """SIGTERM (spot preemption, Cloud Run stop): stop between windows, report, exit 75."""
+    def handler(signum, frame):
+        cancel.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, handler)
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def cli(ctx):
+    """Separate music tracks into six stems with Demucs (see README)."""
+    if ctx.invoked_subcommand is None:
+        mode = settings_or_exit().processing_mode
+        ctx.invoke({"job": run, "pubsub": drain, "http": serve}[mode])
+
+
+def request_from(input_, release_id, track_id, artist_id, job_id, mime_type, message):
+    """(request, trusted) from flags, else from env; JobError if malformed."""
+    env = os.environ
+    if message is not None:
+        return messages.parse_message(message), False
+    if input_ is not None or release_id or track_id:
+        if not (input_ and release_id and track_id):
+            raise click.UsageError("--input, --release-id and --track-id go together")
+        return messages.make_request(release_id, track_id, input_, job_id, artist_id,
+                                     mime_type), True
+    if env.get("JOB_MESSAGE"):
+        return messages.parse_message(env["JOB_MESSAGE"]), False
+    if env.get("ORIGINAL_STEM_URI") or env.get("RELEASE_ID") or env.get("TRACK_ID"):
+        missing = [v for v in ("ORIGINAL_STEM_URI", "RELEASE_ID", "TRACK_ID") if not env.get(v)]
+        if missing:
+            raise JobError("invalid_message", f"{', '.join(missing)} must be set with "
+                                              "ORIGINAL_STEM_URI/RELEASE_ID/TRACK_ID")
+        return messages.make_request(env["RELEASE_ID"], env["TRACK_ID"], env["ORIGINAL_STEM_URI"],
+                                     env.get("JOB_ID"), env.get("ARTIST_ID"),
+                                     env.get("MIME_TYPE")), False
+    raise click.UsageError("nothing to do: give --input/--release-id/--track-id or --message, "
+                           "or set JOB_MESSAGE or ORIGINAL_STEM_URI+RELEASE_ID+TRACK_ID")
+
+
+def emit_result(result: dict) -> None:
+    click.echo(json.dumps(result, separators=(",", ":")))
+
+
+@cli.command()
+@click.option("--input", "input_", help="Local path (or gs:// URI in gcs mode) of the original.")
+@click.option("--release-id")
+@click.option("--track-id")
+@click.option("--artist-id")
+@click.option("--job-id")
+@click.option("--mime-type")
+@click.option("--message", help="A stem-separate message (JSON or base64 JSON).")
+@click.option("--output-dir", help="Overrides OUTPUT_DIR.")
+@click.option("--model-dir", help="Overrides MODEL_DIR.")
+@click.option("--device", help="Overrides DEVICE (auto, cpu, cuda).")
+@click.option("--format", "output_format", help="Overrides OUTPUT_FORMAT (mp3, wav, flac).")
+def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None,
+        mime_type=None, message=None, output_dir=None, model_dir=None, device=None,
+        output_format=None):
+    """Separate one track; print the result JSON as the last line of stdout."""
+    settings = settings_or_exit(output_dir=output_dir, model_dir=model_dir, device=device,
+                                output_format=output_format)
+    setup_logging(settings.log_format)
+    from .pipeline import Engine, Job, process
+    try:
+        request, trusted = request_from(input_, release_id, track_id, artist_id, job_id,
+                                        mime_type, message)
+    except JobError as error:
+        raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
+        emit_result(messages.failed_result(messages.salvage_ids(raw), error))
+        sys.exit(exit_code_for(error))
+    try:
+        job = Job(settings, make_storage(settings), Engine(settings))
+    except ConfigError as exc:
+        fail_config(str(exc))
+    on_sigterm(job.cancel)
+    try:
+        result = process(request, job, trusted=trusted)
+    except ConfigError as exc:
+        fail_config(str(exc))
+    emit_result(result)
+    error = result.get("error")
+    sys.exit(exit_code_for(JobError(**error) if error else None))
+
+
+@cli.command()
+@click.option("--max-messages", type=int, help="Overrides MAX_MESSAGES.")
+@click.option("--idle-timeout", type=float, help="Overrides IDLE_TIMEOUT_S (seconds).")
+def drain(max_messages=None, idle_timeout=None):
+    """Pull up to --max-messages from PUBSUB_SUBSCRIPTION and process them, then exit."""
+    settings = settings_or_exit(max_messages=max_messages, idle_timeout_s=idle_timeout)
+    setup_logging(settings.log_format)
+    from .drain import drain as run_drain
+    sys.exit(run_drain(settings))
+
+
+@cli.command()
+@click.option("--host", help="Overrides HTTP_HOST.")
+@click.option("--port", type=int, help="Overrides PORT.")
+def serve(host=None, port=None):
+    """The original worker's HTTP API: POST /separate/{release_id}/{track_id}, GET /health."""
+    settings = settings_or_exit(http_host=host, http_port=port)
+    setup_logging(settings.log_format)
+    from .http import serve as run_server
+    run_server(settings)
+
+
+@cli.command("prefetch-model")
+def prefetch_model():
+    """Download and cache the model (or check MODEL_DIR loads) so later runs work offline."""
+    settings = settings_or_exit()
+    setup_logging(settings.log_format)
+    from .model import load_model
+    try:
+        model = load_model(settings.model_name, settings.model_dir)
+    except ConfigError as exc:
+        fail_config(str(exc))
+    click.echo(f"model {settings.model_name} ready: sources {', '.join(model.sources)}")
+
+
+def main():
+    cli(prog_name="stem-job")

@@ -1,0 +1,242 @@
+"""The separation engine: the reference computation, streamed window by window.
+
+Numerically this is demucs' reference (normalise by the mono mix's mean/std,
+`apply_model(split=True, overlap=0.25)`, de-normalise): the same window offsets and
+triangular weights, the same padding from neighbouring audio (`TensorChunk.padded`),
+the same shift offsets for `shifts > 0`. What differs is the shape:
+
+- the decoded track is read from disk one window at a time, never held whole;
+- several windows run in one forward pass (`batch`);
+- after each window, the stretch no later window can touch is finished and handed to
+  the caller (`emit`), so memory stays bounded whatever the track's length.
+
+`separate()` is the one entry point: windows in, finished stem blocks out.
+"""
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import Interrupted
+
+OVERLAP = 0.25
+
+
+@dataclass
+class Stream:
+    """One pass of one model over the track, possibly shifted (demucs' shift trick).
+
+    Virtual position q of this pass is original position q + offset (offset <= 0).
+    """
+
+    model_index: int
+    offset: int
+    length: int
+    segment: int
+    stride: int
+    weight: np.ndarray
+    skip: int = 0                 # leading virtual samples that are not output (shift)
+
+    def windows(self):
+        return range(0, self.length, self.stride)
+
+
+class OverlapAdd:
+    """Accumulates weighted window outputs of one stream and yields finished stretches."""
+
+    def __init__(self, stream: Stream, sources: int):
+        self.stream = stream
+        self.start = 0            # virtual position of buf[..., 0]
+        self.out = np.zeros((sources, 2, 0), np.float32)
+        self.sum = np.zeros(0, np.float32)
+
+    def add(self, offset: int, chunk: np.ndarray) -> None:
+        end = offset + chunk.shape[-1]
+        grow = end - (self.start + self.out.shape[-1])
+        if grow > 0:
+            self.out = np.concatenate([self.out, np.zeros(self.out.shape[:2] + (grow,), np.float32)], -1)
+            self.sum = np.concatenate([self.sum, np.zeros(grow, np.float32)])
+        weight = self.stream.weight[:chunk.shape[-1]]
+        lo = offset - self.start
+        self.out[..., lo:lo + chunk.shape[-1]] += weight * chunk
+        self.sum[lo:lo + chunk.shape[-1]] += weight
+
+    def finish(self, upto: int) -> tuple[int, np.ndarray]:
+        """Finished output in virtual [start, upto), divided by the summed weights."""
+        n = upto - self.start
+        done = self.out[..., :n] / self.sum[:n]
+        self.out, self.sum = self.out[..., n:], self.sum[n:]
+        start, self.start = self.start, upto
+        return start, done
+
+
+class Combiner:
+    """Averages the streams (shifts, models of a bag) into one finished output, in order."""
+
+    def __init__(self, streams, model_weights, sources: int, length: int):
+        self.streams = streams
+        self.length = length
+        totals = np.zeros(sources, np.float64)
+        for w in model_weights:
+            totals += np.asarray(w, np.float64)
+        shifts = len(streams) // len(model_weights)
+        self.scale = [(np.asarray(model_weights[s.model_index], np.float64) / totals / shifts)
+                      .astype(np.float32)[:, None, None] for s in streams]
+        self.pending = [[] for _ in streams]     # finished pieces not yet combined
+        self.ends = [0] * len(streams)            # original position each stream reached
+        self.emitted = 0
+
+    def add(self, index: int, start: int, block: np.ndarray):
+        stream = self.streams[index]
+        lo = max(start, stream.skip)
+        block = block[..., lo - start:]
+        if block.shape[-1] == 0:
+            return
+        self.pending[index].append(block)
+        self.ends[index] = lo + stream.offset + block.shape[-1]
+
+    def take(self):
+        """The combined output from the last emitted position to where every stream reached."""
+        upto = min(self.ends)
+        n = upto - self.emitted
+        if n <= 0:
+            return None
+        total = 0
+        for i, pieces in enumerate(self.pending):
+            joined = np.concatenate(pieces, -1) if len(pieces) > 1 else pieces[0]
+            total = total + self.scale[i] * joined[..., :n] if len(self.streams) > 1 else joined[..., :n]
+            self.pending[i] = [joined[..., n:]] if joined.shape[-1] > n else []
+        start, self.emitted = self.emitted, upto
+        return start, total
+
+
+def plan_streams(models, length: int, shifts: int, seed: int):
+    """The streams of the reference: per model, one unshifted pass or `shifts` shifted ones.
+
+    Shift offsets are drawn like demucs (`random.randint(0, max_shift)`, models outer,
+    shifts inner) from a generator seeded with `seed`.
+    """
+    rng = random.Random(seed)
+    streams = []
+    for index, model in enumerate(models):
+        segment = int(model.samplerate * model.segment)
+        stride = int((1 - OVERLAP) * segment)
+        weight = np.concatenate([np.arange(1, segment // 2 + 1),
+                                 np.arange(segment - segment // 2, 0, -1)]).astype(np.float32)
+        weight = weight / weight.max()
+        if shifts == 0:
+            streams.append(Stream(index, 0, length, segment, stride, weight))
+            continue
+        max_shift = int(0.5 * model.samplerate)
+        for _ in range(shifts):
+            off = rng.randint(0, max_shift)
+            streams.append(Stream(index, off - max_shift, length + max_shift - off, segment,
+                                  stride, weight, skip=max_shift - off))
+    return streams
+
+
+def bag_of(model):
+    """(sub-models, per-source weights) of a BagOfModels or a single model."""
+    if hasattr(model, "models"):
+        return list(model.models), [list(w) for w in model.weights]
+    return [model], [[1.0] * len(model.sources)]
+
+
+class Separator:
+    """A loaded model and how to run it; `separate()` streams one track through it."""
+
+    def __init__(self, model, device: torch.device, batch: int = 1, precision: str = "fp32",
+                 shifts: int = 0, seed: int = 0):
+        self.model = model
+        self.models, self.model_weights = bag_of(model)
+        self.sources = list(model.sources)
+        self.device = device
+        self.batch = max(1, batch)
+        self.precision = precision
+        self.shifts = shifts
+        self.seed = seed
+        for sub in self.models:
+            sub.to(device).eval()
+
+    def _forward(self, model, batch: torch.Tensor) -> torch.Tensor:
+        autocast = nullcontext()
+        if self.precision in ("bf16", "fp16") and self.device.type == "cuda":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            autocast = torch.autocast("cuda", dtype=dtype)
+        with torch.inference_mode(), autocast:
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            out = model(batch)
+        return out.float().cpu()
+
+    def separate(self, read, length: int, mean: float, std: float, emit,
+                 progress=None, cancel: threading.Event | None = None) -> None:
+        """Separate a track of `length` samples.
+
+        read(start, stop) -> (2, stop-start) float32 raw audio, zeros outside the track.
+        emit(start, block) receives (sources, 2, n) de-normalised stem blocks, in order,
+        covering [0, length) exactly once.
+        """
+        std = std if std > 1e-8 else 1.0
+        streams = plan_streams(self.models, length, self.shifts, self.seed)
+        adders = [OverlapAdd(s, len(self.sources)) for s in streams]
+        combiner = Combiner(streams, self.model_weights, len(self.sources), length)
+        # every window of every stream, in the order of the audio it covers
+        jobs = sorted(((s.offset + o, i, o) for i, s in enumerate(streams) for o in s.windows()))
+        batches, current = [], []
+        for job in jobs:
+            if current and (len(current) == self.batch or
+                            streams[current[0][1]].model_index != streams[job[1]].model_index):
+                batches.append(current)
+                current = []
+            current.append(job)
+        if current:
+            batches.append(current)
+
+        def load(batch_jobs):
+            """The normalised, neighbour-padded input of each window (TensorChunk.padded)."""
+            inputs = []
+            for _, index, offset in batch_jobs:
+                s = streams[index]
+                chunk = min(s.segment, s.length - offset)
+                start = offset - (s.segment - chunk) // 2
+                lo, hi = max(start, 0), min(start + s.segment, s.length)   # inside the stream
+                window = np.zeros((2, s.segment), np.float32)
+                raw = read(lo + s.offset, hi + s.offset)
+                inside = np.arange(lo, hi) + s.offset
+                valid = (inside >= 0) & (inside < length)
+                window[:, lo - start:hi - start] = np.where(valid, (raw - mean) / std, 0.0)
+                inputs.append(window)
+            return torch.from_numpy(np.stack(inputs))
+
+        done = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="read-windows") as pool:
+            future = pool.submit(load, batches[0])
+            for number, batch_jobs in enumerate(batches):
+                if cancel is not None and cancel.is_set():
+                    raise Interrupted()
+                inputs = future.result()
+                if number + 1 < len(batches):
+                    future = pool.submit(load, batches[number + 1])
+                model = self.models[streams[batch_jobs[0][1]].model_index]
+                outputs = self._forward(model, inputs).numpy()
+                for (_, index, offset), out in zip(batch_jobs, outputs):
+                    s = streams[index]
+                    chunk = min(s.segment, s.length - offset)
+                    trim = (s.segment - chunk) // 2
+                    adders[index].add(offset, out[..., trim:trim + chunk])
+                    following = offset + s.stride
+                    upto = min(following, s.length)
+                    combiner.add(index, *adders[index].finish(upto))
+                taken = combiner.take()
+                if taken is not None:
+                    start, block = taken
+                    emit(start, block * std + mean)
+                done += len(batch_jobs)
+                if progress is not None:
+                    progress(done / len(jobs))

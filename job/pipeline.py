@@ -1,0 +1,193 @@
+"""One track end to end: locate, (skip if done), fetch, decode, separate+encode, store.
+
+`process()` never raises for a failure it understands: it returns the stem-results dict,
+`failed` with an error code when something is wrong, so every caller (run, drain, HTTP)
+reports and moves on the same way.
+"""
+
+import datetime
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import audio, messages
+from .config import Settings
+from .encode import open_encoders
+from .engine import Separator
+from .errors import ConfigError, Interrupted, JobError
+from .model import load_model, pick_device
+from .progress import Progress
+from .storage import CONTENT_TYPES, sha256_of
+
+log = logging.getLogger(__name__)
+MANIFEST_VERSION = 1
+
+
+def auto_batch(device: torch.device) -> int:
+    """Windows per forward pass: on CUDA as many as memory allows (~1.5 GB each in fp32)."""
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(16, free // (1536 * 2**20) - 1)))
+
+
+class Engine:
+    """The model, loaded on first use and kept for every later track of the process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self._separator = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._separator is not None
+
+    def separator(self) -> Separator:
+        with self._lock:
+            if self._separator is None:
+                s = self.settings
+                model = load_model(s.model_name, s.model_dir, self.device)
+                precision = s.precision
+                if precision == "auto":
+                    precision = "bf16" if self.device.type == "cuda" else "fp32"
+                if self.device.type == "cuda":
+                    torch.backends.cudnn.benchmark = True
+                self._separator = Separator(model, self.device,
+                                            s.segment_batch or auto_batch(self.device),
+                                            precision, s.shifts, s.seed)
+            return self._separator
+
+
+@dataclass
+class Job:
+    """What one call of `process` needs besides the request."""
+
+    settings: Settings
+    storage: object
+    engine: Engine
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_progress: object = None        # callable(fraction) for progress events
+
+
+def manifest_matches(manifest: dict | None, identity: dict, settings: Settings) -> bool:
+    return bool(manifest) and manifest.get("input") == identity \
+        and manifest.get("model") == settings.model_name \
+        and manifest.get("format") == settings.output_format \
+        and manifest.get("version") == MANIFEST_VERSION \
+        and set(manifest.get("stems", {})) == set(messages.STEMS)
+
+
+def process(request: messages.JobRequest, job: Job, trusted: bool = False) -> dict:
+    """Separate one track; the stem-results dict, completed or failed."""
+    timings = {}
+    started = time.monotonic()
+    try:
+        return _process(request, job, trusted, timings)
+    except JobError as error:
+        log.warning("job %s failed: %s (%s)", request.job_id, error.message, error.code)
+        return messages.failed_result(messages.request_ids(request), error,
+                                      model=job.settings.model_name, timings=timings)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a fault we did not foresee: report it, a retry may help
+        log.exception("job %s failed unexpectedly", request.job_id)
+        error = JobError("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
+        return messages.failed_result(messages.request_ids(request), error,
+                                      model=job.settings.model_name, timings=timings)
+    finally:
+        timings["total"] = round(time.monotonic() - started, 3)
+
+
+def _stage(timings, name):
+    class Timer:
+        def __enter__(self):
+            self.start = time.monotonic()
+
+        def __exit__(self, *exc):
+            timings[name] = round(timings.get(name, 0) + time.monotonic() - self.start, 3)
+    return Timer()
+
+
+def _process(request, job: Job, trusted: bool, timings: dict) -> dict:
+    s, storage = job.settings, job.storage
+    with _stage(timings, "locate"):
+        original = storage.describe_original(request.original_uri, trusted=trusted)
+        manifest = storage.read_manifest(request.release_id, request.track_id)
+    if manifest_matches(manifest, original.identity, s):
+        log.info("job %s: stems already complete for this input, not separating again",
+                 request.job_id)
+        stems = {stem: entry["url"] for stem, entry in manifest["stems"].items()}
+        return messages.completed_result(request, stems, model=s.model_name, reused=True,
+                                         durationS=manifest.get("durationS"), timings=timings)
+
+    with storage.scratch() as scratch:
+        with _stage(timings, "download"):
+            local = storage.fetch_original(original, scratch)
+        progress = Progress(request.job_id, job.on_progress)
+        with _stage(timings, "decode"):
+            decoded = audio.decode_to_file(local, scratch / "mix.f32", s.max_duration_s,
+                                           cancel=job.cancel)
+        separator = job.engine.separator()
+        stems, stats = _separate(decoded, separator, scratch, s, job, progress, timings)
+        if job.cancel.is_set():
+            raise Interrupted()
+        with _stage(timings, "upload"):
+            storage.remove_manifest(request.release_id, request.track_id)
+            urls = storage.write_stems(request.release_id, request.track_id, stems)
+            storage.write_manifest(request.release_id, request.track_id, {
+                "version": MANIFEST_VERSION, "jobId": request.job_id,
+                "releaseId": request.release_id, "trackId": request.track_id,
+                "artistId": request.artist_id, "model": s.model_name,
+                "format": s.output_format,
+                "bitrate": f"{s.mp3_bitrate}k" if s.output_format == "mp3" else None,
+                "input": original.identity, "durationS": round(decoded.duration_s, 3),
+                "createdAt": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "stems": {stem: {"url": urls[stem], "file": path.name,
+                                 "bytes": path.stat().st_size, "sha256": sha256_of(path),
+                                 **stats[stem]} for stem, path in stems.items()},
+            })
+    duration = decoded.duration_s
+    return messages.completed_result(
+        request, urls, model=s.model_name, durationS=round(duration, 3), reused=False,
+        device=str(separator.device), timings=timings,
+        rtf=round(duration / max(timings.get("separate", 0) + timings.get("decode", 0), 1e-6), 2))
+
+
+def _separate(decoded, separator: Separator, scratch, s: Settings, job: Job, progress, timings):
+    """Run the engine, feeding each finished block to the six concurrent encoders."""
+    encoders = open_encoders(scratch, messages.STEMS, s.output_format, s.mp3_bitrate, 3)
+    order = [separator.sources.index(stem) for stem in messages.STEMS]
+    reader = audio.RawReader(decoded)
+    finished = False
+    try:
+        def emit(start, block):
+            for stem, index in zip(messages.STEMS, order):
+                encoders[stem].put(block[index])
+
+        with _stage(timings, "separate"):
+            separator.separate(reader.read, decoded.length, decoded.mean, decoded.std, emit,
+                               progress=progress.update, cancel=job.cancel)
+        finished = True
+    finally:
+        reader.close()
+        progress.close()
+        with _stage(timings, "encode"):
+            stats = {}
+            errors = []
+            for stem, encoder in encoders.items():
+                try:
+                    stats[stem] = encoder.finish()
+                except Exception as exc:
+                    errors.append(exc)
+        if finished and errors:
+            raise JobError("encode_failed", f"encoding a stem failed: {errors[0]}", retryable=True)
+    return {stem: encoders[stem].path for stem in messages.STEMS}, stats
+
+
+def content_type(settings: Settings) -> str:
+    return CONTENT_TYPES[settings.output_format]

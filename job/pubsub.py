@@ -1,0 +1,197 @@
+"""The queue: publish results, pull work, and keep pulled messages leased until they are done.
+
+Python's synchronous (unary) pull never extends a message's ack deadline by itself, so a message
+waiting in a batch would expire and be delivered to another job. `LeaseKeeper` extends the
+deadline of every message it holds from a background thread until the message is acked or
+nacked. Clients are made by the caller (PublisherClient()/SubscriberClient() honour
+PUBSUB_EMULATOR_HOST); they are only used here.
+"""
+
+import json
+import logging
+import threading
+import time
+
+import tenacity
+from google.api_core import exceptions
+
+from .errors import JobError
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (exceptions.ServiceUnavailable, exceptions.InternalServerError,
+             exceptions.DeadlineExceeded, exceptions.TooManyRequests,
+             exceptions.ResourceExhausted, exceptions.Aborted, exceptions.Unknown,
+             exceptions.GatewayTimeout, exceptions.BadGateway, TimeoutError, ConnectionError)
+
+
+def resource_path(project: str, kind: str, name: str) -> str:
+    """`projects/P/topics/N` (kind "topics" or "subscriptions") unless `name` is already a path."""
+    return name if name.startswith("projects/") else f"projects/{project}/{kind}/{name}"
+
+
+def _retrying(deadline_s: float) -> tenacity.Retrying:
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TRANSIENT),
+        wait=tenacity.wait_random_exponential(multiplier=0.25, max=max(0.5, min(5.0, deadline_s / 4))),
+        stop=tenacity.stop_after_delay(deadline_s), reraise=True)
+
+
+class Publisher:
+    """Publishes JSON messages to one topic, retrying transient faults for a bounded time."""
+
+    def __init__(self, client, topic_path: str, deadline_s: float = 60.0,
+                 attempt_timeout_s: float = 20.0):
+        self.client = client
+        self.topic_path = topic_path
+        self.deadline_s = deadline_s
+        self.attempt_timeout_s = attempt_timeout_s
+
+    def publish(self, payload: dict, attributes: dict | None = None) -> str:
+        """Publish `payload` as JSON; returns the message id. Raises JobError(publish_failed,
+        retryable) when the topic cannot be reached, so the caller nacks rather than acks."""
+        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        attributes = {k: str(v) for k, v in (attributes or {}).items() if v is not None}
+
+        def attempt():
+            future = self.client.publish(self.topic_path, data, retry=None,
+                                         timeout=self.attempt_timeout_s, **attributes)
+            return future.result(timeout=self.attempt_timeout_s + 5)
+        try:
+            return _retrying(self.deadline_s)(attempt)
+        except Exception as exc:
+            raise JobError("publish_failed", f"publishing to {self.topic_path} failed: {exc}",
+                           retryable=True) from exc
+
+    def publish_result(self, result: dict) -> str:
+        """A stem-results message; attributes jobId and status let consumers filter."""
+        return self.publish(result, {"jobId": result.get("jobId"), "status": result.get("status")})
+
+
+def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float) -> list:
+    """Up to `max_messages` received messages, or [] when none arrives within `timeout_s`.
+
+    One pull may return fewer than are waiting; call again to top a batch up. Transient faults
+    are retried until the deadline; if no pull succeeded at all by then, JobError(pubsub_unavailable)
+    says so rather than passing an unreachable service off as an empty queue.
+    """
+    deadline = time.monotonic() + timeout_s
+    failure = None
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            response = subscriber.pull(
+                request={"subscription": subscription_path, "max_messages": max_messages},
+                timeout=max(1.0, min(remaining, 30.0)), retry=None)
+        except exceptions.DeadlineExceeded:
+            failure = None      # the server held the pull open and nothing came
+            continue
+        except TRANSIENT as exc:
+            failure = exc
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            continue
+        except exceptions.GoogleAPICallError as exc:
+            raise JobError("pubsub_error", f"pulling from {subscription_path} failed: {exc}",
+                           retryable=False) from exc
+        failure = None
+        if response.received_messages:
+            return list(response.received_messages)
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))   # an immediate empty answer
+    if failure is not None:
+        raise JobError("pubsub_unavailable",
+                       f"pulling from {subscription_path} failed for {timeout_s:g} s: {failure}",
+                       retryable=True) from failure
+    return []
+
+
+def delivery_attempt(message) -> int:
+    """1 + redeliveries when the subscription has a dead-letter policy, else 0."""
+    return message.delivery_attempt
+
+
+class LeaseKeeper:
+    """Holds pulled messages and extends their ack deadline every `deadline_s / 3` seconds until
+    each is acked or nacked. Use as a context manager: leaving it nacks whatever is still held,
+    so an unfinished message goes straight back to the queue."""
+
+    def __init__(self, subscriber, subscription_path: str, deadline_s: int = 60,
+                 call_deadline_s: float = 10.0):
+        self.subscriber = subscriber
+        self.subscription_path = subscription_path
+        self.deadline_s = max(10, min(600, int(deadline_s)))
+        self.call_deadline_s = call_deadline_s
+        self._held = {}                  # ack_id -> received message
+        self._lock = threading.RLock()   # re-entrant: nack_all may run from a signal handler
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._extend_loop, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def hold(self, messages) -> None:
+        """Start leasing `messages` (extending their deadline at once)."""
+        with self._lock:
+            self._held.update({m.ack_id: m for m in messages})
+        self._modify([m.ack_id for m in messages], self.deadline_s)
+
+    def held(self) -> list:
+        with self._lock:
+            return list(self._held.values())
+
+    def ack(self, message) -> None:
+        self._release([message.ack_id])
+        self._send(f"acknowledging {message.message.message_id}", self.subscriber.acknowledge,
+                   {"subscription": self.subscription_path, "ack_ids": [message.ack_id]})
+
+    def nack(self, message) -> None:
+        """Back to the queue at once (ack deadline 0), for another job to take."""
+        self._release([message.ack_id])
+        self._modify([message.ack_id], 0)
+
+    def nack_all(self) -> None:
+        """Every message still held goes back to the queue (on SIGTERM)."""
+        with self._lock:
+            ack_ids = list(self._held)
+            self._held.clear()
+        self._modify(ack_ids, 0)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.call_deadline_s + 1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.nack_all()
+        finally:
+            self.stop()
+
+    # -- inside ----------------------------------------------------------------------
+    def _release(self, ack_ids) -> None:
+        with self._lock:
+            for ack_id in ack_ids:
+                self._held.pop(ack_id, None)
+
+    def _modify(self, ack_ids, seconds: int) -> None:
+        if ack_ids:
+            self._send(f"setting the ack deadline of {len(ack_ids)} message(s) to {seconds} s",
+                       self.subscriber.modify_ack_deadline,
+                       {"subscription": self.subscription_path, "ack_ids": ack_ids,
+                        "ack_deadline_seconds": seconds})
+
+    def _send(self, what: str, method, request: dict) -> None:
+        try:
+            _retrying(self.call_deadline_s)(method, request=request, timeout=self.call_deadline_s,
+                                            retry=None)
+        except Exception as exc:
+            # At-least-once delivery makes this safe to survive: the message comes back later.
+            raise JobError("pubsub_unavailable", f"{what} failed: {exc}", retryable=True) from exc
+
+    def _extend_loop(self) -> None:
+        while not self._stopping.wait(self.deadline_s / 3):
+            with self._lock:
+                ack_ids = list(self._held)
+            try:
+                self._modify(ack_ids, self.deadline_s)
+            except JobError as error:
+                log.warning("lease extension failed, will try again: %s", error.message)

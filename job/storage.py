@@ -1,0 +1,160 @@
+"""Where originals come from and stems go: the local-folder backend and the common shape.
+
+Every backend offers the same few calls the pipeline uses:
+  describe_original(uri) -> Original      validate the URI, size and identity (no download)
+  fetch_original(original, folder) -> Path a local file to decode
+  read_manifest(release, track) -> dict | None
+  write_stems(release, track, files) -> {stem: url}
+  write_manifest(release, track, manifest)
+  scratch() -> context manager yielding a temp folder for encoders
+
+The manifest is written last; its presence means the set is complete.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import JobError
+from .messages import check_id
+
+MANIFEST = "manifest.json"
+CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
+
+
+@dataclass(frozen=True)
+class Original:
+    """An input located and checked, not yet downloaded."""
+
+    uri: str
+    size: int
+    identity: dict = field(default_factory=dict)   # generation/checksum, names the input in manifests
+    local_path: Path | None = None
+
+
+def check_size(size: int, max_bytes: int, uri: str) -> None:
+    if size == 0:
+        raise JobError("empty_input", f"{uri} is empty (0 bytes)")
+    if size > max_bytes:
+        raise JobError("input_too_large",
+                       f"{uri} is {size} bytes, over the limit of {max_bytes} (MAX_INPUT_BYTES)")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(target: Path, data: bytes | None = None, source: Path | None = None) -> None:
+    """Write to a temp name beside `target`, then rename: readers never see half a file."""
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if source is not None:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            else:
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+class LocalStorage:
+    """Originals from local paths; stems under OUTPUT_DIR/RELEASE/TRACK/."""
+
+    def __init__(self, output_dir: str, input_dir: str = "", max_bytes: int = 2**31,
+                 restrict_inputs: bool = False):
+        self.output_dir = Path(output_dir)
+        self.input_dir = Path(input_dir).resolve() if input_dir else None
+        self.max_bytes = max_bytes
+        self.restrict_inputs = restrict_inputs
+
+    # -- originals ---------------------------------------------------------------
+    def describe_original(self, uri: str, trusted: bool = False) -> Original:
+        if uri.startswith("gs://"):
+            raise JobError("invalid_uri", f"{uri} is a Cloud Storage URI but STORAGE_MODE=local")
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not trusted and (self.input_dir or self.restrict_inputs):
+            if self.input_dir is None:
+                raise JobError("input_not_allowed",
+                               "local originals named by messages need INPUT_DIR to be set")
+            resolved = (self.input_dir / path).resolve()
+            if not resolved.is_relative_to(self.input_dir):
+                raise JobError("input_not_allowed",
+                               f"{uri} is not under INPUT_DIR ({self.input_dir})")
+            path = resolved
+        if not path.exists():
+            raise JobError("input_not_found", f"{uri} does not exist")
+        if not path.is_file():
+            raise JobError("input_not_found", f"{uri} is not a regular file")
+        size = path.stat().st_size
+        check_size(size, self.max_bytes, uri)
+        return Original(uri, size, {"path": str(path.resolve()), "size": size,
+                                    "sha256": sha256_of(path)}, path)
+
+    def fetch_original(self, original: Original, folder: Path) -> Path:
+        return original.local_path
+
+    # -- outputs -----------------------------------------------------------------
+    def track_dir(self, release_id: str, track_id: str, create: bool = False) -> Path:
+        """The track's folder, refusing any path (e.g. via symlinks) that leaves OUTPUT_DIR."""
+        root = self.output_dir.resolve()
+        folder = root / check_id("releaseId", release_id) / check_id("trackId", track_id)
+        if create:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise JobError("output_unwritable", f"cannot create {folder}: {exc.strerror}",
+                               retryable=True)
+        if folder.exists() and not folder.resolve().is_relative_to(root):
+            raise JobError("output_not_allowed", f"{folder} resolves outside OUTPUT_DIR")
+        return folder
+
+    def stem_url(self, release_id: str, track_id: str, filename: str) -> str:
+        return f"{release_id}/{track_id}/{filename}"
+
+    def read_manifest(self, release_id: str, track_id: str) -> dict | None:
+        path = self.track_dir(release_id, track_id) / MANIFEST
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_stems(self, release_id: str, track_id: str, files: dict) -> dict:
+        folder = self.track_dir(release_id, track_id, create=True)
+        urls = {}
+        for stem, source in files.items():
+            target = folder / source.name
+            if target.is_symlink():
+                target.unlink()
+            atomic_write(target, source=source)
+            urls[stem] = self.stem_url(release_id, track_id, source.name)
+        return urls
+
+    def write_manifest(self, release_id: str, track_id: str, manifest: dict) -> None:
+        folder = self.track_dir(release_id, track_id, create=True)
+        atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+    def remove_manifest(self, release_id: str, track_id: str) -> None:
+        """A new run of a track invalidates the old set before touching its stems."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.track_dir(release_id, track_id) / MANIFEST).unlink()
+
+    @contextlib.contextmanager
+    def scratch(self):
+        with tempfile.TemporaryDirectory(prefix="stem-job-") as folder:
+            yield Path(folder)

@@ -1,0 +1,93 @@
+"""Seeded stand-ins for what cannot be downloaded here: models and music-like audio.
+
+`write_model_folder` saves an HTDemucs with htdemucs_6s' sources and seeded random
+weights as a demucs local repo (NAME.yaml + SIG.th), loaded by the same `get_model(name,
+repo=...)` path as the released model. "full" has the released architecture (same compute),
+"small" is the fast model the tests use (same 7.8 s windows). Used by tests and hack/bench.
+"""
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCES = ["drums", "bass", "other", "vocals", "guitar", "piano"]
+ARCHITECTURES = {
+    "full": dict(bottom_channels=512, dconv_mode=3, t_layers=5),
+    "small": dict(channels=8, depth=4, t_layers=1, t_heads=2),
+}
+
+
+def build_model(size: str = "small", seed: int = 0):
+    from demucs.htdemucs import HTDemucs
+    torch.manual_seed(seed)
+    kwargs = dict(sources=SOURCES, segment=Fraction(39, 5), **ARCHITECTURES[size])
+    return HTDemucs(**kwargs).eval(), kwargs
+
+
+def write_model_folder(folder, name: str = "htdemucs_6s", size: str = "small", seed: int = 0) -> Path:
+    """A demucs local repo holding `name` (a bag of one seeded model)."""
+    from demucs.htdemucs import HTDemucs
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, kwargs = build_model(size, seed)
+    signature = f"synthetic{size}{seed}"
+    torch.save({"klass": HTDemucs, "args": (), "kwargs": kwargs, "state": model.state_dict()},
+               folder / f"{signature}.th")
+    (folder / f"{name}.yaml").write_text(f"models: ['{signature}']\n")
+    return folder
+
+
+def music(seconds: float, seed: int = 0, rate: int = 44100) -> np.ndarray:
+    """(2, n) float32 music-like mix: bass line, chords, a melody, drums, noise; ~-12 dBFS."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    beat = (t * 2) % 1.0                                     # 120 bpm
+    kick = np.sin(2 * np.pi * 55 * t * (1 + 2 * np.exp(-beat * 30))) * np.exp(-beat * 12)
+    hat = rng.standard_normal(n) * np.exp(-((t * 4) % 1.0) * 60) * 0.3
+    bass = 0.5 * np.sign(np.sin(2 * np.pi * 41.2 * (1 + (t // 2 % 2) * 0.5) * t))
+    chords = sum(np.sin(2 * np.pi * f * t) for f in (261.6, 329.6, 392.0)) / 3
+    melody_f = 440 * 2 ** (np.floor((t * 4) % 8) / 12)
+    melody = np.sin(2 * np.pi * np.cumsum(melody_f) / rate) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
+    left = 0.5 * kick + 0.2 * hat + 0.3 * bass + 0.3 * chords + 0.25 * melody
+    right = 0.5 * kick + 0.25 * hat + 0.3 * bass + 0.2 * chords + 0.35 * melody
+    mix = np.stack([left, right]) + 0.01 * rng.standard_normal((2, n))
+    return (0.25 * mix / np.abs(mix).max()).astype(np.float32)
+
+
+def write_audio(path, audio: np.ndarray, rate: int = 44100, codec: str | None = None,
+                channels: int | None = None) -> Path:
+    """Encode (2, n) float audio to `path` with PyAV; the container follows the suffix."""
+    import av
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    codec = codec or {"mp3": "libmp3lame", "wav": "pcm_s16le", "flac": "flac", "ogg": "libvorbis",
+                      "opus": "libopus", "m4a": "aac", "aac": "aac"}[suffix]
+    if channels == 1:
+        audio = audio.mean(axis=0, keepdims=True)
+    elif channels and channels > 2:
+        audio = np.concatenate([audio, np.repeat(audio.mean(0, keepdims=True), channels - 2, 0)])
+    layout = {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]]
+    with av.open(str(path), "w", format="ipod" if suffix == "m4a" else None) as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
+        fmt = stream.codec_context.codec.audio_formats[0]
+        for start in range(0, audio.shape[1], 8192):
+            block = audio[:, start:start + 8192]
+            if fmt.name.startswith("s16"):
+                block = (np.clip(block, -1, 1) * 32767).astype(np.int16)
+            elif fmt.name.startswith("s32"):
+                block = (np.clip(block, -1, 1) * 2147483392).astype(np.int32)
+            else:
+                block = block.astype(np.float32)
+            if not fmt.is_planar:
+                block = block.T.reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format=fmt.name,
+                                               layout=layout)
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
