@@ -8,6 +8,7 @@ install needs no system ffmpeg.
 
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,20 @@ def declared_duration(container, stream) -> float | None:
     return None
 
 
+def check_riff_size(path: Path, container) -> None:
+    """FFmpeg clamps a WAV's duration to the bytes present; its RIFF header tells the truth."""
+    if container.format.name not in ("wav", "w64", "rf64"):
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        declared = struct.unpack("<I", head[4:8])[0] + 8
+        actual = path.stat().st_size
+        if 8 < declared < 0xFFFFFFFF and actual < declared:
+            raise JobError("truncated_audio", f"the original WAV declares {declared} bytes but "
+                                              f"only {actual} are present")
+
+
 def decode_to_file(path: Path, target: Path, max_duration_s: float,
                    progress=None, cancel=None) -> DecodedAudio:
     """Decode `path` to `target` as 44.1 kHz stereo float32, streaming, with statistics.
@@ -89,6 +104,7 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
     """
     container = _open(Path(path))
     try:
+        check_riff_size(Path(path), container)
         stream = container.streams.audio[0]
         codec = stream.codec_context.name
         channels = stream.codec_context.channels or 0
@@ -127,7 +143,7 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                     raise Interrupted()
                 try:
                     frames = packet.decode()
-                except (av.error.InvalidDataError, av.error.ValueError, av.error.EOFError) as exc:
+                except (av.error.InvalidDataError, av.error.EOFError, av.error.PatchWelcomeError) as exc:
                     bad += 1
                     log.warning("skipping an undecodable packet (%s)", exc)
                     if bad > MAX_BAD_PACKETS:

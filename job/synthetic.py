@@ -63,7 +63,7 @@ def write_audio(path, audio: np.ndarray, rate: int = 44100, codec: str | None = 
     import av
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")
-    codec = codec or {"mp3": "libmp3lame", "wav": "pcm_s16le", "flac": "flac", "ogg": "libvorbis",
+    codec = codec or {"mp3": "libmp3lame", "wav": "pcm_s16le", "flac": "flac", "ogg": "libopus",
                       "opus": "libopus", "m4a": "aac", "aac": "aac"}[suffix]
     if channels == 1:
         audio = audio.mean(axis=0, keepdims=True)

@@ -1,0 +1,175 @@
+"""GcsStorage over the wire against gcp-storage-emulator: the same calls as LocalStorage."""
+
+import threading
+import time
+
+import pytest
+
+from job.errors import JobError
+from job.gcs_storage import GcsStorage, parse_gs_uri
+from job.messages import STEMS
+
+AUDIO = bytes(range(256)) * 400           # 100 KiB standing in for an original
+
+
+@pytest.fixture
+def client(gcs_emulator):
+    return gcs_emulator.client()
+
+
+@pytest.fixture
+def store(client, bucket):
+    return GcsStorage(bucket, (bucket,), max_bytes=1_000_000, client=client, retry_deadline_s=5)
+
+
+@pytest.fixture
+def original_uri(client, bucket):
+    client.bucket(bucket).blob("uploads/rel/track one.mp3").upload_from_string(AUDIO)
+    return f"gs://{bucket}/uploads/rel/track one.mp3"
+
+
+@pytest.fixture
+def stem_files(tmp_path):
+    files = {}
+    for stem in STEMS:
+        files[stem] = tmp_path / f"{stem}.mp3"
+        files[stem].write_bytes(stem.encode() * 1000)
+    return files
+
+
+def test_describe_reads_metadata_and_fetch_downloads_that_generation(store, original_uri,
+                                                                     tmp_path):
+    original = store.describe_original(original_uri)
+    assert original.size == len(AUDIO)
+    assert set(original.identity) == {"uri", "generation", "crc32c", "md5", "size"}
+    assert original.identity["generation"] and original.identity["crc32c"]
+    path = store.fetch_original(original, tmp_path)
+    assert path.parent == tmp_path and path.suffix == ".mp3"
+    assert path.read_bytes() == AUDIO
+
+
+def test_stems_then_manifest_round_trip(store, client, bucket, stem_files):
+    assert store.read_manifest("rel-1", "trk_1") is None
+    urls = store.write_stems("rel-1", "trk_1", stem_files)
+    assert urls == {stem: f"https://storage.googleapis.com/{bucket}/stems/rel-1/trk_1/{stem}.mp3"
+                    for stem in STEMS}
+    blob = client.bucket(bucket).get_blob("stems/rel-1/trk_1/vocals.mp3")
+    assert blob.content_type == "audio/mpeg" and blob.cache_control.startswith("public")
+    assert blob.download_as_bytes() == stem_files["vocals"].read_bytes()
+    assert store.read_manifest("rel-1", "trk_1") is None, "no manifest until written last"
+
+    store.write_manifest("rel-1", "trk_1", {"input": {"generation": 7}, "stems": {}})
+    manifest = store.read_manifest("rel-1", "trk_1")
+    assert manifest["input"] == {"generation": 7}
+    assert set(manifest["objects"]) == {f"stems/rel-1/trk_1/{s}.mp3" for s in STEMS}
+    assert client.bucket(bucket).get_blob("stems/rel-1/trk_1/manifest.json").content_type \
+        == "application/json"
+
+    store.remove_manifest("rel-1", "trk_1")
+    assert store.read_manifest("rel-1", "trk_1") is None
+    store.remove_manifest("rel-1", "trk_1")     # removing what is not there is fine
+
+
+def test_a_stem_overwritten_after_the_manifest_voids_it(store, client, bucket, stem_files):
+    """What a racing job leaves half-replaced does not pass for a complete set."""
+    store.write_stems("rel", "trk", stem_files)
+    store.write_manifest("rel", "trk", {"stems": {}})
+    assert store.read_manifest("rel", "trk") is not None
+    client.bucket(bucket).blob("stems/rel/trk/drums.mp3").upload_from_string(b"other run")
+    assert store.read_manifest("rel", "trk") is None
+
+
+@pytest.mark.parametrize("uri", [
+    "gs://", "gs://{b}", "gs://{b}/", "/local/file.mp3", "http://{b}/x.mp3", "gs://UPPER/x.mp3",
+    "gs://{b}/a\x00b.mp3", "gs://{b}/line\nbreak.mp3", "gs://{b}/../x.mp3", "gs://{b}/a/./x.mp3",
+    "gs://{b}/" + "x" * 1025,
+])
+def test_malformed_uris_are_refused(store, bucket, uri):
+    with pytest.raises(JobError) as caught:
+        store.describe_original(uri.format(b=bucket))
+    assert caught.value.code == "invalid_uri" and not caught.value.retryable
+
+
+def test_a_bucket_not_allowed_is_refused_unless_trusted(client, bucket, original_uri):
+    store = GcsStorage("outputs-bucket", ("other-bucket",), 1_000_000, client=client)
+    with pytest.raises(JobError) as caught:
+        store.describe_original(original_uri)
+    assert caught.value.code == "input_not_allowed" and not caught.value.retryable
+    assert store.describe_original(original_uri, trusted=True).size == len(AUDIO)
+
+
+def test_default_allowed_bucket_is_the_output_bucket(client, bucket, original_uri):
+    assert GcsStorage(bucket, (), 1_000_000, client=client).describe_original(original_uri)
+
+
+@pytest.mark.parametrize("name", ["nothing-here.mp3", "uploads/rel/missing.wav"])
+def test_a_missing_object_is_input_not_found(store, bucket, name):
+    with pytest.raises(JobError) as caught:
+        store.describe_original(f"gs://{bucket}/{name}")
+    assert caught.value.code == "input_not_found" and not caught.value.retryable
+
+
+def test_too_large_is_refused_from_metadata(client, bucket, original_uri):
+    store = GcsStorage(bucket, (bucket,), max_bytes=len(AUDIO) - 1, client=client)
+    with pytest.raises(JobError) as caught:
+        store.describe_original(original_uri)
+    assert caught.value.code == "input_too_large" and not caught.value.retryable
+
+
+def test_an_original_replaced_after_describe_is_not_taken_for_it(store, client, bucket,
+                                                                 original_uri, tmp_path):
+    original = store.describe_original(original_uri)
+    client.bucket(bucket).blob("uploads/rel/track one.mp3").upload_from_string(AUDIO[::-1])
+    with pytest.raises(JobError) as caught:
+        store.fetch_original(original, tmp_path)
+    assert caught.value.code == "input_changed" and caught.value.retryable
+
+
+def test_parse_gs_uri_keeps_the_object_name_verbatim():
+    assert parse_gs_uri("gs://my-bucket/a b/ü.flac") == ("my-bucket", "a b/ü.flac")
+
+
+@pytest.fixture
+def storage_outage(gcs_emulator):
+    """Kill the storage emulator; whatever the test does, it is running again afterwards."""
+    gcs_emulator.kill()
+    try:
+        yield gcs_emulator
+    finally:
+        if not gcs_emulator.ready():
+            gcs_emulator.start()
+
+
+def test_uploads_ride_out_an_outage(client, bucket, stem_files, storage_outage):
+    store = GcsStorage(bucket, (bucket,), 1_000_000, client=client, retry_deadline_s=30)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        urls=store.write_stems("rel", "trk", stem_files)))
+    worker.start()
+    time.sleep(2)
+    assert worker.is_alive(), "the uploads gave up while storage was down"
+    storage_outage.start()
+    worker.join(30)
+    assert len(result["urls"]) == 6
+    assert client.bucket(bucket).blob("stems/rel/trk/piano.mp3").download_as_bytes() \
+        == stem_files["piano"].read_bytes()
+
+
+def test_an_outage_past_the_deadline_is_retryable(client, bucket, original_uri, storage_outage,
+                                                  tmp_path):
+    store = GcsStorage(bucket, (bucket,), 1_000_000, client=client, retry_deadline_s=2)
+    started = time.monotonic()
+    with pytest.raises(JobError) as caught:
+        store.describe_original(original_uri)
+    assert caught.value.code == "storage_unavailable" and caught.value.retryable
+    assert 2 <= time.monotonic() - started < 6
+    with pytest.raises(JobError) as caught:
+        store.write_manifest("rel", "trk", {"stems": {}})
+    assert caught.value.code == "storage_unavailable"
+
+
+def test_manifest_that_is_not_json_counts_as_absent(store, client, bucket):
+    client.bucket(bucket).blob("stems/rel/trk/manifest.json").upload_from_string(b"{half")
+    assert store.read_manifest("rel", "trk") is None
+    client.bucket(bucket).blob("stems/rel/trk/manifest.json").upload_from_string(b"[1, 2]")
+    assert store.read_manifest("rel", "trk") is None

@@ -1,0 +1,305 @@
+"""The k8s/ kustomizations render, are schema-valid, and say what the design needs.
+
+No cluster here, so "right" is checked as far as offline tools allow: every kustomization
+renders with `kubectl kustomize`; every core object validates strictly against the Kubernetes
+OpenAPI schemas (kubernetes-validate), the ScaledJob's Job template included; every KEDA object
+validates against KEDA's own CRD schemas (../shared/reference/keda-crds, unknown fields refused);
+and the values the job's contract depends on (exit codes, command, identity, env) are checked
+against the code that defines them.
+"""
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from job import errors
+from job.config import ENV, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+KEDA_CRDS = REPO.parent / "shared" / "reference" / "keda-crds"
+# podFailurePolicy is GA from 1.31: the oldest version we claim, and the newest we can check.
+K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())
+
+KUSTOMIZATIONS = sorted(
+    path.parent for path in K8S.rglob("kustomization.yaml")
+    if yaml.safe_load(path.read_text()).get("kind", "Kustomization") == "Kustomization")
+COMPONENTS = sorted(path.parent for path in (K8S / "components").glob("*/kustomization.yaml"))
+GPU_VARIANTS = {"base", "spot", "gcp-pubsub"}
+
+
+def render(directory: Path) -> list:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to render k8s/"
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {directory} failed:\n{out.stderr}"
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@functools.lru_cache(maxsize=None)
+def rendered(directory: Path) -> tuple:
+    return tuple(render(directory))
+
+
+# What an operator puts in for the placeholders (docs/deployment.md).
+EXAMPLE_VALUES = {"PROJECT_ID": "my-project", "REGION": "us-central1",
+                  "BUCKET_NAME": "my-stems-bucket"}
+
+
+def filled_in(data: dict) -> dict:
+    def fill(value):
+        for placeholder, example in EXAMPLE_VALUES.items():
+            value = value.replace(placeholder, example)
+        return value
+    return {key: fill(value) for key, value in data.items()}
+
+
+def name_of(directory: Path) -> str:
+    return directory.name
+
+
+def one(objects, kind):
+    found = [obj for obj in objects if obj["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+# -- KEDA CRD schemas -----------------------------------------------------------------------------
+def strict_schema(node):
+    """A CRD's OpenAPI v3 schema as a JSON schema that refuses unknown fields, as the API server
+    would prune them (silently dropping a misspelt field is the failure we want to catch)."""
+    if isinstance(node, list):
+        return [strict_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: strict_schema(value) for key, value in node.items()}
+    if node.pop("x-kubernetes-int-or-string", False):
+        node.pop("type", None)
+        node.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if node.pop("nullable", False) and "type" in node:
+        node["type"] = [node["type"], "null"]
+    preserve = node.pop("x-kubernetes-preserve-unknown-fields", False)
+    if "properties" in node and "additionalProperties" not in node and not preserve:
+        node["additionalProperties"] = False
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def keda_schemas() -> dict:
+    assert KEDA_CRDS.is_dir(), f"KEDA CRDs not found at {KEDA_CRDS} (shared/ beside the clone)"
+    schemas = {}
+    for path in KEDA_CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schema = strict_schema(version["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = {"type": "object"}   # ObjectMeta: checked apart
+            schemas[(f"{group}/{version['name']}", kind)] = schema
+    return schemas
+
+
+def validate_keda(obj):
+    key = (obj["apiVersion"], obj["kind"])
+    assert key in keda_schemas(), f"no KEDA CRD for {key}"
+    errors_ = sorted(jsonschema.Draft7Validator(keda_schemas()[key]).iter_errors(obj),
+                     key=lambda e: list(e.absolute_path))
+    assert not errors_, "\n".join(f"{obj['kind']} {'.'.join(map(str, e.absolute_path))}: "
+                                  f"{e.message}" for e in errors_)
+
+
+def validate_core(obj):
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata'].get('name')} invalid for Kubernetes "
+                        f"{version}: {exc}")
+
+
+def scaledjob_as_job(scaled_job) -> dict:
+    """The Job KEDA will create from jobTargetRef, so the Kubernetes schema checks it too."""
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": scaled_job["metadata"]["name"], "namespace": "stem-job"},
+            "spec": scaled_job["spec"]["jobTargetRef"]}
+
+
+def pod_spec(objects):
+    return one(objects, "ScaledJob")["spec"]["jobTargetRef"]["template"]["spec"]
+
+
+def container(objects):
+    containers = pod_spec(objects)["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_the_expected_kustomizations_exist():
+    names = {name_of(d) for d in KUSTOMIZATIONS}
+    assert names == {"base", "spot", "gcp-pubsub", "cpu"}
+    assert {name_of(d) for d in COMPONENTS} == {"spot", "gcp-pubsub", "cpu"}
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_every_object_is_schema_valid(directory):
+    objects = rendered(directory)
+    kinds = sorted(obj["kind"] for obj in objects)
+    assert kinds == ["ConfigMap", "Namespace", "ScaledJob", "ServiceAccount",
+                     "TriggerAuthentication"]
+    for obj in objects:
+        if obj["apiVersion"].startswith("keda.sh/"):
+            validate_keda(obj)
+            assert re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", obj["metadata"]["name"])
+        else:
+            validate_core(obj)
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "stem-job"
+    validate_core(scaledjob_as_job(one(objects, "ScaledJob")))
+
+
+def test_all_components_compose(tmp_path):
+    """An operator may stack components (e.g. CPU on Spot with the gcp-pubsub trigger)."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "base", tmp_path)],   # kustomize wants relative
+        "components": [os.path.relpath(c, tmp_path) for c in COMPONENTS]}))
+    objects = render(tmp_path)
+    for obj in objects:
+        (validate_keda if obj["apiVersion"].startswith("keda.sh/") else validate_core)(obj)
+    validate_core(scaledjob_as_job(one(objects, "ScaledJob")))
+    spec = pod_spec(objects)
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
+    assert "nvidia.com/gpu" not in container(objects)["resources"]["limits"]
+    assert one(objects, "ScaledJob")["spec"]["triggers"][0]["type"] == "gcp-pubsub"
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_job_runs_drain_one_message_and_fails_fast_on_bad_input(directory):
+    objects = rendered(directory)
+    job = one(objects, "ScaledJob")["spec"]["jobTargetRef"]
+    spec, main = pod_spec(objects), container(objects)
+    assert main.get("command") is None, "the image's ENTRYPOINT is stem-job"
+    assert main["args"] == ["drain", "--max-messages", "1"]
+    assert spec["restartPolicy"] == "Never", "podFailurePolicy requires restartPolicy Never"
+    assert job["parallelism"] == 1 and job["completions"] == 1
+    assert 0 < job["backoffLimit"] <= 3
+    assert 600 <= job["activeDeadlineSeconds"] <= 6 * 3600
+    # The SIGTERM path takes ~5 s; Spot gives ~15 s; keep well under a minute.
+    assert 15 <= spec["terminationGracePeriodSeconds"] <= 60
+
+    rules = job["podFailurePolicy"]["rules"]
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert len(fail) == 1
+    on_exit = fail[0]["onExitCodes"]
+    assert on_exit["operator"] == "In" and on_exit["containerName"] == main["name"]
+    assert set(on_exit["values"]) == {errors.EXIT_USAGE, errors.EXIT_BAD_INPUT, errors.EXIT_CONFIG}
+    assert errors.EXIT_RETRY not in on_exit["values"] and errors.EXIT_OK not in on_exit["values"]
+    ignore = [r for r in rules if r["action"] == "Ignore"]
+    assert ignore == [{"action": "Ignore",
+                       "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    assert job["podReplacementPolicy"] == "Failed"
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_identity_and_environment(directory):
+    objects = rendered(directory)
+    account = one(objects, "ServiceAccount")
+    spec, main = pod_spec(objects), container(objects)
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert re.match(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[A-Za-z0-9_-]+\.iam\.gserviceaccount\.com$",
+                    account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"])
+    assert not any("secret" in str(source).lower() for source in main.get("envFrom", []))
+
+    config = one(objects, "ConfigMap")
+    assert main["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+    data = config["data"]
+    assert set(data) <= set(ENV), f"unknown variables: {set(data) - set(ENV)}"
+    settings = load_settings(filled_in(data))  # raises ConfigError on any invalid value
+    assert settings.processing_mode == "pubsub" and settings.storage_mode == "gcs"
+    assert settings.max_messages == 1
+    assert settings.device == ("cpu" if name_of(directory) == "cpu" else "cuda")
+
+    # The image runs as a non-root user; the pod says the same uid.
+    dockerfile = (REPO / "Dockerfile.gpu").read_text()
+    uid = re.search(r"^USER\s+(\d+)", dockerfile, re.M).group(1)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert str(spec["securityContext"]["runAsUser"]) == uid
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_gpu_or_cpu_placement(directory):
+    objects = rendered(directory)
+    spec, main = pod_spec(objects), container(objects)
+    resources = main["resources"]
+    if name_of(directory) in GPU_VARIANTS:
+        assert resources["limits"]["nvidia.com/gpu"] == "1"
+        assert spec["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-l4"
+        assert main["image"].endswith(":gpu")
+    else:
+        assert "nvidia.com/gpu" not in resources["limits"]
+        assert "nvidia.com/gpu" not in resources["requests"]
+        assert "cloud.google.com/gke-accelerator" not in spec.get("nodeSelector", {})
+        assert main["image"].endswith(":cpu")
+    spot = name_of(directory) == "spot"
+    assert (spec.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true") == spot
+    tolerations = spec.get("tolerations", [])
+    assert any(t["key"] == "cloud.google.com/gke-spot" for t in tolerations) == spot
+    # Guaranteed QoS: requests equal limits.
+    assert resources["requests"] == resources["limits"]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory):
+    objects = rendered(directory)
+    scaled = one(objects, "ScaledJob")["spec"]
+    subscription = one(objects, "ConfigMap")["data"]["PUBSUB_SUBSCRIPTION"]
+    project = one(objects, "ConfigMap")["data"]["GCP_PROJECT_ID"]
+    assert scaled["scalingStrategy"]["strategy"] == "default"
+    assert scaled["minReplicaCount"] == 0 and scaled["maxReplicaCount"] >= 1
+    assert scaled["rollout"]["strategy"] == "gradual"
+    [trigger] = scaled["triggers"]
+    auth = one(objects, "TriggerAuthentication")
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    assert auth["spec"] == {"podIdentity": {"provider": "gcp"}}, "Workload Identity, no keys"
+    meta = trigger["metadata"]
+    if name_of(directory) == "gcp-pubsub":
+        assert trigger["type"] == "gcp-pubsub"
+        assert meta["subscriptionName"] == f"projects/{project}/subscriptions/{subscription}"
+        assert meta["value"] == "1"
+    else:
+        assert trigger["type"] == "prometheus"
+        assert meta["serverAddress"] == (f"https://monitoring.googleapis.com/v1/projects/"
+                                         f"{project}/location/global/prometheus")
+        assert "pubsub_googleapis_com:subscription_num_undelivered_messages" in meta["query"]
+        assert f'subscription_id="{subscription}"' in meta["query"]
+        assert meta["threshold"] == "1"
+        # GCP workload identity is the only auth the scaler may use for Google's endpoint.
+        assert "authModes" not in meta
+
+
+def test_scaling_strategy_choice_is_explained():
+    text = (K8S / "base" / "scaledjob.yaml").read_text()
+    for word in ("default", "accurate", "eager", "lag"):
+        assert word in text
+
+
+def test_only_documented_placeholders_remain():
+    """Operators substitute PROJECT_ID, REGION and BUCKET_NAME (docs/deployment.md)."""
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    for placeholder in ("PROJECT_ID", "REGION", "BUCKET_NAME"):
+        assert placeholder in docs
+    for directory in KUSTOMIZATIONS:
+        text = yaml.safe_dump_all(rendered(directory))
+        leftovers = set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]*\b|\bREGION\b", text))
+        leftovers -= set(ENV) | {"PROJECT_ID", "REGION", "BUCKET_NAME"}
+        assert not leftovers, f"{directory}: unexpected placeholders {leftovers}"

@@ -1,0 +1,150 @@
+"""The queue module over the wire against Google's Pub/Sub emulator."""
+
+import json
+import time
+
+import pytest
+
+from job.errors import JobError
+from job.pubsub import LeaseKeeper, Publisher, delivery_attempt, pull, resource_path
+from standins import PubSubEmulator, free_port
+
+
+@pytest.fixture
+def publisher(pubsub_emulator):
+    return pubsub_emulator.publisher
+
+
+@pytest.fixture
+def subscriber(pubsub_emulator):
+    return pubsub_emulator.subscriber
+
+
+def publish(publisher, topic, text="{}"):
+    publisher.publish(topic, text.encode()).result(10)
+
+
+def test_a_result_arrives_as_json_with_job_id_and_status(publisher, subscriber,
+                                                         make_subscription):
+    sub = make_subscription()
+    result = {"jobId": "job-1", "releaseId": "r", "trackId": "t", "status": "completed",
+              "stems": {"vocals": "r/t/vocals.mp3"}}
+    assert Publisher(publisher, sub.topic, deadline_s=5).publish_result(result)
+    [received] = pull(subscriber, sub.path, max_messages=10, timeout_s=5)
+    assert json.loads(received.message.data) == result
+    assert dict(received.message.attributes) == {"jobId": "job-1", "status": "completed"}
+    assert delivery_attempt(received) == 0, "0 without a dead-letter policy"
+
+
+def test_a_result_without_job_id_omits_that_attribute(publisher, subscriber, make_subscription):
+    sub = make_subscription()
+    Publisher(publisher, sub.topic, deadline_s=5).publish_result({"jobId": None,
+                                                                  "status": "failed"})
+    [received] = pull(subscriber, sub.path, 1, 5)
+    assert dict(received.message.attributes) == {"status": "failed"}
+
+
+def test_an_empty_subscription_returns_nothing_by_the_idle_timeout(subscriber,
+                                                                   make_subscription):
+    sub = make_subscription()
+    started = time.monotonic()
+    assert pull(subscriber, sub.path, max_messages=5, timeout_s=1.5) == []
+    assert time.monotonic() - started < 3
+
+
+def test_pull_returns_as_soon_as_a_batch_arrives(publisher, subscriber, make_subscription):
+    sub = make_subscription()
+    for n in range(3):
+        publish(publisher, sub.topic, json.dumps({"n": n}))
+    received = []
+    while len(received) < 3:
+        received += pull(subscriber, sub.path, max_messages=3, timeout_s=5)
+    assert sorted(json.loads(r.message.data)["n"] for r in received) == [0, 1, 2]
+
+
+def test_lease_keeper_holds_a_message_past_its_ack_deadline(publisher, subscriber,
+                                                            make_subscription):
+    sub = make_subscription(ack_deadline_s=10)
+    publish(publisher, sub.topic)
+    [received] = pull(subscriber, sub.path, 1, 5)
+    keeper = LeaseKeeper(subscriber, sub.path, deadline_s=10)
+    try:
+        keeper.hold([received])
+        # Another puller, for 15 s: past the original deadline and past one extension.
+        assert pull(subscriber, sub.path, 1, timeout_s=15) == []
+        assert keeper.held() == [received]
+        keeper.ack(received)
+        assert keeper.held() == []
+    finally:
+        keeper.stop()
+    assert pull(subscriber, sub.path, 1, timeout_s=2) == [], "acked: never delivered again"
+
+
+def test_a_nacked_message_comes_back_at_once(publisher, subscriber, make_subscription):
+    sub = make_subscription(ack_deadline_s=60)
+    publish(publisher, sub.topic, '{"n": 1}')
+    [first] = pull(subscriber, sub.path, 1, 5)
+    with LeaseKeeper(subscriber, sub.path, deadline_s=60) as keeper:
+        keeper.hold([first])
+        keeper.nack(first)
+        started = time.monotonic()
+        [again] = pull(subscriber, sub.path, 1, 5)
+        assert time.monotonic() - started < 2
+        assert again.message.message_id == first.message.message_id
+        keeper.hold([again])
+        keeper.ack(again)
+
+
+def test_leaving_the_keeper_returns_unfinished_messages(publisher, subscriber,
+                                                        make_subscription):
+    """What SIGTERM relies on: nack_all hands every held message to the next job."""
+    sub = make_subscription(ack_deadline_s=60)
+    for n in range(2):
+        publish(publisher, sub.topic, json.dumps({"n": n}))
+    batch = []
+    while len(batch) < 2:
+        batch += pull(subscriber, sub.path, 2, 5)
+    with LeaseKeeper(subscriber, sub.path, deadline_s=60) as keeper:
+        keeper.hold(batch)
+        keeper.ack(batch[0])
+    [back] = pull(subscriber, sub.path, 2, 5)
+    assert back.message.message_id == batch[1].message.message_id
+
+
+def test_delivery_attempt_counts_redeliveries_under_a_dead_letter_policy(
+        publisher, subscriber, make_subscription):
+    sub = make_subscription(dead_letter=True, max_delivery_attempts=5)
+    publish(publisher, sub.topic)
+    with LeaseKeeper(subscriber, sub.path) as keeper:
+        attempts = []
+        for _ in range(3):
+            [received] = pull(subscriber, sub.path, 1, 5)
+            attempts.append(delivery_attempt(received))
+            keeper.hold([received])
+            keeper.nack(received)
+    assert attempts == [1, 2, 3]
+
+
+def test_publishing_to_a_missing_topic_fails_retryably(publisher, pubsub_emulator):
+    topic = resource_path(pubsub_emulator.project, "topics", "no-such-topic")
+    with pytest.raises(JobError) as caught:
+        Publisher(publisher, topic, deadline_s=2).publish({"status": "completed"})
+    assert caught.value.code == "publish_failed" and caught.value.retryable
+
+
+def test_an_unreachable_service_is_not_an_empty_queue(tmp_path):
+    nobody = PubSubEmulator(tmp_path, project="stem-test", port=free_port())   # never started
+    started = time.monotonic()
+    with pytest.raises(JobError) as caught:
+        pull(nobody.subscriber, "projects/stem-test/subscriptions/stem-separate-worker", 1, 2)
+    assert caught.value.code == "pubsub_unavailable" and caught.value.retryable
+    assert time.monotonic() - started < 5
+    with pytest.raises(JobError) as caught:
+        Publisher(nobody.publisher, "projects/stem-test/topics/stem-results",
+                  deadline_s=2, attempt_timeout_s=1).publish({})
+    assert caught.value.code == "publish_failed" and caught.value.retryable
+
+
+def test_resource_path_keeps_full_paths():
+    assert resource_path("p", "subscriptions", "s-1") == "projects/p/subscriptions/s-1"
+    assert resource_path("p", "topics", "projects/q/topics/t") == "projects/q/topics/t"
