@@ -1,9 +1,13 @@
 """GcsStorage over the wire against gcp-storage-emulator: the same calls as LocalStorage."""
 
+import re
+import socket
 import threading
 import time
 
 import pytest
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
 
 from job.errors import JobError
 from job.gcs_storage import GcsStorage, parse_gs_uri
@@ -173,3 +177,61 @@ def test_manifest_that_is_not_json_counts_as_absent(store, client, bucket):
     assert store.read_manifest("rel", "trk") is None
     client.bucket(bucket).blob("stems/rel/trk/manifest.json").upload_from_string(b"[1, 2]")
     assert store.read_manifest("rel", "trk") is None
+
+
+class CuttingProxy:
+    """A TCP proxy to the emulator that drops the first download after `cut_after` bytes of
+    response, as a reset mid-download would; everything else passes whole."""
+
+    def __init__(self, upstream_port: int, cut_after: int):
+        self.upstream_port = upstream_port
+        self.cut_after = cut_after
+        self.requests = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                downstream, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
+
+    def _serve(self, downstream):
+        with downstream, socket.create_connection(("127.0.0.1", self.upstream_port)) as upstream:
+            request = downstream.recv(65536)
+            self.requests.append(request.decode("latin-1"))
+            budget = None
+            if "alt=media" in self.requests[-1].split("\r\n")[0]:
+                budget, self.cut_after = self.cut_after, None
+            upstream.sendall(request)
+            sent = 0
+            while chunk := upstream.recv(65536):
+                if budget is not None and sent + len(chunk) > budget:
+                    downstream.sendall(chunk[:budget - sent])
+                    return
+                downstream.sendall(chunk)
+                sent += len(chunk)
+
+    def close(self):
+        self.server.close()
+
+
+def test_a_download_cut_short_resumes_where_it_stopped(gcs_emulator, client, bucket, tmp_path):
+    payload = bytes(range(256)) * 4096          # 1 MiB
+    client.bucket(bucket).blob("big.wav").upload_from_string(payload)
+    proxy = CuttingProxy(gcs_emulator.port, cut_after=300_000)
+    try:
+        via_proxy = storage.Client(project="stem-test", credentials=AnonymousCredentials(),
+                                   client_options={"api_endpoint": proxy.url})
+        store = GcsStorage(bucket, (bucket,), 2_000_000, client=via_proxy, retry_deadline_s=10)
+        original = store.describe_original(f"gs://{bucket}/big.wav")
+        path = store.fetch_original(original, tmp_path)
+    finally:
+        proxy.close()
+    assert path.read_bytes() == payload
+    downloads = [r for r in proxy.requests if "alt=media" in r.split("\r\n")[0]]
+    assert len(downloads) == 2
+    assert re.search(r"(?im)^range: bytes=(\d+)-", downloads[1]).group(1) != "0"
