@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tenacity import (Retrying, retry_if_exception, stop_after_attempt, stop_after_delay,
-                      wait_exponential_jitter)
+                      wait_random_exponential)
 
 from .config import load_settings
 from .errors import ConfigError, JobError
@@ -236,15 +236,16 @@ class GcsMarkers:
         blob = self.bucket.get_blob(f"{self.prefix}{key}.json")
         if blob is None:
             return None
+        generation = blob.generation      # read before the download, which resets properties
         try:
-            raw = blob.download_as_bytes(if_generation_match=blob.generation)
+            raw = blob.download_as_bytes(if_generation_match=generation)
         except NotFound:
             return None
         try:
             doc = json.loads(raw)
         except ValueError:
             doc = {}
-        return (doc if isinstance(doc, dict) else {}), blob.generation
+        return (doc if isinstance(doc, dict) else {}), generation
 
     def delete(self, key, generation):
         from google.api_core.exceptions import NotFound, PreconditionFailed
@@ -429,7 +430,7 @@ class Dispatcher:
         settings = self.settings
         retrying = Retrying(
             stop=stop_after_attempt(settings.api_attempts) | stop_after_delay(settings.api_deadline_s),
-            wait=wait_exponential_jitter(initial=settings.api_backoff_s, max=10),
+            wait=wait_random_exponential(multiplier=settings.api_backoff_s, max=10),  # full jitter
             retry=retry_if_exception(_transient), reraise=True)
         for attempt in retrying:
             with attempt:

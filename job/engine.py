@@ -13,6 +13,7 @@ the same shift offsets for `shifts > 0`. What differs is the shape:
 `separate()` is the one entry point: windows in, finished stem blocks out.
 """
 
+import logging
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ import torch
 from .errors import Interrupted
 
 OVERLAP = 0.25
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,6 +164,10 @@ class Separator:
         self.seed = seed
         for sub in self.models:
             sub.to(device).eval()
+        # PyTorch's MultiheadAttention "fast path" materialises the attention matrix on CPU;
+        # the regular path uses scaled_dot_product_attention: ~2x faster per window here,
+        # same result to >130 dB (hack/bench measures it). Process-wide, set on purpose.
+        torch.backends.mha.set_fastpath_enabled(False)
 
     def _forward(self, model, batch: torch.Tensor) -> torch.Tensor:
         autocast = nullcontext()
@@ -224,6 +230,8 @@ class Separator:
                 if number + 1 < len(batches):
                     future = pool.submit(load, batches[number + 1])
                 model = self.models[streams[batch_jobs[0][1]].model_index]
+                if number == 0:
+                    log.info("first window entering the model", extra={"fields": {"event": "first_window"}})
                 outputs = self._forward(model, inputs).numpy()
                 for (_, index, offset), out in zip(batch_jobs, outputs):
                     s = streams[index]

@@ -1,4 +1,4 @@
-"""The Cloud Storage backend: originals from gs:// URIs, stems under gs://BUCKET/stems/RELEASE/TRACK/.
+"""The Cloud Storage backend: originals from gs:// URIs, stems in gs://BUCKET/stems/RELEASE/TRACK/.
 
 Same calls as LocalStorage (see storage.py), so the pipeline does not know which backend it has.
 Every call to GCS goes through `_call`: transient faults (429, 5xx, timeouts, dropped
@@ -7,22 +7,19 @@ connections) are retried with exponential backoff and jitter for a bounded time,
 The client's own retries are switched off (retry=None) so that this is the only retry layer and
 the bound holds.
 
-The manifest records the generation of each stem it vouches for; `read_manifest` returns it only
+The manifest records the generation of each stem it vouches for (`objectGenerations`); `read_manifest` returns it only
 while the stems still carry those generations, so a set that a racing job overwrote in part never
 passes for complete.
 """
 
 import base64
 import concurrent.futures
-import contextlib
 import json
 import re
-import tempfile
 from pathlib import Path
 
 import google_crc32c
 import requests
-import tenacity
 import urllib3
 from google.api_core import exceptions
 from google.auth.exceptions import TransportError
@@ -31,7 +28,8 @@ from google.cloud.storage.exceptions import DataCorruption
 
 from .errors import JobError
 from .messages import check_id
-from .storage import CONTENT_TYPES, MANIFEST, Original, check_size
+from .retry import bounded
+from .storage import CONTENT_TYPES, MANIFEST, LocalStorage, Original, check_size
 
 PUBLIC_URL = "https://storage.googleapis.com"
 # Stems keep their URL when a changed original is separated again, so caches must not keep
@@ -105,19 +103,14 @@ class GcsStorage:
         self.retry_deadline_s = retry_deadline_s
         self.timeout = (min(10.0, retry_deadline_s), max(5.0, min(60.0, retry_deadline_s)))
         self.stem_cache_control = stem_cache_control
-        self._uploaded = {}     # (release, track) -> {object name: generation} not yet in a manifest
+        self._uploaded = {}     # (release, track) -> {object: generation}, awaiting the manifest
 
     # -- the one retry layer ----------------------------------------------------------
     def _call(self, what: str, function, *args, not_found: JobError | None = None, **kwargs):
         """Run one GCS call with bounded retries; failures become JobErrors."""
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(is_transient),
-            wait=tenacity.wait_random_exponential(multiplier=0.25,
-                                                  max=max(0.5, min(10.0, self.retry_deadline_s / 4))),
-            stop=tenacity.stop_after_delay(self.retry_deadline_s),
-            reraise=True)
         try:
-            return retrying(function, *args, timeout=self.timeout, retry=None, **kwargs)
+            return bounded(self.retry_deadline_s, is_transient)(
+                function, *args, timeout=self.timeout, retry=None, **kwargs)
         except JobError:
             raise
         except exceptions.NotFound as exc:
@@ -154,7 +147,8 @@ class GcsStorage:
         """Download exactly the described generation, streamed to disk, resuming after a
         dropped connection, and verify its size and CRC32C."""
         bucket, name = parse_gs_uri(original.uri)
-        blob = self.client.bucket(bucket).blob(name, generation=original.identity["generation"])
+        generation = original.identity.get("generation")
+        blob = self.client.bucket(bucket).blob(name, generation=generation)
         suffix = re.sub(r"[^A-Za-z0-9]", "", Path(name).suffix)[:8].lower()
         target = Path(folder) / ("original." + suffix if suffix else "original")
         changed = JobError("input_changed", f"{original.uri} changed or vanished since it was "
@@ -203,8 +197,8 @@ class GcsStorage:
 
     def write_manifest(self, release_id: str, track_id: str, manifest: dict) -> None:
         """Written last: names the stems' generations so a partly overwritten set is detectable."""
-        generations = self._uploaded.pop((release_id, track_id), {})
-        body = {**manifest, "objects": {**manifest.get("objects", {}), **generations}}
+        generations = self._uploaded.pop((release_id, track_id), None)
+        body = {**manifest, "objectGenerations": generations} if generations else manifest
         blob = self.bucket.blob(self._prefix(release_id, track_id) + MANIFEST)
         blob.cache_control = MANIFEST_CACHE_CONTROL
         self._call(f"writing gs://{self.bucket.name}/{blob.name}", blob.upload_from_string,
@@ -225,8 +219,8 @@ class GcsStorage:
             return None
         if not isinstance(manifest, dict):
             return None
-        expected = manifest.get("objects") or {}
-        if expected:
+        expected = manifest.get("objectGenerations")
+        if isinstance(expected, dict) and expected:
             listing = self._call(f"listing gs://{self.bucket.name}/{prefix}",
                                  lambda **kw: list(self.client.list_blobs(
                                      self.bucket, prefix=prefix, **kw)))
@@ -244,7 +238,4 @@ class GcsStorage:
             if error.code != "storage_not_found":
                 raise
 
-    @contextlib.contextmanager
-    def scratch(self):
-        with tempfile.TemporaryDirectory(prefix="stem-job-") as folder:
-            yield Path(folder)
+    scratch = LocalStorage.scratch      # a local temp folder, whichever the backend

@@ -12,10 +12,10 @@ import logging
 import threading
 import time
 
-import tenacity
 from google.api_core import exceptions
 
 from .errors import JobError
+from .retry import bounded
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,8 @@ def resource_path(project: str, kind: str, name: str) -> str:
     return name if name.startswith("projects/") else f"projects/{project}/{kind}/{name}"
 
 
-def _retrying(deadline_s: float) -> tenacity.Retrying:
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(TRANSIENT),
-        wait=tenacity.wait_random_exponential(multiplier=0.25, max=max(0.5, min(5.0, deadline_s / 4))),
-        stop=tenacity.stop_after_delay(deadline_s), reraise=True)
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT)
 
 
 class Publisher:
@@ -58,7 +55,7 @@ class Publisher:
                                          timeout=self.attempt_timeout_s, **attributes)
             return future.result(timeout=self.attempt_timeout_s + 5)
         try:
-            return _retrying(self.deadline_s)(attempt)
+            return bounded(self.deadline_s, is_transient)(attempt)
         except Exception as exc:
             raise JobError("publish_failed", f"publishing to {self.topic_path} failed: {exc}",
                            retryable=True) from exc
@@ -114,13 +111,16 @@ class LeaseKeeper:
     so an unfinished message goes straight back to the queue."""
 
     def __init__(self, subscriber, subscription_path: str, deadline_s: int = 60,
-                 call_deadline_s: float = 10.0):
+                 call_deadline_s: float = 5.0):
         self.subscriber = subscriber
         self.subscription_path = subscription_path
         self.deadline_s = max(10, min(600, int(deadline_s)))
         self.call_deadline_s = call_deadline_s
         self._held = {}                  # ack_id -> received message
-        self._lock = threading.RLock()   # re-entrant: nack_all may run from a signal handler
+        self._lock = threading.RLock()   # guards _held; re-entrant in case of a signal handler
+        # A nack must not be overtaken by an extension of the same message sent just before it
+        # (that would lease it again instead of returning it): the two take turns.
+        self._deadlines = threading.RLock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._extend_loop, name="lease-keeper", daemon=True)
         self._thread.start()
@@ -135,6 +135,10 @@ class LeaseKeeper:
         with self._lock:
             return list(self._held.values())
 
+    def held_ack_ids(self) -> list:
+        with self._lock:
+            return list(self._held)
+
     def ack(self, message) -> None:
         self._release([message.ack_id])
         self._send(f"acknowledging {message.message.message_id}", self.subscriber.acknowledge,
@@ -142,15 +146,17 @@ class LeaseKeeper:
 
     def nack(self, message) -> None:
         """Back to the queue at once (ack deadline 0), for another job to take."""
-        self._release([message.ack_id])
-        self._modify([message.ack_id], 0)
+        with self._deadlines:
+            self._release([message.ack_id])
+            self._modify([message.ack_id], 0)
 
     def nack_all(self) -> None:
         """Every message still held goes back to the queue (on SIGTERM)."""
-        with self._lock:
-            ack_ids = list(self._held)
-            self._held.clear()
-        self._modify(ack_ids, 0)
+        with self._deadlines:
+            with self._lock:
+                ack_ids = list(self._held)
+                self._held.clear()
+            self._modify(ack_ids, 0)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -181,17 +187,16 @@ class LeaseKeeper:
 
     def _send(self, what: str, method, request: dict) -> None:
         try:
-            _retrying(self.call_deadline_s)(method, request=request, timeout=self.call_deadline_s,
-                                            retry=None)
+            bounded(self.call_deadline_s, is_transient)(
+                method, request=request, timeout=self.call_deadline_s, retry=None)
         except Exception as exc:
             # At-least-once delivery makes this safe to survive: the message comes back later.
             raise JobError("pubsub_unavailable", f"{what} failed: {exc}", retryable=True) from exc
 
     def _extend_loop(self) -> None:
         while not self._stopping.wait(self.deadline_s / 3):
-            with self._lock:
-                ack_ids = list(self._held)
             try:
-                self._modify(ack_ids, self.deadline_s)
+                with self._deadlines:
+                    self._modify(self.held_ack_ids(), self.deadline_s)
             except JobError as error:
                 log.warning("lease extension failed, will try again: %s", error.message)

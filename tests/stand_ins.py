@@ -28,23 +28,15 @@ PROJECT = "stem-test"
 @pytest.fixture(scope="session")
 def pubsub_emulator(tmp_path_factory):
     """Google's Pub/Sub emulator: .host, .project, .env, .publisher, .subscriber."""
-    emulator = PubSubEmulator(tmp_path_factory.mktemp("pubsub-emulator"), project=PROJECT)
-    emulator.start()
-    try:
+    with PubSubEmulator(tmp_path_factory.mktemp("pubsub-emulator"), PROJECT).start() as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
     """gcp-storage-emulator: .url, .env, .client(), .kill(), .restart() (same port, data kept)."""
-    emulator = GcsEmulator(tmp_path_factory.mktemp("gcs-emulator"))
-    emulator.start()
-    try:
+    with GcsEmulator(tmp_path_factory.mktemp("gcs-emulator")).start() as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def test_stems_then_manifest_round_trip(store, client, bucket, stem_files):
     store.write_manifest("rel-1", "trk_1", {"input": {"generation": 7}, "stems": {}})
     manifest = store.read_manifest("rel-1", "trk_1")
     assert manifest["input"] == {"generation": 7}
-    assert set(manifest["objects"]) == {f"stems/rel-1/trk_1/{s}.mp3" for s in STEMS}
+    assert set(manifest["objectGenerations"]) == {f"stems/rel-1/trk_1/{s}.mp3" for s in STEMS}
     assert client.bucket(bucket).get_blob("stems/rel-1/trk_1/manifest.json").content_type \
         == "application/json"
 

@@ -1,0 +1,359 @@
+"""`stem-job serve`: the original worker's HTTP API, on the same pipeline as `run` and `drain`.
+
+    POST /separate/{release_id}/{track_id}   multipart/form-data, the audio in field `file`
+         -> 200 {"status": "success", "release_id", "track_id", "stems": {...}, + extras}
+    GET  /health -> {"status": "ok", "processing_mode", "storage_mode", "device", "model", ...}
+
+Every error is JSON: {"status": "failed", "error": {"code", "message", "retryable"}}, with
+400 (no file, empty file, broken or unfinished upload), 413 (over MAX_INPUT_BYTES),
+415 (not an audio type, or not multipart), 422 (bad IDs, not audio, corrupt, truncated,
+longer than MAX_DURATION_S), 503 + Retry-After (busy, or a fault a retry may fix), 500.
+
+Why it is shaped this way:
+- One model, one accelerator: separations run one at a time, in a worker thread, under a
+  lock (asyncio's lock wakes waiters in arrival order). The model loads once, at start-up.
+- Back-pressure: besides the request being served, at most HTTP_QUEUE requests may be in
+  flight (uploading or waiting for their turn). One more is refused at once, before its body
+  is read, with 503 and `Retry-After` (the last separation's duration): a caller that gets
+  503 retries later instead of holding a connection and a temp file for an unknown time.
+- Uploads are streamed straight to a temp file (hashed as they arrive), never held in memory.
+  A declared Content-Length over the limit is refused before the body is read (a client that
+  sends `Expect: 100-continue` never sends it); otherwise the first byte over the limit
+  stops the upload with 413. Uvicorn discards what the client still sends after an early answer.
+- The uploaded file is the original in both storage modes (`UploadedOriginal`); the stems and
+  the manifest go to the configured backend (OUTPUT_DIR or GCS) exactly as for `run`.
+- Disconnects: a client that leaves mid-upload leaves nothing but a temp file, deleted at once.
+  One that leaves while queued is skipped. One that leaves during separation does not stop it:
+  the set is finished and its manifest written last, so the caller's retry finds it complete
+  (same bytes, same track) and gets it back at once (`reused: true`).
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from . import messages
+from .config import Settings
+from .errors import EXIT_CONFIG, ConfigError, JobError
+from .storage import Original
+
+log = logging.getLogger(__name__)
+
+FILE_FIELD = "file"
+MULTIPART_SLACK = 64 * 1024        # room for boundaries, part headers and small extra fields
+DEFAULT_RETRY_AFTER_S = 30
+STATUS = {
+    "no_file": 400, "empty_input": 400, "bad_multipart": 400, "upload_incomplete": 400,
+    "input_too_large": 413, "unsupported_media_type": 415,
+    "invalid_id": 422, "invalid_message": 422, "invalid_request": 422, "not_audio": 422,
+    "corrupt_audio": 422, "truncated_audio": 422, "empty_audio": 422, "too_long": 422,
+    "busy": 503, "interrupted": 503, "internal_error": 500,
+}
+HOW_TO_SEND = (f"send the audio as multipart/form-data in the field '{FILE_FIELD}', e.g. "
+               f"curl -F {FILE_FIELD}=@song.mp3 http://HOST/separate/RELEASE_ID/TRACK_ID")
+
+
+def http_status(error: JobError) -> int:
+    return STATUS.get(error.code, 503 if error.retryable else 500)
+
+
+def error_response(error: JobError, retry_after: int | None = None, **ids) -> JSONResponse:
+    """The one error shape; 503s say when to come back."""
+    status = http_status(error)
+    headers = {"Retry-After": str(retry_after or DEFAULT_RETRY_AFTER_S)} if status == 503 else None
+    body = {"status": "failed", **{k: v for k, v in ids.items() if v}, "error": error.as_dict()}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class UploadedOriginal:
+    """The configured storage, except that its one original is the upload already on disk."""
+
+    def __init__(self, storage, original: Original):
+        self._storage = storage
+        self._original = original
+
+    def describe_original(self, uri: str, trusted: bool = False) -> Original:
+        return self._original
+
+    def fetch_original(self, original: Original, folder: Path) -> Path:
+        return original.local_path
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)
+
+
+class FileReceiver:
+    """python-multipart callbacks that keep the one file part on disk, with size and digest.
+
+    The file is the part named `file`, or else the one part with a filename; other fields
+    are ignored. Anything wrong raises JobError mid-stream, so the upload stops right there.
+    """
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.path = self.handle = self.mime = None
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.complete = self.ended = False
+        self._in_file = False
+        self._headers, self._field, self._value = {}, b"", b""
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end, "on_end": self.on_end}
+
+    def on_part_begin(self):
+        self._headers, self._in_file = {}, False
+
+    def on_header_field(self, data, start, end):
+        self._field += data[start:end]
+
+    def on_header_value(self, data, start, end):
+        self._value += data[start:end]
+
+    def on_header_end(self):
+        self._headers[self._field.strip().lower()] = self._value.strip()
+        self._field, self._value = b"", b""
+
+    def on_headers_finished(self):
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        filename = options.get(b"filename")
+        if filename is None and options.get(b"name") != FILE_FIELD.encode():
+            return                                   # a plain form field: ignored
+        if self.path is not None:
+            raise JobError("bad_multipart", "the request holds more than one file: "
+                                            "send exactly one audio file per request")
+        mime = self._headers.get(b"content-type", b"").decode("latin-1")
+        try:
+            self.mime = messages.check_mime_type(mime)   # 415 before a byte of it is stored
+        except JobError:
+            raise JobError("unsupported_media_type",
+                           f"the file is sent as {mime[:100]!r}, not an audio type we decode "
+                           "(mp3, wav, flac, ogg/opus, m4a/aac): send it with its audio/* "
+                           "type, application/octet-stream, or no type") from None
+        suffix = re.sub(r"[^A-Za-z0-9]", "", Path((filename or b"").decode("utf-8", "replace"))
+                        .suffix)[:8].lower()
+        self.path = self.folder / ("original." + suffix if suffix else "original")
+        self.handle = open(self.path, "wb")
+        self._in_file = True
+
+    def on_part_data(self, data, start, end):
+        if not self._in_file:
+            return
+        self.size += end - start
+        if self.size > self.limit:
+            raise JobError("input_too_large", f"the file is over the limit of {self.limit} bytes "
+                                              "(MAX_INPUT_BYTES): send a smaller file")
+        chunk = data[start:end]
+        self.handle.write(chunk)
+        self.digest.update(chunk)
+
+    def on_part_end(self):
+        if self._in_file:
+            self.handle.close()
+            self.complete, self._in_file = True, False
+
+    def on_end(self):
+        self.ended = True
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+
+
+async def receive_upload(request: Request, folder: Path, limit: int) -> FileReceiver:
+    """Stream the multipart body into `folder`; the receiver holding the complete file."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise JobError("bad_multipart", f"the multipart Content-Type has no boundary: {HOW_TO_SEND}")
+    receiver = FileReceiver(folder, limit)
+    parser = MultipartParser(boundary, receiver.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise JobError("bad_multipart", f"the multipart body is malformed ({exc}): {HOW_TO_SEND}")
+    finally:
+        receiver.close()
+    if receiver.path is None:
+        raise JobError("no_file", f"the request holds no file: {HOW_TO_SEND}")
+    if not (receiver.complete and receiver.ended):
+        raise JobError("upload_incomplete", "the upload ended before the multipart body did: "
+                                            "send the whole file again")
+    if receiver.size == 0:
+        raise JobError("empty_input", "the uploaded file is empty (0 bytes): send the audio itself")
+    return receiver
+
+
+def success_body(result: dict) -> dict:
+    """The original worker's response, then our extras (added, never renamed)."""
+    return {"status": "success", "release_id": result["releaseId"], "track_id": result["trackId"],
+            "stems": result["stems"], "job_id": result["jobId"], "model": result.get("model"),
+            "duration_s": result.get("durationS"), "reused": result.get("reused"),
+            "device": result.get("device"), "timings": result.get("timings")}
+
+
+class Gate:
+    """One separation at a time, at most `queue` more requests in flight behind it."""
+
+    def __init__(self, queue: int):
+        self.limit = 1 + queue
+        self.in_flight = 0
+        self.lock = asyncio.Lock()
+        self.last_seconds = None
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.last_seconds)) if self.last_seconds else DEFAULT_RETRY_AFTER_S
+
+    def admit(self) -> bool:
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self):
+        self.in_flight -= 1
+
+
+def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
+    """The FastAPI app; `engine` and `storage` default to the ones `run` would build."""
+    from .pipeline import Engine, Job, process
+    if storage is None:
+        from .cli import make_storage
+        storage = make_storage(settings)
+    engine = engine or Engine(settings)
+    gate = Gate(settings.http_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(engine.separator)     # load the model once, before serving
+        log.info("serving %s on %s (storage %s, queue %d)", settings.model_name, engine.device,
+                 settings.storage_mode, settings.http_queue)
+        yield
+
+    app = FastAPI(title="stem-job", lifespan=lifespan)
+    app.state.gate = gate
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = f"{exc.detail}: this server offers POST /separate/{{release_id}}/{{track_id}} " \
+                  "and GET /health"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"status": "failed", "error": {"code": code, "message": message,
+                                                           "retryable": False}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return error_response(JobError("invalid_request", f"invalid request: {exc.errors()}"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "processing_mode": "http", "storage_mode": settings.storage_mode,
+                "device": str(engine.device), "model": settings.model_name,
+                "model_loaded": engine.loaded, "in_flight": gate.in_flight,
+                "queue": settings.http_queue}
+
+    @app.post("/separate/{release_id}/{track_id}")
+    async def separate(release_id: str, track_id: str, request: Request):
+        ids = {"release_id": release_id, "track_id": track_id}
+        try:
+            messages.check_id("release_id", release_id)
+            messages.check_id("track_id", track_id)
+            check_request_headers(request, settings.max_input_bytes)
+        except JobError as error:
+            return error_response(error, **ids)
+        if not gate.admit():
+            return error_response(JobError(
+                "busy", f"a separation is running and {settings.http_queue} more request(s) wait "
+                        "(HTTP_QUEUE): retry after the number of seconds in Retry-After",
+                retryable=True), gate.retry_after(), **ids)
+        folder = Path(tempfile.mkdtemp(prefix="stem-upload-"))
+        try:
+            upload = await receive_upload(request, folder, settings.max_input_bytes)
+            job_request = messages.make_request(release_id, track_id, str(upload.path),
+                                                mime_type=upload.mime)
+            original = Original(str(upload.path), upload.size,
+                                {"upload": "http", "size": upload.size,
+                                 "sha256": upload.digest.hexdigest()}, upload.path)
+            async with gate.lock:
+                if await request.is_disconnected():
+                    log.info("client left %s/%s while queued: not separating", release_id, track_id)
+                    return error_response(JobError("upload_incomplete", "client disconnected"), **ids)
+                job = Job(settings, UploadedOriginal(storage, original), engine)
+                result = await asyncio.to_thread(process, job_request, job, True)
+                gate.last_seconds = result.get("timings", {}).get("total")
+        except ClientDisconnect:
+            log.info("client disconnected during the upload for %s/%s: nothing written",
+                     release_id, track_id)
+            return error_response(JobError("upload_incomplete", "client disconnected"), **ids)
+        except JobError as error:
+            return error_response(error, gate.retry_after(), **ids)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            gate.leave()
+        if result["status"] != "completed":
+            return error_response(messages_error(result), gate.retry_after(), **ids)
+        return success_body(result)
+
+    return app
+
+
+def check_request_headers(request: Request, limit: int) -> None:
+    """What can be refused from the headers alone, before any of the body is read."""
+    content_type = request.headers.get("content-type", "")
+    declared = request.headers.get("content-length")
+    if not content_type and declared in (None, "0") and "transfer-encoding" not in request.headers:
+        raise JobError("no_file", f"the request has no body: {HOW_TO_SEND}")
+    if parse_options_header(content_type)[0] != b"multipart/form-data":
+        raise JobError("unsupported_media_type",
+                       f"the request is {content_type[:100] or 'without a Content-Type'}, "
+                       f"not multipart/form-data: {HOW_TO_SEND}")
+    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+        raise JobError("input_too_large", f"the request declares {declared} bytes, over the limit "
+                                          f"of {limit} bytes for the file (MAX_INPUT_BYTES): "
+                                          "send a smaller file")
+
+
+def messages_error(result: dict) -> JobError:
+    error = result.get("error") or {}
+    return JobError(error.get("code", "internal_error"), error.get("message", "separation failed"),
+                    error.get("retryable", True))
+
+
+def serve(settings: Settings) -> None:
+    """Load the model (a bad one is a one-line exit 78, before any port opens), then run
+    uvicorn on HTTP_HOST:PORT with our logging (log_config=None keeps the root handler)."""
+    from .pipeline import Engine
+    try:
+        engine = Engine(settings)
+        engine.separator()
+        app = create_app(settings, engine)
+    except ConfigError as exc:
+        sys.stderr.write(f"stem-job: configuration error: {exc}\n")
+        sys.exit(EXIT_CONFIG)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+                                           log_config=None, timeout_graceful_shutdown=30))
+    server.run()
+    if not server.started:
+        sys.exit(1)

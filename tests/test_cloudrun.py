@@ -1,0 +1,628 @@
+"""cloudrun/: the job and dispatcher YAML, setup.sh, and the dispatcher service over real HTTP.
+
+The YAML is checked the way `gcloud run jobs replace` / `gcloud run services replace` read it
+(gcloud's own Cloud Run v1 message classes, unknown fields refused), and every gcloud command in
+setup.sh and docs/deployment.md against gcloud's command tree. The dispatcher runs under uvicorn
+on a loopback port and talks to the real google-cloud-run client, pointed at a small local HTTP
+server that records the run_job request and answers as the Cloud Run API would; refused messages
+are published with the real Pub/Sub client to Google's emulator; dedupe markers are exercised
+against the GCS emulator (the emulator ignores generation preconditions, so the conflict cases
+run against a local endpoint answering 412 as GCS does, and against MemoryMarkers, which keeps
+the same semantics).
+"""
+
+import base64
+import functools
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import requests
+import uvicorn
+import yaml
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import run_v2, storage
+
+from job.config import ENV, load_settings
+from job.dispatcher import (DispatcherSettings, GcsMarkers, MemoryMarkers, create_app,
+                            load_dispatcher_settings, marker_key, parse_envelope)
+from stand_ins import gcs_emulator, pubsub_emulator, unique_name  # noqa: F401  (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+CLOUDRUN = REPO / "cloudrun"
+PROJECT = "stem-test"                     # the Pub/Sub emulator's project (tests/stand_ins.py)
+EXAMPLE = {"PROJECT_ID": "my-project", "REGION": "us-central1", "BUCKET_NAME": "my-stems"}
+GOOD = {"jobId": "sep_rel_1_trk_1", "releaseId": "rel_1", "artistId": "art_1", "trackId": "trk_1",
+        "originalStemUri": "gs://my-stems/originals/song.mp3", "mimeType": "audio/mpeg"}
+
+
+# -- gcloud's own view of the YAML and the commands ------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def gcloud_sdk() -> Path:
+    gcloud = shutil.which("gcloud")
+    assert gcloud, "gcloud (Google Cloud CLI) is needed: it also runs the Pub/Sub emulator"
+    return Path(gcloud).resolve().parents[1]
+
+
+def gcloud_accepts(kind: str, document: dict) -> str:
+    """Parse like `gcloud run {jobs,services} replace`: DictToMessageWithErrorCheck on the
+    run/v1 message; returns the error text ("" when accepted)."""
+    sdk = gcloud_sdk()
+    python = sdk / "platform" / "bundledpythonunix" / "bin" / "python3"
+    script = (
+        "import json, sys\n"
+        f"sys.path[:0] = [{str(sdk / 'lib')!r}, {str(sdk / 'lib' / 'third_party')!r}]\n"
+        "from googlecloudsdk.api_lib.util import apis, messages\n"
+        "run = apis.GetMessagesModule('run', 'v1')\n"
+        "kind, doc = json.load(sys.stdin)\n"
+        "try:\n"
+        "    messages.DictToMessageWithErrorCheck(doc, getattr(run, kind))\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n")
+    out = subprocess.run([str(python) if python.exists() else sys.executable, "-c", script],
+                         input=json.dumps([kind, document]), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@functools.lru_cache(maxsize=None)
+def gcloud_tree() -> dict:
+    path = gcloud_sdk() / "data" / "cli" / "gcloud_completions.py"
+    spec = importlib.util.spec_from_file_location("gcloud_completions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.STATIC_COMPLETION_CLI_TREE
+
+
+def gcloud_invocations(text: str) -> list:
+    """Every `gcloud ...` command in shell text, as token lists (continuations joined, each
+    command cut at the next shell operator)."""
+    text = re.sub(r"\\\n", " ", text)
+    found = []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+        lexer = shlex.shlex(line, posix=True, punctuation_chars="();<>|&")
+        lexer.whitespace_split = True
+        try:
+            tokens = list(lexer)
+        except ValueError:
+            continue
+        for i, token in enumerate(tokens):
+            if token == "gcloud":
+                command = []
+                for word in tokens[i + 1:]:
+                    if word and set(word) <= set("();<>|&"):
+                        break
+                    command.append(word)
+                found.append(command)
+    return found
+
+
+def check_gcloud_command(tokens: list) -> list:
+    """Problems with one command: unknown groups/commands or flags."""
+    tree, node, path = gcloud_tree(), gcloud_tree(), []
+    rest = list(tokens)
+    while rest and rest[0] in node.get("commands", {}):
+        node = node["commands"][rest.pop(0)]
+        path.append(node)
+    if node.get("commands"):
+        return [f"gcloud {' '.join(tokens[:3])}...: not a command"]
+    problems = []
+    for word in rest:
+        if not word.startswith("--"):
+            continue
+        flag = word.split("=", 1)[0]
+        known = set(node["flags"]) | set(tree["flags"])
+        if flag not in known and flag.replace("--no-", "--", 1) not in known:
+            problems.append(f"gcloud {' '.join(t for t in tokens if not t.startswith('-'))[:60]}"
+                            f": unknown flag {flag}")
+    return problems
+
+
+def filled(text: str) -> str:
+    """What setup.sh's sed makes of a file: whole-word placeholders replaced."""
+    for placeholder, value in EXAMPLE.items():
+        text = re.sub(rf"\b{placeholder}\b", value, text)
+    return text
+
+
+def load_yaml(name: str) -> dict:
+    return yaml.safe_load(filled((CLOUDRUN / name).read_text()))
+
+
+def env_of(container: dict) -> dict:
+    return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+# -- job.yaml, dispatcher.yaml, setup.sh -----------------------------------------------------------
+def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts():
+    raw = yaml.safe_load((CLOUDRUN / "job.yaml").read_text())
+    assert gcloud_accepts("Job", raw) == ""
+    assert "bogus" in gcloud_accepts("Job", {**raw, "spec": {**raw["spec"], "bogus": 1}})
+    job = load_yaml("job.yaml")
+    assert job["apiVersion"] == "run.googleapis.com/v1" and job["kind"] == "Job"
+    execution = job["spec"]["template"]["spec"]
+    assert execution["taskCount"] == 1
+    task = execution["template"]["spec"]
+    assert task["nodeSelector"] == {"run.googleapis.com/accelerator": "nvidia-l4"}
+    assert 0 < task["timeoutSeconds"] <= 3600, "GPU tasks run at most 1 hour"
+    assert 0 <= task["maxRetries"] <= 10
+    assert task["serviceAccountName"] == "stem-job@my-project.iam.gserviceaccount.com"
+    [container] = task["containers"]
+    assert container["args"] == ["run"] and "command" not in container
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert float(limits["cpu"]) >= 4
+    assert int(re.match(r"(\d+)Gi$", limits["memory"]).group(1)) >= 16
+    assert container["image"].endswith(":gpu")
+    env = env_of(container)
+    assert set(env) <= set(ENV)
+    settings = load_settings(env)
+    assert (settings.processing_mode, settings.storage_mode, settings.device) == \
+        ("job", "gcs", "cuda")
+    assert settings.gcp_project_id == "my-project" and settings.gcs_bucket == "my-stems"
+
+
+def test_dispatcher_yaml_targets_the_job():
+    raw = yaml.safe_load((CLOUDRUN / "dispatcher.yaml").read_text())
+    assert gcloud_accepts("Service", raw) == ""
+    service, job = load_yaml("dispatcher.yaml"), load_yaml("job.yaml")
+    assert service["metadata"]["annotations"]["run.googleapis.com/ingress"] == "internal"
+    spec = service["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    assert container["args"] == ["dispatch"]
+    assert container["image"].endswith(":cpu")
+    settings = load_dispatcher_settings(env_of(container))
+    assert settings.job_name == (f"projects/my-project/locations/"
+                                 f"{job['metadata']['labels']['cloud.googleapis.com/location']}"
+                                 f"/jobs/{job['metadata']['name']}")
+    assert settings.marker_bucket == "my-stems" and settings.marker_prefix == "dispatch/"
+    # The request timeout covers the dispatcher's Cloud Run API budget.
+    assert spec["timeoutSeconds"] > settings.api_deadline_s
+
+
+def test_setup_sh_substitutes_whole_words_only():
+    script = (CLOUDRUN / "setup.sh").read_text()
+    expressions = re.findall(r'-e "(s/\\bPROJECT_ID\\b[^"]*|s/\\b\w+\\b/[^"]*)"', script)
+    assert len(expressions) == 3
+    values = {"PROJECT_ID": "my-project", "REGION": "us-central1", "BUCKET_NAME": "my-stems"}
+    args = []
+    for expression in expressions:
+        args += ["-e", re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], expression)]
+    for name in ("job.yaml", "dispatcher.yaml"):
+        out = subprocess.run(["sed", *args, str(CLOUDRUN / name)], capture_output=True,
+                             text=True, check=True).stdout
+        assert yaml.safe_load(out) == load_yaml(name)
+        assert "CLOUD_RUN_REGION" in out or name == "job.yaml"
+
+
+def test_setup_sh_is_valid_bash_with_known_gcloud_commands():
+    script = (CLOUDRUN / "setup.sh").read_text()
+    subprocess.run(["bash", "-n", str(CLOUDRUN / "setup.sh")], check=True)
+    commands = gcloud_invocations(script)
+    verbs = {" ".join(c[:3]) for c in commands}
+    for needed in ("pubsub topics create", "pubsub subscriptions create", "run jobs replace",
+                   "run services replace", "eventarc triggers create",
+                   "run jobs add-iam-policy-binding", "run services add-iam-policy-binding"):
+        assert needed in verbs, needed
+    problems = [p for command in commands for p in check_gcloud_command(command)]
+    assert not problems, "\n".join(problems)
+    push = next(c for c in commands if c[:3] == ["pubsub", "subscriptions", "create"]
+                and any(w.startswith("--push-endpoint") for w in c))
+    for flag in ("--push-auth-service-account", "--dead-letter-topic", "--max-delivery-attempts",
+                 "--min-retry-delay", "--max-retry-delay", "--ack-deadline"):
+        assert any(w.startswith(flag) for w in push), flag
+    assert "--role=roles/run.jobsExecutorWithOverrides" in script
+
+
+def test_docs_gcloud_commands_exist():
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", docs, re.S))
+    commands = gcloud_invocations(blocks)
+    assert len(commands) > 20
+    problems = [p for command in commands for p in check_gcloud_command(command)]
+    assert not problems, "\n".join(problems)
+
+
+# -- a stand-in for the Cloud Run Admin API --------------------------------------------------------
+class FakeCloudRunApi:
+    """Records requests; answers each with the next scripted (status, body), then 200s that
+    return the long-running operation run_job returns."""
+
+    def __init__(self):
+        self.requests, self.script = [], []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                api.requests.append({"path": urlparse(self.path).path,
+                                     "body": json.loads(body or b"{}")})
+                status, reply = api.script.pop(0) if api.script else (200, None)
+                if reply is None:
+                    n = len(api.requests)
+                    job = urlparse(self.path).path.split("/v2/")[1].split(":")[0]
+                    reply = {"name": f"{job.rsplit('/jobs/', 1)[0]}/operations/op-{n}",
+                             "metadata": {"@type": "type.googleapis.com/google.cloud.run.v2.Execution",
+                                          "name": f"{job}/executions/stem-job-{n:05d}"}}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fail(self, status: int, code: str, times: int = 1):
+        for _ in range(times):
+            self.script.append((status, {"error": {"code": status, "status": code,
+                                                   "message": f"{code} (scripted)"}}))
+
+    def client(self) -> run_v2.JobsClient:
+        return run_v2.JobsClient(transport="rest", credentials=AnonymousCredentials(),
+                                 client_options={"api_endpoint": self.url})
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Uvicorn:
+    """An ASGI app served on a free loopback port from a thread."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                    log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not (self.server.started and self.server.servers):
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def cloud_run():
+    api = FakeCloudRunApi()
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def results(pubsub_emulator, unique_name):
+    """A results topic in the emulator with a subscription to read what was published."""
+    publisher, subscriber = pubsub_emulator.publisher, pubsub_emulator.subscriber
+    topic = publisher.create_topic(name=publisher.topic_path(PROJECT, unique_name("results"))).name
+    sub = subscriber.create_subscription(
+        name=subscriber.subscription_path(PROJECT, unique_name("read")), topic=topic).name
+
+    def read(expected: int = 1, timeout_s: float = 10.0) -> list:
+        messages, deadline = [], time.monotonic() + timeout_s
+        while len(messages) < expected and time.monotonic() < deadline:
+            reply = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
+            if reply.received_messages:
+                subscriber.acknowledge(subscription=sub,
+                                       ack_ids=[m.ack_id for m in reply.received_messages])
+            messages += [m.message for m in reply.received_messages]
+        return messages
+
+    read.topic = topic.rsplit("/", 1)[1]
+    return read
+
+
+def settings_for(results_topic: str, **overrides) -> DispatcherSettings:
+    values = dict(project=PROJECT, region="europe-west4", job="stem-job",
+                  results_topic=results_topic, api_attempts=4, api_deadline_s=10,
+                  api_backoff_s=0.01)
+    values.update(overrides)
+    return DispatcherSettings(**values)
+
+
+@pytest.fixture
+def dispatcher(cloud_run, results, pubsub_emulator):
+    """dispatcher(markers=None, **settings) -> the running service's base URL."""
+    servers = []
+
+    def start(markers=None, **overrides):
+        app = create_app(settings_for(**{"results_topic": results.topic, **overrides}),
+                         jobs_client=cloud_run.client(), publisher=pubsub_emulator.publisher,
+                         markers=markers if markers is not None else MemoryMarkers())
+        servers.append(Uvicorn(app))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+# -- envelopes ------------------------------------------------------------------------------------
+def b64(payload) -> str:
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return base64.b64encode(raw).decode()
+
+
+def push_body(payload, message_id="1001", **message):
+    return {"message": {"data": b64(payload), "messageId": message_id, "message_id": message_id,
+                        "attributes": {"origin": "backend"},
+                        "publishTime": "2026-01-01T00:00:00Z", **message},
+            "subscription": f"projects/{PROJECT}/subscriptions/stem-separate-dispatch",
+            "deliveryAttempt": 1}
+
+
+def post_push(url, payload, message_id="1001"):
+    return requests.post(url + "/pubsub", json=push_body(payload, message_id), timeout=30)
+
+
+def post_eventarc_binary(url, payload, message_id="2002"):
+    body = push_body(payload, message_id)
+    del body["deliveryAttempt"]
+    headers = {"ce-id": message_id, "ce-specversion": "1.0",
+               "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+               "ce-source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/stem-separate",
+               "ce-time": "2026-01-01T00:00:00Z", "content-type": "application/json"}
+    return requests.post(url + "/", data=json.dumps(body), headers=headers, timeout=30)
+
+
+def post_eventarc_structured(url, payload, message_id="3003"):
+    body = push_body(payload, message_id)
+    del body["deliveryAttempt"]
+    event = {"specversion": "1.0", "id": message_id,
+             "type": "google.cloud.pubsub.topic.v1.messagePublished",
+             "source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/stem-separate",
+             "datacontenttype": "application/json", "data": body}
+    return requests.post(url + "/", data=json.dumps(event), timeout=30,
+                         headers={"content-type": "application/cloudevents+json; charset=utf-8"})
+
+
+def run_request_env(request) -> dict:
+    [override] = request["body"]["overrides"]["containerOverrides"]
+    return {item["name"]: item["value"] for item in override["env"]}
+
+
+JOB_PATH = f"/v2/projects/{PROJECT}/locations/europe-west4/jobs/stem-job:run"
+
+
+# -- the dispatcher ------------------------------------------------------------------------------
+@pytest.mark.parametrize("post", [post_push, post_eventarc_binary, post_eventarc_structured],
+                         ids=["pubsub-push", "eventarc-binary", "eventarc-structured"])
+def test_a_good_message_starts_one_execution(dispatcher, cloud_run, results, post):
+    url = dispatcher()
+    reply = post(url, GOOD, message_id="4711")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["status"] == "started"
+    assert reply.json()["execution"].endswith("/jobs/stem-job/executions/stem-job-00001")
+    [request] = cloud_run.requests
+    assert request["path"] == JOB_PATH
+    env = run_request_env(request)
+    assert json.loads(env["JOB_MESSAGE"]) == GOOD
+    assert env["PUBSUB_MESSAGE_ID"] == "4711"
+    # The job reads JOB_MESSAGE with the same parser.
+    from job.messages import parse_message
+    assert parse_message(env["JOB_MESSAGE"]).job_id == GOOD["jobId"]
+
+
+def test_the_job_id_defaults_like_the_job_does(dispatcher, cloud_run):
+    url = dispatcher()
+    message = {k: v for k, v in GOOD.items() if k not in ("jobId", "artistId", "mimeType")}
+    assert post_push(url, message).status_code == 200
+    sent = json.loads(run_request_env(cloud_run.requests[0])["JOB_MESSAGE"])
+    assert sent == {**message, "jobId": "sep_rel_1_trk_1"}
+
+
+def test_a_redelivered_message_starts_nothing_more(dispatcher, cloud_run):
+    url = dispatcher()
+    first = post_push(url, GOOD, message_id="555")
+    second = post_push(url, GOOD, message_id="555")
+    # Eventarc carries the same Pub/Sub messageId as ce-id.
+    third = post_eventarc_binary(url, GOOD, message_id="555")
+    assert first.json()["status"] == "started"
+    for reply in (second, third):
+        assert reply.status_code == 200
+        assert reply.json()["status"] == "duplicate"
+        assert reply.json()["execution"] == first.json()["execution"]
+    assert len(cloud_run.requests) == 1
+    # A different message for the same track is a new request (the job's manifest dedupes it).
+    assert post_push(url, GOOD, message_id="556").json()["status"] == "started"
+    assert len(cloud_run.requests) == 2
+
+
+def test_a_delivery_in_flight_is_retried_later_and_a_stale_claim_is_taken_over(dispatcher,
+                                                                                cloud_run):
+    markers = MemoryMarkers()
+    url = dispatcher(markers=markers, claim_ttl_s=60)
+    markers.create("777", {"state": "claimed", "claimedAt": time.time()})
+    reply = post_push(url, GOOD, message_id="777")
+    assert reply.status_code == 409 and reply.json()["status"] == "in_progress"
+    assert cloud_run.requests == []
+    doc, generation = markers.read("777")
+    markers.replace("777", {**doc, "claimedAt": time.time() - 600}, generation)  # crashed owner
+    reply = post_push(url, GOOD, message_id="777")
+    assert reply.status_code == 200 and reply.json()["status"] == "started"
+    assert markers.read("777")[0]["state"] == "started"
+
+
+@pytest.mark.parametrize("payload, code, job_id", [
+    ({**GOOD, "releaseId": "../etc"}, "invalid_id", "sep_rel_1_trk_1"),
+    ({"jobId": "j1", "trackId": "t1"}, "invalid_message", "j1"),
+    ({**GOOD, "mimeType": "video/mp4"}, "unsupported_media_type", "sep_rel_1_trk_1"),
+    (b"\xff\x00not json", "invalid_message", None),
+], ids=["bad-id", "missing-fields", "not-audio", "not-json"])
+def test_a_bad_message_is_reported_failed_and_not_retried(dispatcher, cloud_run, results,
+                                                          payload, code, job_id):
+    url = dispatcher()
+    reply = post_push(url, payload, message_id="888")
+    assert reply.status_code == 200, "a 2xx so Pub/Sub does not redeliver it"
+    assert reply.json()["status"] == "rejected" and reply.json()["error"]["code"] == code
+    assert cloud_run.requests == [], "no execution for a bad message"
+    [message] = results(1)
+    result = json.loads(message.data)
+    assert result["status"] == "failed" and result["stems"] == {}
+    assert result["error"]["code"] == code and result["error"]["retryable"] is False
+    assert result["jobId"] == job_id
+    assert message.attributes["status"] == "failed"
+    assert message.attributes.get("jobId") == job_id
+
+
+def test_unreadable_requests_are_refused(dispatcher, cloud_run):
+    url = dispatcher()
+    assert requests.post(url + "/", data=b"not json", timeout=10).status_code == 400
+    assert requests.post(url + "/", json={"subscription": "x"}, timeout=10).status_code == 400
+    body = push_body(GOOD)
+    body["message"]["data"] = "%%% not base64 %%%"
+    assert requests.post(url + "/", json=body, timeout=10).status_code == 400
+    wrong_type = requests.post(url + "/", json=push_body(GOOD), timeout=10, headers={
+        "ce-id": "1", "ce-type": "google.cloud.storage.object.v1.finalized"})
+    assert wrong_type.status_code == 400
+    assert cloud_run.requests == []
+    assert requests.get(url + "/health", timeout=10).json()["job"] == \
+        f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
+
+
+def test_quota_and_transient_errors_are_retried(dispatcher, cloud_run):
+    url = dispatcher()
+    cloud_run.fail(429, "RESOURCE_EXHAUSTED")
+    cloud_run.fail(503, "UNAVAILABLE")
+    reply = post_push(url, GOOD)
+    assert reply.status_code == 200 and reply.json()["status"] == "started"
+    assert len(cloud_run.requests) == 3
+    assert {r["path"] for r in cloud_run.requests} == {JOB_PATH}
+
+
+def test_persistent_quota_errors_ask_pubsub_to_retry_and_release_the_claim(dispatcher,
+                                                                           cloud_run):
+    url = dispatcher(api_attempts=3)
+    cloud_run.fail(429, "RESOURCE_EXHAUSTED", times=3)
+    reply = post_push(url, GOOD, message_id="999")
+    assert reply.status_code == 503 and reply.json()["status"] == "retry"
+    assert len(cloud_run.requests) == 3, "bounded: api_attempts tries"
+    # Pub/Sub redelivers later; the claim was released, so this delivery starts the job.
+    reply = post_push(url, GOOD, message_id="999")
+    assert reply.status_code == 200 and reply.json()["status"] == "started"
+
+
+def test_a_missing_job_is_not_retried_in_the_dispatcher(dispatcher, cloud_run):
+    url = dispatcher()
+    cloud_run.fail(404, "NOT_FOUND")
+    reply = post_push(url, GOOD)
+    assert reply.status_code == 500
+    assert len(cloud_run.requests) == 1
+
+
+def test_results_topic_unavailable_asks_for_a_retry(dispatcher, cloud_run):
+    url = dispatcher(results_topic="no-such-topic")
+    reply = post_push(url, {**GOOD, "trackId": "bad track"})
+    assert reply.status_code == 503, "the failure report must not be lost"
+
+
+# -- settings -------------------------------------------------------------------------------------
+def test_dispatcher_settings_from_env():
+    env = {"GCP_PROJECT_ID": "p1", "CLOUD_RUN_REGION": "us-central1", "GCS_BUCKET": "stems-b"}
+    settings = load_dispatcher_settings(env)
+    assert settings.job_name == "projects/p1/locations/us-central1/jobs/stem-job"
+    assert settings.marker_bucket == "stems-b" and settings.results_topic == "stem-results"
+    from job.errors import ConfigError
+    for bad in ({"CLOUD_RUN_REGION": "us-central1"}, {"GCP_PROJECT_ID": "p1"},
+                {**env, "CLOUD_RUN_JOB": "Bad_Name"}, {**env, "DISPATCH_API_ATTEMPTS": "0"},
+                {**env, "DISPATCH_CLAIM_TTL_S": "soon"}):
+        with pytest.raises(ConfigError):
+            load_dispatcher_settings(bad)
+
+
+def test_envelope_parsing_keeps_the_message_id_and_attempt():
+    delivery = parse_envelope({"content-type": "application/json"},
+                              json.dumps(push_body(GOOD, "42")).encode())
+    assert (delivery.message_id, delivery.delivery_attempt, delivery.transport) == \
+        ("42", 1, "pubsub-push")
+    assert json.loads(delivery.data) == GOOD and delivery.attributes == {"origin": "backend"}
+    assert marker_key("42") == "42"
+    assert re.fullmatch(r"h-[0-9a-f]{64}", marker_key("a/b"))
+
+
+# -- GCS markers ----------------------------------------------------------------------------------
+def test_gcs_markers_round_trip_on_the_emulator(gcs_emulator, unique_name):
+    client = gcs_emulator.client(PROJECT)
+    bucket = client.create_bucket(unique_name("markers")).name
+    markers = GcsMarkers(bucket, "dispatch/", client=client)
+    first = markers.create("123", {"state": "claimed", "claimedAt": 1.0})
+    assert first
+    assert markers.read("123") == ({"state": "claimed", "claimedAt": 1.0}, first)
+    second = markers.replace("123", {"state": "started", "execution": "e1"}, first)
+    assert second and second != first
+    assert markers.read("123")[0] == {"state": "started", "execution": "e1"}
+    assert client.bucket(bucket).blob("dispatch/123.json").exists()
+    assert markers.delete("123", second) is True
+    assert markers.read("123") is None
+
+
+class PreconditionGcs:
+    """Answers object uploads and deletes with 412 Precondition Failed, as GCS does when an
+    ifGenerationMatch condition fails (which the emulator never checks), and records them."""
+
+    def __init__(self):
+        self.seen = []
+        gcs = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                gcs.seen.append((self.command, urlparse(self.path).path,
+                                 parse_qs(urlparse(self.path).query), body))
+                body = json.dumps({"error": {"code": 412, "message": "conditionNotMet"}}).encode()
+                self.send_response(412)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_PUT = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_gcs_markers_use_generation_preconditions():
+    gcs = PreconditionGcs()
+    try:
+        client = storage.Client(project=PROJECT, credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": gcs.url})
+        markers = GcsMarkers("b", "dispatch/", client=client)
+        assert markers.create("123", {"state": "claimed"}) is None     # exists: not ours
+        assert markers.replace("123", {"state": "started"}, 17) is None
+        assert markers.delete("123", 17) is False
+        (create_method, create_path, create_query, create_body), replace, delete = gcs.seen
+        assert create_method == "POST" and create_path == "/upload/storage/v1/b/b/o"
+        assert create_query["ifGenerationMatch"] == ["0"]
+        assert b'"name": "dispatch/123.json"' in create_body
+        assert replace[2]["ifGenerationMatch"] == ["17"]
+        assert delete[0] == "DELETE" and delete[2]["ifGenerationMatch"] == ["17"]
+    finally:
+        gcs.server.shutdown()
+        gcs.server.server_close()

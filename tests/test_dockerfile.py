@@ -1,0 +1,258 @@
+"""Dockerfile.gpu, checked without a Docker engine.
+
+What can be checked by reading: the install and prefetch steps are the commands
+docs/deployment.md documents; the ENTRYPOINT is the console script pyproject.toml declares and
+the venv holding it is on PATH; the final stage inherits no build tools; torch's CUDA build
+matches the base image and stays on CUDA 12 (the L4 driver is 535, CUDA 12.2); the model is
+fetched at build time and the runtime is offline; the user is not root; dependency layers come
+before the source. Whether `prefetch-model` caches into the folder the runtime reads is tested
+with the model code, against a local hub cache.
+"""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile.gpu"
+DOCS = REPO / "docs" / "deployment.md"
+
+
+def instructions(text: str) -> list:
+    """[(INSTRUCTION, arguments)] with continuation lines joined and comments dropped."""
+    result, current = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue                      # a comment inside a continued instruction
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        current += stripped
+        keyword, _, args = current.partition(" ")
+        result.append((keyword.upper(), args.strip()))
+        current = ""
+    return result
+
+
+def stages(text: str) -> list:
+    """[{"name", "from", "steps": [(INSTRUCTION, args)]}] in order."""
+    found = []
+    for keyword, args in instructions(text):
+        if keyword == "FROM":
+            parts = args.split()
+            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else None
+            found.append({"name": name, "from": parts[0], "steps": []})
+        elif found:
+            found[-1]["steps"].append((keyword, args))
+    return found
+
+
+def shell_commands(args: str) -> list:
+    """The commands of a RUN (after --mount options), split on &&."""
+    while args.startswith("--"):
+        args = args.split(" ", 1)[1]
+    return [command.strip() for command in args.split("&&")]
+
+
+def normalize(command: str) -> str:
+    """Layer-only pip options dropped, whitespace collapsed: the command a person types."""
+    command = re.sub(r"\s--no-cache-dir\b", "", command)
+    return re.sub(r"\s+", " ", command).strip()
+
+
+def arg_defaults(text: str) -> dict:
+    defaults = {}
+    for keyword, args in instructions(text):
+        if keyword == "ARG" and "=" in args:
+            key, value = args.split("=", 1)
+            defaults[key] = value
+    return defaults
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return DOCKERFILE.read_text()
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def final(dockerfile):
+    return stages(dockerfile)[-1]
+
+
+def lineage(dockerfile, stage):
+    """The stage and every stage it is built FROM, nearest first."""
+    by_name = {s["name"]: s for s in stages(dockerfile) if s["name"]}
+    chain = [stage]
+    while chain[-1]["from"] in by_name:
+        chain.append(by_name[chain[-1]["from"]])
+    return chain
+
+
+def run_commands(stage) -> list:
+    return [command for keyword, args in stage["steps"] if keyword == "RUN"
+            for command in shell_commands(args)]
+
+
+def test_install_and_prefetch_steps_are_the_documented_commands(dockerfile):
+    docs = normalize(DOCS.read_text())
+    documented = [command for stage in stages(dockerfile) for command in run_commands(stage)
+                  if command.startswith(("python3 -m venv", "pip install --", "stem-job "))
+                  and "--no-deps" not in command]
+    assert any("--index-url" in c for c in documented), "torch comes from a wheel index"
+    assert any(c.startswith("stem-job prefetch-model") for c in documented)
+    assert any(c.startswith("python3 -m venv") for c in documented)
+    for command in documented:
+        assert normalize(command) in docs, f"docs/deployment.md does not show: {command}"
+    # The rest of the install: the dependencies from pyproject.toml, then the package itself.
+    builder = stages(dockerfile)[-2]
+    commands = [normalize(c) for c in run_commands(builder)]
+    assert "pip install ." in commands and "pip install ." in docs
+    assert any(c.startswith("pip wheel --no-deps") and c.endswith(" .") for c in commands)
+    assert any(c.startswith("pip install --no-deps /wheels/") for c in
+               map(normalize, run_commands(final(dockerfile))))
+    # Both image variants' build commands are documented.
+    defaults = arg_defaults(dockerfile)
+    assert "docker build -f Dockerfile.gpu" in docs
+    assert "--build-arg BASE_IMAGE=ubuntu:24.04" in docs
+    assert "--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu" in docs
+    assert f"TORCH_INDEX={defaults['TORCH_INDEX']}" in docs
+
+
+def test_entrypoint_is_the_console_script_on_path(dockerfile, pyproject):
+    last = final(dockerfile)
+    entry = [args for keyword, args in last["steps"] if keyword == "ENTRYPOINT"]
+    assert len(entry) == 1
+    argv = json.loads(entry[0])                # exec form: a JSON list
+    assert argv == ["stem-job"] and argv[0] in pyproject["project"]["scripts"]
+    venv = [c.split()[-1] for s in stages(dockerfile) for c in run_commands(s)
+            if c.startswith("python3 -m venv")]
+    assert venv == ["/opt/venv"]
+    envs = " ".join(args for s in lineage(dockerfile, last) for k, args in s["steps"]
+                    if k == "ENV")
+    assert re.search(r"PATH=/opt/venv/bin:", envs), "the venv's bin must lead PATH"
+    copies = [args for keyword, args in last["steps"] if keyword == "COPY"]
+    assert any(re.match(r"--from=builder /opt/venv /opt/venv$", c) for c in copies)
+
+
+def test_final_stage_has_no_build_tools(dockerfile):
+    last = final(dockerfile)
+    assert last["from"] != "builder" and last["from"] == "base"
+    runtime = set()
+    for stage in lineage(dockerfile, last):
+        for command in run_commands(stage):
+            if "apt-get install" in command:
+                runtime |= {word for word in command.split()[3:] if not word.startswith("-")}
+    assert runtime <= {"python3", "ca-certificates"}, f"runtime packages: {runtime}"
+    for command in run_commands(last):
+        assert not re.search(r"\b(gcc|g\+\+|make|build-essential|python3-dev|git)\b", command)
+
+
+def test_cuda_build_matches_the_base_and_the_l4_driver(dockerfile):
+    defaults = arg_defaults(dockerfile)
+    base = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu(\d+\.\d+)$",
+                    defaults["BASE_IMAGE"])
+    assert base, defaults["BASE_IMAGE"]
+    index = re.match(r"https://download\.pytorch\.org/whl/cu(\d\d)(\d)$", defaults["TORCH_INDEX"])
+    assert index, defaults["TORCH_INDEX"]
+    assert base.group(1) == index.group(1) == "12", "driver 535 runs CUDA 12.x, not 13"
+    assert base.group(2) == index.group(2)
+    # The CPU variant swaps in the same Ubuntu release, so the venv's python3 is the same.
+    docs = DOCS.read_text()
+    assert f"BASE_IMAGE=ubuntu:{base.group(3)}" in docs
+    envs = " ".join(args for k, args in final(dockerfile)["steps"] if k == "ENV")
+    assert "NVIDIA_DISABLE_REQUIRE=1" in envs, "12.8 image on a 12.2 driver"
+
+
+def test_model_is_fetched_at_build_time_and_runs_offline(dockerfile):
+    steps = final(dockerfile)["steps"]
+    position = {}
+    for i, (keyword, args) in enumerate(steps):
+        if keyword == "RUN" and "stem-job prefetch-model" in args:
+            position["prefetch"] = i
+        if keyword == "ENV" and "HF_HOME=" in args:
+            position["hf_home"] = i
+        if keyword == "ENV" and "HF_HUB_OFFLINE=1" in args:
+            position["offline"] = i
+        if keyword == "USER":
+            position["user"] = i
+            user = args
+        if keyword == "ENTRYPOINT":
+            position["entrypoint"] = i
+    assert position["hf_home"] < position["prefetch"] < position["offline"] < position["entrypoint"]
+    # Non-root, numeric (so Kubernetes' runAsNonRoot can verify it), before the model download
+    # so the cache belongs to the user that reads it.
+    assert re.match(r"^[1-9]\d*:[1-9]\d*$", user)
+    assert position["user"] < position["prefetch"]
+    hf_home = re.search(r"HF_HOME=(\S+)", " ".join(a for k, a in steps if k == "ENV")).group(1)
+    created = " ".join(run_commands(final(dockerfile)))
+    assert f"mkdir -p {hf_home}" in created and "chown stem:stem " + hf_home in created
+
+
+def test_layers_change_least_often_first(dockerfile, pyproject):
+    builder = stages(dockerfile)[-2]
+    order = []
+    for keyword, args in builder["steps"]:
+        if keyword == "RUN" and "--index-url" in args:
+            order.append("torch")
+        elif keyword == "COPY" and args.split()[0] == "pyproject.toml":
+            order.append("pyproject")
+        elif keyword == "RUN" and "pip install --no-cache-dir ." in args:
+            order.append("dependencies")
+        elif keyword == "COPY" and args.split()[0] in ("job", "README.md"):
+            order.append("source")
+    assert order[:3] == ["torch", "pyproject", "dependencies"] and set(order[3:]) == {"source"}
+    # Exactly what pyproject.toml packages goes into the image.
+    copied = {args.split()[0] for keyword, args in builder["steps"] if keyword == "COPY"}
+    assert copied == {"pyproject.toml", pyproject["project"]["readme"],
+                      *pyproject["tool"]["setuptools"]["packages"]}
+
+
+def pattern_regex(pattern: str) -> str:
+    """A .dockerignore pattern (Go filepath.Match plus **) as a regular expression."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return out
+
+
+def ignored(path: str, patterns: list) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders wins;
+    a leading ! re-includes."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        regex = pattern_regex(pattern.lstrip("!").strip("/"))
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            result = not negate
+    return result
+
+
+def test_dockerignore_keeps_the_context_to_what_the_build_copies():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for kept in ("pyproject.toml", "README.md", "job/cli.py", "job/dispatcher.py"):
+        assert not ignored(kept, patterns), kept
+    for dropped in (".git/HEAD", ".venv/bin/python", "tests/test_dockerfile.py", "k8s/base/x",
+                    "docs/deployment.md", "job/__pycache__/cli.cpython-311.pyc", "outputs/a.mp3"):
+        assert ignored(dropped, patterns), dropped
