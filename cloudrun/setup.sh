@@ -35,6 +35,19 @@ PUSH_SA="stem-push@${PROJECT_ID}.iam.gserviceaccount.com"
 
 say() { printf '\n== %s\n' "$*"; }
 
+# An IAM condition limiting a bucket role to objects under one prefix, and to listings of that
+# prefix (a listing is checked against the bucket, so it needs the objectListPrefix attribute).
+# It goes in a file because the expression holds commas, which --condition would split on.
+prefix_condition() {   # prefix_condition PREFIX TITLE -> path of the condition file
+  local file
+  file="$(mktemp)"
+  cat > "$file" <<EOF
+{"title": "$2", "description": "objects under $1 in gs://${BUCKET_NAME}",
+ "expression": "resource.name.startsWith(\"projects/_/buckets/${BUCKET_NAME}/objects/$1\") || api.getAttribute(\"storage.googleapis.com/objectListPrefix\", \"\").startsWith(\"$1\")"}
+EOF
+  echo "$file"
+}
+
 # -- APIs -------------------------------------------------------------------------------------
 say "Enabling APIs"
 gcloud services enable run.googleapis.com pubsub.googleapis.com storage.googleapis.com \
@@ -84,10 +97,11 @@ say "Roles for $JOB_SA"
 # Read the originals.
 gcloud storage buckets add-iam-policy-binding "gs://$INPUT_BUCKET" \
   --member="serviceAccount:$JOB_SA" --role=roles/storage.objectViewer
-# Write (and, on a retry, overwrite) stems and manifest.json, under stems/ only.
+# Write (and, on a retry, overwrite) stems and manifest.json, and check a finished set (get,
+# list), under stems/ only.
 gcloud storage buckets add-iam-policy-binding "gs://$BUCKET_NAME" \
   --member="serviceAccount:$JOB_SA" --role=roles/storage.objectUser \
-  --condition="expression=resource.name.startsWith(\"projects/_/buckets/${BUCKET_NAME}/objects/stems/\"),title=stems-prefix-only"
+  --condition-from-file="$(prefix_condition stems/ stems-prefix-only)"
 # Publish results.
 gcloud pubsub topics add-iam-policy-binding stem-results \
   --member="serviceAccount:$JOB_SA" --role=roles/pubsub.publisher
@@ -100,7 +114,7 @@ gcloud pubsub topics add-iam-policy-binding stem-results \
 # Create, read, replace and delete its dedupe markers, under dispatch/ only.
 gcloud storage buckets add-iam-policy-binding "gs://$BUCKET_NAME" \
   --member="serviceAccount:$DISPATCHER_SA" --role=roles/storage.objectUser \
-  --condition="expression=resource.name.startsWith(\"projects/_/buckets/${BUCKET_NAME}/objects/dispatch/\"),title=dispatch-prefix-only"
+  --condition-from-file="$(prefix_condition dispatch/ dispatch-prefix-only)"
 
 # -- The job ----------------------------------------------------------------------------------
 say "Cloud Run job stem-job"

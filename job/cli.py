@@ -29,7 +29,8 @@ def make_storage(settings, restrict_inputs: bool = False):
     if settings.storage_mode == "gcs":
         from .gcs_storage import GcsStorage
         return GcsStorage(settings.gcs_bucket, settings.allowed_buckets(), settings.max_input_bytes,
-                          project=settings.gcp_project_id or None)
+                          project=settings.gcp_project_id or None,
+                          retry_deadline_s=settings.retry_deadline_s)
     from .storage import LocalStorage
     return LocalStorage(settings.output_dir, settings.input_dir, settings.max_input_bytes,
                         restrict_inputs=restrict_inputs)
@@ -38,8 +39,8 @@ def make_storage(settings, restrict_inputs: bool = False):
 def on_sigterm(cancel):
     """SIGTERM (spot preemption, Cloud Run stop): stop between windows, report, exit 75."""
     def handler(signum, frame):
-        cancel.set()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cancel.trip()
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -105,20 +106,35 @@ def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None
                                         mime_type, message)
     except JobError as error:
         raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
-        emit_result(messages.failed_result(messages.salvage_ids(raw), error))
-        sys.exit(exit_code_for(error))
+        finish_run(settings, messages.failed_result(messages.salvage_ids(raw), error))
     try:
         job = Job(settings, make_storage(settings), Engine(settings))
     except ConfigError as exc:
         fail_config(str(exc))
     on_sigterm(job.cancel)
+    if settings.gcp_project_id:
+        from .drain import progress_reporter
+        job.on_progress = progress_reporter(settings, request)
     try:
         result = process(request, job, trusted=trusted)
     except ConfigError as exc:
         fail_config(str(exc))
+    finish_run(settings, result)
+
+
+def finish_run(settings, result: dict):
+    """Print the result, publish it when a project is configured (Cloud Run), exit."""
     emit_result(result)
     error = result.get("error")
-    sys.exit(exit_code_for(JobError(**error) if error else None))
+    code = exit_code_for(JobError(**error) if error else None)
+    if settings.gcp_project_id and not (error and error["retryable"]):
+        from .drain import results_publisher
+        try:
+            results_publisher(settings).publish_result(result)
+        except JobError as failure:
+            click.echo(f"stem-job: result not published: {failure.message}", err=True)
+            code = exit_code_for(failure)
+    sys.exit(code)
 
 
 @cli.command()
@@ -141,6 +157,20 @@ def serve(host=None, port=None):
     setup_logging(settings.log_format)
     from .http import serve as run_server
     run_server(settings)
+
+
+@cli.command()
+@click.option("--host", help="Overrides HTTP_HOST.")
+@click.option("--port", type=int, help="Overrides PORT.")
+def dispatch(host=None, port=None):
+    """The Cloud Run dispatcher: Pub/Sub push or Eventarc in, one job execution per message."""
+    settings = settings_or_exit(http_host=host, http_port=port)
+    setup_logging(settings.log_format)
+    from .dispatcher import serve as run_dispatcher
+    try:
+        run_dispatcher(settings.http_host, port or int(os.environ.get("PORT", "8080")))
+    except ConfigError as exc:
+        fail_config(str(exc))
 
 
 @cli.command("prefetch-model")

@@ -38,6 +38,7 @@ class Settings:
     allowed_input_buckets: tuple = ()
     max_messages: int = 1
     idle_timeout_s: float = 10.0
+    retry_deadline_s: float = 60.0
     progress_events: bool = False
     log_format: str = "auto"
     http_host: str = "0.0.0.0"
@@ -135,6 +136,7 @@ ENV = {
     "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", _buckets),
     "MAX_MESSAGES": ("max_messages", lambda n, v: _int(n, v, 1, 1000)),
     "IDLE_TIMEOUT_S": ("idle_timeout_s", lambda n, v: _float(n, v, 0)),
+    "RETRY_DEADLINE_S": ("retry_deadline_s", lambda n, v: _float(n, v, 0)),
     "PROGRESS_EVENTS": ("progress_events", _bool),
     "LOG_FORMAT": ("log_format", lambda n, v: _choice(n, v, ("auto", "json", "text"))),
     "HTTP_HOST": ("http_host", _text),

@@ -19,8 +19,9 @@ the messageId, created only if absent (GCS `if_generation_match=0`), and records
 in it afterwards; a second delivery finds the marker and starts nothing. A claim left by a
 crashed dispatcher is taken over (generation match again) after DISPATCH_CLAIM_TTL_S. The job
 gets PUBSUB_MESSAGE_ID too, and its own manifest.json check makes a second execution of a
-finished track a no-op. Without DISPATCH_MARKER_BUCKET (or GCS_BUCKET) markers live in process
-memory, which protects one instance only.
+finished track a no-op: that covers the one gap left, a run_job call that timed out after
+Cloud Run had accepted it and is retried. Without DISPATCH_MARKER_BUCKET (or GCS_BUCKET)
+markers live in process memory, which protects one instance only.
 
 Entry points: `create_app()` (ASGI app) and `serve(host, port)`; `stem-job dispatch` calls serve.
 """
@@ -63,7 +64,7 @@ class DispatcherSettings:
     results_topic: str = "stem-results"
     marker_bucket: str = ""            # empty: in-memory markers (one instance only)
     marker_prefix: str = "dispatch/"
-    claim_ttl_s: float = 120.0         # a claim older than this with no execution is stale
+    claim_ttl_s: float = 90.0          # a claim older than this with no execution is stale
     api_attempts: int = 4              # run_job tries on quota / transient errors
     api_deadline_s: float = 30.0       # keep below the push subscription's ack deadline
     api_backoff_s: float = 1.0         # first wait between tries (exponential, jittered)
@@ -97,18 +98,26 @@ def load_dispatcher_settings(environ=None) -> DispatcherSettings:
     if not shared.gcp_project_id:
         raise ConfigError("GCP_PROJECT_ID is required by the dispatcher")
     if not re.match(r"^[a-z][a-z0-9-]{1,62}$", region):
-        raise ConfigError(f"CLOUD_RUN_REGION={region!r} is invalid: use a region such as us-central1")
+        raise ConfigError(f"CLOUD_RUN_REGION={region!r} is invalid: "
+                          "use a region such as us-central1")
     if not re.match(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", job):
         raise ConfigError(f"CLOUD_RUN_JOB={job!r} is invalid: use the Cloud Run job's name")
     prefix = environ.get("DISPATCH_MARKER_PREFIX", "dispatch/").strip().lstrip("/")
+    deadline = _number(environ, "DISPATCH_API_DEADLINE_S", 30.0, 1, 600)
+    ttl = _number(environ, "DISPATCH_CLAIM_TTL_S", 90.0, 10, 3600)
+    if ttl < deadline + 20:
+        # A live claim is held for at most the API budget; a shorter TTL would let a
+        # redelivery take over a claim whose owner is still calling run_job.
+        raise ConfigError(f"DISPATCH_CLAIM_TTL_S={ttl:g} is invalid: use at least "
+                          f"DISPATCH_API_DEADLINE_S + 20 ({deadline + 20:g})")
     return DispatcherSettings(
         project=shared.gcp_project_id, region=region, job=job,
         results_topic=shared.pubsub_results_topic or "stem-results",
         marker_bucket=environ.get("DISPATCH_MARKER_BUCKET", "").strip() or shared.gcs_bucket,
         marker_prefix=prefix if not prefix or prefix.endswith("/") else prefix + "/",
-        claim_ttl_s=_number(environ, "DISPATCH_CLAIM_TTL_S", 120.0, 10, 3600),
+        claim_ttl_s=ttl,
         api_attempts=_number(environ, "DISPATCH_API_ATTEMPTS", 4, 1, 10, int),
-        api_deadline_s=_number(environ, "DISPATCH_API_DEADLINE_S", 30.0, 1, 600),
+        api_deadline_s=deadline,
     )
 
 
@@ -429,7 +438,8 @@ class Dispatcher:
                 container_overrides=[run_v2.RunJobRequest.Overrides.ContainerOverride(env=env)]))
         settings = self.settings
         retrying = Retrying(
-            stop=stop_after_attempt(settings.api_attempts) | stop_after_delay(settings.api_deadline_s),
+            stop=(stop_after_attempt(settings.api_attempts)
+                  | stop_after_delay(settings.api_deadline_s)),
             wait=wait_random_exponential(multiplier=settings.api_backoff_s, max=10),  # full jitter
             retry=retry_if_exception(_transient), reraise=True)
         for attempt in retrying:

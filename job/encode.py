@@ -61,6 +61,7 @@ class StemEncoder:
         self.thread.start()
 
     def _run(self):
+        drained = False
         try:
             while (block := self.queue.get()) is not None:
                 self.peak = max(self.peak, float(np.abs(block).max(initial=0.0)))
@@ -69,10 +70,11 @@ class StemEncoder:
                     block, count = soft_limit(block)
                     self.limited += count
                 self.writer.write(block)
+            drained = True
             self.writer.close()
         except BaseException as exc:  # reported by finish()
             self.error = exc
-            while self.queue.get() is not None:
+            while not drained and self.queue.get() is not None:
                 pass
 
     def put(self, block: np.ndarray) -> None:

@@ -232,7 +232,8 @@ class Separator:
                 model = self.models[streams[batch_jobs[0][1]].model_index]
                 if number == 0:
                     log.info("first window entering the model", extra={"fields": {"event": "first_window"}})
-                outputs = self._forward(model, inputs).numpy()
+                with cancel.abortable() if hasattr(cancel, "abortable") else nullcontext():
+                    outputs = self._forward(model, inputs).numpy()
                 for (_, index, offset), out in zip(batch_jobs, outputs):
                     s = streams[index]
                     chunk = min(s.segment, s.length - offset)

@@ -1,6 +1,7 @@
 """`stem-job serve`: the original worker's HTTP API, on the same pipeline as `run` and `drain`.
 
     POST /separate/{release_id}/{track_id}   multipart/form-data, the audio in field `file`
+                                             (or in any one part that has a filename)
          -> 200 {"status": "success", "release_id", "track_id", "stems": {...}, + extras}
     GET  /health -> {"status": "ok", "processing_mode", "storage_mode", "device", "model", ...}
 
@@ -26,6 +27,9 @@ Why it is shaped this way:
   One that leaves while queued is skipped. One that leaves during separation does not stop it:
   the set is finished and its manifest written last, so the caller's retry finds it complete
   (same bytes, same track) and gets it back at once (`reused: true`).
+- SIGTERM/SIGINT: the running separation stops at its next window (as in `run`), its caller
+  and any still queued get 503 `interrupted`, and the server exits well within Cloud Run's and
+  GKE's grace periods; the set being written is left without a manifest.
 """
 
 import asyncio
@@ -33,15 +37,14 @@ import contextlib
 import hashlib
 import logging
 import math
-import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -50,7 +53,7 @@ from starlette.requests import ClientDisconnect
 
 from . import messages
 from .config import Settings
-from .errors import EXIT_CONFIG, ConfigError, JobError
+from .errors import EXIT_CONFIG, ConfigError, Interrupted, JobError
 from .storage import Original
 
 log = logging.getLogger(__name__)
@@ -58,13 +61,15 @@ log = logging.getLogger(__name__)
 FILE_FIELD = "file"
 MULTIPART_SLACK = 64 * 1024        # room for boundaries, part headers and small extra fields
 DEFAULT_RETRY_AFTER_S = 30
+GRACE_S = 8        # after SIGTERM, responses get this long (Cloud Run kills at 10 s, GKE at 15 s)
 STATUS = {
     "no_file": 400, "empty_input": 400, "bad_multipart": 400, "upload_incomplete": 400,
     "input_too_large": 413, "unsupported_media_type": 415,
-    "invalid_id": 422, "invalid_message": 422, "invalid_request": 422, "not_audio": 422,
+    "invalid_id": 422, "invalid_message": 422, "not_audio": 422,
     "corrupt_audio": 422, "truncated_audio": 422, "empty_audio": 422, "too_long": 422,
     "busy": 503, "interrupted": 503, "internal_error": 500,
 }
+GONE = JobError("upload_incomplete", "the client disconnected")   # nobody reads this answer
 HOW_TO_SEND = (f"send the audio as multipart/form-data in the field '{FILE_FIELD}', e.g. "
                f"curl -F {FILE_FIELD}=@song.mp3 http://HOST/separate/RELEASE_ID/TRACK_ID")
 
@@ -135,8 +140,7 @@ class FileReceiver:
 
     def on_headers_finished(self):
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        filename = options.get(b"filename")
-        if filename is None and options.get(b"name") != FILE_FIELD.encode():
+        if b"filename" not in options and options.get(b"name") != FILE_FIELD.encode():
             return                                   # a plain form field: ignored
         if self.path is not None:
             raise JobError("bad_multipart", "the request holds more than one file: "
@@ -149,9 +153,8 @@ class FileReceiver:
                            f"the file is sent as {mime[:100]!r}, not an audio type we decode "
                            "(mp3, wav, flac, ogg/opus, m4a/aac): send it with its audio/* "
                            "type, application/octet-stream, or no type") from None
-        suffix = re.sub(r"[^A-Za-z0-9]", "", Path((filename or b"").decode("utf-8", "replace"))
-                        .suffix)[:8].lower()
-        self.path = self.folder / ("original." + suffix if suffix else "original")
+        # No suffix from the client's filename: given `.mp3`, FFmpeg takes any junk for mp3.
+        self.path = self.folder / "original"
         self.handle = open(self.path, "wb")
         self._in_file = True
 
@@ -184,7 +187,8 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> FileRece
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
-        raise JobError("bad_multipart", f"the multipart Content-Type has no boundary: {HOW_TO_SEND}")
+        raise JobError("bad_multipart",
+                       f"the multipart Content-Type has no boundary: {HOW_TO_SEND}")
     receiver = FileReceiver(folder, limit)
     parser = MultipartParser(boundary, receiver.callbacks())
     try:
@@ -243,6 +247,7 @@ def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
         storage = make_storage(settings)
     engine = engine or Engine(settings)
     gate = Gate(settings.http_queue)
+    stopping = threading.Event()        # set on SIGTERM/SIGINT: the running separation ends
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -253,6 +258,7 @@ def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
 
     app = FastAPI(title="stem-job", lifespan=lifespan)
     app.state.gate = gate
+    app.state.stopping = stopping
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -262,10 +268,6 @@ def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
         return JSONResponse({"status": "failed", "error": {"code": code, "message": message,
                                                            "retryable": False}},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        return error_response(JobError("invalid_request", f"invalid request: {exc.errors()}"))
 
     @app.get("/health")
     async def health():
@@ -288,6 +290,7 @@ def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
                 "busy", f"a separation is running and {settings.http_queue} more request(s) wait "
                         "(HTTP_QUEUE): retry after the number of seconds in Retry-After",
                 retryable=True), gate.retry_after(), **ids)
+        labels = {"labels": {"releaseId": release_id, "trackId": track_id}}
         folder = Path(tempfile.mkdtemp(prefix="stem-upload-"))
         try:
             upload = await receive_upload(request, folder, settings.max_input_bytes)
@@ -297,16 +300,20 @@ def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
                                 {"upload": "http", "size": upload.size,
                                  "sha256": upload.digest.hexdigest()}, upload.path)
             async with gate.lock:
+                if stopping.is_set():
+                    raise Interrupted("the server is shutting down: send the file again later")
                 if await request.is_disconnected():
-                    log.info("client left %s/%s while queued: not separating", release_id, track_id)
-                    return error_response(JobError("upload_incomplete", "client disconnected"), **ids)
-                job = Job(settings, UploadedOriginal(storage, original), engine)
+                    log.info("client left %s/%s while queued: not separating", release_id,
+                             track_id, extra=labels)
+                    return error_response(GONE, **ids)
+                job = Job(settings, UploadedOriginal(storage, original), engine, stopping)
                 result = await asyncio.to_thread(process, job_request, job, True)
-                gate.last_seconds = result.get("timings", {}).get("total")
+                if result["status"] == "completed" and not result.get("reused"):
+                    gate.last_seconds = result["timings"].get("total")
         except ClientDisconnect:
             log.info("client disconnected during the upload for %s/%s: nothing written",
-                     release_id, track_id)
-            return error_response(JobError("upload_incomplete", "client disconnected"), **ids)
+                     release_id, track_id, extra=labels)
+            return error_response(GONE, **ids)
         except JobError as error:
             return error_response(error, gate.retry_after(), **ids)
         finally:
@@ -341,6 +348,16 @@ def messages_error(result: dict) -> JobError:
                     error.get("retryable", True))
 
 
+class Server(uvicorn.Server):
+    """Uvicorn that, when told to exit, also stops the running separation at its next window:
+    its caller gets 503 `interrupted` (retry) well within the platform's grace period, and the
+    set it was writing is left without a manifest, as after `run`'s SIGTERM."""
+
+    def handle_exit(self, sig, frame):
+        self.config.app.state.stopping.set()
+        super().handle_exit(sig, frame)
+
+
 def serve(settings: Settings) -> None:
     """Load the model (a bad one is a one-line exit 78, before any port opens), then run
     uvicorn on HTTP_HOST:PORT with our logging (log_config=None keeps the root handler)."""
@@ -352,8 +369,8 @@ def serve(settings: Settings) -> None:
     except ConfigError as exc:
         sys.stderr.write(f"stem-job: configuration error: {exc}\n")
         sys.exit(EXIT_CONFIG)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
-                                           log_config=None, timeout_graceful_shutdown=30))
+    server = Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+                                   log_config=None, timeout_graceful_shutdown=GRACE_S))
     server.run()
     if not server.started:
         sys.exit(1)

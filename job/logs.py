@@ -33,6 +33,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def platform_labels() -> dict:
+    """Which execution/pod produced a line (Cloud Run job execution and task, k8s pod)."""
+    return {key: os.environ[var] for key, var in (
+        ("execution", "CLOUD_RUN_EXECUTION"), ("task", "CLOUD_RUN_TASK_INDEX"),
+        ("attempt", "CLOUD_RUN_TASK_ATTEMPT"), ("pod", "POD_NAME"), ("host", "HOSTNAME"))
+        if os.environ.get(var)}
+
+
 def setup_logging(wanted: str = "auto", level: int = logging.INFO) -> str:
     fmt = choose_format(wanted)
     handler = logging.StreamHandler(sys.stderr)

@@ -88,7 +88,8 @@ class Mp3Writer:
         self.handle.write(self.encoder.encode(pcm.tobytes()))
 
     def close(self) -> None:
-        self.handle.write(self.encoder.flush())
+        if self.samples:          # LAME refuses to flush an encoder that was never fed
+            self.handle.write(self.encoder.flush())
         total = self.handle.tell()
         frames = count_frames(self.handle, self.reserved)
         self.handle.seek(0)

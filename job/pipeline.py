@@ -7,6 +7,7 @@ reports and moves on the same way.
 
 import datetime
 import logging
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from . import audio, messages
 from .config import Settings
 from .encode import open_encoders
 from .engine import Separator
-from .errors import ConfigError, Interrupted, JobError
+from .errors import Cancel, ConfigError, Interrupted, JobError
+from .logs import platform_labels
 from .model import load_model, pick_device
 from .progress import Progress
 from .storage import CONTENT_TYPES, sha256_of
@@ -70,7 +72,7 @@ class Job:
     settings: Settings
     storage: object
     engine: Engine
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=Cancel)
     on_progress: object = None        # callable(fraction) for progress events
 
 
@@ -86,21 +88,55 @@ def process(request: messages.JobRequest, job: Job, trusted: bool = False) -> di
     """Separate one track; the stem-results dict, completed or failed."""
     timings = {}
     started = time.monotonic()
+    result = None
     try:
-        return _process(request, job, trusted, timings)
+        result = _process(request, job, trusted, timings)
     except JobError as error:
-        log.warning("job %s failed: %s (%s)", request.job_id, error.message, error.code)
-        return messages.failed_result(messages.request_ids(request), error,
-                                      model=job.settings.model_name, timings=timings)
+        log.warning("job %s failed: %s (%s)", request.job_id, error.message, error.code,
+                    extra={"labels": labels(request)})
+        result = messages.failed_result(messages.request_ids(request), error,
+                                        model=job.settings.model_name, timings=timings)
     except ConfigError:
         raise
     except Exception as exc:  # a fault we did not foresee: report it, a retry may help
-        log.exception("job %s failed unexpectedly", request.job_id)
+        log.exception("job %s failed unexpectedly", request.job_id,
+                      extra={"labels": labels(request)})
         error = JobError("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
-        return messages.failed_result(messages.request_ids(request), error,
-                                      model=job.settings.model_name, timings=timings)
+        result = messages.failed_result(messages.request_ids(request), error,
+                                        model=job.settings.model_name, timings=timings)
     finally:
         timings["total"] = round(time.monotonic() - started, 3)
+        if result is not None:
+            log_summary(request, result, job)
+    return result
+
+
+def labels(request: messages.JobRequest) -> dict:
+    return {"jobId": request.job_id, "releaseId": request.release_id,
+            "trackId": request.track_id, **platform_labels()}
+
+
+def peak_memory_mb(device) -> dict:
+    peak = {"peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device is not None and device.type == "cuda":
+        peak["peakGpuMemoryMb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def log_summary(request, result: dict, job: Job) -> None:
+    """One line per job with the figures of the result: log-based metrics chart these."""
+    timings = result.get("timings", {})
+    error = result.get("error") or {}
+    fields = {"event": "job_summary", "outcome": result["status"], "jobId": request.job_id,
+              "model": job.settings.model_name, "device": str(job.engine.device),
+              "durationS": result.get("durationS"), "rtf": result.get("rtf"),
+              "reused": result.get("reused", False), "timings": timings,
+              "errorCode": error.get("code"), "retryable": error.get("retryable"),
+              **peak_memory_mb(job.engine.device)}
+    stages = " ".join(f"{k}={v}s" for k, v in timings.items())
+    log.info("job %s %s%s: %s, audio %s s, rtf %s", request.job_id, result["status"],
+             f" ({error.get('code')})" if error else "", stages, fields["durationS"],
+             fields["rtf"], extra={"labels": labels(request), "fields": fields})
 
 
 def _stage(timings, name):

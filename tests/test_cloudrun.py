@@ -37,10 +37,10 @@ from google.cloud import run_v2, storage
 from job.config import ENV, load_settings
 from job.dispatcher import (DispatcherSettings, GcsMarkers, MemoryMarkers, create_app,
                             load_dispatcher_settings, marker_key, parse_envelope)
-from stand_ins import gcs_emulator, pubsub_emulator, unique_name  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDRUN = REPO / "cloudrun"
+# Fixtures pubsub_emulator, gcs_emulator and unique_name come from tests/stand_ins.py (conftest).
 PROJECT = "stem-test"                     # the Pub/Sub emulator's project (tests/stand_ins.py)
 EXAMPLE = {"PROJECT_ID": "my-project", "REGION": "us-central1", "BUCKET_NAME": "my-stems"}
 GOOD = {"jobId": "sep_rel_1_trk_1", "releaseId": "rel_1", "artistId": "art_1", "trackId": "trk_1",
@@ -227,6 +227,22 @@ def test_setup_sh_is_valid_bash_with_known_gcloud_commands():
     assert "--role=roles/run.jobsExecutorWithOverrides" in script
 
 
+def test_setup_sh_prefix_conditions_are_valid_iam_conditions():
+    """The conditional bucket roles: objects under the prefix and listings of it, nothing else."""
+    script = (CLOUDRUN / "setup.sh").read_text()
+    function = re.search(r"^prefix_condition\(\) \{.*?^\}$", script, re.S | re.M).group(0)
+    out = subprocess.run(["bash", "-c", f'{function}\ncat "$(prefix_condition stems/ t)"'],
+                         env={"BUCKET_NAME": "my-stems", "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, check=True).stdout
+    condition = json.loads(out)
+    assert condition["title"] == "t"
+    assert condition["expression"] == (
+        'resource.name.startsWith("projects/_/buckets/my-stems/objects/stems/") || '
+        'api.getAttribute("storage.googleapis.com/objectListPrefix", "").startsWith("stems/")')
+    assert "--condition-from-file=\"$(prefix_condition stems/" in script
+    assert "--condition-from-file=\"$(prefix_condition dispatch/" in script
+
+
 def test_docs_gcloud_commands_exist():
     docs = (REPO / "docs" / "deployment.md").read_text()
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", docs, re.S))
@@ -234,6 +250,9 @@ def test_docs_gcloud_commands_exist():
     assert len(commands) > 20
     problems = [p for command in commands for p in check_gcloud_command(command)]
     assert not problems, "\n".join(problems)
+
+
+EXECUTION_TYPE = "type.googleapis.com/google.cloud.run.v2.Execution"
 
 
 # -- a stand-in for the Cloud Run Admin API --------------------------------------------------------
@@ -255,7 +274,7 @@ class FakeCloudRunApi:
                     n = len(api.requests)
                     job = urlparse(self.path).path.split("/v2/")[1].split(":")[0]
                     reply = {"name": f"{job.rsplit('/jobs/', 1)[0]}/operations/op-{n}",
-                             "metadata": {"@type": "type.googleapis.com/google.cloud.run.v2.Execution",
+                             "metadata": {"@type": EXECUTION_TYPE,
                                           "name": f"{job}/executions/stem-job-{n:05d}"}}
                 data = json.dumps(reply).encode()
                 self.send_response(status)
@@ -547,7 +566,8 @@ def test_dispatcher_settings_from_env():
     from job.errors import ConfigError
     for bad in ({"CLOUD_RUN_REGION": "us-central1"}, {"GCP_PROJECT_ID": "p1"},
                 {**env, "CLOUD_RUN_JOB": "Bad_Name"}, {**env, "DISPATCH_API_ATTEMPTS": "0"},
-                {**env, "DISPATCH_CLAIM_TTL_S": "soon"}):
+                {**env, "DISPATCH_CLAIM_TTL_S": "soon"},
+                {**env, "DISPATCH_CLAIM_TTL_S": "40", "DISPATCH_API_DEADLINE_S": "30"}):
         with pytest.raises(ConfigError):
             load_dispatcher_settings(bad)
 

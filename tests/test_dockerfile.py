@@ -106,17 +106,20 @@ def run_commands(stage) -> list:
 def test_install_and_prefetch_steps_are_the_documented_commands(dockerfile):
     docs = normalize(DOCS.read_text())
     documented = [command for stage in stages(dockerfile) for command in run_commands(stage)
-                  if command.startswith(("python3 -m venv", "pip install --", "stem-job "))
+                  if command.startswith(("python3 -m venv", "pip install --", "pip freeze",
+                                         "stem-job "))
                   and "--no-deps" not in command]
     assert any("--index-url" in c for c in documented), "torch comes from a wheel index"
     assert any(c.startswith("stem-job prefetch-model") for c in documented)
     assert any(c.startswith("python3 -m venv") for c in documented)
     for command in documented:
         assert normalize(command) in docs, f"docs/deployment.md does not show: {command}"
-    # The rest of the install: the dependencies from pyproject.toml, then the package itself.
+    # The rest of the install: the dependencies from pyproject.toml with torch pinned to the
+    # build installed first, then the package itself.
     builder = stages(dockerfile)[-2]
     commands = [normalize(c) for c in run_commands(builder)]
-    assert "pip install ." in commands and "pip install ." in docs
+    pin = re.search(r"grep '\^torch==' > (\S+)", " ".join(commands)).group(1)
+    assert f"pip install --constraint {pin} ." in commands
     assert any(c.startswith("pip wheel --no-deps") and c.endswith(" .") for c in commands)
     assert any(c.startswith("pip install --no-deps /wheels/") for c in
                map(normalize, run_commands(final(dockerfile))))
@@ -206,7 +209,8 @@ def test_layers_change_least_often_first(dockerfile, pyproject):
             order.append("torch")
         elif keyword == "COPY" and args.split()[0] == "pyproject.toml":
             order.append("pyproject")
-        elif keyword == "RUN" and "pip install --no-cache-dir ." in args:
+        elif keyword == "RUN" and re.search(r"pip install --no-cache-dir --constraint \S+ \.",
+                                            args):
             order.append("dependencies")
         elif keyword == "COPY" and args.split()[0] in ("job", "README.md"):
             order.append("source")

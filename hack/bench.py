@@ -1,0 +1,130 @@
+"""Speed and memory of stem-job against the demucs reference, measured in one run.
+
+Prints a short table, then one JSON object (last line). See `hack/bench --help`.
+Every part runs in a fresh process on the same synthesised input; the full-size
+htdemucs_6s architecture with seeded random weights does the released model's compute.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+from job.synthetic import music, write_audio, write_model_folder  # noqa: E402
+
+PY = sys.executable
+
+
+def timed(cmd, env=None, watch_for=None):
+    """(wall seconds, peak RSS MB, seconds until `watch_for` appeared on stderr, stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = None
+    err_lines = []
+    for line in proc.stderr:
+        err_lines.append(line)
+        if watch_for and seen is None and watch_for in line:
+            seen = time.perf_counter() - start
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{''.join(err_lines[-20:])}")
+    return wall, usage.ru_maxrss / 1024, seen, stdout
+
+
+def long_wav(path, minutes, seed=3):
+    """A long input written a minute at a time (the bench itself stays small)."""
+    minute = music(60, seed=seed)
+    with soundfile.SoundFile(path, "w", 44100, 2, subtype="PCM_16") as out:
+        for _ in range(int(minutes)):
+            out.write(minute.T)
+    return path
+
+
+def job_env(model_dir, device):
+    env = dict(os.environ, MODEL_DIR=str(model_dir), DEVICE=device, LOG_FORMAT="json",
+               STORAGE_MODE="local")
+    for key in ("JOB_MESSAGE", "ORIGINAL_STEM_URI", "GCP_PROJECT_ID"):
+        env.pop(key, None)
+    return env
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seconds", type=float, default=60, help="speed input length")
+    parser.add_argument("--long-minutes", type=int, default=30, help="long input for memory")
+    parser.add_argument("--quick", action="store_true", help="20 s and 5 min, for development")
+    parser.add_argument("--work", default=str(REPO / ".bench"))
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.long_minutes = 20, 5
+    if not shutil.which("ffmpeg"):
+        sys.exit("hack/bench needs the ffmpeg command line for the seed-style baseline "
+                 "(apt-get install ffmpeg)")
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    full = write_model_folder(work / "model-full", size="full")
+    small = write_model_folder(work / "model-small", size="small")
+    song = write_audio(work / "song.mp3", music(args.seconds, seed=1))
+    parts = [PY, str(HERE / "bench_parts.py")]
+    figures = {}
+
+    # 1. bare reference separation (+ our engine on the same tensors for parity)
+    _, _, _, out = timed(parts + ["reference", str(full), str(song), "parity"])
+    measured = json.loads(out.strip().splitlines()[-1])
+    figures["reference_s"] = measured["reference_s"]
+    figures["parity_db_min"] = min(measured["parity_db"].values())
+
+    # 2. the original worker's way, process start to exit
+    figures["seed_style_s"], _, _, _ = timed(parts + ["seed_style", str(full), str(song),
+                                                      str(work / "seed-out")])
+
+    # 3. ours, end to end
+    run = [PY, "-m", "job", "run", "--input", str(song), "--release-id", "bench",
+           "--track-id", "song", "--output-dir", str(work / "out")]
+    wall, _, first, out = timed(run, job_env(full, args.device), "first window entering the model")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["status"] == "completed", result
+    figures.update(ours_s=wall, cold_start_s=first, rtf=args.seconds / wall,
+                   ours_timings=result["timings"], device=result["device"])
+
+    # 4. peak RSS with the small model: 1 minute and the long input, ours and the reference
+    one = long_wav(work / "one.wav", 1)
+    many = long_wav(work / "long.wav", args.long_minutes)
+    for label, path in (("1min", one), ("30min", many)):
+        run = [PY, "-m", "job", "run", "--input", str(path), "--release-id", "bench",
+               "--track-id", f"rss{label}", "--output-dir", str(work / "out")]
+        figures[f"rss_{label}_mb"] = timed(run, job_env(small, args.device))[1]
+        figures[f"reference_rss_{label}_mb"] = timed(parts + ["reference", str(small), str(path)])[1]
+
+    if args.device == "cuda":
+        import torch
+        figures["device"] = torch.cuda.get_device_name(0)
+    figures["ratio_ours_reference"] = figures["ours_s"] / figures["reference_s"]
+    figures["ratio_ours_seed_style"] = figures["ours_s"] / figures["seed_style_s"]
+    figures["rss_ratio"] = figures["rss_30min_mb"] / figures["rss_1min_mb"]
+    figures["input_s"], figures["long_input_min"] = args.seconds, args.long_minutes
+    figures = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+    for key in ("reference_s", "seed_style_s", "ours_s", "ratio_ours_reference",
+                "ratio_ours_seed_style", "parity_db_min", "cold_start_s", "rtf", "rss_1min_mb",
+                "rss_30min_mb", "rss_ratio", "reference_rss_1min_mb", "reference_rss_30min_mb",
+                "device"):
+        print(f"{key:26} {figures[key]}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""`stem-job drain` and `run` against the real Pub/Sub and GCS emulators, as subprocesses."""
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import job_env, last_json, run_job
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY
+from job.messages import STEMS
+from job.synthetic import music, write_audio
+from stand_ins import PROJECT
+
+
+@pytest.fixture
+def cloud(pubsub_emulator, gcs_emulator, bucket, make_topic, make_subscription, model_dir, tmp_path):
+    """A bucket, a work subscription, a results topic with a pull subscription, and the env."""
+    work = make_subscription(ack_deadline_s=10)
+    results_topic = make_topic("results")
+    results = make_subscription(topic=results_topic)
+
+    class Cloud:
+        pass
+    cloud = Cloud()
+    cloud.bucket, cloud.work, cloud.results = bucket, work, results
+    cloud.storage = gcs_emulator.client(PROJECT)
+    cloud.env = job_env(model_dir, tmp_path / "unused", STORAGE_MODE="gcs", GCS_BUCKET=bucket,
+                        PUBSUB_SUBSCRIPTION=work.path.rsplit("/", 1)[1],
+                        PUBSUB_RESULTS_TOPIC=results_topic.rsplit("/", 1)[1],
+                        IDLE_TIMEOUT_S="3", RETRY_DEADLINE_S="20",
+                        **pubsub_emulator.env, **gcs_emulator.env)
+
+    def upload(name, data: bytes):
+        cloud.storage.bucket(bucket).blob(name).upload_from_string(data)
+        return f"gs://{bucket}/{name}"
+
+    def publish(payload):
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return pubsub_emulator.publisher.publish(work.topic, data).result(timeout=10)
+
+    def results_now(expected, timeout=30):
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < expected and time.monotonic() < deadline:
+            response = pubsub_emulator.subscriber.pull(
+                request={"subscription": results.path, "max_messages": 50}, timeout=5)
+            for received in response.received_messages:
+                got.append((json.loads(received.message.data), dict(received.message.attributes)))
+            if response.received_messages:
+                pubsub_emulator.subscriber.acknowledge(request={
+                    "subscription": results.path,
+                    "ack_ids": [r.ack_id for r in response.received_messages]})
+        return got
+
+    def queue_is_empty():
+        response = pubsub_emulator.subscriber.pull(
+            request={"subscription": work.path, "max_messages": 10}, timeout=5)
+        return not response.received_messages
+
+    cloud.upload, cloud.publish, cloud.results_now, cloud.queue_is_empty = \
+        upload, publish, results_now, queue_is_empty
+    return cloud
+
+
+def message(cloud, uri, track="trk_1", **extra):
+    return {"jobId": f"job_{track}", "releaseId": "rel_1", "artistId": "art_1", "trackId": track,
+            "originalStemUri": uri, "mimeType": "audio/mpeg", **extra}
+
+
+def stems_in_bucket(cloud, track):
+    names = {b.name for b in cloud.storage.list_blobs(cloud.bucket, prefix=f"stems/rel_1/{track}/")}
+    return names
+
+
+def test_empty_subscription_exits_zero_quickly_without_the_model(cloud):
+    started = time.monotonic()
+    proc = run_job(["drain", "--max-messages", "1", "--idle-timeout", "2"], cloud.env)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert "model" not in proc.stderr.lower() or "loaded" not in proc.stderr
+    print(f"empty subscription: exit after {elapsed:.2f} s")
+
+
+def test_batch_of_good_and_bad_messages(cloud, song):
+    good = cloud.upload("originals/good.mp3", song.read_bytes())
+    pdf = cloud.upload("originals/doc.mp3", b"%PDF-1.4 not audio" * 100)
+    long_one = cloud.upload("originals/long.flac",
+                            write_audio(song.parent / "long.flac", music(14.0)).read_bytes())
+    batch = [
+        (message(cloud, good, "trk_good"), "completed", None),
+        (b"{not json", "failed", "invalid_message"),
+        (message(cloud, good, "../etc"), "failed", "invalid_id"),
+        (message(cloud, "gs://someone-elses-bucket/x.mp3", "trk_b"), "failed", "input_not_allowed"),
+        (message(cloud, f"gs://{cloud.bucket}/originals/missing.mp3", "trk_m"), "failed", "input_not_found"),
+        (message(cloud, pdf, "trk_pdf"), "failed", "not_audio"),
+        (message(cloud, long_one, "trk_long"), "failed", "too_long"),
+        ({"releaseId": "rel_1", "trackId": "t_x"}, "failed", "invalid_message"),
+    ]
+    for payload, _, _ in batch:
+        cloud.publish(payload)
+    env = cloud.env | {"MAX_DURATION_S": "11"}
+    proc = run_job(["drain", "--max-messages", str(len(batch))], env)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+    results = cloud.results_now(len(batch))
+    assert sorted((r["status"], (r.get("error") or {}).get("code")) for r, _ in results) == \
+        sorted((status, code) for _, status, code in batch)
+    for result, attributes in results:
+        assert attributes["status"] == result["status"]
+        if result["jobId"]:
+            assert attributes["jobId"] == result["jobId"]
+    completed = next(r for r, _ in results if r["status"] == "completed")
+    assert completed["stems"] == {s: f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/{s}.mp3"
+                                  for s in STEMS}
+    assert stems_in_bucket(cloud, "trk_good") == {f"stems/rel_1/trk_good/{s}.mp3" for s in STEMS} | \
+        {"stems/rel_1/trk_good/manifest.json"}
+    blob = cloud.storage.bucket(cloud.bucket).get_blob("stems/rel_1/trk_good/vocals.mp3")
+    assert blob.content_type == "audio/mpeg"
+    assert cloud.queue_is_empty(), "every message, good or bad, must be acked"
+
+
+def test_duplicate_message_reuses_the_completed_set(cloud, song):
+    uri = cloud.upload("originals/dup.mp3", song.read_bytes())
+    cloud.publish(message(cloud, uri, "trk_dup"))
+    cloud.publish(message(cloud, uri, "trk_dup"))
+    proc = run_job(["drain", "--max-messages", "2"], cloud.env)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    (first, _), (second, _) = cloud.results_now(2)
+    assert (first["reused"], second["reused"]) == (False, True)
+    assert first["stems"] == second["stems"]
+    fraction = second["timings"]["total"] / first["timings"]["total"]
+    print(f"duplicate: {second['timings']['total']:.3f} s vs {first['timings']['total']:.3f} s "
+          f"({fraction:.1%})")
+    assert fraction < 0.5
+    # a changed input (new generation) is separated again
+    uri = cloud.upload("originals/dup.mp3", write_audio(song.parent / "other.mp3", music(5, seed=9)).read_bytes())
+    cloud.publish(message(cloud, uri, "trk_dup"))
+    assert run_job(["drain"], cloud.env).returncode == EXIT_OK
+    (third, _), = cloud.results_now(1)
+    assert third["reused"] is False and abs(third["durationS"] - 5.0) < 0.1
+
+
+def test_sigterm_nacks_and_leaves_no_manifest(cloud, tmp_path):
+    uri = cloud.upload("originals/long.flac",
+                       write_audio(tmp_path / "long.flac", music(60, seed=4)).read_bytes())
+    cloud.publish(message(cloud, uri, "trk_term"))
+    proc = subprocess.Popen([sys.executable, "-m", "job", "drain"], env=cloud.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "separated" in line or "first window" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    elapsed = time.monotonic() - sent
+    print(f"SIGTERM to exit: {elapsed:.2f} s")
+    assert proc.returncode == EXIT_RETRY and elapsed < 10
+    assert "stems/rel_1/trk_term/manifest.json" not in stems_in_bucket(cloud, "trk_term")
+    assert cloud.results_now(1, timeout=3) == [], "an interrupted job publishes no result"
+    assert not cloud.queue_is_empty(), "the message must be back on the queue at once"
+
+
+def test_storage_outage_mid_run_is_survived(cloud, gcs_emulator, tmp_path):
+    uri = cloud.upload("originals/outage.flac",
+                       write_audio(tmp_path / "o.flac", music(25, seed=5)).read_bytes())
+    cloud.publish(message(cloud, uri, "trk_outage"))
+    proc = subprocess.Popen([sys.executable, "-m", "job", "drain"], env=cloud.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "first window" in line:
+            break
+    gcs_emulator.kill()
+    time.sleep(8)            # down while the separation finishes and the upload starts retrying
+    gcs_emulator.restart()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_OK, stderr[-3000:]
+    (result, _), = cloud.results_now(1)
+    assert result["status"] == "completed"
+    assert "stems/rel_1/trk_outage/manifest.json" in stems_in_bucket(cloud, "trk_outage")
+
+
+def test_run_publishes_its_result_and_progress_events(cloud, song):
+    uri = cloud.upload("originals/run.mp3", song.read_bytes())
+    env = cloud.env | {"JOB_MESSAGE": base64.b64encode(json.dumps(message(cloud, uri, "trk_run")).encode()).decode(),
+                       "PROGRESS_EVENTS": "true"}
+    proc = run_job(["run"], env)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    printed = last_json(proc.stdout)
+    published = cloud.results_now(3, timeout=10)
+    finals = [r for r, a in published if a["status"] == "completed"]
+    progress = [r for r, a in published if a["status"] == "processing"]
+    assert finals == [printed]
+    assert progress and all(0 <= p["progress"] <= 1 and p["jobId"] == "job_trk_run" for p in progress)
+
+
+def test_bad_message_in_run_is_published_as_failed(cloud):
+    proc = run_job(["run"], cloud.env | {"JOB_MESSAGE": "%%%"})
+    assert proc.returncode == EXIT_BAD_INPUT
+    (result, attributes), = cloud.results_now(1)
+    assert result["status"] == attributes["status"] == "failed"
+    assert result["error"]["code"] == "invalid_message"
