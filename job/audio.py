@@ -19,6 +19,9 @@ from .errors import Interrupted, JobError
 
 SAMPLE_RATE = 44100
 CHANNELS = 2
+# containers an original may be in; FFmpeg probes anything (text can pass as AMR or MPEG)
+CONTAINERS = {"mp3", "wav", "w64", "rf64", "flac", "ogg", "mov", "mp4", "m4a", "aac", "aiff",
+              "matroska", "webm", "caf", "wv", "ape", "asf"}
 MAX_BAD_PACKETS = 8           # isolated glitches FFmpeg conceals; more means a corrupt file
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,10 @@ def _open(path: Path):
         raise JobError("not_audio", "the original is not an audio file FFmpeg can read")
     except (av.error.FFmpegError, OSError) as exc:
         raise JobError("not_audio", f"the original cannot be opened as audio: {exc}")
-    if not container.streams.audio:
+    if not container.streams.audio or not CONTAINERS & set(container.format.name.split(",")):
         container.close()
-        raise JobError("not_audio", "the original has no audio stream")
+        raise JobError("not_audio", "the original is not an audio file (mp3, wav, flac, "
+                                    "ogg/opus, m4a/aac, aiff, webm)")
     return container
 
 
