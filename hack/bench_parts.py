@@ -31,29 +31,38 @@ def reference_separation(model, mix):
     return out * ref.std() + ref.mean()
 
 
-def part_reference(model_dir, audio, out_npy=None, parity=False):
-    """Bare reference separation time; optionally our engine on the same tensor for parity."""
+def part_reference(model_dir, audio):
+    """Bare reference separation: decoded tensor in, tensors out, no I/O."""
     from demucs.pretrained import get_model
     model = get_model("htdemucs_6s", repo=Path(model_dir))
     mix = decoded(audio)
     start = time.perf_counter()
-    expected = reference_separation(model, mix)
-    result = {"reference_s": time.perf_counter() - start}
-    if parity:
-        from job.engine import Separator
-        got = np.zeros(expected.shape, np.float32)
+    reference_separation(model, mix)
+    print(json.dumps({"reference_s": time.perf_counter() - start}))
 
-        def emit(position, block):
-            got[..., position:position + block.shape[-1]] = block
 
-        mono = mix.mean(0)
-        Separator(model, torch.device("cpu")).separate(
-            lambda a, b: _read(mix, a, b), mix.shape[1], float(mono.mean()), float(mono.std()), emit)
-        expected = expected.numpy()
-        result["parity_db"] = {name: float(10 * np.log10((expected[i] ** 2).sum() /
-                                                         max(((expected[i] - got[i]) ** 2).sum(), 1e-30)))
-                               for i, name in enumerate(model.sources)}
-    print(json.dumps(result))
+def part_parity(model_dir, audio):
+    """SDR of our engine, configured as `stem-job run` configures it (env), vs the reference."""
+    from job.config import load_settings
+    from job.engine import Separator
+    from job.pipeline import cpu_runners
+    from demucs.pretrained import get_model
+    model = get_model("htdemucs_6s", repo=Path(model_dir))
+    mix = decoded(audio)
+    expected = reference_separation(model, mix).numpy()
+    got = np.zeros(expected.shape, np.float32)
+
+    def emit(position, block):
+        got[..., position:position + block.shape[-1]] = block
+
+    device = torch.device("cpu")
+    mono = mix.mean(0)
+    Separator(model, device, runners=cpu_runners(model, device, load_settings())).separate(
+        lambda a, b: _read(mix, a, b), mix.shape[1], float(mono.mean()), float(mono.std()), emit)
+    print(json.dumps({"parity_db": {
+        name: float(10 * np.log10((expected[i] ** 2).sum() /
+                                  max(((expected[i] - got[i]) ** 2).sum(), 1e-30)))
+        for i, name in enumerate(model.sources)}}))
 
 
 def _read(mix, start, stop):
@@ -83,6 +92,8 @@ def part_seed_style(model_dir, audio, folder):
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     if name == "reference":
-        part_reference(args[0], args[1], parity=len(args) > 2 and args[2] == "parity")
+        part_reference(*args)
+    elif name == "parity":
+        part_parity(*args)
     elif name == "seed_style":
         part_seed_style(*args)

@@ -175,16 +175,24 @@ def dispatch(host=None, port=None):
 
 @cli.command("prefetch-model")
 def prefetch_model():
-    """Download and cache the model (or check MODEL_DIR loads) so later runs work offline."""
+    """Download and cache the model (or check MODEL_DIR loads) and its ONNX export, so later
+    runs work offline and start at once."""
     settings = settings_or_exit()
     setup_logging(settings.log_format)
+    import torch
+
     from .model import load_model
+    from .pipeline import cpu_runners
     try:
         model = load_model(settings.model_name, settings.model_dir)
+        runners = cpu_runners(model, torch.device("cpu"), settings)   # exports the ONNX network
     except ConfigError as exc:
         fail_config(str(exc))
-    click.echo(f"model {settings.model_name} ready: sources {', '.join(model.sources)}")
+    click.echo(f"model {settings.model_name} ready: sources {', '.join(model.sources)}"
+               f"{'; ONNX network cached for CPU' if runners else ''}")
 
 
 def main():
+    from .malloc import use_tcmalloc
+    use_tcmalloc()
     cli(prog_name="stem-job")

@@ -28,6 +28,8 @@ class Settings:
     model_dir: str = ""
     device: str = "auto"
     precision: str = "auto"
+    cpu_backend: str = "torch"         # or onnx (HTDemucs' network on ONNX Runtime)
+    onnx_cache_dir: str = ""
     segment_batch: int = 0            # 0 = auto
     shifts: int = 0
     seed: int = 0
@@ -126,6 +128,8 @@ ENV = {
     "MODEL_DIR": ("model_dir", _text),
     "DEVICE": ("device", lambda n, v: _choice(n, v, ("auto", "cpu", "cuda"))),
     "PRECISION": ("precision", lambda n, v: _choice(n, v, ("auto", "fp32", "bf16", "fp16"))),
+    "CPU_BACKEND": ("cpu_backend", lambda n, v: _choice(n, v, ("torch", "onnx"))),
+    "ONNX_CACHE_DIR": ("onnx_cache_dir", _text),
     "SEGMENT_BATCH": ("segment_batch", _batch),
     "SHIFTS": ("shifts", lambda n, v: _int(n, v, 0, 20)),
     "SEED": ("seed", lambda n, v: _int(n, v, 0)),

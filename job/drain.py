@@ -61,17 +61,34 @@ class Drainer:
         return Job(self.settings, self.storage, self.engine, self.cancel,
                    progress_reporter(self.settings, request))
 
-    def handle(self, received, keeper: LeaseKeeper) -> None:
-        data = received.message.data
+    def parse(self, received):
+        """(received, request) or (received, failed result) for a message that is not valid."""
+        try:
+            return received, messages.parse_message(received.message.data)
+        except JobError as error:
+            return received, messages.failed_result(messages.salvage_ids(received.message.data),
+                                                    error)
+
+    def fetch_ahead(self, current, parsed):
+        """Start downloading and decoding the next valid message's track (another track than
+        `current`'s: a duplicate must find the first one's stems, not fetch again)."""
+        from .pipeline import Fetch
+        for _, request in parsed:
+            if isinstance(request, messages.JobRequest):
+                if (request.release_id, request.track_id) == (current.release_id, current.track_id):
+                    return None
+                return request, Fetch(request, self.job(request), ahead=True)
+        return None
+
+    def handle(self, received, request, keeper: LeaseKeeper, fetched=None) -> None:
         log.info("message %s (delivery attempt %s)", received.message.message_id,
                  delivery_attempt(received))
-        try:
-            request = messages.parse_message(data)
-        except JobError as error:
-            result = messages.failed_result(messages.salvage_ids(data), error)
+        if isinstance(request, dict):            # not a valid message: its failed result
+            result = request
         else:
             from .pipeline import process
-            result = process(request, self.job(request))
+            job = fetched.job if fetched is not None else self.job(request)
+            result = process(request, job, fetched=fetched)
         error = result.get("error")
         if error and error["retryable"]:
             keeper.nack(received)            # not finished: another job takes it at once
@@ -88,6 +105,23 @@ class Drainer:
         keeper.ack(received)
         self.outcomes.append(EXIT_BAD_INPUT if error else EXIT_OK)
 
+    def run_batch(self, batch, keeper: LeaseKeeper) -> None:
+        parsed = [self.parse(received) for received in batch]
+        ahead = None                         # (request, Fetch) of the message after this one
+        try:
+            for index, (received, request) in enumerate(parsed):
+                if self.cancel.is_set():
+                    break
+                fetched = None
+                if ahead is not None and ahead[0] is request:
+                    fetched, ahead = ahead[1], None
+                if isinstance(request, messages.JobRequest) and ahead is None:
+                    ahead = self.fetch_ahead(request, parsed[index + 1:])
+                self.handle(received, request, keeper, fetched)
+        finally:
+            if ahead is not None:            # SIGTERM: drop the prefetched track's scratch
+                ahead[1].close()
+
     def run(self) -> int:
         wanted = self.settings.max_messages
         with LeaseKeeper(self.subscriber, self.subscription, LEASE_S) as keeper:
@@ -97,10 +131,7 @@ class Drainer:
                 if not batch:
                     break
                 keeper.hold(batch)
-                for received in batch:
-                    if self.cancel.is_set():
-                        break
-                    self.handle(received, keeper)
+                self.run_batch(batch, keeper)
             # leaving the keeper nacks whatever is still held (SIGTERM)
         if self.cancel.is_set():
             return EXIT_RETRY

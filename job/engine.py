@@ -153,9 +153,11 @@ class Separator:
     """A loaded model and how to run it; `separate()` streams one track through it."""
 
     def __init__(self, model, device: torch.device, batch: int = 1, precision: str = "fp32",
-                 shifts: int = 0, seed: int = 0):
+                 shifts: int = 0, seed: int = 0, runners=None):
         self.model = model
         self.models, self.model_weights = bag_of(model)
+        # what runs each sub-model's forward pass (default: the module; onnx_network on CPU)
+        self.runners = runners or self.models
         self.sources = list(model.sources)
         self.device = device
         self.batch = max(1, batch)
@@ -229,7 +231,7 @@ class Separator:
                 inputs = future.result()
                 if number + 1 < len(batches):
                     future = pool.submit(load, batches[number + 1])
-                model = self.models[streams[batch_jobs[0][1]].model_index]
+                model = self.runners[streams[batch_jobs[0][1]].model_index]
                 if number == 0:
                     log.info("first window entering the model", extra={"fields": {"event": "first_window"}})
                 with cancel.abortable() if hasattr(cancel, "abortable") else nullcontext():

@@ -155,7 +155,10 @@ def test_final_stage_has_no_build_tools(dockerfile):
         for command in run_commands(stage):
             if "apt-get install" in command:
                 runtime |= {word for word in command.split()[3:] if not word.startswith("-")}
-    assert runtime <= {"python3", "ca-certificates"}, f"runtime packages: {runtime}"
+    assert runtime <= {"python3", "ca-certificates", "libtcmalloc-minimal4"}, \
+        f"runtime packages: {runtime}"
+    envs = " ".join(args for s in lineage(dockerfile, last) for k, args in s["steps"] if k == "ENV")
+    assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in envs, "the job runs under tcmalloc"
     for command in run_commands(last):
         assert not re.search(r"\b(gcc|g\+\+|make|build-essential|python3-dev|git)\b", command)
 

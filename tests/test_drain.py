@@ -143,6 +143,25 @@ def test_duplicate_message_reuses_the_completed_set(cloud, song):
     assert third["reused"] is False and abs(third["durationS"] - 5.0) < 0.1
 
 
+def test_next_track_is_fetched_while_the_current_one_separates(cloud, tmp_path):
+    first = cloud.upload("originals/a.flac", write_audio(tmp_path / "a.flac", music(20, seed=6)).read_bytes())
+    second = cloud.upload("originals/b.mp3", write_audio(tmp_path / "b.mp3", music(6, seed=7)).read_bytes())
+    cloud.publish(message(cloud, first, "trk_a"))
+    cloud.publish(message(cloud, second, "trk_b"))
+    proc = run_job(["drain", "--max-messages", "2"], cloud.env)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    events = [json.loads(line)["message"] for line in proc.stderr.splitlines() if line.startswith("{")]
+    decoded_b = next(i for i, m in enumerate(events) if m.startswith("job job_trk_b: ") and "decoded" in m)
+    done_a = next(i for i, m in enumerate(events) if m.startswith("job job_trk_a completed"))
+    assert "ahead of its turn" in events[decoded_b]
+    assert decoded_b < done_a, "the second track must be decoded before the first one finishes"
+    results = {r["trackId"]: r for r, _ in cloud.results_now(2)}
+    assert {t: r["status"] for t, r in results.items()} == {"trk_a": "completed", "trk_b": "completed"}
+    assert abs(results["trk_b"]["durationS"] - 6.0) < 0.1
+    assert stems_in_bucket(cloud, "trk_b") == {f"stems/rel_1/trk_b/{s}.mp3" for s in STEMS} | \
+        {"stems/rel_1/trk_b/manifest.json"}
+
+
 def test_sigterm_nacks_and_leaves_no_manifest(cloud, tmp_path):
     uri = cloud.upload("originals/long.flac",
                        write_audio(tmp_path / "long.flac", music(60, seed=4)).read_bytes())

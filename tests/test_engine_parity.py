@@ -27,7 +27,7 @@ def reference(model, mix, shifts=0):
     return (out * ref.std() + ref.mean()).numpy()
 
 
-def ours(model, mix, batch=1, shifts=0, seed=0):
+def ours(model, mix, batch=1, shifts=0, seed=0, runners=None):
     out = np.zeros((len(model.sources),) + mix.shape, np.float32)
     position = [0]
 
@@ -43,7 +43,8 @@ def ours(model, mix, batch=1, shifts=0, seed=0):
         position[0] += block.shape[-1]
 
     mono = mix.mean(0)
-    Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed).separate(
+    Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed,
+              runners=runners).separate(
         read, mix.shape[1], float(mono.mean()), float(mono.std(ddof=1)), emit)
     assert position[0] == mix.shape[1]
     return out
@@ -65,6 +66,34 @@ def test_matches_reference_within_60_db(model, long_mix, batch):
     got = ours(model, long_mix, batch=batch)
     for index, name in enumerate(model.sources):
         assert sdr(expected[index], got[index]) >= 60, name
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_onnx_runtime_network_matches_reference_within_60_db(model, long_mix, batch, tmp_path):
+    from job.onnx_network import OnnxHTDemucs
+    runners = [OnnxHTDemucs(sub, str(tmp_path / "onnx")) for sub in model.models]
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1, "one export, cached"
+    expected = reference(model, long_mix)
+    got = ours(model, long_mix, batch=batch, runners=runners)
+    worst = min(sdr(expected[i], got[i]) for i in range(len(model.sources)))
+    print(f"onnx runtime vs reference: worst stem {worst:.1f} dB")
+    assert 60 <= worst < 200, "ONNX Runtime must be used, and agree with PyTorch"
+
+
+def test_onnx_export_is_reused_from_the_cache(model, tmp_path):
+    from job.onnx_network import exported
+    sub = model.models[0]
+    segment = int(sub.segment * sub.samplerate)
+    first = exported(sub, segment, str(tmp_path))
+    stamp = first.stat().st_mtime_ns
+    assert exported(sub, segment, str(tmp_path)) == first and first.stat().st_mtime_ns == stamp
+    with torch.no_grad():
+        next(sub.parameters()).add_(1e-3)          # other weights: another export
+    try:
+        assert exported(sub, segment, str(tmp_path)) != first
+    finally:
+        with torch.no_grad():
+            next(sub.parameters()).sub_(1e-3)
 
 
 def test_shift_trick_matches_reference_with_the_same_seed(model, long_mix):
