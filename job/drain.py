@@ -77,7 +77,7 @@ class Drainer:
             if isinstance(request, messages.JobRequest):
                 if (request.release_id, request.track_id) == (current.release_id, current.track_id):
                     return None
-                return request, Fetch(request, self.job(request), ahead=True)
+                return Fetch(request, self.job(request), ahead=True)
         return None
 
     def handle(self, received, request, keeper: LeaseKeeper, fetched=None) -> None:
@@ -107,20 +107,20 @@ class Drainer:
 
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
         parsed = [self.parse(received) for received in batch]
-        ahead = None                         # (request, Fetch) of the message after this one
+        ahead = None                         # the Fetch of a later message, under way
         try:
             for index, (received, request) in enumerate(parsed):
                 if self.cancel.is_set():
                     break
                 fetched = None
-                if ahead is not None and ahead[0] is request:
-                    fetched, ahead = ahead[1], None
+                if ahead is not None and ahead.request is request:
+                    fetched, ahead = ahead, None
                 if isinstance(request, messages.JobRequest) and ahead is None:
                     ahead = self.fetch_ahead(request, parsed[index + 1:])
                 self.handle(received, request, keeper, fetched)
         finally:
             if ahead is not None:            # SIGTERM: drop the prefetched track's scratch
-                ahead[1].close()
+                ahead.close()
 
     def run(self) -> int:
         wanted = self.settings.max_messages

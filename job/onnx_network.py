@@ -13,6 +13,7 @@ prefetch-model` does it when CPU_BACKEND=onnx); outputs match PyTorch to ~80-95 
 """
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -110,25 +111,23 @@ def cache_folder(configured: str = "") -> Path:
 
 def export(model, segment: int, target: Path) -> None:
     """Export the network for one (1, 2, segment) window, atomically (temp name, rename)."""
+    from .storage import atomic_write
     mix = torch.zeros(1, model.audio_channels, segment)
     with torch.inference_mode():
         mag = model._magnitude(model._spec(mix))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
+    graph = io.BytesIO()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)   # its fused op has no ONNX export
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Network(model).eval(), (mix, mag), temp, opset_version=17,
+            torch.onnx.export(Network(model).eval(), (mix, mag), graph, opset_version=17,
                               dynamo=False, input_names=["mix", "mag"],
                               output_names=["freq", "time"])
-        os.replace(temp, target)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        if os.path.exists(temp):
-            os.unlink(temp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, graph.getvalue())
 
 
 def exported(model, segment: int, cache_dir: str = "") -> Path:

@@ -18,7 +18,7 @@ import torch
 from . import audio, messages
 from .config import Settings
 from .encode import open_encoders
-from .engine import Separator
+from .engine import Separator, bag_of
 from .errors import Cancel, ConfigError, Interrupted, JobError
 from .logs import platform_labels
 from .model import load_model, pick_device
@@ -87,7 +87,6 @@ def cpu_runners(model, device: torch.device, settings: Settings):
     """With CPU_BACKEND=onnx on CPU: ONNX Runtime for each HTDemucs of the model, else None."""
     if device.type != "cpu" or settings.cpu_backend != "onnx":
         return None
-    from .engine import bag_of
     from .onnx_network import OnnxHTDemucs, is_htdemucs
     models, _ = bag_of(model)
     if not all(is_htdemucs(m) for m in models):
