@@ -159,9 +159,12 @@ class OnnxHTDemucs:
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         # measured on a 2-core host: spinning workers gain nothing once the six encoders
-        # share the cores, and the memory-pattern planner makes the second run ~2x slower
+        # share the cores, the memory-pattern planner makes the second run ~2x slower, and
+        # without ORT's own arena freed buffers go back to tcmalloc (first window ~1 s less
+        # system time, ~200 MB less peak RSS)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_mem_pattern = False
+        options.enable_cpu_mem_arena = False
         self.session = onnxruntime.InferenceSession(str(path), options,
                                                     providers=["CPUExecutionProvider"])
 
