@@ -99,8 +99,8 @@ def main():
 
     # 3. the bare reference and ours end to end, alternated: the machine's speed drifts
     references, ours = [], []
-    def run(name):     # a new track ID each time: a completed set would be reused, not redone
-        return [PY, "-m", "job", "run", "--input", str(song), "--release-id", "bench",
+    def run(name, path=song):   # a new track ID each time: a completed set would be reused
+        return [PY, "-m", "job", "run", "--input", str(path), "--release-id", "bench",
                 "--track-id", name, "--output-dir", str(work / "out")]
     for number in range(args.repeat):
         _, _, _, out = timed(parts + ["reference", str(full), str(song)])
@@ -121,9 +121,7 @@ def main():
     many = long_wav(work / "long.wav", args.long_minutes)
     timed([PY, "-m", "job", "prefetch-model"], job_env(small, args.device))
     for label, path in (("1min", one), ("30min", many)):
-        command = [PY, "-m", "job", "run", "--input", str(path), "--release-id", "bench",
-                   "--track-id", f"rss{label}", "--output-dir", str(work / "out")]
-        figures[f"rss_{label}_mb"] = timed(command, job_env(small, args.device))[1]
+        figures[f"rss_{label}_mb"] = timed(run(f"rss{label}", path), job_env(small, args.device))[1]
         figures[f"reference_rss_{label}_mb"] = timed(parts + ["reference", str(small), str(path)])[1]
 
     if args.device == "cuda":

@@ -80,15 +80,15 @@ class Drainer:
                 return Fetch(request, self.job(request), ahead=True)
         return None
 
-    def handle(self, received, request, keeper: LeaseKeeper, fetched=None) -> None:
+    def handle(self, received, request, keeper: LeaseKeeper, fetch=None) -> None:
         log.info("message %s (delivery attempt %s)", received.message.message_id,
                  delivery_attempt(received))
         if isinstance(request, dict):            # not a valid message: its failed result
             result = request
         else:
             from .pipeline import process
-            job = fetched.job if fetched is not None else self.job(request)
-            result = process(request, job, fetched=fetched)
+            job = fetch.job if fetch is not None else self.job(request)
+            result = process(request, job, fetch=fetch)
         error = result.get("error")
         if error and error["retryable"]:
             keeper.nack(received)            # not finished: another job takes it at once
@@ -112,12 +112,12 @@ class Drainer:
             for index, (received, request) in enumerate(parsed):
                 if self.cancel.is_set():
                     break
-                fetched = None
+                fetch = None
                 if ahead is not None and ahead.request is request:
-                    fetched, ahead = ahead, None
+                    fetch, ahead = ahead, None
                 if isinstance(request, messages.JobRequest) and ahead is None:
                     ahead = self.fetch_ahead(request, parsed[index + 1:])
-                self.handle(received, request, keeper, fetched)
+                self.handle(received, request, keeper, fetch)
         finally:
             if ahead is not None:            # SIGTERM: drop the prefetched track's scratch
                 ahead.close()

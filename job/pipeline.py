@@ -117,15 +117,15 @@ def manifest_matches(manifest: dict | None, identity: dict, settings: Settings) 
 
 
 def process(request: messages.JobRequest, job: Job, trusted: bool = False,
-            fetched: "Fetch | None" = None) -> dict:
+            fetch: "Fetch | None" = None) -> dict:
     """Separate one track; the stem-results dict, completed or failed.
 
-    `fetched` is a Fetch started earlier (drain fetches the next track while this one
+    `fetch` is a Fetch started earlier (drain fetches the next track while this one
     separates); without it the track is fetched here. timings["total"] is this call's wall
     time: a fetch done ahead, in the shadow of the previous track, shows only in its stages.
     """
     started = time.monotonic()
-    fetch = fetched or Fetch(request, job, trusted)
+    fetch = fetch or Fetch(request, job, trusted)
     timings = fetch.timings
     result = None
     try:
