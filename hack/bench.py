@@ -15,7 +15,7 @@ import time
 from statistics import median
 from pathlib import Path
 
-import numpy as np
+
 import soundfile
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +55,7 @@ def long_wav(path, minutes, seed=3):
 
 def job_env(model_dir, device):
     env = dict(os.environ, MODEL_DIR=str(model_dir), DEVICE=device, LOG_FORMAT="json",
-               STORAGE_MODE="local", ONNX_CACHE_DIR=str(Path(model_dir).parent / "onnx"))
+               STORAGE_MODE="local")
     for key in ("JOB_MESSAGE", "ORIGINAL_STEM_URI", "GCP_PROJECT_ID"):
         env.pop(key, None)
     return env

@@ -44,10 +44,9 @@ def part_reference(model_dir, audio):
 def part_parity(model_dir, audio):
     """SDR of our engine, configured as `stem-job run` configures it (env), vs the reference."""
     from job.config import load_settings
-    from job.engine import Separator
-    from job.pipeline import cpu_runners
-    from demucs.pretrained import get_model
-    model = get_model("htdemucs_6s", repo=Path(model_dir))
+    from job.model import ModelCache
+    separator = ModelCache(load_settings(model_dir=str(model_dir), device="cpu")).separator()
+    model = separator.model
     mix = decoded(audio)
     expected = reference_separation(model, mix).numpy()
     got = np.zeros(expected.shape, np.float32)
@@ -55,9 +54,8 @@ def part_parity(model_dir, audio):
     def emit(position, block):
         got[..., position:position + block.shape[-1]] = block
 
-    device = torch.device("cpu")
     mono = mix.mean(0)
-    Separator(model, device, runners=cpu_runners(model, device, load_settings())).separate(
+    separator.separate(
         lambda a, b: _read(mix, a, b), mix.shape[1], float(mono.mean()), float(mono.std()), emit)
     print(json.dumps({"parity_db": {
         name: float(10 * np.log10((expected[i] ** 2).sum() /

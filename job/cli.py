@@ -2,46 +2,36 @@
 
 import json
 import os
-import signal
 import sys
+import traceback
 
 import click
 
-from . import messages
-from .config import ConfigError, load_settings
-from .errors import EXIT_CONFIG, JobError, exit_code_for
+from . import messages, runtime
+from .config import ConfigError, load_settings, parse
+from .errors import EXIT_RETRY, JobError, exit_code_for
 from .logs import setup_logging
-
-
-def fail_config(message: str):
-    click.echo(f"stem-job: configuration error: {message}", err=True)
-    sys.exit(EXIT_CONFIG)
+from .malloc import use_tcmalloc
 
 
 def settings_or_exit(**overrides):
     try:
         return load_settings(**overrides)
     except ConfigError as exc:
-        fail_config(str(exc))
+        runtime.fail_config(str(exc))
 
 
-def make_storage(settings, restrict_inputs: bool = False):
-    if settings.storage_mode == "gcs":
-        from .gcs_storage import GcsStorage
-        return GcsStorage(settings.gcs_bucket, settings.allowed_buckets(), settings.max_input_bytes,
-                          project=settings.gcp_project_id or None,
-                          retry_deadline_s=settings.retry_deadline_s)
-    from .storage import LocalStorage
-    return LocalStorage(settings.output_dir, settings.input_dir, settings.max_input_bytes,
-                        restrict_inputs=restrict_inputs)
-
-
-def on_sigterm(cancel):
-    """SIGTERM (spot preemption, Cloud Run stop): stop between windows, report, exit 75."""
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        cancel.trip()
-    signal.signal(signal.SIGTERM, handler)
+def checked(variable: str):
+    """A click callback validating a flag exactly as its env variable (config.parse); a bad
+    value is a usage error (exit 2) naming the flag."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return parse(variable, value)
+        except ConfigError as exc:
+            raise click.BadParameter(f"{exc} (flag for {variable})") from None
+    return callback
 
 
 @click.group(invoke_without_command=True)
@@ -89,10 +79,11 @@ def emit_result(result: dict) -> None:
 @click.option("--job-id")
 @click.option("--mime-type")
 @click.option("--message", help="A stem-separate message (JSON or base64 JSON).")
-@click.option("--output-dir", help="Overrides OUTPUT_DIR.")
-@click.option("--model-dir", help="Overrides MODEL_DIR.")
-@click.option("--device", help="Overrides DEVICE (auto, cpu, cuda).")
-@click.option("--format", "output_format", help="Overrides OUTPUT_FORMAT (mp3, wav, flac).")
+@click.option("--output-dir", callback=checked("OUTPUT_DIR"), help="Overrides OUTPUT_DIR.")
+@click.option("--model-dir", callback=checked("MODEL_DIR"), help="Overrides MODEL_DIR.")
+@click.option("--device", callback=checked("DEVICE"), help="Overrides DEVICE (auto, cpu, cuda).")
+@click.option("--format", "output_format", callback=checked("OUTPUT_FORMAT"),
+              help="Overrides OUTPUT_FORMAT (mp3, wav, flac).")
 def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None,
         mime_type=None, message=None, output_dir=None, model_dir=None, device=None,
         output_format=None):
@@ -100,25 +91,22 @@ def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None
     settings = settings_or_exit(output_dir=output_dir, model_dir=model_dir, device=device,
                                 output_format=output_format)
     setup_logging(settings.log_format)
-    from .pipeline import Engine, Job, process
     try:
         request, trusted = request_from(input_, release_id, track_id, artist_id, job_id,
                                         mime_type, message)
     except JobError as error:
         raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
         finish_run(settings, messages.failed_result(messages.salvage_ids(raw), error))
+    # imported once the request is valid: torch takes seconds, a bad request should not wait
+    from .model import ModelCache
+    from .pipeline import Job, process
     try:
-        job = Job(settings, make_storage(settings), Engine(settings))
-    except ConfigError as exc:
-        fail_config(str(exc))
-    on_sigterm(job.cancel)
-    if settings.gcp_project_id:
-        from .drain import progress_reporter
-        job.on_progress = progress_reporter(settings, request)
-    try:
+        job = Job(settings, runtime.make_storage(settings), ModelCache(settings),
+                  on_progress=runtime.progress_reporter(settings, request))
+        runtime.on_sigterm(job.cancel)
         result = process(request, job, trusted=trusted)
     except ConfigError as exc:
-        fail_config(str(exc))
+        runtime.fail_config(str(exc))
     finish_run(settings, result)
 
 
@@ -128,9 +116,8 @@ def finish_run(settings, result: dict):
     error = result.get("error")
     code = exit_code_for(JobError(**error) if error else None)
     if settings.gcp_project_id and not (error and error["retryable"]):
-        from .drain import results_publisher
         try:
-            results_publisher(settings).publish_result(result)
+            runtime.results_publisher(settings).publish_result(result)
         except JobError as failure:
             click.echo(f"stem-job: result not published: {failure.message}", err=True)
             code = exit_code_for(failure)
@@ -138,30 +125,41 @@ def finish_run(settings, result: dict):
 
 
 @cli.command()
-@click.option("--max-messages", type=int, help="Overrides MAX_MESSAGES.")
-@click.option("--idle-timeout", type=float, help="Overrides IDLE_TIMEOUT_S (seconds).")
+@click.option("--max-messages", callback=checked("MAX_MESSAGES"), help="Overrides MAX_MESSAGES.")
+@click.option("--idle-timeout", callback=checked("IDLE_TIMEOUT_S"),
+              help="Overrides IDLE_TIMEOUT_S (seconds).")
 def drain(max_messages=None, idle_timeout=None):
     """Pull up to --max-messages from PUBSUB_SUBSCRIPTION and process them, then exit."""
     settings = settings_or_exit(max_messages=max_messages, idle_timeout_s=idle_timeout)
     setup_logging(settings.log_format)
-    from .drain import drain as run_drain
-    sys.exit(run_drain(settings))
+    from .drain import drain as run_drain    # imports the Pub/Sub client: not for `run`
+    try:
+        code = run_drain(settings)
+    except ConfigError as exc:
+        runtime.fail_config(str(exc))
+    sys.exit(code)
+
+
+def http_options(command):
+    command = click.option("--port", callback=checked("PORT"), help="Overrides PORT.")(command)
+    return click.option("--host", callback=checked("HTTP_HOST"), help="Overrides HTTP_HOST.")(command)
 
 
 @cli.command()
-@click.option("--host", help="Overrides HTTP_HOST.")
-@click.option("--port", type=int, help="Overrides PORT.")
+@http_options
 def serve(host=None, port=None):
     """The original worker's HTTP API: POST /separate/{release_id}/{track_id}, GET /health."""
     settings = settings_or_exit(http_host=host, http_port=port)
     setup_logging(settings.log_format)
-    from .http import serve as run_server
-    run_server(settings)
+    from .http import serve as run_server     # FastAPI and uvicorn: only `serve` needs them
+    try:
+        run_server(settings)
+    except ConfigError as exc:
+        runtime.fail_config(str(exc))
 
 
 @cli.command()
-@click.option("--host", help="Overrides HTTP_HOST.")
-@click.option("--port", type=int, help="Overrides PORT.")
+@http_options
 def dispatch(host=None, port=None):
     """The Cloud Run dispatcher: Pub/Sub push or Eventarc in, one job execution per message."""
     settings = settings_or_exit(http_host=host, http_port=port)
@@ -170,29 +168,34 @@ def dispatch(host=None, port=None):
     try:
         run_dispatcher(settings.http_host, port or int(os.environ.get("PORT", "8080")))
     except ConfigError as exc:
-        fail_config(str(exc))
+        runtime.fail_config(str(exc))
 
 
 @cli.command("prefetch-model")
 def prefetch_model():
-    """Download and cache the model (or check MODEL_DIR loads) and its ONNX export, so later
-    runs work offline and start at once."""
+    """Download and cache the model (or check MODEL_DIR loads), so later runs work offline."""
     settings = settings_or_exit()
     setup_logging(settings.log_format)
-    import torch
-
     from .model import load_model
-    from .pipeline import cpu_runners
     try:
         model = load_model(settings.model_name, settings.model_dir)
-        runners = cpu_runners(model, torch.device("cpu"), settings)   # exports the ONNX network
     except ConfigError as exc:
-        fail_config(str(exc))
-    click.echo(f"model {settings.model_name} ready: sources {', '.join(model.sources)}"
-               f"{'; ONNX network cached for CPU' if runners else ''}")
+        runtime.fail_config(str(exc))
+    click.echo(f"model {settings.model_name} ready: sources {', '.join(model.sources)}")
 
 
 def main():
-    from .malloc import use_tcmalloc
+    """The `stem-job` entry point: under tcmalloc when installed, and out through
+    runtime.exit_now so the exit code is the documented one whatever is still loading."""
     use_tcmalloc()
-    cli(prog_name="stem-job")
+    try:
+        cli(prog_name="stem-job")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if isinstance(done.code, str):
+            sys.stderr.write(done.code + "\n")
+    except Exception:           # a bug, not a verdict on the input: a retry may help
+        traceback.print_exc()
+        code = EXIT_RETRY
+    runtime.exit_now(code)

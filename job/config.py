@@ -6,7 +6,7 @@ the README. A bad value raises ConfigError with one line naming the variable.
 
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from .errors import ConfigError
 
@@ -28,8 +28,6 @@ class Settings:
     model_dir: str = ""
     device: str = "auto"
     precision: str = "auto"
-    cpu_backend: str = "torch"         # or onnx (HTDemucs' network on ONNX Runtime)
-    onnx_cache_dir: str = ""
     segment_batch: int = 0            # 0 = auto
     shifts: int = 0
     seed: int = 0
@@ -128,8 +126,6 @@ ENV = {
     "MODEL_DIR": ("model_dir", _text),
     "DEVICE": ("device", lambda n, v: _choice(n, v, ("auto", "cpu", "cuda"))),
     "PRECISION": ("precision", lambda n, v: _choice(n, v, ("auto", "fp32", "bf16", "fp16"))),
-    "CPU_BACKEND": ("cpu_backend", lambda n, v: _choice(n, v, ("torch", "onnx"))),
-    "ONNX_CACHE_DIR": ("onnx_cache_dir", _text),
     "SEGMENT_BATCH": ("segment_batch", _batch),
     "SHIFTS": ("shifts", lambda n, v: _int(n, v, 0, 20)),
     "SEED": ("seed", lambda n, v: _int(n, v, 0)),
@@ -150,27 +146,25 @@ ENV = {
 FIELD_TO_ENV = {field: env for env, (field, _) in ENV.items()}
 
 
+def parse(env: str, raw) -> object:
+    """The value of variable `env` from `raw` (a string, or a flag's value), validated; the one
+    check for env and flags alike. ConfigError names the variable and what it accepts."""
+    return ENV[env][1](env, raw if isinstance(raw, str) else str(raw))
+
+
 def load_settings(environ=None, **overrides) -> Settings:
-    """Settings from `environ` (default os.environ); keyword overrides are raw strings
-    or values from flags, validated like the env variable they stand for."""
+    """Settings from `environ` (default os.environ); keyword overrides (by field name, from
+    flags) are validated like the env variable they stand for."""
     environ = os.environ if environ is None else environ
     values = {}
-    for env, (field, parse) in ENV.items():
+    for env, (field, _) in ENV.items():
         raw = environ.get(env)
         if raw is not None and (raw.strip() or field in ("gcs_bucket",)):
             values[field] = parse(env, raw)
     for field, raw in overrides.items():
-        if raw is None:
-            continue
-        env = FIELD_TO_ENV[field]
-        values[field] = ENV[env][1](env, raw) if isinstance(raw, str) else raw
+        if raw is not None:
+            values[field] = parse(FIELD_TO_ENV[field], raw)
     settings = replace(Settings(), **values)
     if settings.storage_mode == "gcs" and not settings.gcs_bucket:
         raise ConfigError("GCS_BUCKET is required when STORAGE_MODE=gcs")
     return settings
-
-
-def describe() -> list[tuple[str, str]]:
-    """(variable, default) pairs, for the README and `--help`."""
-    defaults = {f.name: f.default for f in fields(Settings)}
-    return [(env, repr(defaults[field])) for env, (field, _) in ENV.items()]

@@ -4,91 +4,83 @@ A message is acked only after its result is published; a bad message gets a `fai
 and an ack (it will never get better); a fault where a retry may help is nacked at once so
 another job takes it. Nothing heavy (torch, the model) is loaded before a message arrives:
 KEDA's lagging metric starts jobs that find the queue empty, and those must cost seconds.
+A configuration error (the model cannot load, no CUDA device) nacks everything held and
+exits 78: no message can succeed on this worker.
 """
 
 import logging
-import signal
+from dataclasses import dataclass
 
 from google.cloud import pubsub_v1
 
-from . import messages
-from .errors import Cancel, EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, JobError
-from .pubsub import LeaseKeeper, Publisher, delivery_attempt, pull, resource_path
+from . import messages, runtime
+from .errors import Cancel, ConfigError, EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, JobError
+from .pubsub import LeaseKeeper, delivery_attempt, pull, resource_path
 
 log = logging.getLogger(__name__)
 LEASE_S = 60
 
 
-def results_publisher(settings, deadline_s: float | None = None):
-    deadline_s = settings.retry_deadline_s if deadline_s is None else deadline_s
-    topic = resource_path(settings.gcp_project_id, "topics", settings.pubsub_results_topic)
-    return Publisher(pubsub_v1.PublisherClient(), topic, deadline_s=deadline_s)
+@dataclass
+class Delivery:
+    """A pulled message and what it asks for: a valid request, or the failed result of a
+    message that is not one."""
 
+    received: object                          # pubsub ReceivedMessage
+    request: messages.JobRequest | None = None
+    refusal: dict | None = None               # the failed result of an invalid message
 
-def progress_reporter(settings, request):
-    """Throttled `processing` events (PROGRESS_EVENTS); a lost one is only logged."""
-    if not settings.progress_events:
-        return None
-    publisher = results_publisher(settings, deadline_s=5.0)
-
-    def report(fraction):
+    @classmethod
+    def parse(cls, received) -> "Delivery":
+        data = received.message.data
         try:
-            publisher.publish({**messages.request_ids(request), "status": "processing",
-                               "progress": round(fraction, 3)},
-                              {"jobId": request.job_id, "status": "processing"})
+            return cls(received, request=messages.parse_message(data))
         except JobError as error:
-            log.warning("progress event not published: %s", error.message)
-    return report
+            return cls(received, refusal=messages.failed_result(messages.salvage_ids(data), error))
 
 
 class Drainer:
     def __init__(self, settings):
-        from .cli import make_storage
         self.settings = settings
         self.cancel = Cancel()
         self.subscriber = pubsub_v1.SubscriberClient()
         self.subscription = resource_path(settings.gcp_project_id, "subscriptions",
                                           settings.pubsub_subscription)
-        self.publisher = results_publisher(settings)
-        self.storage = make_storage(settings, restrict_inputs=True)
-        self.engine = None
+        self.publisher = runtime.results_publisher(settings)
+        self.storage = runtime.make_storage(settings, restrict_inputs=True)
+        self.models = None
         self.outcomes = []
 
     def job(self, request):
-        from .pipeline import Engine, Job
-        if self.engine is None:
-            self.engine = Engine(self.settings)
-        return Job(self.settings, self.storage, self.engine, self.cancel,
-                   progress_reporter(self.settings, request))
+        # imported on the first message, not at start: torch costs seconds, and an
+        # empty-queue job must exit in seconds
+        from .model import ModelCache
+        from .pipeline import Job
+        if self.models is None:
+            self.models = ModelCache(self.settings)
+        return Job(self.settings, self.storage, self.models, self.cancel,
+                   runtime.progress_reporter(self.settings, request))
 
-    def parse(self, received):
-        """(received, request) or (received, failed result) for a message that is not valid."""
-        try:
-            return received, messages.parse_message(received.message.data)
-        except JobError as error:
-            return received, messages.failed_result(messages.salvage_ids(received.message.data),
-                                                    error)
-
-    def fetch_ahead(self, current, parsed):
+    def fetch_ahead(self, current, later):
         """Start downloading and decoding the next valid message's track (another track than
         `current`'s: a duplicate must find the first one's stems, not fetch again)."""
-        from .pipeline import Fetch
-        for _, request in parsed:
-            if isinstance(request, messages.JobRequest):
+        for delivery in later:
+            request = delivery.request
+            if request is not None:
                 if (request.release_id, request.track_id) == (current.release_id, current.track_id):
                     return None
-                return Fetch(request, self.job(request), ahead=True)
+                return self.job(request).fetch(request, ahead=True)
         return None
 
-    def handle(self, received, request, keeper: LeaseKeeper, fetch=None) -> None:
+    def handle(self, delivery: Delivery, keeper: LeaseKeeper, fetch=None) -> None:
+        received = delivery.received
         log.info("message %s (delivery attempt %s)", received.message.message_id,
                  delivery_attempt(received))
-        if isinstance(request, dict):            # not a valid message: its failed result
-            result = request
+        if delivery.request is None:
+            result = delivery.refusal
         else:
-            from .pipeline import process
-            job = fetch.job if fetch is not None else self.job(request)
-            result = process(request, job, fetch=fetch)
+            from .pipeline import process     # loaded with the model, see job()
+            result = process(delivery.request, self.job(delivery.request), fetch=fetch)
         error = result.get("error")
         if error and error["retryable"]:
             keeper.nack(received)            # not finished: another job takes it at once
@@ -106,20 +98,20 @@ class Drainer:
         self.outcomes.append(EXIT_BAD_INPUT if error else EXIT_OK)
 
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
-        parsed = [self.parse(received) for received in batch]
-        ahead = None                         # the Fetch of a later message, under way
+        deliveries = [Delivery.parse(received) for received in batch]
+        ahead = None                         # the TrackFetch of a later message, under way
         try:
-            for index, (received, request) in enumerate(parsed):
+            for index, delivery in enumerate(deliveries):
                 if self.cancel.is_set():
                     break
                 fetch = None
-                if ahead is not None and ahead.request is request:
+                if ahead is not None and ahead.request is delivery.request:
                     fetch, ahead = ahead, None
-                if isinstance(request, messages.JobRequest) and ahead is None:
-                    ahead = self.fetch_ahead(request, parsed[index + 1:])
-                self.handle(received, request, keeper, fetch)
+                if delivery.request is not None and ahead is None:
+                    ahead = self.fetch_ahead(delivery.request, deliveries[index + 1:])
+                self.handle(delivery, keeper, fetch)
         finally:
-            if ahead is not None:            # SIGTERM: drop the prefetched track's scratch
+            if ahead is not None:            # SIGTERM or config error: drop its scratch
                 ahead.close()
 
     def run(self) -> int:
@@ -132,7 +124,7 @@ class Drainer:
                     break
                 keeper.hold(batch)
                 self.run_batch(batch, keeper)
-            # leaving the keeper nacks whatever is still held (SIGTERM)
+            # leaving the keeper nacks whatever is still held (SIGTERM, ConfigError)
         if self.cancel.is_set():
             return EXIT_RETRY
         if not self.outcomes:
@@ -141,15 +133,11 @@ class Drainer:
 
 
 def drain(settings) -> int:
+    """Drain PUBSUB_SUBSCRIPTION; the exit code (ConfigError is left to the caller: exit 78)."""
     if not settings.gcp_project_id:
-        from .cli import fail_config
-        fail_config("GCP_PROJECT_ID is required to drain a Pub/Sub subscription")
+        raise ConfigError("GCP_PROJECT_ID is required to drain a Pub/Sub subscription")
     drainer = Drainer(settings)
-
-    def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        drainer.cancel.trip()
-    signal.signal(signal.SIGTERM, on_sigterm)
+    runtime.on_sigterm(drainer.cancel)
     try:
         return drainer.run()
     except JobError as error:     # Pub/Sub itself unreachable

@@ -15,7 +15,6 @@ the same shift offsets for `shifts > 0`. What differs is the shape:
 
 import logging
 import random
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import Interrupted
+from .errors import Cancel, Interrupted
 
 OVERLAP = 0.25
 log = logging.getLogger(__name__)
@@ -153,11 +152,9 @@ class Separator:
     """A loaded model and how to run it; `separate()` streams one track through it."""
 
     def __init__(self, model, device: torch.device, batch: int = 1, precision: str = "fp32",
-                 shifts: int = 0, seed: int = 0, runners=None):
+                 shifts: int = 0, seed: int = 0):
         self.model = model
         self.models, self.model_weights = bag_of(model)
-        # what runs each sub-model's forward pass (default: the module; onnx_network on CPU)
-        self.runners = runners or self.models
         self.sources = list(model.sources)
         self.device = device
         self.batch = max(1, batch)
@@ -183,33 +180,35 @@ class Separator:
         return out.float().cpu()
 
     def separate(self, read, length: int, mean: float, std: float, emit,
-                 progress=None, cancel: threading.Event | None = None) -> None:
+                 progress=None, cancel: Cancel | None = None) -> None:
         """Separate a track of `length` samples.
 
         read(start, stop) -> (2, stop-start) float32 raw audio, zeros outside the track.
         emit(start, block) receives (sources, 2, n) de-normalised stem blocks, in order,
-        covering [0, length) exactly once.
+        covering [0, length) exactly once. `cancel` (set on SIGTERM) stops between windows and
+        aborts a forward pass under way.
         """
+        cancel = cancel if cancel is not None else Cancel()
         std = std if std > 1e-8 else 1.0
         streams = plan_streams(self.models, length, self.shifts, self.seed)
         adders = [OverlapAdd(s, len(self.sources)) for s in streams]
         combiner = Combiner(streams, self.model_weights, len(self.sources), length)
-        # every window of every stream, in the order of the audio it covers
-        jobs = sorted(((s.offset + o, i, o) for i, s in enumerate(streams) for o in s.windows()))
+        # every window (position, stream, offset in the stream), in the order of the audio
+        windows = sorted(((s.offset + o, i, o) for i, s in enumerate(streams) for o in s.windows()))
         batches, current = [], []
-        for job in jobs:
+        for window in windows:
             if current and (len(current) == self.batch or
-                            streams[current[0][1]].model_index != streams[job[1]].model_index):
+                            streams[current[0][1]].model_index != streams[window[1]].model_index):
                 batches.append(current)
                 current = []
-            current.append(job)
+            current.append(window)
         if current:
             batches.append(current)
 
-        def load(batch_jobs):
+        def load(batch):
             """The normalised, neighbour-padded input of each window (TensorChunk.padded)."""
             inputs = []
-            for _, index, offset in batch_jobs:
+            for _, index, offset in batch:
                 s = streams[index]
                 chunk = min(s.segment, s.length - offset)
                 start = offset - (s.segment - chunk) // 2
@@ -225,18 +224,18 @@ class Separator:
         done = 0
         with ThreadPoolExecutor(1, thread_name_prefix="read-windows") as pool:
             future = pool.submit(load, batches[0])
-            for number, batch_jobs in enumerate(batches):
-                if cancel is not None and cancel.is_set():
+            for number, batch in enumerate(batches):
+                if cancel.is_set():
                     raise Interrupted()
                 inputs = future.result()
                 if number + 1 < len(batches):
                     future = pool.submit(load, batches[number + 1])
-                model = self.runners[streams[batch_jobs[0][1]].model_index]
+                model = self.models[streams[batch[0][1]].model_index]
                 if number == 0:
-                    log.info("first window entering the model", extra={"fields": {"event": "first_window"}})
-                with cancel.abortable() if hasattr(cancel, "abortable") else nullcontext():
+                    log.info("first window entering the model", extra={"json_fields": {"event": "first_window"}})
+                with cancel.abortable():
                     outputs = self._forward(model, inputs).numpy()
-                for (_, index, offset), out in zip(batch_jobs, outputs):
+                for (_, index, offset), out in zip(batch, outputs):
                     s = streams[index]
                     chunk = min(s.segment, s.length - offset)
                     trim = (s.segment - chunk) // 2
@@ -248,6 +247,6 @@ class Separator:
                 if taken is not None:
                     start, block = taken
                     emit(start, block * std + mean)
-                done += len(batch_jobs)
+                done += len(batch)
                 if progress is not None:
-                    progress(done / len(jobs))
+                    progress(done / len(windows))

@@ -40,7 +40,6 @@ import math
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import uvicorn
@@ -51,9 +50,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import messages
+from . import messages, runtime
 from .config import Settings
-from .errors import EXIT_CONFIG, ConfigError, Interrupted, JobError
+from .errors import EXIT_RETRY, Cancel, Interrupted, JobError
+from .model import ModelCache
+from .pipeline import Job, process
 from .storage import Original
 
 log = logging.getLogger(__name__)
@@ -239,20 +240,19 @@ class Gate:
         self.in_flight -= 1
 
 
-def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
-    """The FastAPI app; `engine` and `storage` default to the ones `run` would build."""
-    from .pipeline import Engine, Job, process
-    if storage is None:
-        from .cli import make_storage
-        storage = make_storage(settings)
-    engine = engine or Engine(settings)
+def create_app(settings: Settings, models: ModelCache | None = None, storage=None) -> FastAPI:
+    """The FastAPI app; `models` and `storage` default to the ones `run` would build."""
+    storage = storage or runtime.make_storage(settings)
+    models = models or ModelCache(settings)
     gate = Gate(settings.http_queue)
-    stopping = threading.Event()        # set on SIGTERM/SIGINT: the running separation ends
+    # set on SIGTERM/SIGINT: the running separation stops at its next window (set, not
+    # tripped: uvicorn's handler runs in the main thread, the separation in a worker)
+    stopping = Cancel()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(engine.separator)     # load the model once, before serving
-        log.info("serving %s on %s (storage %s, queue %d)", settings.model_name, engine.device,
+        await asyncio.to_thread(models.separator)     # load the model once, before serving
+        log.info("serving %s on %s (storage %s, queue %d)", settings.model_name, models.device,
                  settings.storage_mode, settings.http_queue)
         yield
 
@@ -272,8 +272,8 @@ def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "processing_mode": "http", "storage_mode": settings.storage_mode,
-                "device": str(engine.device), "model": settings.model_name,
-                "model_loaded": engine.loaded, "in_flight": gate.in_flight,
+                "device": str(models.device), "model": settings.model_name,
+                "model_loaded": models.loaded, "in_flight": gate.in_flight,
                 "queue": settings.http_queue}
 
     @app.post("/separate/{release_id}/{track_id}")
@@ -306,7 +306,7 @@ def create_app(settings: Settings, engine=None, storage=None) -> FastAPI:
                     log.info("client left %s/%s while queued: not separating", release_id,
                              track_id, extra=labels)
                     return error_response(GONE, **ids)
-                job = Job(settings, UploadedOriginal(storage, original), engine, stopping)
+                job = Job(settings, UploadedOriginal(storage, original), models, stopping)
                 result = await asyncio.to_thread(process, job_request, job, True)
                 if result["status"] == "completed" and not result.get("reused"):
                     gate.last_seconds = result["timings"].get("total")
@@ -359,18 +359,14 @@ class Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    """Load the model (a bad one is a one-line exit 78, before any port opens), then run
-    uvicorn on HTTP_HOST:PORT with our logging (log_config=None keeps the root handler)."""
-    from .pipeline import Engine
-    try:
-        engine = Engine(settings)
-        engine.separator()
-        app = create_app(settings, engine)
-    except ConfigError as exc:
-        sys.stderr.write(f"stem-job: configuration error: {exc}\n")
-        sys.exit(EXIT_CONFIG)
-    server = Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
-                                   log_config=None, timeout_graceful_shutdown=GRACE_S))
+    """Load the model (ConfigError before any port opens: the CLI exits 78), then run uvicorn
+    on HTTP_HOST:PORT with our logging (log_config=None keeps the root handler). A port that
+    cannot be bound (in use) exits 75: another instance or a retry may find it free."""
+    models = ModelCache(settings)
+    models.separator()
+    server = Server(uvicorn.Config(create_app(settings, models), host=settings.http_host,
+                                   port=settings.http_port, log_config=None,
+                                   timeout_graceful_shutdown=GRACE_S))
     server.run()
     if not server.started:
-        sys.exit(1)
+        sys.exit(EXIT_RETRY)

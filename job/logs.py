@@ -1,6 +1,11 @@
-"""Logging: JSON lines for Cloud Logging on Cloud Run/GKE, readable text on a terminal."""
+"""Logging: Cloud Logging's structured JSON on Cloud Run and GKE, readable text on a terminal.
 
-import json
+The JSON lines come from google-cloud-logging's `StructuredLogHandler` (severity, message,
+`logging.googleapis.com/labels`, source location, trace), which the platforms' agents parse from
+the container's output. Records add `extra={"labels": {...}}` for labels and
+`extra={"json_fields": {...}}` for fields of their own (the `job_summary` line's figures).
+"""
+
 import logging
 import os
 import sys
@@ -16,23 +21,6 @@ def choose_format(wanted: str = "auto", stream=sys.stderr) -> str:
     return "text"
 
 
-class JsonFormatter(logging.Formatter):
-    """Cloud Logging's structured format: severity, message, labels, extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"severity": record.levelname, "message": record.getMessage(),
-                 "logger": record.name, "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S")}
-        labels = getattr(record, "labels", None)
-        if labels:
-            entry["logging.googleapis.com/labels"] = {k: str(v) for k, v in labels.items() if v}
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
-        if record.exc_info:
-            entry["stack_trace"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
 def platform_labels() -> dict:
     """Which execution/pod produced a line (Cloud Run job execution and task, k8s pod)."""
     return {key: os.environ[var] for key, var in (
@@ -42,10 +30,20 @@ def platform_labels() -> dict:
 
 
 def setup_logging(wanted: str = "auto", level: int = logging.INFO) -> str:
+    """Log to stderr (stdout carries the result JSON) in the chosen format; returns it."""
     fmt = choose_format(wanted)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        # imported here: a terminal run should not pay for google.cloud.logging's import
+        import google.cloud.logging_v2
+        from google.cloud.logging_v2.handlers import StructuredLogHandler
+        # the library's one-off "instrumentation" line says nothing about the job (and would
+        # print twice, through its own logger and the root handler)
+        google.cloud.logging_v2._instrumentation_emitted = True
+        handler = StructuredLogHandler(stream=sys.stderr, labels=platform_labels(),
+                                       project_id=os.environ.get("GCP_PROJECT_ID") or None)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,11 +1,17 @@
-"""Loading the Demucs model once per process, by name or from a local folder."""
+"""The Demucs model: loaded by name or from a local folder, once per process, and kept.
+
+`ModelCache` owns the one loaded model and the `Separator` that runs it; `run` and `drain` start
+loading it in the background while the first track downloads and decodes.
+"""
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
 
+from .engine import Separator
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,3 +60,56 @@ def load_model(name: str, model_dir: str = "", device: torch.device | None = Non
     log.info("model %s loaded (%s)", name, "offline" if os.environ.get("HF_HUB_OFFLINE") else
              (model_dir or "hub cache"))
     return model
+
+
+def auto_batch(device: torch.device) -> int:
+    """Windows per forward pass: on CUDA as many as memory allows (~1.5 GB each in fp32)."""
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(16, free // (1536 * 2**20) - 1)))
+
+
+class ModelCache:
+    """The model of MODEL_NAME/MODEL_DIR, loaded on first use and kept for every later track."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self._separator = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._separator is not None
+
+    def warm(self) -> None:
+        """Start loading in the background (overlapping download and decode).
+
+        A failure is only logged here: `separator()` tries again and raises it where the job
+        reports errors."""
+        if self._separator is not None or self._lock.locked():
+            return
+
+        def load():
+            try:
+                self.separator()
+            except Exception as exc:
+                log.debug("background model load failed (retried on use): %s", exc)
+        threading.Thread(target=load, name="model-load", daemon=True).start()
+
+    def separator(self) -> Separator:
+        """The loaded model's Separator; ConfigError (ModelUnavailable) if it cannot load."""
+        with self._lock:
+            if self._separator is None:
+                s = self.settings
+                model = load_model(s.model_name, s.model_dir, self.device)
+                precision = s.precision
+                if precision == "auto":
+                    precision = "bf16" if self.device.type == "cuda" else "fp32"
+                if self.device.type == "cuda":
+                    torch.backends.cudnn.benchmark = True
+                self._separator = Separator(model, self.device,
+                                            s.segment_batch or auto_batch(self.device),
+                                            precision, s.shifts, s.seed)
+            return self._separator

@@ -1,6 +1,7 @@
-"""Progress of one separation: a bar on a terminal, a log line every 10% otherwise,
-and an optional callback (progress events on the results topic)."""
+"""Progress of one track: how long each stage took, and how far the separation is (a bar on a
+terminal, a log line every 10% otherwise, and an optional callback: progress events)."""
 
+import contextlib
 import logging
 import sys
 import time
@@ -36,3 +37,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@contextlib.contextmanager
+def stage(timings: dict, name: str):
+    """Add the wall time of the block to timings[name] (seconds, summed over repeats)."""
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0) + time.monotonic() - start, 3)

@@ -1,14 +1,7 @@
-"""Where originals come from and stems go: the local-folder backend and the common shape.
+"""Where originals come from and stems go: the backend interface and the local-folder backend.
 
-Every backend offers the same few calls the pipeline uses:
-  describe_original(uri) -> Original      validate the URI, size and identity (no download)
-  fetch_original(original, folder) -> Path a local file to decode
-  read_manifest(release, track) -> dict | None
-  write_stems(release, track, files) -> {stem: url}
-  write_manifest(release, track, manifest)
-  scratch() -> context manager yielding a temp folder for encoders
-
-The manifest is written last; its presence means the set is complete.
+The pipeline sees only `Storage`; `LocalStorage` (here) and `GcsStorage` (gcs_storage.py) are
+its two implementations. The manifest is written last: its presence means the set is complete.
 """
 
 import contextlib
@@ -19,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .errors import JobError
 from .messages import check_id
@@ -35,6 +29,31 @@ class Original:
     size: int
     identity: dict = field(default_factory=dict)   # generation/checksum, names the input in manifests
     local_path: Path | None = None
+
+
+class Storage(Protocol):
+    """What the pipeline asks of a backend."""
+
+    def describe_original(self, uri: str, trusted: bool = False) -> Original:
+        """Validate the URI, size and identity of an original, without downloading it."""
+
+    def fetch_original(self, original: Original, folder: Path) -> Path:
+        """A local file holding the original, to decode."""
+
+    def read_manifest(self, release_id: str, track_id: str) -> dict | None:
+        """The track's manifest when its set is complete, else None."""
+
+    def remove_manifest(self, release_id: str, track_id: str) -> None:
+        """Invalidate the track's set before its stems are overwritten."""
+
+    def write_stems(self, release_id: str, track_id: str, files: dict) -> dict:
+        """Store {stem: local file}; return {stem: url}."""
+
+    def write_manifest(self, release_id: str, track_id: str, manifest: dict) -> None:
+        """Store the manifest, last."""
+
+    def scratch(self) -> contextlib.AbstractContextManager:
+        """A temp folder for the download, the decoded audio and the encoders."""
 
 
 def check_size(size: int, max_bytes: int, uri: str) -> None:

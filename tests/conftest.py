@@ -39,8 +39,7 @@ def job_env(model_dir, output_dir, **extra) -> dict:
            if k not in ("JOB_MESSAGE", "ORIGINAL_STEM_URI", "RELEASE_ID", "TRACK_ID",
                         "INPUT_DIR", "STORAGE_MODE", "PROCESSING_MODE")}
     env.update(MODEL_DIR=str(model_dir), OUTPUT_DIR=str(output_dir), DEVICE="cpu",
-               LOG_FORMAT="json", PYTHONUNBUFFERED="1",
-               ONNX_CACHE_DIR=str(Path(model_dir).parent / "onnx-cache"))
+               LOG_FORMAT="json", PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from demucs.apply import apply_model
 
-from job.engine import Separator
+from job.engine import Separator, bag_of, plan_streams
 from job.model import load_model
 from job.synthetic import music
 
@@ -27,7 +27,7 @@ def reference(model, mix, shifts=0):
     return (out * ref.std() + ref.mean()).numpy()
 
 
-def ours(model, mix, batch=1, shifts=0, seed=0, runners=None):
+def ours(model, mix, batch=1, shifts=0, seed=0):
     out = np.zeros((len(model.sources),) + mix.shape, np.float32)
     position = [0]
 
@@ -43,8 +43,7 @@ def ours(model, mix, batch=1, shifts=0, seed=0, runners=None):
         position[0] += block.shape[-1]
 
     mono = mix.mean(0)
-    Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed,
-              runners=runners).separate(
+    Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed).separate(
         read, mix.shape[1], float(mono.mean()), float(mono.std(ddof=1)), emit)
     assert position[0] == mix.shape[1]
     return out
@@ -68,48 +67,23 @@ def test_matches_reference_within_60_db(model, long_mix, batch):
         assert sdr(expected[index], got[index]) >= 60, name
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_onnx_runtime_network_matches_reference_within_60_db(model, long_mix, batch, tmp_path):
-    from job.onnx_network import OnnxHTDemucs
-    runners = [OnnxHTDemucs(sub, str(tmp_path / "onnx")) for sub in model.models]
-    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1, "one export, cached"
-    expected = reference(model, long_mix)
-    got = ours(model, long_mix, batch=batch, runners=runners)
-    worst = min(sdr(expected[i], got[i]) for i in range(len(model.sources)))
-    print(f"onnx runtime vs reference: worst stem {worst:.1f} dB")
-    assert 60 <= worst < 200, "ONNX Runtime must be used, and agree with PyTorch"
-
-
-def test_onnx_export_is_reused_from_the_cache(model, tmp_path):
-    from job.onnx_network import exported
-    sub = model.models[0]
-    segment = int(sub.segment * sub.samplerate)
-    first = exported(sub, segment, str(tmp_path))
-    stamp = first.stat().st_mtime_ns
-    assert exported(sub, segment, str(tmp_path)) == first and first.stat().st_mtime_ns == stamp
-    with torch.no_grad():
-        next(sub.parameters()).add_(1e-3)          # other weights: another export
-    try:
-        assert exported(sub, segment, str(tmp_path)) != first
-    finally:
-        with torch.no_grad():
-            next(sub.parameters()).sub_(1e-3)
-
-
-def test_shift_trick_matches_reference_with_the_same_seed(model, long_mix):
-    random.seed(7)        # demucs draws its shift offsets from the global generator
-    expected = reference(model, long_mix, shifts=1)
-    got = ours(model, long_mix, shifts=1, seed=7)
+@pytest.mark.parametrize("shifts", [1, 2])
+def test_shift_trick_matches_reference_with_the_same_offsets(model, long_mix, shifts, monkeypatch):
+    """demucs draws each shift's offset with the global `random.randint`, but its transformer
+    also consumes the global generator on every forward pass (`random.randrange` for the
+    positional embedding), so only the first offset follows from a seed. The reference gets the
+    offsets our seeded plan draws, and must then agree with our streamed passes."""
+    streams = plan_streams(bag_of(model)[0], long_mix.shape[1], shifts, seed=7)
+    max_shift = int(0.5 * model.samplerate)
+    offsets = iter([s.offset + max_shift for s in streams])
+    monkeypatch.setattr(random, "randint", lambda low, high: next(offsets))
+    expected = reference(model, long_mix, shifts=shifts)
+    assert next(offsets, None) is None, "demucs drew one offset per shift"
+    got = ours(model, long_mix, shifts=shifts, seed=7)
     for index, name in enumerate(model.sources):
         assert sdr(expected[index], got[index]) >= 60, name
-
-
-def test_two_shifts_average_two_passes(model, long_mix):
-    got = ours(model, long_mix, shifts=2, seed=3)
-    unshifted = ours(model, long_mix)
-    assert np.isfinite(got).all()
-    # shifted passes differ from the plain one, yet stay close to it (same model, same audio)
-    assert 5 < min(sdr(unshifted[i], got[i]) for i in range(6)) < 60
+    # the shifted passes really ran: they differ from the unshifted separation
+    assert max(sdr(ours(model, long_mix)[i], got[i]) for i in range(6)) < 60
 
 
 def test_short_track_under_one_window(model):

@@ -353,7 +353,8 @@ def test_client_disconnect_mid_upload_leaves_nothing(main, clip):
 def test_server_logs_are_json_lines(main):
     lines = [line for line in main.log.read_text().splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]
-    assert any(e["logger"] == "uvicorn.access" for e in entries)
+    assert any(e["logging.googleapis.com/labels"]["python_logger"] == "uvicorn.access"
+               for e in entries)
     assert all("severity" in e and "message" in e for e in entries)
 
 

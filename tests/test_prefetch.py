@@ -41,15 +41,12 @@ def offline_env(job_env_for, home):
 
 def test_prefetch_then_run_offline_from_the_hub_cache(job_env_for, tmp_path, song):
     env = offline_env(job_env_for, hub_cache(tmp_path / "hf"))
-    env.update(ONNX_CACHE_DIR=str(tmp_path / "onnx"), CPU_BACKEND="onnx")
     proc = run_job(["prefetch-model"], env)
     assert proc.returncode == EXIT_OK, proc.stderr
-    assert "vocals" in proc.stdout and "guitar" in proc.stdout and "ONNX" in proc.stdout
-    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+    assert "vocals" in proc.stdout and "guitar" in proc.stdout
     proc = run_job(["run", "--input", str(song), "--release-id", "r1", "--track-id", "t1"], env)
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
     assert last_json(proc.stdout)["status"] == "completed"
-    assert "exported the network" not in proc.stderr, "run must reuse prefetch-model's export"
 
 
 def test_uncached_model_offline_is_one_line_naming_model_dir_and_prefetch(job_env_for, tmp_path, song):

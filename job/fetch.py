@@ -1,0 +1,98 @@
+"""Everything a track needs before the model: locate the original, skip it if its set is already
+complete, download it, decode it.
+
+`TrackFetch` runs at once in the caller's thread, or (`ahead=True`) in a thread of its own so that
+a drain's next track downloads and decodes while the current one separates. A failure is kept and
+raised by `wait()` in the caller's thread, so it is reported like any other.
+"""
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import audio, manifest
+from .errors import Cancel
+from .messages import JobRequest
+from .progress import stage
+from .storage import Original, Storage
+
+log = logging.getLogger(__name__)
+CANCELLED_FETCH_WAIT_S = 3.0
+
+
+@dataclass
+class FetchedTrack:
+    """A located original and, unless its stems are already complete, its decoded audio."""
+
+    original: Original
+    manifest: dict | None                      # the manifest found when locating
+    decoded: audio.DecodedAudio | None = None  # None: the set is complete, nothing to separate
+    scratch: Path | None = None                # the track's temp folder
+
+
+class TrackFetch:
+    """Locate, skip check, download and decode one track; its scratch folder lives until
+    `close()`."""
+
+    def __init__(self, request: JobRequest, storage: Storage, settings, cancel: Cancel,
+                 warm=None, trusted: bool = False, ahead: bool = False):
+        self.request, self.storage, self.settings = request, storage, settings
+        self.cancel, self.warm, self.trusted, self.ahead = cancel, warm, trusted, ahead
+        self.timings: dict = {}
+        self._scratch = contextlib.ExitStack()
+        self._outcome = None
+        self._thread = None
+        if ahead:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"fetch-{request.job_id}")
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self):
+        try:
+            self._outcome = (self._fetch(), None)
+        except BaseException as exc:   # re-raised by wait() in the caller's thread
+            self._outcome = (None, exc)
+
+    def _fetch(self) -> FetchedTrack:
+        request, storage = self.request, self.storage
+        with stage(self.timings, "locate"):
+            original = storage.describe_original(request.original_uri, trusted=self.trusted)
+            found = storage.read_manifest(request.release_id, request.track_id)
+        if manifest.matches(found, original.identity, self.settings):
+            return FetchedTrack(original, found)
+        if self.warm is not None:
+            self.warm()                # the model loads while the audio downloads and decodes
+        scratch = self._scratch.enter_context(storage.scratch())
+        with stage(self.timings, "download"):
+            local = storage.fetch_original(original, scratch)
+        with stage(self.timings, "decode"):
+            decoded = audio.decode_to_file(local, scratch / "mix.f32",
+                                           self.settings.max_duration_s, cancel=self.cancel)
+        log.info("job %s: %s decoded (%.1f s of audio)%s", request.job_id, request.original_uri,
+                 decoded.duration_s, ", ahead of its turn" if self.ahead else "")
+        return FetchedTrack(original, found, decoded, scratch)
+
+    def wait(self) -> FetchedTrack:
+        if self._thread is not None:
+            self._thread.join()
+        fetched, error = self._outcome
+        if error is not None:
+            raise error
+        return fetched
+
+    def close(self) -> None:
+        """Wait for the fetch and remove its scratch folder.
+
+        After SIGTERM a download still running ahead is not waited for beyond a few seconds:
+        the platform's grace period matters more than a temp folder in a dying container."""
+        if self._thread is not None:
+            self._thread.join(CANCELLED_FETCH_WAIT_S if self.cancel.is_set() else None)
+            if self._thread.is_alive():
+                log.warning("job %s: fetch still running at shutdown, left behind",
+                            self.request.job_id)
+                return
+        self._scratch.close()

@@ -1,0 +1,36 @@
+"""The manifest: written last beside the stems, it vouches that the set is complete and says
+which input, model and settings made it, so a redelivered message can be answered from it."""
+
+import datetime
+
+from . import messages
+from .storage import sha256_of
+
+VERSION = 1
+
+
+def matches(manifest: dict | None, identity: dict, settings) -> bool:
+    """Whether `manifest` is a complete set for this exact input and these settings."""
+    return bool(manifest) and manifest.get("input") == identity \
+        and manifest.get("model") == settings.model_name \
+        and manifest.get("format") == settings.output_format \
+        and manifest.get("version") == VERSION \
+        and set(manifest.get("stems", {})) == set(messages.STEMS)
+
+
+def build(request: messages.JobRequest, settings, identity: dict, duration_s: float,
+          stems: dict, urls: dict, stats: dict) -> dict:
+    """The manifest of a set just written: `stems` {stem: local file}, `urls` {stem: url},
+    `stats` {stem: encoder figures}."""
+    return {
+        "version": VERSION, "jobId": request.job_id,
+        "releaseId": request.release_id, "trackId": request.track_id,
+        "artistId": request.artist_id, "model": settings.model_name,
+        "format": settings.output_format,
+        "bitrate": f"{settings.mp3_bitrate}k" if settings.output_format == "mp3" else None,
+        "input": identity, "durationS": round(duration_s, 3),
+        "createdAt": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "stems": {stem: {"url": urls[stem], "file": path.name, "bytes": path.stat().st_size,
+                         "sha256": sha256_of(path), **stats[stem]}
+                  for stem, path in stems.items()},
+    }
