@@ -59,6 +59,37 @@ def gcloud_sdk() -> Path:
     return Path(gcloud).resolve().parents[1]
 
 
+class JsonServer:
+    """A loopback HTTP server answering every request with JSON: `answer(method, url, body)`
+    returns (status, reply). The plumbing the API stand-ins below share."""
+
+    def __init__(self, answer):
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                status, reply = answer(self.command, urlparse(self.path), body)
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class RunAdminStandIn:
     """Where `gcloud run ... replace` sends its requests in these tests: gcloud's documented
     proxy and endpoint-override properties route the Cloud Run Admin API (v1) here. GETs answer
@@ -67,31 +98,13 @@ class RunAdminStandIn:
 
     def __init__(self):
         self.created = []
-        stand_in = self
+        self.http = JsonServer(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.command == "GET":
-                    status, reply = 404, {"error": {"code": 404, "status": "NOT_FOUND",
-                                                    "message": "not found"}}
-                else:
-                    status, reply = 200, json.loads(body)
-                    stand_in.created.append((urlparse(self.path).path, reply))
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, method, url, body):
+        if method == "GET":
+            return 404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "not found"}}
+        self.created.append(json.loads(body))
+        return 200, self.created[-1]
 
     def replace(self, kind: str, text: str, folder: Path) -> tuple:
         """Run `gcloud run {kind} replace` on `text`; (exit code, stderr, bodies it created)."""
@@ -105,22 +118,18 @@ class RunAdminStandIn:
                "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
                "CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN": "http://run.test/",
                "CLOUDSDK_PROXY_TYPE": "http", "CLOUDSDK_PROXY_ADDRESS": "127.0.0.1",
-               "CLOUDSDK_PROXY_PORT": str(self.server.server_port)}
+               "CLOUDSDK_PROXY_PORT": str(self.http.port)}
         out = subprocess.run(["gcloud", "run", kind, "replace", str(path),
                               "--region=us-central1", "--async"],
                              env=env, capture_output=True, text=True, timeout=120)
-        return out.returncode, out.stderr, [body for _, body in self.created[before:]]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        return out.returncode, out.stderr, self.created[before:]
 
 
 @pytest.fixture(scope="module")
 def run_admin():
     stand_in = RunAdminStandIn()
     yield stand_in
-    stand_in.close()
+    stand_in.http.close()
 
 
 def gcloud_creates(run_admin, kind: str, text: str, folder: Path) -> dict:
@@ -332,33 +341,17 @@ class FakeCloudRunApi:
 
     def __init__(self):
         self.requests, self.script = [], []
-        api = self
+        self.http = JsonServer(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                api.requests.append({"path": urlparse(self.path).path,
-                                     "body": json.loads(body or b"{}")})
-                status, reply = api.script.pop(0) if api.script else (200, None)
-                if reply is None:
-                    n = len(api.requests)
-                    job = urlparse(self.path).path.split("/v2/")[1].split(":")[0]
-                    reply = {"name": f"{job.rsplit('/jobs/', 1)[0]}/operations/op-{n}",
-                             "metadata": {"@type": EXECUTION_TYPE,
-                                          "name": f"{job}/executions/stem-job-{n:05d}"}}
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, method, url, body):
+        self.requests.append({"path": url.path, "body": json.loads(body or b"{}")})
+        if self.script:
+            return self.script.pop(0)
+        n = len(self.requests)
+        job = url.path.split("/v2/")[1].split(":")[0]
+        return 200, {"name": f"{job.rsplit('/jobs/', 1)[0]}/operations/op-{n}",
+                     "metadata": {"@type": EXECUTION_TYPE,
+                                  "name": f"{job}/executions/stem-job-{n:05d}"}}
 
     def fail(self, status: int, code: str, times: int = 1):
         for _ in range(times):
@@ -367,11 +360,7 @@ class FakeCloudRunApi:
 
     def client(self) -> run_v2.JobsClient:
         return run_v2.JobsClient(transport="rest", credentials=AnonymousCredentials(),
-                                 client_options={"api_endpoint": self.url})
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+                                 client_options={"api_endpoint": self.http.url})
 
 
 class Uvicorn:
@@ -398,7 +387,7 @@ class Uvicorn:
 def cloud_run():
     api = FakeCloudRunApi()
     yield api
-    api.close()
+    api.http.close()
 
 
 @pytest.fixture
@@ -668,6 +657,17 @@ def test_envelope_parsing_keeps_the_message_id_and_attempt():
     assert re.fullmatch(r"h-[0-9a-f]{64}", marker_key("a/b"))
 
 
+def test_every_job_package_is_shipped():
+    """setuptools' `packages` list is explicit: a subpackage missing from it (job.dispatcher)
+    would be absent from the wheel the images install."""
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(init.parent.relative_to(REPO).parts)
+             for init in (REPO / "job").rglob("__init__.py")}
+    assert "job.dispatcher" in found and listed == found
+
+
 # -- GCS markers ----------------------------------------------------------------------------------
 def test_gcs_markers_round_trip_on_the_emulator(gcs_emulator, unique_name):
     client = gcs_emulator.client(PROJECT)
@@ -690,35 +690,20 @@ class PreconditionGcs:
 
     def __init__(self):
         self.seen = []
-        gcs = self
+        self.http = JsonServer(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                gcs.seen.append((self.command, urlparse(self.path).path,
-                                 parse_qs(urlparse(self.path).query), body))
-                body = json.dumps({"error": {"code": 412, "message": "conditionNotMet"}}).encode()
-                self.send_response(412)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_POST = do_PUT = do_DELETE = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, method, url, body):
+        if method == "GET":     # the client reads the bucket's metadata before some writes
+            return 200, {"kind": "storage#bucket", "name": url.path.rsplit("/", 1)[1]}
+        self.seen.append((method, url.path, parse_qs(url.query), body))
+        return 412, {"error": {"code": 412, "message": "conditionNotMet"}}
 
 
 def test_gcs_markers_use_generation_preconditions():
     gcs = PreconditionGcs()
     try:
         client = storage.Client(project=PROJECT, credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": gcs.url})
+                                client_options={"api_endpoint": gcs.http.url})
         markers = GcsMarkers("b", "dispatch/", client=client)
         assert markers.create("123", {"state": "claimed"}) is None     # exists: not ours
         assert markers.replace("123", {"state": "started"}, 17) is None
@@ -730,5 +715,4 @@ def test_gcs_markers_use_generation_preconditions():
         assert replace[2]["ifGenerationMatch"] == ["17"]
         assert delete[0] == "DELETE" and delete[2]["ifGenerationMatch"] == ["17"]
     finally:
-        gcs.server.shutdown()
-        gcs.server.server_close()
+        gcs.http.close()
