@@ -19,16 +19,12 @@ import re
 from pathlib import Path
 
 import google_crc32c
-import requests
-import urllib3
 from google.api_core import exceptions
-from google.auth.exceptions import TransportError
 from google.cloud import storage
-from google.cloud.storage.exceptions import DataCorruption
 
 from .errors import JobError
 from .messages import check_id
-from .retry import bounded
+from .retry import bounded, is_transient
 from .storage import CONTENT_TYPES, MANIFEST, LocalStorage, Original, check_size
 
 PUBLIC_URL = "https://storage.googleapis.com"
@@ -38,11 +34,6 @@ STEM_CACHE_CONTROL = "public, max-age=3600"
 MANIFEST_CACHE_CONTROL = "no-cache"
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError,
-                    urllib3.exceptions.TimeoutError, ConnectionError, TimeoutError,
-                    TransportError, DataCorruption)
 
 
 def parse_gs_uri(uri: str) -> tuple[str, str]:
@@ -58,12 +49,6 @@ def parse_gs_uri(uri: str) -> tuple[str, str]:
     if any(part in (".", "..") for part in name.split("/")):
         raise JobError("invalid_uri", f"{uri[:200]!r} has a '.' or '..' path segment")
     return bucket, name
-
-
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, exceptions.GoogleAPICallError):
-        return exc.code in TRANSIENT_STATUS
-    return isinstance(exc, TRANSIENT_ERRORS)
 
 
 def crc32c_b64(checksum) -> str:

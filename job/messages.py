@@ -81,6 +81,15 @@ def make_request(release_id, track_id, original_uri, job_id=None, artist_id=None
                       check_mime_type(mime_type))
 
 
+def to_message(request: JobRequest) -> dict:
+    """The stem-separate JSON object for `request`, the inverse of parse_message; optional
+    fields the request lacks are left out rather than sent as null."""
+    message = {"jobId": request.job_id, "releaseId": request.release_id,
+               "artistId": request.artist_id, "trackId": request.track_id,
+               "originalStemUri": request.original_uri, "mimeType": request.mime_type}
+    return {key: value for key, value in message.items() if value is not None}
+
+
 def decode_payload(data: bytes | str) -> dict:
     """Plain JSON or base64-encoded JSON (Cloud Run overrides, push envelopes) to a dict."""
     if isinstance(data, str):

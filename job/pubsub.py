@@ -15,23 +15,14 @@ import time
 from google.api_core import exceptions
 
 from .errors import JobError
-from .retry import bounded
+from .retry import bounded, is_transient
 
 log = logging.getLogger(__name__)
-
-TRANSIENT = (exceptions.ServiceUnavailable, exceptions.InternalServerError,
-             exceptions.DeadlineExceeded, exceptions.TooManyRequests,
-             exceptions.ResourceExhausted, exceptions.Aborted, exceptions.Unknown,
-             exceptions.GatewayTimeout, exceptions.BadGateway, TimeoutError, ConnectionError)
 
 
 def resource_path(project: str, kind: str, name: str) -> str:
     """`projects/P/topics/N` (kind "topics" or "subscriptions") unless `name` is already a path."""
     return name if name.startswith("projects/") else f"projects/{project}/{kind}/{name}"
-
-
-def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT)
 
 
 class Publisher:
@@ -82,13 +73,15 @@ def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float
         except exceptions.DeadlineExceeded:
             failure = None      # the server held the pull open and nothing came
             continue
-        except TRANSIENT as exc:
-            failure = exc
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            continue
-        except exceptions.GoogleAPICallError as exc:
-            raise JobError("pubsub_error", f"pulling from {subscription_path} failed: {exc}",
-                           retryable=False) from exc
+        except Exception as exc:
+            if is_transient(exc):
+                failure = exc
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            if isinstance(exc, exceptions.GoogleAPICallError):
+                raise JobError("pubsub_error", f"pulling from {subscription_path} failed: {exc}",
+                               retryable=False) from exc
+            raise
         failure = None
         if response.received_messages:
             return list(response.received_messages)

@@ -1,0 +1,123 @@
+"""The dispatcher's decisions, independent of HTTP. Its answers let Pub/Sub retry only what a
+retry can fix:
+
+  bad message       -> a `failed` result on the results topic, 200 (never retried)
+  started / dup     -> 200
+  transient fault   -> 503 (Cloud Run API quota or outage after bounded retries, GCS or
+                       Pub/Sub unavailable); 409 while another delivery holds the claim
+  job misconfigured -> 500 (not found, permission denied): redelivered until the operator
+                       fixes it or the dead-letter policy takes the message
+"""
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from ..errors import JobError
+from ..messages import failed_result, parse_message, salvage_ids
+from ..pubsub import Publisher, resource_path
+from ..retry import is_transient
+from .dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
+from .envelope import Delivery
+from .executions import make_jobs_client, start_execution
+from .settings import DispatcherSettings
+
+log = logging.getLogger("stem_job.dispatcher")
+
+
+@dataclass
+class Outcome:
+    status: int
+    body: dict = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Validate, dedupe, start the job, report bad input. Clients may be injected (tests);
+    otherwise they are made on first use, so the service starts and answers /health without
+    credentials."""
+
+    def __init__(self, settings: DispatcherSettings, jobs_client=None, publisher_client=None,
+                 markers=None):
+        self.settings = settings
+        self._jobs_client = jobs_client
+        self._publisher_client = publisher_client
+        self._results = None
+        self._lock = threading.Lock()
+        if markers is None and settings.marker_bucket:
+            markers = GcsMarkers(settings.marker_bucket, settings.marker_prefix)
+        if markers is None:
+            log.warning("no DISPATCH_MARKER_BUCKET/GCS_BUCKET: duplicate deliveries are only "
+                        "caught within this instance")
+            markers = MemoryMarkers()
+        self.claims = Claims(markers, settings.claim_ttl_s)
+
+    @property
+    def jobs(self):
+        with self._lock:
+            if self._jobs_client is None:
+                self._jobs_client = make_jobs_client()
+            return self._jobs_client
+
+    @property
+    def results(self) -> Publisher:
+        with self._lock:
+            if self._results is None:
+                if self._publisher_client is None:
+                    from google.cloud import pubsub_v1   # only a bad message needs it
+                    self._publisher_client = pubsub_v1.PublisherClient()
+                topic = resource_path(self.settings.project, "topics",
+                                      self.settings.results_topic)
+                self._results = Publisher(self._publisher_client, topic,
+                                          deadline_s=self.settings.api_deadline_s)
+            return self._results
+
+    def dispatch(self, delivery: Delivery) -> Outcome:
+        try:
+            request = parse_message(delivery.data)
+        except JobError as error:
+            return self._refuse(delivery, error)
+        ids = {"jobId": request.job_id, "messageId": delivery.message_id}
+        key = marker_key(delivery.message_id) if delivery.message_id else None
+        generation = None
+        if key:
+            try:
+                claim = self.claims.claim(key, request.job_id)
+            except Exception as exc:  # GCS down: we cannot tell a duplicate, so Pub/Sub retries
+                log.warning("dedupe marker unavailable for message %s: %s", key, exc)
+                return Outcome(503, {"status": "retry", "reason": "dedupe marker unavailable",
+                                     **ids})
+            if claim.started is not None:
+                return Outcome(200, {"status": "duplicate", "messageId": delivery.message_id,
+                                     "jobId": claim.started.get("jobId"),
+                                     "execution": claim.started.get("execution")})
+            if claim.generation is None:
+                return Outcome(409, {"status": "in_progress", "messageId": delivery.message_id})
+            generation = claim.generation
+        try:
+            execution = start_execution(self.jobs, self.settings, request, delivery.message_id)
+        except Exception as exc:
+            if key:
+                self.claims.release(key, generation)
+            retry = is_transient(exc)
+            log.error("run_job for %s failed (%s): %s", request.job_id,
+                      "transient" if retry else "not transient", exc)
+            return Outcome(503 if retry else 500,
+                           {"status": "retry", "reason": f"Cloud Run API: {exc}"[:500], **ids})
+        if key:
+            self.claims.record(key, generation, request.job_id, execution)
+        log.info("started %s for job %s (message %s via %s)", execution, request.job_id,
+                 delivery.message_id, delivery.transport)
+        return Outcome(200, {"status": "started", "execution": execution, **ids})
+
+    def _refuse(self, delivery: Delivery, error: JobError) -> Outcome:
+        """A bad message is reported `failed` and acknowledged; if the report cannot be
+        published, Pub/Sub must redeliver so that it is not lost."""
+        try:
+            self.results.publish_result(failed_result(salvage_ids(delivery.data), error))
+        except JobError as publish_error:
+            log.warning("could not publish the failed result for message %s: %s",
+                        delivery.message_id, publish_error.message)
+            return Outcome(503, {"status": "retry", "reason": "results topic unavailable"})
+        log.info("refused message %s: %s", delivery.message_id, error.message)
+        return Outcome(200, {"status": "rejected", "error": error.as_dict(),
+                             "messageId": delivery.message_id})
