@@ -164,9 +164,9 @@ def dispatch(host=None, port=None):
     """The Cloud Run dispatcher: Pub/Sub push or Eventarc in, one job execution per message."""
     settings = settings_or_exit(http_host=host, http_port=port)
     setup_logging(settings.log_format)
-    from .dispatcher import serve as run_dispatcher
+    from .dispatcher import serve as run_dispatcher    # Starlette and the Cloud Run client
     try:
-        run_dispatcher(settings.http_host, port or int(os.environ.get("PORT", "8080")))
+        run_dispatcher(host=host, port=port)
     except ConfigError as exc:
         runtime.fail_config(str(exc))
 

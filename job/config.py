@@ -51,14 +51,14 @@ class Settings:
         return (self.gcs_bucket,) if self.gcs_bucket else ()
 
 
-def _choice(name, value, choices):
+def parse_choice(name, value, choices):
     value = value.strip().lower()
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is invalid: use one of {', '.join(choices)}")
     return value
 
 
-def _int(name, value, low, high=None):
+def parse_int(name, value, low, high=None):
     try:
         number = int(value.strip())
     except ValueError:
@@ -69,7 +69,7 @@ def _int(name, value, low, high=None):
     return number
 
 
-def _float(name, value, low):
+def parse_float(name, value, low):
     try:
         number = float(value.strip())
     except ValueError:
@@ -79,7 +79,7 @@ def _float(name, value, low):
     return number
 
 
-def _bool(name, value):
+def parse_bool(name, value):
     value = value.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -88,7 +88,7 @@ def _bool(name, value):
     raise ConfigError(f"{name}={value!r} is invalid: use true or false")
 
 
-def _bitrate(name, value):
+def parse_bitrate(name, value):
     match = _BITRATE.match(value.strip().lower()) or re.match(r"^(\d{2,3})$", value.strip())
     if not match or int(match.group(1)) not in MP3_BITRATES:
         raise ConfigError(f"{name}={value!r} is invalid: use an MP3 bitrate such as 320k "
@@ -96,11 +96,11 @@ def _bitrate(name, value):
     return int(match.group(1))
 
 
-def _batch(name, value):
-    return 0 if value.strip().lower() == "auto" else _int(name, value, 1, 64)
+def parse_batch(name, value):
+    return 0 if value.strip().lower() == "auto" else parse_int(name, value, 1, 64)
 
 
-def _buckets(name, value):
+def parse_buckets(name, value):
     buckets = tuple(b.strip().removeprefix("gs://").strip("/") for b in value.split(",") if b.strip())
     for bucket in buckets:
         if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
@@ -108,40 +108,40 @@ def _buckets(name, value):
     return buckets
 
 
-def _text(name, value):
+def parse_text(name, value):
     return value.strip()
 
 
 # env variable -> (Settings field, parser)
 ENV = {
-    "PROCESSING_MODE": ("processing_mode", lambda n, v: _choice(n, v, ("job", "pubsub", "http"))),
-    "STORAGE_MODE": ("storage_mode", lambda n, v: _choice(n, v, ("local", "gcs"))),
-    "GCS_BUCKET": ("gcs_bucket", lambda n, v: (_buckets(n, v) or ("",))[0]),
-    "OUTPUT_DIR": ("output_dir", _text),
-    "INPUT_DIR": ("input_dir", _text),
-    "GCP_PROJECT_ID": ("gcp_project_id", _text),
-    "PUBSUB_SUBSCRIPTION": ("pubsub_subscription", _text),
-    "PUBSUB_RESULTS_TOPIC": ("pubsub_results_topic", _text),
-    "MODEL_NAME": ("model_name", _text),
-    "MODEL_DIR": ("model_dir", _text),
-    "DEVICE": ("device", lambda n, v: _choice(n, v, ("auto", "cpu", "cuda"))),
-    "PRECISION": ("precision", lambda n, v: _choice(n, v, ("auto", "fp32", "bf16", "fp16"))),
-    "SEGMENT_BATCH": ("segment_batch", _batch),
-    "SHIFTS": ("shifts", lambda n, v: _int(n, v, 0, 20)),
-    "SEED": ("seed", lambda n, v: _int(n, v, 0)),
-    "OUTPUT_FORMAT": ("output_format", lambda n, v: _choice(n, v, ("mp3", "wav", "flac"))),
-    "MP3_BITRATE": ("mp3_bitrate", _bitrate),
-    "MAX_INPUT_BYTES": ("max_input_bytes", lambda n, v: _int(n, v, 1)),
-    "MAX_DURATION_S": ("max_duration_s", lambda n, v: _float(n, v, 0)),
-    "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", _buckets),
-    "MAX_MESSAGES": ("max_messages", lambda n, v: _int(n, v, 1, 1000)),
-    "IDLE_TIMEOUT_S": ("idle_timeout_s", lambda n, v: _float(n, v, 0)),
-    "RETRY_DEADLINE_S": ("retry_deadline_s", lambda n, v: _float(n, v, 0)),
-    "PROGRESS_EVENTS": ("progress_events", _bool),
-    "LOG_FORMAT": ("log_format", lambda n, v: _choice(n, v, ("auto", "json", "text"))),
-    "HTTP_HOST": ("http_host", _text),
-    "PORT": ("http_port", lambda n, v: _int(n, v, 1, 65535)),
-    "HTTP_QUEUE": ("http_queue", lambda n, v: _int(n, v, 0, 1000)),
+    "PROCESSING_MODE": ("processing_mode", lambda n, v: parse_choice(n, v, ("job", "pubsub", "http"))),
+    "STORAGE_MODE": ("storage_mode", lambda n, v: parse_choice(n, v, ("local", "gcs"))),
+    "GCS_BUCKET": ("gcs_bucket", lambda n, v: (parse_buckets(n, v) or ("",))[0]),
+    "OUTPUT_DIR": ("output_dir", parse_text),
+    "INPUT_DIR": ("input_dir", parse_text),
+    "GCP_PROJECT_ID": ("gcp_project_id", parse_text),
+    "PUBSUB_SUBSCRIPTION": ("pubsub_subscription", parse_text),
+    "PUBSUB_RESULTS_TOPIC": ("pubsub_results_topic", parse_text),
+    "MODEL_NAME": ("model_name", parse_text),
+    "MODEL_DIR": ("model_dir", parse_text),
+    "DEVICE": ("device", lambda n, v: parse_choice(n, v, ("auto", "cpu", "cuda"))),
+    "PRECISION": ("precision", lambda n, v: parse_choice(n, v, ("auto", "fp32", "bf16", "fp16"))),
+    "SEGMENT_BATCH": ("segment_batch", parse_batch),
+    "SHIFTS": ("shifts", lambda n, v: parse_int(n, v, 0, 20)),
+    "SEED": ("seed", lambda n, v: parse_int(n, v, 0)),
+    "OUTPUT_FORMAT": ("output_format", lambda n, v: parse_choice(n, v, ("mp3", "wav", "flac"))),
+    "MP3_BITRATE": ("mp3_bitrate", parse_bitrate),
+    "MAX_INPUT_BYTES": ("max_input_bytes", lambda n, v: parse_int(n, v, 1)),
+    "MAX_DURATION_S": ("max_duration_s", lambda n, v: parse_float(n, v, 0)),
+    "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", parse_buckets),
+    "MAX_MESSAGES": ("max_messages", lambda n, v: parse_int(n, v, 1, 1000)),
+    "IDLE_TIMEOUT_S": ("idle_timeout_s", lambda n, v: parse_float(n, v, 0)),
+    "RETRY_DEADLINE_S": ("retry_deadline_s", lambda n, v: parse_float(n, v, 0)),
+    "PROGRESS_EVENTS": ("progress_events", parse_bool),
+    "LOG_FORMAT": ("log_format", lambda n, v: parse_choice(n, v, ("auto", "json", "text"))),
+    "HTTP_HOST": ("http_host", parse_text),
+    "PORT": ("http_port", lambda n, v: parse_int(n, v, 1, 65535)),
+    "HTTP_QUEUE": ("http_queue", lambda n, v: parse_int(n, v, 0, 1000)),
 }
 FIELD_TO_ENV = {field: env for env, (field, _) in ENV.items()}
 

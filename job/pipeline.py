@@ -74,7 +74,7 @@ def process(request: messages.JobRequest, job: Job, trusted: bool = False,
         fetch.close()
         timings["total"] = round(time.monotonic() - started, 3)
         if result is not None:
-            log_summary(request, result, job)
+            log_summary(request, result, job, fetch)
     return result
 
 
@@ -90,7 +90,7 @@ def peak_memory_mb(device) -> dict:
     return peak
 
 
-def log_summary(request, result: dict, job: Job) -> None:
+def log_summary(request, result: dict, job: Job, fetch: TrackFetch) -> None:
     """One line per job with the figures of the result: log-based metrics chart these."""
     timings = result.get("timings", {})
     error = result.get("error") or {}
@@ -99,6 +99,7 @@ def log_summary(request, result: dict, job: Job) -> None:
               "durationS": result.get("durationS"), "rtf": result.get("rtf"),
               "reused": result.get("reused", False), "timings": timings,
               "errorCode": error.get("code"), "retryable": error.get("retryable"),
+              "fetchedAhead": fetch.ahead,
               **peak_memory_mb(job.models.device)}
     stages = " ".join(f"{k}={v}s" for k, v in timings.items())
     log.info("job %s %s%s: %s, audio %s s, rtf %s", request.job_id, result["status"],

@@ -2,7 +2,7 @@
 
 The emulators start once per session on free loopback ports (a few seconds) and stop at the end;
 each test gets its own uniquely named topics, subscriptions and bucket, so tests never see each
-other's messages or objects. The process handling lives in hack/standins.py, shared with the
+other's messages or objects. The process handling lives in hack/emulators.py, shared with the
 `hack/stand-ins` script. Clients from these fixtures are bound to the emulators explicitly;
 os.environ is left alone, and subprocesses get `emulator.env`.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
-from standins import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
+from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
                       ensure_subscription, ensure_topic)
 
 __all__ = ["pubsub_emulator", "gcs_emulator", "unique_name", "make_topic", "make_subscription",

@@ -157,3 +157,15 @@ def test_unloadable_model_is_one_line_naming_model_dir(tmp_path, song):
     line = [l for l in result.stderr.strip().splitlines()
             if not (l.startswith("{") and json.loads(l)["severity"] == "INFO")]
     assert len(line) == 1 and "MODEL_DIR" in line[0] and "prefetch-model" in line[0], result.stderr
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["drain", "--max-messages", "0"], "--max-messages"),
+    (["drain", "--idle-timeout", "-1"], "--idle-timeout"),
+    (["serve", "--port", "0"], "--port"),
+    (["run", "--device", "tpu", "--input", "x", "--release-id", "r", "--track-id", "t"], "--device"),
+])
+def test_flags_are_validated_like_their_variables(args, flag):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output       # click's usage error
+    assert flag in result.stderr and "invalid" in result.stderr, result.stderr

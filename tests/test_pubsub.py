@@ -7,7 +7,7 @@ import pytest
 
 from job.errors import JobError
 from job.pubsub import LeaseKeeper, Publisher, delivery_attempt, pull, resource_path
-from standins import PubSubEmulator, free_port
+from emulators import PubSubEmulator, free_port
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, replace
 
 from ..config import ENV as SHARED_ENV
-from ..config import _float, _int, _text, load_settings
+from ..config import load_settings, parse_float, parse_int, parse_text
 from ..errors import ConfigError
 
 REGION = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
@@ -44,7 +44,7 @@ def _matching(pattern, hint):
 
 
 def _prefix(name, value):
-    prefix = _text(name, value).lstrip("/")
+    prefix = parse_text(name, value).lstrip("/")
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
@@ -55,9 +55,9 @@ ENV = {
     "DISPATCH_JOB_NAME": ("job", _matching(JOB_NAME, "the Cloud Run job's name")),
     "DISPATCH_MARKER_BUCKET": ("marker_bucket", SHARED_ENV["GCS_BUCKET"][1]),
     "DISPATCH_MARKER_PREFIX": ("marker_prefix", _prefix),
-    "DISPATCH_CLAIM_TTL_S": ("claim_ttl_s", lambda n, v: _float(n, v, 0)),
-    "DISPATCH_API_ATTEMPTS": ("api_attempts", lambda n, v: _int(n, v, 1, 10)),
-    "DISPATCH_API_DEADLINE_S": ("api_deadline_s", lambda n, v: _float(n, v, 0)),
+    "DISPATCH_CLAIM_TTL_S": ("claim_ttl_s", lambda n, v: parse_float(n, v, 0)),
+    "DISPATCH_API_ATTEMPTS": ("api_attempts", lambda n, v: parse_int(n, v, 1, 10)),
+    "DISPATCH_API_DEADLINE_S": ("api_deadline_s", lambda n, v: parse_float(n, v, 0)),
 }
 
 
