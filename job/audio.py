@@ -218,6 +218,8 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
         codec = stream.codec_context.name
         channels = stream.codec_context.channels
         rate = stream.codec_context.sample_rate
+        found = dict(container=container.format.name, stream_index=stream.index,
+                     audio_streams=len(container.streams.audio))   # read before close()
         declared = declared_duration(container, stream)
         exact = None if estimated else declared       # a bitrate estimate is no evidence
         if exact and exact > max_duration_s + 1:
@@ -265,8 +267,7 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
     mean = sink.acc / total
     var = max(sink.acc2 - total * mean * mean, 0.0) / max(total - 1, 1)
     return DecodedAudio(Path(target), total, mean, math.sqrt(var), rate, channels, codec,
-                        container.format.name, stream.index, len(container.streams.audio),
-                        sink.non_finite)
+                        non_finite=sink.non_finite, **found)
 
 
 def _check_whole(total: int, exact: float | None, ended_in_error: bool, misdetected: bool):
