@@ -225,7 +225,7 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
         if exact and exact > max_duration_s + 1:
             raise JobError("too_long", f"the original declares {exact:.0f} s, over the limit of "
                                        f"{max_duration_s:.0f} s (MAX_DURATION_S)")
-        bad = trailing_bad = 0
+        bad = 0
         broke_off = False
         with open(target, "wb") as out:
             sink = _Sink(out, int(max_duration_s * SAMPLE_RATE) + SAMPLE_RATE, max_duration_s)
@@ -239,7 +239,6 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                     frames = packet.decode()
                 except av.error.FFmpegError as exc:
                     bad += 1
-                    trailing_bad += 1
                     log.warning("skipping an undecodable packet (%s)", type(exc).__name__)
                     if bad > MAX_BAD_PACKETS:
                         if misdetected or not sink.total:
@@ -249,7 +248,6 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                         raise JobError("corrupt_audio", "the original is corrupt: more than "
                                        f"{MAX_BAD_PACKETS} of its packets cannot be decoded")
                     continue
-                trailing_bad = 0 if frames else trailing_bad
                 for frame in frames:
                     sink.put(frame)
                 if progress and declared:
@@ -259,7 +257,7 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
         raise JobError("corrupt_audio", "the original is corrupt: FFmpeg cannot decode it") from None
     finally:
         container.close()
-    _check_whole(sink.total, exact, broke_off or trailing_bad > 0, misdetected)
+    _check_whole(sink.total, exact, broke_off, misdetected)
     if sink.non_finite:
         log.warning("the original holds %d NaN/Inf samples: replaced (NaN by 0, Inf by +-1)",
                     sink.non_finite)
@@ -270,9 +268,10 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                         non_finite=sink.non_finite, **found)
 
 
-def _check_whole(total: int, exact: float | None, ended_in_error: bool, misdetected: bool):
+def _check_whole(total: int, exact: float | None, broke_off: bool, misdetected: bool):
     """Refuse a decode that is cut short, on evidence only: an exact declared length that was
-    not reached, or a read that broke off in an error after some audio."""
+    not reached, or a read that broke off in an error. An undecodable last packet alone (a
+    partial final frame) is concealed like any isolated glitch: players play such files."""
     seconds = total / SAMPLE_RATE
     if exact and seconds < exact - max(0.2, 0.005 * exact):
         raise JobError("truncated_audio", f"the original is cut off: it declares {exact:.1f} s "
@@ -281,6 +280,6 @@ def _check_whole(total: int, exact: float | None, ended_in_error: bool, misdetec
         if misdetected:
             raise _not_audio()
         raise JobError("empty_audio", "the original holds no audio samples")
-    if ended_in_error:
+    if broke_off:
         raise JobError("truncated_audio", f"the original is cut off: it breaks off in damaged "
                                           f"data after {seconds:.1f} s")
