@@ -5,8 +5,9 @@ decodes to real frames), never by a file name, a mimeType or a list of container
 come from every tool of the last decades. The decoded track never sits in RAM: it is
 streamed to a raw float32 file while the normalisation statistics (mean and std of the
 mono mix) are accumulated, and the engine reads it back window by window. A file is called
-truncated only on evidence (an exact declared length, or a read that breaks off); messages speak of "the original" and never
-carry a local path or FFmpeg's errno text. FFmpeg's libraries come from PyAV's wheels.
+truncated only on evidence (an exact declared length, or a read that breaks off); messages
+speak of "the original" and never carry a local path or FFmpeg's errno text. FFmpeg's
+libraries come from PyAV's wheels.
 """
 
 import logging
@@ -254,7 +255,8 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                     progress(min(sink.total / (declared * SAMPLE_RATE), 1.0))
             sink.flush()
     except av.error.FFmpegError:
-        raise JobError("corrupt_audio", "the original is corrupt: FFmpeg cannot decode it") from None
+        raise JobError("corrupt_audio", "the original is corrupt: FFmpeg cannot decode it") \
+            from None
     finally:
         container.close()
     _check_whole(sink.total, exact, broke_off, misdetected)

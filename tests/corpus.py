@@ -66,12 +66,15 @@ def _mux_audio(container, stream, audio, rate):
         frame.sample_rate = rate
         frame.pts = None
         for converted in resampler.resample(frame):
-            for packet in stream.encode(converted):
-                container.mux(packet)
+            _send(container, stream, converted)
     for converted in resampler.resample(None):
-        for packet in stream.encode(converted):
-            container.mux(packet)
-    for packet in stream.encode(None):
+        _send(container, stream, converted)
+    _send(container, stream, None)
+
+
+def _send(container, stream, frame):
+    """Encode one frame (None: flush the encoder) and mux what comes out."""
+    for packet in stream.encode(frame):
         container.mux(packet)
 
 
@@ -152,10 +155,8 @@ def music_video(path: Path, seconds: float = 2.0) -> Path:
             image = np.full((64, 64, 3), (i * 5) % 255, np.uint8)
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = i
-            for packet in video.encode(frame):
-                container.mux(packet)
-        for packet in video.encode(None):
-            container.mux(packet)
+            _send(container, video, frame)
+        _send(container, video, None)
         _mux_audio(container, sound, audio, RATE)
     return path
 
@@ -244,9 +245,11 @@ def zip_file(path: Path) -> Path:
 
 def png(path: Path) -> Path:
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
     rows = b"".join(b"\0" + bytes(range(64)) * 3 for _ in range(64))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     return path
 
@@ -396,10 +399,11 @@ CASES = [
     Case("mp3_xing_cut", lambda f: cut(f / "a.mp3", encode(f / "b.mp3", "libmp3lame", S2), 0.5),
          "truncated_audio"),
     Case("mp3_no_xing_cut_mid_frame", lambda f: cut(f / "a.mp3", lame(f / "b.mp3", S2),
-                                                    keep=20_000), length=20_000 * 8 * RATE // 128_000, slack=1500),
-    Case("m4a_cut_in_mdat", lambda f: cut(f / "a.m4a", encode(f / "b.m4a", "aac", S2, fmt="ipod",
-                                                            container_options={"movflags": "faststart"}),
-                                          0.5), "truncated_audio"),
+                                                    keep=20_000),
+         length=20_000 * 8 * RATE // 128_000, slack=1500),
+    Case("m4a_cut_in_mdat", lambda f: cut(f / "a.m4a", encode(
+        f / "b.m4a", "aac", S2, fmt="ipod", container_options={"movflags": "faststart"}), 0.5),
+        "truncated_audio"),
     Case("m4a_cut_in_index", lambda f: moov_at_end_cut(f / "a.m4a", f), "truncated_audio"),
     Case("aiff_cut", lambda f: cut(f / "a.aiff", encode(f / "b.aiff", "pcm_s16be", S2, fmt="aiff"),
                                    0.5), "truncated_audio"),
@@ -409,7 +413,8 @@ CASES = [
         f / "a.flac", encode(f / "b.flac", "flac", S2), lambda d: flac_total_samples(d, 3 * N2)),
         "truncated_audio"),
     Case("bomb_declared_hours", lambda f: _patched(
-        f / "a.flac", encode(f / "b.flac", "flac", S2), lambda d: flac_total_samples(d, 3 * 3600 * RATE)),
+        f / "a.flac", encode(f / "b.flac", "flac", S2),
+        lambda d: flac_total_samples(d, 3 * 3600 * RATE)),
         "too_long"),
     Case("bomb_silence_undeclared", lambda f: silence_flac(f / "a.flac", 120, stream_total=True),
          "too_long"),
@@ -437,10 +442,8 @@ def _video_only(path: Path) -> Path:
         for i in range(10):
             frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 20, np.uint8), format="rgb24")
             frame.pts = i
-            for packet in video.encode(frame):
-                container.mux(packet)
-        for packet in video.encode(None):
-            container.mux(packet)
+            _send(container, video, frame)
+        _send(container, video, None)
     return path
 
 
