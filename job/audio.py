@@ -1,27 +1,29 @@
-"""Decoding originals: any container/codec FFmpeg reads, to 44.1 kHz stereo float32.
+"""Decoding originals: any audio FFmpeg decodes, to 44.1 kHz stereo float32.
 
-The decoded track never sits in RAM: it is streamed to a raw float32 file while the
-normalisation statistics (mean and std of the mono mix) are accumulated, and the engine
-reads it back window by window. FFmpeg's libraries come from PyAV's wheels, so a pip
-install needs no system ffmpeg.
+What is accepted is decided by what FFmpeg finds in the content (an audio stream that
+decodes to real frames), never by a file name, a mimeType or a list of containers: uploads
+come from every tool of the last decades. The decoded track never sits in RAM: it is
+streamed to a raw float32 file while the normalisation statistics (mean and std of the
+mono mix) are accumulated, and the engine reads it back window by window. A file is called
+truncated only on evidence (an exact declared length, or a read that breaks off); messages
+speak of "the original" and never carry a local path or FFmpeg's errno text. FFmpeg's
+libraries come from PyAV's wheels.
 """
 
 import logging
 import math
-import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 
+from . import headers
 from .errors import Interrupted, JobError
 
 SAMPLE_RATE = 44100
 CHANNELS = 2
-# containers an original may be in; FFmpeg probes anything (text can pass as AMR or MPEG)
-CONTAINERS = {"mp3", "wav", "w64", "rf64", "flac", "ogg", "mov", "mp4", "m4a", "aac", "aiff",
-              "matroska", "webm", "caf", "wv", "ape", "asf"}
 MAX_BAD_PACKETS = 8           # isolated glitches FFmpeg conceals; more means a corrupt file
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,11 @@ class DecodedAudio:
     std: float
     source_rate: int
     source_channels: int
-    codec: str
+    codec: str              # FFmpeg's decoder name, e.g. "mp3float", "flac", "aac"
+    container: str = ""     # FFmpeg's demuxer name: what the content is, whatever its name says
+    stream_index: int = 0   # the audio stream decoded, when the original holds several
+    audio_streams: int = 1  # how many audio streams the original holds
+    non_finite: int = 0     # NaN/Inf samples of a float original, replaced (NaN 0, Inf +-1)
 
     @property
     def duration_s(self) -> float:
@@ -63,40 +69,139 @@ class RawReader:
         self.handle.close()
 
 
+
+
+_LOG_LOCK = threading.Lock()
+ESTIMATED = "Estimating duration from bitrate"     # FFmpeg's words when it guesses a length
+MISDETECTED = "misdetection possible"              # ... and when its probe barely matched
+
+
 def _open(path: Path):
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except av.error.InvalidDataError:
-        raise JobError("not_audio", "the original is not an audio file FFmpeg can read")
-    except (av.error.FFmpegError, OSError) as exc:
-        raise JobError("not_audio", f"the original cannot be opened as audio: {exc}")
-    if not container.streams.audio or not CONTAINERS & set(container.format.name.split(",")):
-        container.close()
-        raise JobError("not_audio", "the original is not an audio file (mp3, wav, flac, "
-                                    "ogg/opus, m4a/aac, aiff, webm)")
-    return container
+    """Open with FFmpeg, noting what its probe said about the length and its own certainty.
+
+    FFmpeg tells only in a log line that a duration is a bitrate estimate (a VBR MP3 without
+    a Xing header, a FLAC or WebM streamed without one), so its warnings are captured here.
+    """
+    if path.stat().st_size == 0:
+        raise JobError("empty_input", "the original is empty (0 bytes)")
+    with _LOG_LOCK:
+        level, repeated = av.logging.get_level(), av.logging.get_skip_repeated()
+        av.logging.set_level(av.logging.WARNING)
+        av.logging.set_skip_repeated(False)
+        try:
+            with av.logging.Capture() as logs:
+                container = av.open(str(path), metadata_errors="ignore")
+        except (av.error.FFmpegError, OSError):
+            raise _unreadable(path) from None
+        finally:
+            av.logging.set_level(level)
+            av.logging.set_skip_repeated(repeated)
+    said = " ".join(message for _, _, message in logs)
+    return container, ESTIMATED in said, MISDETECTED in said
+
+
+def _unreadable(path: Path) -> JobError:
+    kind = headers.looks_like(path)
+    if kind:
+        return JobError("corrupt_audio", f"the original starts like a {kind} file but FFmpeg "
+                                         "cannot read it: it is cut off or damaged")
+    return _not_audio()
+
+
+def _not_audio() -> JobError:
+    return JobError("not_audio", "the original is not audio: FFmpeg finds no audio it can "
+                                 "decode in it (a document, an image, an archive or text?)")
+
+
+def _pick_stream(container):
+    """The first audio stream marked default, else the first audio stream: what players play.
+    Streams FFmpeg could not make sense of (no channels or rate) are never picked."""
+    usable = [s for s in container.streams.audio
+              if s.codec_context.channels and s.codec_context.sample_rate]
+    if not usable:
+        kind = "no audio stream" if not container.streams.audio else "no decodable audio stream"
+        raise JobError("not_audio", f"the original holds {kind}: it is not audio FFmpeg decodes")
+    default = [s for s in usable if s.disposition & av.stream.Disposition.default]
+    return (default or usable)[0]
 
 
 def declared_duration(container, stream) -> float | None:
+    """The stream's own declared length; the container's only when it holds nothing else
+    (a music video's picture or a second audio stream may last longer than this stream)."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    if container.duration:
+    others = [s for s in container.streams if s is not stream
+              and not s.disposition & av.stream.Disposition.attached_pic]
+    if container.duration and not others:
         return container.duration / av.time_base
     return None
 
 
-def check_riff_size(path: Path, container) -> None:
-    """FFmpeg clamps a WAV's duration to the bytes present; its RIFF header tells the truth."""
-    if container.format.name not in ("wav", "w64", "rf64"):
-        return
-    with open(path, "rb") as handle:
-        head = handle.read(12)
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        declared = struct.unpack("<I", head[4:8])[0] + 8
-        actual = path.stat().st_size
-        if 8 < declared < 0xFFFFFFFF and actual < declared:
-            raise JobError("truncated_audio", f"the original WAV declares {declared} bytes but "
-                                              f"only {actual} are present")
+def check_declared_size(path: Path) -> None:
+    """A WAV/RF64/Wave64/AIFF header states the file's size; FFmpeg clamps to what is there."""
+    declared = headers.declared_size(path)
+    actual = path.stat().st_size
+    if declared and actual < declared - 1:      # a missing pad byte is not a missing part
+        raise JobError("truncated_audio", f"the original is cut off: its header declares "
+                                              f"{declared} bytes but only {actual} are present")
+
+
+def _packets(container, stream):
+    """Demuxed packets; a read error ends the stream (what follows it is unreachable)."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.FFmpegError:
+            yield None
+            return
+        yield packet
+
+
+class _Sink:
+    """Interleaved float32 stereo to a file, with the mono mix's running sums."""
+
+    def __init__(self, handle, max_samples: int, max_duration_s: float):
+        self.handle, self.max_samples, self.max_duration_s = handle, max_samples, max_duration_s
+        self.total = 0
+        self.acc = self.acc2 = 0.0
+        self.non_finite = 0
+        self.resampler = None
+        self.source = None
+
+    def put(self, frame):
+        source = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if source != self.source:     # a stream may change layout or rate mid-way (broadcast AC-3)
+            self.flush()
+            self.source = source
+            layout = "mono" if frame.layout.nb_channels == 1 else "stereo"
+            self.resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE)
+        self.write(self.resampler.resample(frame))
+
+    def flush(self):
+        if self.resampler is not None:
+            self.write(self.resampler.resample(None))
+
+    def write(self, frames):
+        for frame in frames:
+            data = frame.to_ndarray().reshape(-1, frame.layout.nb_channels)
+            if data.shape[1] == 1:
+                data = np.repeat(data, 2, axis=1)
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            finite = np.isfinite(data)
+            if not finite.all():
+                self.non_finite += int(data.size - finite.sum())
+                data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
+            mono = data.mean(axis=1, dtype=np.float64)
+            self.acc += mono.sum()
+            self.acc2 += np.dot(mono, mono)
+            self.total += len(data)
+            self.handle.write(data.tobytes())
+        if self.total > self.max_samples:
+            raise JobError("too_long", "the original is longer than the limit of "
+                                       f"{self.max_duration_s:.0f} s (MAX_DURATION_S)")
 
 
 def decode_to_file(path: Path, target: Path, max_duration_s: float,
@@ -106,68 +211,77 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
     Mono is duplicated to both channels; more than two channels are down-mixed by
     FFmpeg's standard matrix. Raises JobError for anything that is not a whole audio file.
     """
-    container = _open(Path(path))
+    path = Path(path)
+    container, estimated, misdetected = _open(path)
     try:
-        check_riff_size(Path(path), container)
-        stream = container.streams.audio[0]
+        stream = _pick_stream(container)
+        check_declared_size(path)
         codec = stream.codec_context.name
-        channels = stream.codec_context.channels or 0
-        rate = stream.codec_context.sample_rate or 0
+        channels = stream.codec_context.channels
+        rate = stream.codec_context.sample_rate
+        found = dict(container=container.format.name, stream_index=stream.index,
+                     audio_streams=len(container.streams.audio))   # read before close()
         declared = declared_duration(container, stream)
-        if declared and declared > max_duration_s + 1:
-            raise JobError("too_long", f"the original lasts {declared:.0f} s, over the limit of "
+        exact = None if estimated else declared       # a bitrate estimate is no evidence
+        if exact and exact > max_duration_s + 1:
+            raise JobError("too_long", f"the original declares {exact:.0f} s, over the limit of "
                                        f"{max_duration_s:.0f} s (MAX_DURATION_S)")
-        layout = "mono" if channels == 1 else "stereo"
-        resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE)
-        max_samples = int(max_duration_s * SAMPLE_RATE) + SAMPLE_RATE
-        total = 0
-        acc = acc2 = 0.0
         bad = 0
+        broke_off = False
         with open(target, "wb") as out:
-            def write(frames):
-                nonlocal total, acc, acc2
-                for frame in frames:
-                    data = frame.to_ndarray().reshape(-1, 1 if layout == "mono" else 2)
-                    if layout == "mono":
-                        data = np.repeat(data, 2, axis=1)
-                    data = np.ascontiguousarray(data, dtype=np.float32)
-                    if not np.isfinite(data).all():
-                        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-                    mono = data.mean(axis=1, dtype=np.float64)
-                    acc += mono.sum()
-                    acc2 += np.dot(mono, mono)
-                    total += len(data)
-                    out.write(data.tobytes())
-                if total > max_samples:
-                    raise JobError("too_long", "the original is longer than the limit of "
-                                               f"{max_duration_s:.0f} s (MAX_DURATION_S)")
-
-            for packet in container.demux(stream):
+            sink = _Sink(out, int(max_duration_s * SAMPLE_RATE) + SAMPLE_RATE, max_duration_s)
+            for packet in _packets(container, stream):
                 if cancel is not None and cancel.is_set():
                     raise Interrupted()
+                if packet is None:
+                    broke_off = True
+                    break
                 try:
                     frames = packet.decode()
-                except (av.error.InvalidDataError, av.error.EOFError, av.error.PatchWelcomeError) as exc:
+                except av.error.FFmpegError as exc:
                     bad += 1
-                    log.warning("skipping an undecodable packet (%s)", exc)
+                    log.warning("skipping an undecodable packet (%s)", type(exc).__name__)
                     if bad > MAX_BAD_PACKETS:
+                        if misdetected or not sink.total:
+                            raise _not_audio() if misdetected else JobError(
+                                "corrupt_audio", "the original is corrupt: FFmpeg cannot decode "
+                                                 "its audio")
                         raise JobError("corrupt_audio", "the original is corrupt: more than "
-                                       f"{MAX_BAD_PACKETS} packets could not be decoded")
+                                       f"{MAX_BAD_PACKETS} of its packets cannot be decoded")
                     continue
                 for frame in frames:
-                    write(resampler.resample(frame))
+                    sink.put(frame)
                 if progress and declared:
-                    progress(min(total / (declared * SAMPLE_RATE), 1.0))
-            write(resampler.resample(None))
-    except av.error.FFmpegError as exc:
-        raise JobError("corrupt_audio", f"the original could not be decoded: {exc}")
+                    progress(min(sink.total / (declared * SAMPLE_RATE), 1.0))
+            sink.flush()
+    except av.error.FFmpegError:
+        raise JobError("corrupt_audio", "the original is corrupt: FFmpeg cannot decode it") \
+            from None
     finally:
         container.close()
+    _check_whole(sink.total, exact, broke_off, misdetected)
+    if sink.non_finite:
+        log.warning("the original holds %d NaN/Inf samples: replaced (NaN by 0, Inf by +-1)",
+                    sink.non_finite)
+    total = sink.total
+    mean = sink.acc / total
+    var = max(sink.acc2 - total * mean * mean, 0.0) / max(total - 1, 1)
+    return DecodedAudio(Path(target), total, mean, math.sqrt(var), rate, channels, codec,
+                        non_finite=sink.non_finite, **found)
+
+
+def _check_whole(total: int, exact: float | None, broke_off: bool, misdetected: bool):
+    """Refuse a decode that is cut short, on evidence only: an exact declared length that was
+    not reached, or a read that broke off in an error. An undecodable last packet alone (a
+    partial final frame) is concealed like any isolated glitch: players play such files."""
+    seconds = total / SAMPLE_RATE
+    if exact and seconds < exact - max(0.2, 0.005 * exact):
+        raise JobError("truncated_audio", f"the original is cut off: it declares {exact:.1f} s "
+                                          f"but only {seconds:.1f} s are present")
     if total == 0:
+        if misdetected:
+            raise _not_audio()
         raise JobError("empty_audio", "the original holds no audio samples")
-    if declared and codec not in ("vorbis", "opus") and total / SAMPLE_RATE < 0.95 * declared - 0.5:
-        raise JobError("truncated_audio", f"the original declares {declared:.1f} s but only "
-                                          f"{total / SAMPLE_RATE:.1f} s could be decoded")
-    mean = acc / total
-    var = max(acc2 - total * mean * mean, 0.0) / max(total - 1, 1)
-    return DecodedAudio(Path(target), total, mean, math.sqrt(var), rate, channels, codec)
+    if broke_off:
+        raise JobError("truncated_audio", f"the original is cut off: it breaks off in damaged "
+                                          f"data after {seconds:.1f} s")

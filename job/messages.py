@@ -16,16 +16,14 @@ STEMS = ("vocals", "drums", "bass", "guitar", "piano", "other")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_MESSAGE_BYTES = 64 * 1024
 
-# Types an original may be declared as; anything else is refused before download.
+# Types an original may be declared as, beyond any audio/* or video/* (a music video's
+# audio is separated too). The content decides what it is; a declared type is refused only
+# when it names something that is not media at all (a document, an image, text).
 AUDIO_MIME_TYPES = frozenset({
-    "audio/mpeg", "audio/mp3", "audio/mpeg3", "audio/x-mpeg-3",
-    "audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave",
-    "audio/flac", "audio/x-flac",
-    "audio/ogg", "audio/opus", "audio/vorbis", "application/ogg",
-    "audio/mp4", "audio/m4a", "audio/x-m4a", "audio/aac", "audio/x-aac", "audio/aacp",
-    "audio/webm", "audio/aiff", "audio/x-aiff",
-    "application/octet-stream", "binary/octet-stream",
+    "application/ogg", "application/mp4", "application/x-matroska", "application/vnd.rn-realmedia",
+    "application/octet-stream", "binary/octet-stream", "application/x-binary",
 })
+MEDIA_TYPE_PREFIXES = ("audio/", "video/")
 
 
 @dataclass(frozen=True)
@@ -54,10 +52,10 @@ def check_mime_type(mime_type) -> str | None:
     if not isinstance(mime_type, str):
         raise JobError("invalid_message", "mimeType must be a string")
     base = mime_type.split(";", 1)[0].strip().lower()
-    if base not in AUDIO_MIME_TYPES:
+    if base not in AUDIO_MIME_TYPES and not base.startswith(MEDIA_TYPE_PREFIXES):
         raise JobError("unsupported_media_type",
-                       f"mimeType {mime_type[:100]!r} is not an audio type we decode "
-                       "(mp3, wav, flac, ogg/opus, m4a/aac)")
+                       f"mimeType {mime_type[:100]!r} names something that is not audio; "
+                       "send the audio file (any audio/* or video/* type is accepted)")
     return base
 
 

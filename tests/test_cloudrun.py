@@ -545,7 +545,7 @@ def test_a_delivery_in_flight_is_retried_later_and_a_stale_claim_is_taken_over(d
 @pytest.mark.parametrize("payload, code, job_id", [
     ({**GOOD, "releaseId": "../etc"}, "invalid_id", "sep_rel_1_trk_1"),
     ({"jobId": "j1", "trackId": "t1"}, "invalid_message", "j1"),
-    ({**GOOD, "mimeType": "video/mp4"}, "unsupported_media_type", "sep_rel_1_trk_1"),
+    ({**GOOD, "mimeType": "application/pdf"}, "unsupported_media_type", "sep_rel_1_trk_1"),
     (b"\xff\x00not json", "invalid_message", None),
 ], ids=["bad-id", "missing-fields", "not-audio", "not-json"])
 def test_a_bad_message_is_reported_failed_and_not_retried(dispatcher, cloud_run, results,
