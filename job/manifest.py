@@ -3,7 +3,7 @@ which input, model and settings made it, so a redelivered message can be answere
 
 import datetime
 
-from . import messages
+from . import audio, messages
 from .storage import sha256_of
 
 VERSION = 1
@@ -18,7 +18,15 @@ def matches(manifest: dict | None, identity: dict, settings) -> bool:
         and set(manifest.get("stems", {})) == set(messages.STEMS)
 
 
-def build(request: messages.JobRequest, settings, identity: dict, duration_s: float,
+def source(request: messages.JobRequest, decoded: audio.DecodedAudio) -> dict:
+    """What the original turned out to be (the content decides, not its name or mimeType)."""
+    return {"container": decoded.container, "codec": decoded.codec,
+            "sampleRate": decoded.source_rate, "channels": decoded.source_channels,
+            "streamIndex": decoded.stream_index, "audioStreams": decoded.audio_streams,
+            "nonFiniteSamples": decoded.non_finite, "declaredMimeType": request.mime_type}
+
+
+def build(request: messages.JobRequest, settings, identity: dict, decoded: audio.DecodedAudio,
           stems: dict, urls: dict, stats: dict) -> dict:
     """The manifest of a set just written: `stems` {stem: local file}, `urls` {stem: url},
     `stats` {stem: encoder figures}."""
@@ -28,7 +36,8 @@ def build(request: messages.JobRequest, settings, identity: dict, duration_s: fl
         "artistId": request.artist_id, "model": settings.model_name,
         "format": settings.output_format,
         "bitrate": f"{settings.mp3_bitrate}k" if settings.output_format == "mp3" else None,
-        "input": identity, "durationS": round(duration_s, 3),
+        "input": identity, "source": source(request, decoded),
+        "durationS": round(decoded.duration_s, 3),
         "createdAt": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "stems": {stem: {"url": urls[stem], "file": path.name, "bytes": path.stat().st_size,
                          "sha256": sha256_of(path), **stats[stem]}

@@ -132,7 +132,7 @@ def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
         storage.remove_manifest(request.release_id, request.track_id)
         urls = storage.write_stems(request.release_id, request.track_id, stems)
         storage.write_manifest(request.release_id, request.track_id, manifest.build(
-            request, s, fetched.original.identity, decoded.duration_s, stems, urls, stats))
+            request, s, fetched.original.identity, decoded, stems, urls, stats))
     duration = decoded.duration_s
     return messages.completed_result(
         request, urls, model=s.model_name, durationS=round(duration, 3), reused=False,
