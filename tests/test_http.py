@@ -358,9 +358,22 @@ def test_server_logs_are_json_lines(main):
     assert all("severity" in e and "message" in e for e in entries)
 
 
-def test_sigterm_answers_in_flight_requests_503_and_exits(small):
-    """Last: stops the `small` server. Stopping sets the running separation's cancel event;
-    a request that reaches its turn after that is refused as `interrupted`, to be retried."""
+@pytest.fixture
+def doomed(model_dir, tmp_path):
+    """A server of its own for the test that stops it (HTTP_QUEUE=0, like `small`)."""
+    server = launch(model_dir, tmp_path / "doomed", HTTP_QUEUE=0, MAX_INPUT_BYTES=SMALL_LIMIT)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def test_sigterm_answers_in_flight_requests_503_and_exits(doomed):
+    """Stopping sets the running separation's cancel event; a request that reaches its turn
+    after that is refused as `interrupted`, to be retried."""
+    small = doomed
     hold = threading.Event()
     thread, box = post_in_thread(small, "/separate/rel_7/trk_1", headers=MULTIPART,
                                  data=multipart_chunks(JUNK, hold))
