@@ -1,10 +1,10 @@
-"""Run under tcmalloc when it is installed: about 15% less wall time per track on CPU.
+"""Run under tcmalloc when it is installed: less wall time per track on CPU.
 
 With glibc's malloc every window's large buffers go back to the kernel when freed and are
-page-faulted in again for the next window (about a fifth of the job's CPU time was system
-time on a 2-core host); tcmalloc keeps and reuses them. An allocator can only be chosen
-before the process starts, so the CLI re-executes itself once with LD_PRELOAD, before
-anything heavy is imported (same PID, same arguments). The image sets LD_PRELOAD itself.
+page-faulted in again for the next window, so much of the job's CPU time is system time;
+tcmalloc keeps and reuses them. An allocator can only be chosen before the process starts,
+so the CLI re-executes itself once with LD_PRELOAD, before anything heavy is imported (an
+exec: same PID, same arguments, tests/test_malloc.py). The image sets LD_PRELOAD itself.
 STEM_JOB_MALLOC=system keeps glibc's allocator. `hack/bench` measures the effect.
 """
 
