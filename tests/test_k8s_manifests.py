@@ -22,7 +22,7 @@ import yaml
 
 from job import audio, errors, messages
 from job.config import ENV, load_settings
-from job.pipeline import CANCELLED_FETCH_WAIT_S
+from job.fetch import CANCELLED_FETCH_WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -81,7 +81,7 @@ def quantity(text: str) -> int:
 
 def scratch_bytes(settings) -> float:
     """Disk a job needs for the longest track its settings admit: the original, the decoded
-    float32 mix and the six encoded stems (job/pipeline.py writes all three to scratch)."""
+    float32 mix and the six encoded stems (job/fetch.py and job/pipeline.py write all three to scratch)."""
     seconds = settings.max_duration_s
     mix = seconds * audio.SAMPLE_RATE * audio.CHANNELS * 4
     per_stem = {"mp3": settings.mp3_bitrate * 1000 / 8,
