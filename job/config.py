@@ -112,6 +112,21 @@ def parse_text(name, value):
     return value.strip()
 
 
+_PUBSUB_NAME = re.compile(r"^(projects/[a-z][a-z0-9.:-]{4,61}/(topics|subscriptions)/)?"
+                          r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}$")
+
+
+def parse_pubsub_name(name, value):
+    """A topic or subscription: its name (3-255 characters, starting with a letter) or its full
+    `projects/P/topics|subscriptions/N` path; anything else fails at start, not at the first
+    pull or publish."""
+    value = value.strip()
+    if not _PUBSUB_NAME.match(value) or value.split("/")[-1].startswith("goog"):
+        raise ConfigError(f"{name}={value!r} is invalid: use a Pub/Sub name (3-255 letters, "
+                          "digits or -_.~+%, starting with a letter) or projects/P/…/NAME")
+    return value
+
+
 # env variable -> (Settings field, parser)
 ENV = {
     "PROCESSING_MODE": ("processing_mode", lambda n, v: parse_choice(n, v, ("job", "pubsub", "http"))),
@@ -120,8 +135,8 @@ ENV = {
     "OUTPUT_DIR": ("output_dir", parse_text),
     "INPUT_DIR": ("input_dir", parse_text),
     "GCP_PROJECT_ID": ("gcp_project_id", parse_text),
-    "PUBSUB_SUBSCRIPTION": ("pubsub_subscription", parse_text),
-    "PUBSUB_RESULTS_TOPIC": ("pubsub_results_topic", parse_text),
+    "PUBSUB_SUBSCRIPTION": ("pubsub_subscription", parse_pubsub_name),
+    "PUBSUB_RESULTS_TOPIC": ("pubsub_results_topic", parse_pubsub_name),
     "MODEL_NAME": ("model_name", parse_text),
     "MODEL_DIR": ("model_dir", parse_text),
     "DEVICE": ("device", lambda n, v: parse_choice(n, v, ("auto", "cpu", "cuda"))),

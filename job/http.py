@@ -27,7 +27,8 @@ Why it is shaped this way:
   One that leaves while queued is skipped. One that leaves during separation does not stop it:
   the set is finished and its manifest written last, so the caller's retry finds it complete
   (same bytes, same track) and gets it back at once (`reused: true`).
-- SIGTERM/SIGINT: the running separation stops at its next window (as in `run`), its caller
+- SIGTERM/SIGINT: the running separation stops at its next window (in `run` and `drain` the
+  forward pass runs in the main thread and is aborted at once; here it runs in a worker), its caller
   and any still queued get 503 `interrupted`, and the server exits well within Cloud Run's and
   GKE's grace periods; the set being written is left without a manifest.
 """

@@ -47,6 +47,6 @@ def setup_logging(wanted: str = "auto", level: int = logging.INFO) -> str:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("urllib3", "google", "grpc", "httpx"):
+    for noisy in ("urllib3", "google", "grpc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return fmt

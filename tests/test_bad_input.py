@@ -137,6 +137,7 @@ def test_message_paths_must_lie_under_input_dir(env, tmp_path, song):
 @pytest.mark.parametrize("variable, value", [
     ("DEVICE", "tpu"), ("MP3_BITRATE", "999k"), ("OUTPUT_FORMAT", "ogg"),
     ("MAX_DURATION_S", "-1"), ("SEGMENT_BATCH", "lots"), ("STORAGE_MODE", "s3"),
+    ("PUBSUB_SUBSCRIPTION", "has space"), ("PUBSUB_RESULTS_TOPIC", "x"),
 ])
 def test_invalid_configuration_is_one_line_naming_the_variable(env, tmp_path, song, variable, value):
     runner = CliRunner()
