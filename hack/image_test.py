@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "hack"))
 sys.path.insert(0, str(REPO))
-from standins import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
+from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
                       ensure_subscription, ensure_topic, free_port)
 
 from job.synthetic import music, write_audio  # noqa: E402
