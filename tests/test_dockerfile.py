@@ -263,7 +263,7 @@ def test_layers_change_least_often_first(dockerfile, pyproject):
     # Exactly what pyproject.toml packages goes into the image.
     copied = {args.split()[0] for keyword, args in builder["steps"] if keyword == "COPY"}
     assert copied == {"wheel[s]", "pyproject.toml", pyproject["project"]["readme"],
-                      *pyproject["tool"]["setuptools"]["packages"]}
+                      *pyproject["tool"]["setuptools"]["packages"]["find"]["include"]} - {"job.*"}
 
 
 def pattern_regex(pattern: str) -> str:
