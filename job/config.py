@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, replace
 
 from .errors import ConfigError, JobError
-from .messages import STEMS, check_outputs
+from .messages import STEMS, check_outputs, split_names
 
 _BITRATE = re.compile(r"^(\d{2,3})k$")
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -106,7 +106,7 @@ def parse_bitrate(name, value):
 
 def parse_outputs(name, value):
     try:
-        return check_outputs(value, name)
+        return check_outputs(split_names(value), name)
     except JobError as exc:
         raise ConfigError(exc.message) from None
 

@@ -287,7 +287,7 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
             messages.check_id("track_id", track_id)
             outputs = request.query_params.get("outputs")
             if outputs is not None:
-                outputs = messages.check_outputs(outputs)
+                outputs = messages.check_outputs(messages.split_names(outputs))
             check_request_headers(request, settings.max_input_bytes)
         except JobError as error:
             return error_response(error, **ids)

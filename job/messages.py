@@ -43,10 +43,8 @@ class JobRequest:
 
 
 def check_outputs(value, name: str = "outputs") -> tuple:
-    """A list of output names (or a comma-separated string) to a tuple in OUTPUTS order;
-    JobError `invalid_outputs` naming what is wrong, since the names come from the outside."""
-    if isinstance(value, str):
-        value = [part for part in value.split(",") if part.strip()]
+    """A list of output names to a tuple in OUTPUTS order; JobError `invalid_outputs` naming
+    what is wrong, since the names come from the outside."""
     if not isinstance(value, (list, tuple)) or not value:
         raise JobError("invalid_outputs", f"{name} must be a non-empty list of output names "
                                           f"({', '.join(OUTPUTS)})")
@@ -62,6 +60,11 @@ def check_outputs(value, name: str = "outputs") -> tuple:
                                           f"{', '.join(repr(u[:40]) for u in unknown[:5])}: "
                                           f"use any of {', '.join(OUTPUTS)}")
     return tuple(output for output in OUTPUTS if output in names)
+
+
+def split_names(text: str) -> list:
+    """A comma-separated list (env, flag, query string) to its names."""
+    return [part for part in text.split(",") if part.strip()]
 
 
 def outputs_of(request: JobRequest, settings) -> tuple:
