@@ -84,12 +84,15 @@ def emit_result(result: dict) -> None:
 @click.option("--device", callback=checked("DEVICE"), help="Overrides DEVICE (auto, cpu, cuda).")
 @click.option("--format", "output_format", callback=checked("OUTPUT_FORMAT"),
               help="Overrides OUTPUT_FORMAT (mp3, wav, flac).")
+@click.option("--outputs", callback=checked("OUTPUTS"),
+              help="Overrides OUTPUTS (comma-separated, e.g. vocals,instrumental).")
 def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None,
         mime_type=None, message=None, output_dir=None, model_dir=None, device=None,
-        output_format=None):
+        output_format=None, outputs=None):
     """Separate one track; print the result JSON as the last line of stdout."""
     settings = settings_or_exit(output_dir=output_dir, model_dir=model_dir, device=device,
-                                output_format=output_format)
+                                output_format=output_format,
+                                outputs=None if outputs is None else ",".join(outputs))
     setup_logging(settings.log_format)
     try:
         request, trusted = request_from(input_, release_id, track_id, artist_id, job_id,

@@ -8,7 +8,8 @@ import os
 import re
 from dataclasses import dataclass, replace
 
-from .errors import ConfigError
+from .errors import ConfigError, JobError
+from .messages import STEMS, check_outputs, split_names
 
 _BITRATE = re.compile(r"^(\d{2,3})k$")
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -33,6 +34,13 @@ class Settings:
     seed: int = 0
     output_format: str = "mp3"
     mp3_bitrate: int = 320
+    mp3_quality: int = 3              # LAME algorithm quality, 0 best/slowest
+    outputs: tuple = STEMS
+    peaks_samples_per_pixel: int = 256
+    peaks_bits: int = 8
+    peaks_split_channels: bool = False
+    silent_below_lu: float = 40.0
+    output_analysis: bool = True      # peaks and loudness; off only to measure their cost
     max_input_bytes: int = 2 * 1024**3
     max_duration_s: float = 3 * 3600.0
     allowed_input_buckets: tuple = ()
@@ -69,11 +77,11 @@ def parse_int(name, value, low, high=None):
     return number
 
 
-def parse_float(name, value, low):
+def parse_float(name, value, low, unit="seconds"):
     try:
         number = float(value.strip())
     except ValueError:
-        raise ConfigError(f"{name}={value!r} is invalid: use a number of seconds") from None
+        raise ConfigError(f"{name}={value!r} is invalid: use a number of {unit}") from None
     if not number > low or number != number or number == float("inf"):
         raise ConfigError(f"{name}={value!r} is invalid: use a number above {low}")
     return number
@@ -94,6 +102,13 @@ def parse_bitrate(name, value):
         raise ConfigError(f"{name}={value!r} is invalid: use an MP3 bitrate such as 320k "
                           f"({', '.join(f'{b}k' for b in MP3_BITRATES)})")
     return int(match.group(1))
+
+
+def parse_outputs(name, value):
+    try:
+        return check_outputs(split_names(value), name)
+    except JobError as exc:
+        raise ConfigError(exc.message) from None
 
 
 def parse_batch(name, value):
@@ -146,6 +161,13 @@ ENV = {
     "SEED": ("seed", lambda n, v: parse_int(n, v, 0)),
     "OUTPUT_FORMAT": ("output_format", lambda n, v: parse_choice(n, v, ("mp3", "wav", "flac"))),
     "MP3_BITRATE": ("mp3_bitrate", parse_bitrate),
+    "MP3_QUALITY": ("mp3_quality", lambda n, v: parse_int(n, v, 0, 9)),
+    "OUTPUTS": ("outputs", parse_outputs),
+    "PEAKS_SAMPLES_PER_PIXEL": ("peaks_samples_per_pixel", lambda n, v: parse_int(n, v, 2, 1 << 20)),
+    "PEAKS_BITS": ("peaks_bits", lambda n, v: int(parse_choice(n, v, ("8", "16")))),
+    "PEAKS_SPLIT_CHANNELS": ("peaks_split_channels", parse_bool),
+    "SILENT_BELOW_LU": ("silent_below_lu", lambda n, v: parse_float(n, v, 0, "LU")),
+    "OUTPUT_ANALYSIS": ("output_analysis", parse_bool),
     "MAX_INPUT_BYTES": ("max_input_bytes", lambda n, v: parse_int(n, v, 1)),
     "MAX_DURATION_S": ("max_duration_s", lambda n, v: parse_float(n, v, 0)),
     "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", parse_buckets),

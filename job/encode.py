@@ -1,10 +1,12 @@
-"""Stem encoders: one writer per stem, fed block by block, running concurrently.
+"""Output encoders: one writer per output, fed block by block, running concurrently; each also
+measures its output (waveform peaks, loudness) on the blocks it writes, in its own thread.
 
 Stems can exceed full scale (the model does not bound them). Integer formats (MP3 via
 16-bit PCM, FLAC 24-bit) pass through `soft_limit`: samples below -0.9 dBFS are untouched,
 louder ones are bent smoothly towards full scale (tanh knee) instead of being hard-clipped,
 so there is no square-wave distortion; the manifest counts how many samples were limited.
-WAV output is 32-bit float and keeps every sample as the model produced it.
+WAV output is 32-bit float and keeps every sample as the model produced it. Peaks and loudness
+describe the file as written: after the limiter.
 """
 
 import queue
@@ -14,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from .loudness import LoudnessMeter
 from .mp3 import Mp3Writer
+from .peaks import Peaks
 
 KNEE = 0.9
 
@@ -43,35 +47,29 @@ class SoundfileWriter:
         self.file.close()
 
 
-class StemEncoder:
-    """Encodes one stem in its own thread (LAME and libsndfile release the GIL)."""
+class BlockWorker:
+    """Consumes (2, n) blocks in a thread of its own (LAME, libsndfile and FFmpeg release the
+    GIL); `finish()` waits for it and returns its figures or raises its error."""
 
-    def __init__(self, path: Path, fmt: str = "mp3", bitrate_kbps: int = 320, quality: int = 3):
-        self.path = Path(path)
-        self.limit = fmt != "wav"
-        self.writer = Mp3Writer(path, bitrate_kbps, quality) if fmt == "mp3" \
-            else SoundfileWriter(path, fmt)
-        self.limited = 0
-        self.peak = 0.0
-        self.samples = 0
+    def __init__(self, name: str):
         self.error = None
         self.queue = queue.Queue(maxsize=8)
-        self.thread = threading.Thread(target=self._run, name=f"encode-{self.path.stem}",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
+
+    def handle(self, block: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> dict:
+        raise NotImplementedError
 
     def _run(self):
         drained = False
         try:
             while (block := self.queue.get()) is not None:
-                self.peak = max(self.peak, float(np.abs(block).max(initial=0.0)))
-                self.samples += block.shape[-1]
-                if self.limit:
-                    block, count = soft_limit(block)
-                    self.limited += count
-                self.writer.write(block)
+                self.handle(block)
             drained = True
-            self.writer.close()
+            self.figures = self.close()
         except BaseException as exc:  # reported by finish()
             self.error = exc
             while not drained and self.queue.get() is not None:
@@ -86,10 +84,70 @@ class StemEncoder:
         self.thread.join()
         if self.error is not None:
             raise self.error
-        return {"peak": round(self.peak, 4), "limitedSamples": self.limited,
-                "samples": self.samples}
+        return self.figures
 
 
-def open_encoders(folder: Path, stems, fmt: str, bitrate_kbps: int, quality: int) -> dict:
-    return {stem: StemEncoder(Path(folder) / f"{stem}.{fmt}", fmt, bitrate_kbps, quality)
-            for stem in stems}
+class MixMeter(BlockWorker):
+    """The loudness of the input mix, the reference that flags silent outputs."""
+
+    def __init__(self):
+        self.meter = LoudnessMeter()
+        super().__init__("meter-mix")
+
+    def handle(self, block):
+        self.meter.add(block)
+
+    def close(self) -> dict:
+        return self.meter.result()
+
+
+class StemEncoder(BlockWorker):
+    """Encodes one output; with `peaks` (a Peaks) also measures it and writes the peaks file
+    `peaks_path` beside it."""
+
+    def __init__(self, path: Path, fmt: str = "mp3", bitrate_kbps: int = 320, quality: int = 3,
+                 peaks: Peaks | None = None):
+        self.path = Path(path)
+        self.limit = fmt != "wav"
+        self.writer = Mp3Writer(path, bitrate_kbps, quality) if fmt == "mp3" \
+            else SoundfileWriter(path, fmt)
+        self.peaks = peaks
+        self.meter = LoudnessMeter() if peaks is not None else None
+        self.peaks_path = self.path.with_name(f"{self.path.stem}.peaks.json") if peaks else None
+        self.limited = 0
+        self.peak = 0.0
+        self.samples = 0
+        super().__init__(f"encode-{self.path.stem}")
+
+    def handle(self, block):
+        self.peak = max(self.peak, float(np.abs(block).max(initial=0.0)))
+        self.samples += block.shape[-1]
+        if self.limit:
+            block, count = soft_limit(block)
+            self.limited += count
+        self.writer.write(block)
+        if self.peaks is not None:
+            self.peaks.add(block)
+            self.meter.add(block)
+
+    def close(self) -> dict:
+        self.writer.close()
+        figures = {"peak": round(self.peak, 4), "limitedSamples": self.limited,
+                   "samples": self.samples}
+        if self.peaks is not None:
+            self.peaks.write(self.peaks_path)
+            figures.update(self.meter.result())
+        return figures
+
+
+def open_encoders(folder: Path, outputs, settings) -> dict:
+    """{output: StemEncoder} writing FOLDER/OUTPUT.FORMAT as `settings` say."""
+    def peaks():
+        if settings.output_analysis:
+            return Peaks(settings.peaks_samples_per_pixel, settings.peaks_bits,
+                         settings.peaks_split_channels)
+        return None
+    fmt = settings.output_format
+    return {name: StemEncoder(Path(folder) / f"{name}.{fmt}", fmt, settings.mp3_bitrate,
+                              settings.mp3_quality, peaks())
+            for name in outputs}

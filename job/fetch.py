@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import audio, manifest
 from .errors import Cancel
-from .messages import JobRequest
+from .messages import JobRequest, outputs_of
 from .progress import stage
 from .storage import Original, Storage
 
@@ -62,7 +62,8 @@ class TrackFetch:
         with stage(self.timings, "locate"):
             original = storage.describe_original(request.original_uri, trusted=self.trusted)
             found = storage.read_manifest(request.release_id, request.track_id)
-        if manifest.matches(found, original.identity, self.settings):
+        if manifest.matches(found, original.identity, self.settings,
+                            outputs_of(request, self.settings)):
             return FetchedTrack(original, found)
         if self.warm is not None:
             self.warm()                # the model loads while the audio downloads and decodes

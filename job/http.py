@@ -1,8 +1,10 @@
 """`stem-job serve`: the original worker's HTTP API, on the same pipeline as `run` and `drain`.
 
-    POST /separate/{release_id}/{track_id}   multipart/form-data, the audio in field `file`
+    POST /separate/{release_id}/{track_id}[?outputs=vocals,instrumental]
+                                             multipart/form-data, the audio in field `file`
                                              (or in any one part that has a filename)
-         -> 200 {"status": "success", "release_id", "track_id", "stems": {...}, + extras}
+         -> 200 {"status": "success", "release_id", "track_id", "stems": {...}, + extras
+                 (`outputs`: per output its url, peaks, loudness, silent flag)}
     GET  /health -> {"status": "ok", "processing_mode", "storage_mode", "device", "model", ...}
 
 Every error is JSON: {"status": "failed", "error": {"code", "message", "retryable"}}, with
@@ -67,7 +69,7 @@ GRACE_S = 8        # after SIGTERM, responses get this long (Cloud Run kills at 
 STATUS = {
     "no_file": 400, "empty_input": 400, "bad_multipart": 400, "upload_incomplete": 400,
     "input_too_large": 413, "unsupported_media_type": 415,
-    "invalid_id": 422, "invalid_message": 422, "not_audio": 422,
+    "invalid_id": 422, "invalid_message": 422, "invalid_outputs": 422, "not_audio": 422,
     "corrupt_audio": 422, "truncated_audio": 422, "empty_audio": 422, "too_long": 422,
     "busy": 503, "interrupted": 503, "internal_error": 500,
 }
@@ -216,7 +218,8 @@ def success_body(result: dict) -> dict:
     return {"status": "success", "release_id": result["releaseId"], "track_id": result["trackId"],
             "stems": result["stems"], "job_id": result["jobId"], "model": result.get("model"),
             "duration_s": result.get("durationS"), "reused": result.get("reused"),
-            "device": result.get("device"), "timings": result.get("timings")}
+            "device": result.get("device"), "timings": result.get("timings"),
+            "outputs": result.get("outputs")}
 
 
 class Gate:
@@ -283,6 +286,9 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
         try:
             messages.check_id("release_id", release_id)
             messages.check_id("track_id", track_id)
+            outputs = request.query_params.get("outputs")
+            if outputs is not None:
+                outputs = messages.check_outputs(messages.split_names(outputs))
             check_request_headers(request, settings.max_input_bytes)
         except JobError as error:
             return error_response(error, **ids)
@@ -296,7 +302,7 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
         try:
             upload = await receive_upload(request, folder, settings.max_input_bytes)
             job_request = messages.make_request(release_id, track_id, str(upload.path),
-                                                mime_type=upload.mime)
+                                                mime_type=upload.mime, outputs=outputs)
             original = Original(str(upload.path), upload.size,
                                 {"upload": "http", "size": upload.size,
                                  "sha256": upload.digest.hexdigest()}, upload.path)

@@ -9,13 +9,38 @@ from .storage import sha256_of
 VERSION = 1
 
 
-def matches(manifest: dict | None, identity: dict, settings) -> bool:
-    """Whether `manifest` is a complete set for this exact input and these settings."""
+def matches(manifest: dict | None, identity: dict, settings, outputs) -> bool:
+    """Whether `manifest` is a complete set of `outputs` for this exact input and these
+    settings (a manifest from before outputs could be chosen holds the six stems)."""
     return bool(manifest) and manifest.get("input") == identity \
         and manifest.get("model") == settings.model_name \
         and manifest.get("format") == settings.output_format \
         and manifest.get("version") == VERSION \
-        and set(manifest.get("stems", {})) == set(messages.STEMS)
+        and tuple(manifest.get("outputs", messages.STEMS)) == tuple(outputs) \
+        and set(manifest.get("stems", {})) == set(outputs)
+
+
+def urls(manifest: dict) -> dict:
+    """{output: url}: the result's `stems` field."""
+    return {name: entry["url"] for name, entry in manifest["stems"].items()}
+
+
+def summary(manifest: dict) -> dict:
+    """{output: {url, peaks, loudnessLufs, truePeakDbtp, silent}}: the result's `outputs` field
+    (None where the set was made without them)."""
+    return {name: {"url": entry["url"], **{key: entry.get(key) for key in ANALYSIS}}
+            for name, entry in manifest["stems"].items()}
+
+
+ANALYSIS = ("peaks", "loudnessLufs", "truePeakDbtp", "silent")
+
+
+def is_silent(loudness: float | None, mix: float | None, below_lu: float) -> bool:
+    """Whether an output is far enough below the mix to hide: no block of it reaches BS.1770's
+    absolute gate (-70 LUFS), or its loudness is `below_lu` LU or more under the mix's."""
+    if loudness is None:
+        return True
+    return mix is not None and loudness <= mix - below_lu
 
 
 def source(request: messages.JobRequest, decoded: audio.DecodedAudio) -> dict:
@@ -26,11 +51,23 @@ def source(request: messages.JobRequest, decoded: audio.DecodedAudio) -> dict:
             "nonFiniteSamples": decoded.non_finite, "declaredMimeType": request.mime_type}
 
 
+def entry(path, url: str, figures: dict, peaks_url, mix: dict | None, settings) -> dict:
+    """One output's manifest entry: where it is, what it holds, and how loud it is."""
+    found = {"url": url, "file": path.name, "bytes": path.stat().st_size,
+             "sha256": sha256_of(path), **figures}
+    if peaks_url is not None:
+        found["peaks"] = peaks_url
+        found["silent"] = is_silent(figures.get("loudnessLufs"), (mix or {}).get("loudnessLufs"),
+                                    settings.silent_below_lu)
+    return found
+
+
 def build(request: messages.JobRequest, settings, identity: dict, decoded: audio.DecodedAudio,
-          stems: dict, urls: dict, stats: dict) -> dict:
-    """The manifest of a set just written: `stems` {stem: local file}, `urls` {stem: url},
-    `stats` {stem: encoder figures}."""
-    return {
+          outputs, files: dict, urls: dict, stats: dict, mix: dict | None) -> dict:
+    """The manifest of a set just written: `files` {output or "OUTPUT.peaks": local file},
+    `urls` the same keys to urls, `stats` {output: encoder figures}, `mix` the input's
+    loudness figures (None without analysis)."""
+    built = {
         "version": VERSION, "jobId": request.job_id,
         "releaseId": request.release_id, "trackId": request.track_id,
         "artistId": request.artist_id, "model": settings.model_name,
@@ -39,7 +76,12 @@ def build(request: messages.JobRequest, settings, identity: dict, decoded: audio
         "input": identity, "source": source(request, decoded),
         "durationS": round(decoded.duration_s, 3),
         "createdAt": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "stems": {stem: {"url": urls[stem], "file": path.name, "bytes": path.stat().st_size,
-                         "sha256": sha256_of(path), **stats[stem]}
-                  for stem, path in stems.items()},
+        "outputs": list(outputs),
+        "stems": {name: entry(files[name], urls[name], stats[name], urls.get(f"{name}.peaks"),
+                              mix, settings)
+                  for name in outputs},
     }
+    if mix is not None:
+        built["mix"] = mix
+        built["silentBelowLu"] = settings.silent_below_lu
+    return built

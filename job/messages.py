@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from .errors import JobError
 
 STEMS = ("vocals", "drums", "bass", "guitar", "piano", "other")
+# What a job can write: the six stems and the sum of the five that are not vocals.
+OUTPUTS = STEMS + ("instrumental",)
+INSTRUMENTAL_PARTS = tuple(stem for stem in STEMS if stem != "vocals")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -36,6 +39,37 @@ class JobRequest:
     original_uri: str
     artist_id: str | None = None
     mime_type: str | None = None
+    outputs: tuple | None = None      # None: the OUTPUTS setting decides
+
+
+def check_outputs(value, name: str = "outputs") -> tuple:
+    """A list of output names to a tuple in OUTPUTS order; JobError `invalid_outputs` naming
+    what is wrong, since the names come from the outside."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise JobError("invalid_outputs", f"{name} must be a non-empty list of output names "
+                                          f"({', '.join(OUTPUTS)})")
+    names = []
+    for item in value:
+        if not isinstance(item, str):
+            raise JobError("invalid_outputs", f"{name} holds {type(item).__name__} {item!r:.40}: "
+                                              f"use output names ({', '.join(OUTPUTS)})")
+        names.append(item.strip().lower())
+    unknown = [item for item in names if item not in OUTPUTS]
+    if unknown:
+        raise JobError("invalid_outputs", f"{name} names unknown output(s) "
+                                          f"{', '.join(repr(u[:40]) for u in unknown[:5])}: "
+                                          f"use any of {', '.join(OUTPUTS)}")
+    return tuple(output for output in OUTPUTS if output in names)
+
+
+def split_names(text: str) -> list:
+    """A comma-separated list (env, flag, query string) to its names."""
+    return [part for part in text.split(",") if part.strip()]
+
+
+def outputs_of(request: JobRequest, settings) -> tuple:
+    """The outputs this request writes: its own list, else the OUTPUTS setting."""
+    return request.outputs or settings.outputs
 
 
 def check_id(name: str, value) -> str:
@@ -60,7 +94,7 @@ def check_mime_type(mime_type) -> str | None:
 
 
 def make_request(release_id, track_id, original_uri, job_id=None, artist_id=None,
-                 mime_type=None) -> JobRequest:
+                 mime_type=None, outputs=None) -> JobRequest:
     """Validate the fields of one request, whatever they came from (message, flags, env)."""
     release_id = check_id("releaseId", release_id)
     track_id = check_id("trackId", track_id)
@@ -76,7 +110,8 @@ def make_request(release_id, track_id, original_uri, job_id=None, artist_id=None
     if len(original_uri) > 2048 or "\x00" in original_uri:
         raise JobError("invalid_uri", "originalStemUri is too long or contains a NUL byte")
     return JobRequest(job_id, release_id, track_id, original_uri.strip(), artist_id,
-                      check_mime_type(mime_type))
+                      check_mime_type(mime_type),
+                      None if outputs is None else check_outputs(outputs))
 
 
 def to_message(request: JobRequest) -> dict:
@@ -84,7 +119,8 @@ def to_message(request: JobRequest) -> dict:
     fields the request lacks are left out rather than sent as null."""
     message = {"jobId": request.job_id, "releaseId": request.release_id,
                "artistId": request.artist_id, "trackId": request.track_id,
-               "originalStemUri": request.original_uri, "mimeType": request.mime_type}
+               "originalStemUri": request.original_uri, "mimeType": request.mime_type,
+               "outputs": None if request.outputs is None else list(request.outputs)}
     return {key: value for key, value in message.items() if value is not None}
 
 
@@ -118,7 +154,8 @@ def parse_message(data: bytes | str) -> JobRequest:
     if missing:
         raise JobError("invalid_message", f"message lacks required field(s): {', '.join(missing)}")
     return make_request(payload["releaseId"], payload["trackId"], payload["originalStemUri"],
-                        payload.get("jobId"), payload.get("artistId"), payload.get("mimeType"))
+                        payload.get("jobId"), payload.get("artistId"), payload.get("mimeType"),
+                        payload.get("outputs"))
 
 
 def salvage_ids(data) -> dict:

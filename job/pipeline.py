@@ -1,5 +1,5 @@
 """One track end to end: fetch (locate, skip if done, download, decode), separate while the
-encoders run, store the stems and then the manifest.
+encoders run, store the outputs and their peaks and then the manifest.
 
 `process()` never raises for a failure it understands: it returns the stem-results dict,
 `failed` with an error code when something is wrong, so every caller (run, drain, HTTP)
@@ -16,7 +16,7 @@ import torch
 
 from . import audio, manifest, messages
 from .config import Settings
-from .encode import open_encoders
+from .encode import MixMeter, open_encoders
 from .engine import Separator
 from .errors import Cancel, ConfigError, Interrupted, JobError
 from .fetch import TrackFetch
@@ -109,47 +109,68 @@ def log_summary(request, result: dict, job: Job, fetch: TrackFetch) -> None:
 
 def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
     s, storage = job.settings, job.storage
+    outputs = messages.outputs_of(request, s)
     fetched = fetch.wait()
     found = fetched.manifest
     if fetched.decoded is not None and fetch.ahead:
         # fetched while an earlier message ran: that one may have completed this very set
         with stage(timings, "locate"):
             found = storage.read_manifest(request.release_id, request.track_id)
-    if manifest.matches(found, fetched.original.identity, s):
-        log.info("job %s: stems already complete for this input, not separating again",
+    if manifest.matches(found, fetched.original.identity, s, outputs):
+        log.info("job %s: outputs already complete for this input, not separating again",
                  request.job_id)
-        stems = {stem: entry["url"] for stem, entry in found["stems"].items()}
-        return messages.completed_result(request, stems, model=s.model_name, reused=True,
-                                         durationS=found.get("durationS"), timings=timings)
+        return messages.completed_result(
+            request, manifest.urls(found), outputs=manifest.summary(found), model=s.model_name,
+            reused=True, durationS=found.get("durationS"), timings=timings)
 
     decoded, scratch = fetched.decoded, fetched.scratch
     progress = Progress(request.job_id, job.on_progress)
     separator = job.models.separator()
-    stems, stats = _separate(decoded, separator, scratch, s, job, progress, timings)
+    files, stats, mix = _separate(decoded, separator, scratch, s, job, progress, timings, outputs)
     if job.cancel.is_set():
         raise Interrupted()
     with stage(timings, "upload"):
         storage.remove_manifest(request.release_id, request.track_id)
-        urls = storage.write_stems(request.release_id, request.track_id, stems)
-        storage.write_manifest(request.release_id, request.track_id, manifest.build(
-            request, s, fetched.original.identity, decoded, stems, urls, stats))
+        urls = storage.write_stems(request.release_id, request.track_id, files)
+        built = manifest.build(request, s, fetched.original.identity, decoded, outputs, files,
+                               urls, stats, mix)
+        storage.write_manifest(request.release_id, request.track_id, built)
     duration = decoded.duration_s
     return messages.completed_result(
-        request, urls, model=s.model_name, durationS=round(duration, 3), reused=False,
-        device=str(separator.device), timings=timings,
+        request, manifest.urls(built), outputs=manifest.summary(built), model=s.model_name,
+        durationS=round(duration, 3), reused=False, device=str(separator.device), timings=timings,
         rtf=round(duration / max(timings.get("separate", 0) + timings.get("decode", 0), 1e-6), 2))
 
 
-def _separate(decoded, separator: Separator, scratch, s: Settings, job: Job, progress, timings):
-    """Run the engine, feeding each finished block to the six concurrent encoders."""
-    encoders = open_encoders(scratch, messages.STEMS, s.output_format, s.mp3_bitrate, 3)
-    order = [separator.sources.index(stem) for stem in messages.STEMS]
+def pickers(sources, outputs) -> dict:
+    """{output: function(block) -> (2, n) float32}: a stem of the engine's (sources, 2, n)
+    block, or the instrumental, the float sum of the non-vocal stems before any limiting."""
+    def stem(index):
+        return lambda block: block[index]
+    parts = [sources.index(part) for part in messages.INSTRUMENTAL_PARTS]
+    chosen = {name: stem(sources.index(name)) for name in outputs if name in messages.STEMS}
+    if "instrumental" in outputs:
+        chosen["instrumental"] = lambda block: block[parts].sum(0)
+    return chosen
+
+
+def _separate(decoded, separator: Separator, scratch, s: Settings, job: Job, progress, timings,
+              outputs):
+    """Run the engine, feeding each finished block to the concurrent encoders (and the input's
+    own blocks to the mix's loudness meter). Returns the files to upload ({output: audio,
+    "OUTPUT.peaks": peaks}), each output's figures, and the mix's loudness figures."""
+    encoders = open_encoders(scratch, outputs, s)
+    picks = pickers(separator.sources, outputs)
     reader = audio.RawReader(decoded)
+    mix_reader = audio.RawReader(decoded) if s.output_analysis else None
+    workers = dict(encoders, **({"mix": MixMeter()} if mix_reader else {}))
     finished = False
     try:
         def emit(start, block):
-            for stem, index in zip(messages.STEMS, order):
-                encoders[stem].put(block[index])
+            for name, encoder in encoders.items():
+                encoder.put(picks[name](block))
+            if mix_reader is not None:
+                workers["mix"].put(mix_reader.read(start, start + block.shape[-1]))
 
         with stage(timings, "separate"):
             separator.separate(reader.read, decoded.length, decoded.mean, decoded.std, emit,
@@ -157,15 +178,23 @@ def _separate(decoded, separator: Separator, scratch, s: Settings, job: Job, pro
         finished = True
     finally:
         reader.close()
+        if mix_reader is not None:
+            mix_reader.close()
         progress.close()
         with stage(timings, "encode"):
             stats = {}
             errors = []
-            for stem, encoder in encoders.items():
+            for name, worker in workers.items():
                 try:
-                    stats[stem] = encoder.finish()
+                    stats[name] = worker.finish()
                 except Exception as exc:
                     errors.append(exc)
         if finished and errors:
-            raise JobError("encode_failed", f"encoding a stem failed: {errors[0]}", retryable=True)
-    return {stem: encoders[stem].path for stem in messages.STEMS}, stats
+            raise JobError("encode_failed", f"encoding an output failed: {errors[0]}",
+                           retryable=True)
+    files = {}
+    for name, encoder in encoders.items():
+        files[name] = encoder.path
+        if encoder.peaks_path is not None:
+            files[f"{name}.peaks"] = encoder.peaks_path
+    return files, stats, stats.pop("mix", None)

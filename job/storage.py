@@ -18,7 +18,8 @@ from .errors import JobError
 from .messages import check_id
 
 MANIFEST = "manifest.json"
-CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
+CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac",
+                 "json": "application/json"}          # peaks files
 
 
 @dataclass(frozen=True)

@@ -125,10 +125,15 @@ def test_batch_of_good_and_bad_messages(cloud, song):
     completed = next(r for r, _ in results if r["status"] == "completed")
     assert completed["stems"] == {s: f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/{s}.mp3"
                                   for s in STEMS}
-    assert stems_in_bucket(cloud, "trk_good") == {f"stems/rel_1/trk_good/{s}.mp3" for s in STEMS} | \
+    assert stems_in_bucket(cloud, "trk_good") == {f"stems/rel_1/trk_good/{s}{ext}" for s in STEMS
+                                                 for ext in (".mp3", ".peaks.json")} | \
         {"stems/rel_1/trk_good/manifest.json"}
     blob = cloud.storage.bucket(cloud.bucket).get_blob("stems/rel_1/trk_good/vocals.mp3")
     assert blob.content_type == "audio/mpeg"
+    peaks = cloud.storage.bucket(cloud.bucket).get_blob("stems/rel_1/trk_good/vocals.peaks.json")
+    assert peaks.content_type == "application/json"
+    assert completed["outputs"]["vocals"]["peaks"] == \
+        f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/vocals.peaks.json"
     assert cloud.queue_is_empty(), "every message, good or bad, must be acked"
 
 
@@ -166,7 +171,8 @@ def test_next_track_is_fetched_while_the_current_one_separates(cloud, tmp_path):
     results = {r["trackId"]: r for r, _ in cloud.results_now(2)}
     assert {t: r["status"] for t, r in results.items()} == {"trk_a": "completed", "trk_b": "completed"}
     assert abs(results["trk_b"]["durationS"] - 6.0) < 0.1
-    assert stems_in_bucket(cloud, "trk_b") == {f"stems/rel_1/trk_b/{s}.mp3" for s in STEMS} | \
+    assert stems_in_bucket(cloud, "trk_b") == {f"stems/rel_1/trk_b/{s}{ext}" for s in STEMS
+                                                 for ext in (".mp3", ".peaks.json")} | \
         {"stems/rel_1/trk_b/manifest.json"}
 
 

@@ -184,9 +184,29 @@ def test_good_upload_answers_the_original_json_and_writes_the_set(main, clip):
         assert (folder / f"{stem}.mp3").stat().st_size > 1000
     assert not list(main.tmp.iterdir()), "upload or scratch files left behind"
 
+    assert set(body["outputs"]) == set(STEMS)
+    for stem in STEMS:
+        assert body["outputs"][stem]["url"] == body["stems"][stem]
+        assert body["outputs"][stem]["peaks"] == f"rel_1/trk_1/{stem}.peaks.json"
+        assert body["outputs"][stem]["loudnessLufs"] == manifest["stems"][stem]["loudnessLufs"]
+        assert body["outputs"][stem]["silent"] is False
+
     again = main.post("/separate/rel_1/trk_1", files=upload(clip, mime=None))
     assert again.status_code == 200 and again.json()["reused"] is True
     assert again.json()["stems"] == body["stems"]
+    assert again.json()["outputs"] == body["outputs"]
+
+
+def test_outputs_query_chooses_what_is_written(main, clip):
+    response = main.post("/separate/rel_k/trk_k?outputs=vocals,instrumental", files=upload(clip))
+    assert response.status_code == 200, response.text
+    assert set(response.json()["stems"]) == set(response.json()["outputs"]) == \
+        {"vocals", "instrumental"}
+    folder = main.outputs / "rel_k" / "trk_k"
+    assert json.loads((folder / "manifest.json").read_text())["outputs"] == ["vocals", "instrumental"]
+    bad = main.post("/separate/rel_k/trk_k?outputs=vocals,kazoo", files=upload(clip))
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_outputs"
+    assert "'kazoo'" in bad.json()["error"]["message"]
 
 
 def test_gcs_mode_uploads_the_set_to_the_bucket(model_dir, gcs_emulator, bucket, tmp_path, clip):
@@ -203,7 +223,8 @@ def test_gcs_mode_uploads_the_set_to_the_bucket(model_dir, gcs_emulator, bucket,
             for stem in STEMS}
         client = gcs_emulator.client(PROJECT)
         names = {blob.name for blob in client.list_blobs(bucket, prefix="stems/rel_g/trk_g/")}
-        assert names == {f"stems/rel_g/trk_g/{stem}.mp3" for stem in STEMS} | \
+        assert names == {f"stems/rel_g/trk_g/{stem}{ext}" for stem in STEMS
+                         for ext in (".mp3", ".peaks.json")} | \
             {"stems/rel_g/trk_g/manifest.json"}
         manifest = json.loads(client.bucket(bucket).blob("stems/rel_g/trk_g/manifest.json")
                               .download_as_bytes())
