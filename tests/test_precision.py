@@ -13,6 +13,7 @@ from job import engine
 from job.engine import Separator, agreement_db
 from job.model import BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags, load_model
 from job.synthetic import music
+from test_engine_parity import separated
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -39,23 +40,6 @@ class NonFiniteWhenReduced(torch.nn.Module):
             out = out.clone()
             out[0, :, :, :64] = float("inf")
         return out
-
-
-def separated(separator, mix):
-    out = np.zeros((len(separator.sources),) + mix.shape, np.float32)
-
-    def read(start, stop):
-        block = np.zeros((2, stop - start), np.float32)
-        lo, hi = max(start, 0), min(stop, mix.shape[1])
-        block[:, lo - start:hi - start] = mix[:, lo:hi]
-        return block
-
-    def emit(start, block):
-        out[..., start:start + block.shape[-1]] = block
-
-    mono = mix.mean(0)
-    stats = separator.separate(read, mix.shape[1], float(mono.mean()), float(mono.std()), emit)
-    return out, stats
 
 
 @pytest.fixture(scope="module")
