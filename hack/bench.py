@@ -1,6 +1,7 @@
 """Speed and memory of stem-job against the demucs reference, measured in one run.
 
 Prints a short table, then one JSON object (last line). See `hack/bench --help`.
+`--floor`, `--batch N` and `--encoders` measure the CPU side instead (hack/bench_floor.py).
 Every part runs in a fresh process on the same synthesised input; the full-size
 htdemucs_6s architecture with seeded random weights does the released model's compute.
 """
@@ -22,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 from job.synthetic import music, write_audio, write_model_folder  # noqa: E402
+import bench_floor  # noqa: E402
 
 PY = sys.executable
 
@@ -70,7 +72,19 @@ def main():
                         help="alternated runs of the reference and ours (the median is kept)")
     parser.add_argument("--quick", action="store_true", help="20 s and 5 min, for development")
     parser.add_argument("--work", default=str(REPO / ".bench"))
+    parser.add_argument("--floor", action="store_true",
+                        help="end to end with a zero-cost model (3-minute input): the CPU floor")
+    parser.add_argument("--compare", metavar="TREE",
+                        help="with --floor: alternate with the job package of another checkout")
+    parser.add_argument("--quality", type=int, default=3, help="MP3_QUALITY of the floor runs")
+    parser.add_argument("--batch", type=int, metavar="N",
+                        help="N short tracks in one drain (emulators) vs one run alone")
+    parser.add_argument("--batch-model", default="full", choices=["floor", "small", "full"])
+    parser.add_argument("--encoders", action="store_true",
+                        help="LAME speed and fidelity per quality setting")
     args = parser.parse_args()
+    if args.floor or args.batch or args.encoders:
+        return cpu_side(args)
     if args.quick:
         args.seconds, args.long_minutes = 20, 5
     if not shutil.which("ffmpeg"):
@@ -137,6 +151,35 @@ def main():
                 "rss_30min_mb", "rss_ratio", "reference_rss_1min_mb", "reference_rss_30min_mb",
                 "ours_glibc_malloc_s", "device"):
         print(f"{key:26} {figures[key]}")
+    print(json.dumps(figures))
+
+
+def cpu_side(args):
+    """--floor / --batch / --encoders: one JSON object with the host's CPU flags."""
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    figures = bench_floor.cpu_flags() | {"device": args.device, "host_load_1min": os.getloadavg()[0]}
+    base = job_env(work, args.device)
+    if args.floor:
+        roots = {"ours": REPO}
+        if args.compare:
+            roots = {"compared": Path(args.compare).resolve(), "ours": REPO}
+        figures.update(bench_floor.floor(work, base, roots, 20 if args.quick else 180,
+                                         args.repeat, args.quality))
+        if args.compare:
+            figures["floor_ratio_ours_compared"] = round(
+                figures["floor"]["ours"]["floor_s"] / figures["floor"]["compared"]["floor_s"], 3)
+    if args.encoders:
+        figures.update(bench_floor.encoders(10 if args.quick else 30))
+    if args.batch:
+        if args.batch_model == "floor":
+            model = bench_floor.write_floor_model(work / "model-floor")
+        else:
+            model = write_model_folder(work / f"model-{args.batch_model}", size=args.batch_model)
+        figures.update(bench_floor.batch(work, base, REPO, model, args.batch,
+                                         6 if args.quick else 12))
+    print(json.dumps(figures, indent=1))
     print(json.dumps(figures))
 
 

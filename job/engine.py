@@ -11,6 +11,13 @@ the same shift offsets for `shifts > 0`. What differs is the shape:
   the caller (`emit`), so memory stays bounded whatever the track's length.
 
 `separate()` is the one entry point: windows in, finished stem blocks out.
+
+On CUDA the device is kept busy: each batch is copied in from a pinned buffer and its output
+copied back into another asynchronously, and the next batch is queued before the previous
+one's overlap-add runs on the CPU. In reduced precision (bf16/fp16 autocast) every window's
+output is checked: a window with NaN/Inf is computed again in fp32 and counted
+(`fallback_windows`). With `probe`, the first window with signal is computed in both
+precisions and the reduced one is kept only if it agrees with fp32 to PARITY_DB.
 """
 
 import logging
@@ -25,6 +32,8 @@ import torch
 from .errors import Cancel, Interrupted
 
 OVERLAP = 0.25
+PARITY_DB = 35.0              # reduced precision is kept only this close to fp32 (SDR)
+REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
 
 
@@ -148,19 +157,41 @@ def bag_of(model):
     return [model], [[1.0] * len(model.sources)]
 
 
+def agreement_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """The worst per-source SDR of `estimate` against `reference` ((batch, sources, ...))."""
+    axes = (0,) + tuple(range(2, reference.ndim))
+    signal = (reference.astype(np.float64) ** 2).sum(axes)
+    noise = ((reference.astype(np.float64) - estimate) ** 2).sum(axes)
+    return float(np.min(10 * np.log10(np.maximum(signal, 1e-30) / np.maximum(noise, 1e-30))))
+
+
+@dataclass
+class Pending:
+    """A forward pass under way: its output lands in `outputs` once `event` has completed."""
+
+    model: torch.nn.Module
+    inputs: torch.Tensor          # the host input, kept for an fp32 redo of a window
+    outputs: torch.Tensor         # host float32 (pinned on CUDA)
+    event: object = None          # torch.cuda.Event, None when already complete
+
+
 class Separator:
     """A loaded model and how to run it; `separate()` streams one track through it."""
 
     def __init__(self, model, device: torch.device, batch: int = 1, precision: str = "fp32",
-                 shifts: int = 0, seed: int = 0):
+                 shifts: int = 0, seed: int = 0, probe: bool = False):
         self.model = model
         self.models, self.model_weights = bag_of(model)
         self.sources = list(model.sources)
         self.device = device
         self.batch = max(1, batch)
-        self.precision = precision
+        self.precision = precision        # what runs now: fp32, bf16 or fp16
+        self.probe = probe and precision in REDUCED
+        self.probe_db = None              # the first window's agreement with fp32, when probed
+        self.fallback_windows = 0         # windows of the last track redone in fp32 (NaN/Inf)
         self.shifts = shifts
         self.seed = seed
+        self._pinned = {}
         for sub in self.models:
             sub.to(device).eval()
         # PyTorch's MultiheadAttention "fast path" materialises the attention matrix on CPU;
@@ -168,20 +199,75 @@ class Separator:
         # same result to >130 dB (hack/bench measures it). Process-wide, set on purpose.
         torch.backends.mha.set_fastpath_enabled(False)
 
-    def _forward(self, model, batch: torch.Tensor) -> torch.Tensor:
-        autocast = nullcontext()
-        if self.precision in ("bf16", "fp16") and self.device.type == "cuda":
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            autocast = torch.autocast("cuda", dtype=dtype)
+    def _run(self, model, inputs: torch.Tensor, precision: str) -> torch.Tensor:
+        """One synchronous forward pass on the host tensor `inputs`: float32 host output."""
+        autocast = nullcontext() if precision not in REDUCED else \
+            torch.autocast(self.device.type, dtype=REDUCED[precision])
         with torch.inference_mode(), autocast:
-            if self.device.type == "cuda":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
-            out = model(batch)
-        return out.float().cpu()
+            return model(inputs.to(self.device)).float().cpu()
+
+    def _buffer(self, name: str, shape) -> torch.Tensor:
+        """A persistent pinned host buffer, grown when a batch needs more (first batches only)."""
+        buffer = self._pinned.get(name)
+        if buffer is None or buffer.shape[1:] != shape[1:] or buffer.shape[0] < shape[0]:
+            buffer = torch.empty(shape, dtype=torch.float32).pin_memory()
+            self._pinned[name] = buffer
+        return buffer[:shape[0]]
+
+    def _launch(self, model, inputs: torch.Tensor, slot: int) -> Pending:
+        """Start the forward pass of one batch; on CUDA it runs while the caller goes on."""
+        if self.probe and float(inputs.abs().max()) > 1e-3:
+            return Pending(model, inputs, self._probe(model, inputs))
+        precision = "fp32" if self.probe else self.precision   # silence before the probe
+        if self.device.type != "cuda":
+            return Pending(model, inputs, self._run(model, inputs, precision))
+        staged = self._buffer(f"in{slot}", tuple(inputs.shape))
+        staged.copy_(inputs)
+        autocast = nullcontext() if precision not in REDUCED else \
+            torch.autocast("cuda", dtype=REDUCED[precision])
+        with torch.inference_mode(), autocast:
+            out = model(staged.to(self.device, non_blocking=True)).float()
+            host = self._buffer(f"out{slot}", tuple(out.shape))
+            host.copy_(out, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Pending(model, inputs, host, event)
+
+    def _probe(self, model, inputs: torch.Tensor) -> torch.Tensor:
+        """Run a batch in fp32 and in the reduced precision; keep the reduced one if it agrees."""
+        exact = self._run(model, inputs, "fp32")
+        reduced = self._run(model, inputs, self.precision)
+        finite = bool(torch.isfinite(reduced).all())
+        self.probe_db = agreement_db(exact.numpy(), reduced.numpy()) if finite else float("-inf")
+        self.probe = False
+        if self.probe_db < PARITY_DB:
+            log.warning("%s agrees with fp32 to %.1f dB only (< %.0f): running in fp32",
+                        self.precision, self.probe_db, PARITY_DB)
+            self.precision = "fp32"
+        else:
+            log.info("%s agrees with fp32 to %.1f dB: kept", self.precision, self.probe_db)
+        return exact
+
+    def _collect(self, pending: Pending) -> np.ndarray:
+        """The batch's float32 output once ready; windows with NaN/Inf redone in fp32."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        out = pending.outputs.numpy()
+        bad = ~np.isfinite(out.reshape(out.shape[0], -1)).all(1)
+        for index in np.flatnonzero(bad):
+            redo = self._run(pending.model, pending.inputs[index:index + 1], "fp32").numpy()
+            if not np.isfinite(redo).all():
+                raise RuntimeError("the model's output is not finite, even in fp32")
+            out[index] = redo[0]
+            self.fallback_windows += 1
+        if bad.any():
+            log.warning("%d window(s) redone in fp32: %s output was not finite", int(bad.sum()),
+                        self.precision)
+        return out
 
     def separate(self, read, length: int, mean: float, std: float, emit,
-                 progress=None, cancel: Cancel | None = None) -> None:
-        """Separate a track of `length` samples.
+                 progress=None, cancel: Cancel | None = None) -> dict:
+        """Separate a track of `length` samples; returns {"fp32FallbackWindows": n}.
 
         read(start, stop) -> (2, stop-start) float32 raw audio, zeros outside the track.
         emit(start, block) receives (sources, 2, n) de-normalised stem blocks, in order,
@@ -189,6 +275,7 @@ class Separator:
         aborts a forward pass under way.
         """
         cancel = cancel if cancel is not None else Cancel()
+        self.fallback_windows = 0
         std = std if std > 1e-8 else 1.0
         streams = plan_streams(self.models, length, self.shifts, self.seed)
         adders = [OverlapAdd(s, len(self.sources)) for s in streams]
@@ -222,6 +309,27 @@ class Separator:
             return torch.from_numpy(np.stack(inputs))
 
         done = 0
+
+        def finish(batch, outputs):
+            """Overlap-add one batch's outputs and emit what no later window can touch."""
+            nonlocal done
+            for (_, index, offset), out in zip(batch, outputs):
+                s = streams[index]
+                chunk = min(s.segment, s.length - offset)
+                trim = (s.segment - chunk) // 2
+                adders[index].add(offset, out[..., trim:trim + chunk])
+                following = offset + s.stride
+                upto = min(following, s.length)
+                combiner.add(index, *adders[index].finish(upto))
+            taken = combiner.take()
+            if taken is not None:
+                start, block = taken
+                emit(start, block * std + mean)
+            done += len(batch)
+            if progress is not None:
+                progress(done / len(windows))
+
+        previous = None                  # (batch, Pending): launched, not yet overlap-added
         with ThreadPoolExecutor(1, thread_name_prefix="read-windows") as pool:
             future = pool.submit(load, batches[0])
             for number, batch in enumerate(batches):
@@ -234,19 +342,10 @@ class Separator:
                 if number == 0:
                     log.info("first window entering the model", extra={"json_fields": {"event": "first_window"}})
                 with cancel.abortable():
-                    outputs = self._forward(model, inputs).numpy()
-                for (_, index, offset), out in zip(batch, outputs):
-                    s = streams[index]
-                    chunk = min(s.segment, s.length - offset)
-                    trim = (s.segment - chunk) // 2
-                    adders[index].add(offset, out[..., trim:trim + chunk])
-                    following = offset + s.stride
-                    upto = min(following, s.length)
-                    combiner.add(index, *adders[index].finish(upto))
-                taken = combiner.take()
-                if taken is not None:
-                    start, block = taken
-                    emit(start, block * std + mean)
-                done += len(batch)
-                if progress is not None:
-                    progress(done / len(windows))
+                    pending = self._launch(model, inputs, number % 2)
+                    if previous is not None:
+                        finish(previous[0], self._collect(previous[1]))
+                previous = (batch, pending)
+            with cancel.abortable():
+                finish(previous[0], self._collect(previous[1]))
+        return {"fp32FallbackWindows": self.fallback_windows}

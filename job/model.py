@@ -1,18 +1,26 @@
 """The Demucs model: loaded by name or from a local folder, once per process, and kept.
 
 `ModelCache` owns the one loaded model and the `Separator` that runs it; `run` and `drain` start
-loading it in the background while the first track downloads and decodes.
+loading it in the background while the first track downloads and decodes. torch itself is
+imported by that background load (the first use of this module that needs it): its import is
+most of a process's start-up, and it then overlaps the download and the decode.
+
+PRECISION=auto runs the model in reduced precision where the hardware does that math faster:
+bf16 (fp16 where bf16 is missing) on CUDA, bf16 on CPUs with bf16 instructions (the
+`avx512_bf16` / `amx_bf16` flags), exact fp32 elsewhere. Either way the first window with signal
+is checked against fp32 (engine.PARITY_DB) before reduced precision is kept.
 """
 
 import logging
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .engine import Separator
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .engine import Separator
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +29,40 @@ class ModelUnavailable(ConfigError):
     """The model is neither cached nor reachable: one line telling what to do."""
 
 
-def pick_device(wanted: str) -> torch.device:
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+WINDOW_MB = {"fp32": 1536, "bf16": 1024, "fp16": 1024}   # device memory per window in a batch
+HEADROOM_MB = 1024                                        # left free for cuDNN workspaces etc.
+MAX_BATCH = 16
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags |= set(value.split())
+    return flags
+
+
+def choose_precision(wanted: str, device_type: str, flags: set, cuda_bf16: bool = False) -> tuple:
+    """(precision, probe): what to run in and whether to check it against fp32 first."""
+    if wanted != "auto":
+        return wanted, False
+    if device_type == "cuda":
+        return ("bf16" if cuda_bf16 else "fp16"), True
+    if any(flag in flags for flag in BF16_CPU_FLAGS):
+        return "bf16", True
+    return "fp32", False
+
+
+def pick_device(wanted: str):
+    import torch
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("DEVICE=cuda but no CUDA device is available (use auto or cpu)")
     if wanted == "auto":
@@ -29,7 +70,7 @@ def pick_device(wanted: str) -> torch.device:
     return torch.device(wanted)
 
 
-def load_model(name: str, model_dir: str = "", device: torch.device | None = None):
+def load_model(name: str, model_dir: str = "", device=None):
     """A demucs model (usually a BagOfModels) in eval mode on `device`.
 
     With `model_dir`, demucs' LocalRepo reads NAME.yaml / SIG.th from that folder and nothing
@@ -62,12 +103,15 @@ def load_model(name: str, model_dir: str = "", device: torch.device | None = Non
     return model
 
 
-def auto_batch(device: torch.device) -> int:
-    """Windows per forward pass: on CUDA as many as memory allows (~1.5 GB each in fp32)."""
+def auto_batch(device, precision: str = "fp32", free_bytes: int | None = None) -> int:
+    """Windows per forward pass: 1 on CPU; on CUDA as many as the free memory holds."""
     if device.type != "cuda":
         return 1
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(16, free // (1536 * 2**20) - 1)))
+    if free_bytes is None:
+        import torch
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    usable = free_bytes - HEADROOM_MB * 2**20
+    return int(max(1, min(MAX_BATCH, usable // (WINDOW_MB[precision] * 2**20))))
 
 
 class ModelCache:
@@ -75,9 +119,18 @@ class ModelCache:
 
     def __init__(self, settings):
         self.settings = settings
-        self.device = pick_device(settings.device)
+        if settings.device == "cuda":        # checked at once: no track can succeed without it
+            self._device = pick_device("cuda")
+        else:
+            self._device = None           # "cpu" or "auto": decided when torch is imported
         self._separator = None
         self._lock = threading.Lock()
+
+    @property
+    def device(self):
+        if self._device is None:
+            self._device = pick_device(self.settings.device)
+        return self._device
 
     @property
     def loaded(self) -> bool:
@@ -98,18 +151,23 @@ class ModelCache:
                 log.debug("background model load failed (retried on use): %s", exc)
         threading.Thread(target=load, name="model-load", daemon=True).start()
 
-    def separator(self) -> Separator:
+    def separator(self) -> "Separator":
         """The loaded model's Separator; ConfigError (ModelUnavailable) if it cannot load."""
         with self._lock:
             if self._separator is None:
-                s = self.settings
-                model = load_model(s.model_name, s.model_dir, self.device)
-                precision = s.precision
-                if precision == "auto":
-                    precision = "bf16" if self.device.type == "cuda" else "fp32"
-                if self.device.type == "cuda":
+                import torch
+                from .engine import Separator
+                s, device = self.settings, self.device
+                model = load_model(s.model_name, s.model_dir, device)
+                cuda = device.type == "cuda"
+                precision, probe = choose_precision(
+                    s.precision, device.type, cpu_flags(),
+                    cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+                if cuda:
                     torch.backends.cudnn.benchmark = True
-                self._separator = Separator(model, self.device,
-                                            s.segment_batch or auto_batch(self.device),
-                                            precision, s.shifts, s.seed)
+                batch = s.segment_batch or auto_batch(device, precision)
+                log.info("model runs on %s in %s%s, %d window(s) per pass", device, precision,
+                         " (checked against fp32 on the first window)" if probe else "", batch)
+                self._separator = Separator(model, device, batch, precision, s.shifts, s.seed,
+                                            probe=probe)
             return self._separator

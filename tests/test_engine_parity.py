@@ -27,8 +27,9 @@ def reference(model, mix, shifts=0):
     return (out * ref.std() + ref.mean()).numpy()
 
 
-def ours(model, mix, batch=1, shifts=0, seed=0):
-    out = np.zeros((len(model.sources),) + mix.shape, np.float32)
+def separated(separator, mix):
+    """(stems, the stats separate() returns) of `mix`, checking blocks arrive in order."""
+    out = np.zeros((len(separator.sources),) + mix.shape, np.float32)
     position = [0]
 
     def read(start, stop):
@@ -43,10 +44,15 @@ def ours(model, mix, batch=1, shifts=0, seed=0):
         position[0] += block.shape[-1]
 
     mono = mix.mean(0)
-    Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed).separate(
-        read, mix.shape[1], float(mono.mean()), float(mono.std(ddof=1)), emit)
+    stats = separator.separate(read, mix.shape[1], float(mono.mean()), float(mono.std(ddof=1)),
+                               emit)
     assert position[0] == mix.shape[1]
-    return out
+    return out, stats
+
+
+def ours(model, mix, batch=1, shifts=0, seed=0):
+    return separated(Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed),
+                     mix)[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""The CUDA side of the engine, run by hack/gpu-check on a machine with a GPU.
+
+Not in the normal suite (testpaths is tests/): without a GPU this module fails at import
+instead of skipping, so a run that claims to have checked CUDA cannot pass vacuously.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    raise RuntimeError("hack/gpu_tests need a CUDA device (torch.cuda.is_available() is False)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from test_precision import NonFiniteWhenReduced, separated  # noqa: E402
+
+from job import engine  # noqa: E402
+from job.engine import Separator, agreement_db  # noqa: E402
+from job.model import auto_batch  # noqa: E402
+from job.synthetic import build_model, music  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_model("small")[0]
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return music(30.0, seed=4)          # six windows: several batches, a partial last one
+
+
+@pytest.fixture(scope="module")
+def cpu_exact(small, mix):
+    return separated(Separator(build_model("small")[0], torch.device("cpu")), mix)[0]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_fp32_on_cuda_matches_cpu(small, mix, cpu_exact, batch):
+    got, stats = separated(Separator(small, CUDA, batch=batch), mix)
+    assert stats == {"fp32FallbackWindows": 0}
+    assert agreement_db(cpu_exact[None], got[None]) >= 60
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_on_cuda_holds_parity(small, mix, cpu_exact, precision):
+    separator = Separator(small, CUDA, batch=3, precision=precision, probe=True)
+    got, _ = separated(separator, mix)
+    assert separator.probe_db is not None
+    assert agreement_db(cpu_exact[None], got[None]) >= engine.PARITY_DB
+
+
+def test_pipelined_batches_equal_one_by_one(small, mix):
+    """The asynchronous path (pinned buffers reused across batches) loses or mixes nothing."""
+    one = separated(Separator(small, CUDA, batch=1), mix)[0]
+    many = separated(Separator(small, CUDA, batch=2), mix)[0]
+    assert agreement_db(one[None], many[None]) >= 60
+
+
+def test_non_finite_windows_fall_back_on_cuda(small, mix, cpu_exact):
+    separator = Separator(NonFiniteWhenReduced(small), CUDA, batch=2, precision="fp16")
+    got, stats = separated(separator, mix)
+    windows = len(engine.plan_streams([small], mix.shape[1], 0, 0)[0].windows())
+    assert stats["fp32FallbackWindows"] == windows
+    assert np.isfinite(got).all() and agreement_db(cpu_exact[None], got[None]) >= 60
+
+
+def test_auto_batch_fits_the_free_memory():
+    free, _ = torch.cuda.mem_get_info(CUDA)
+    batch = auto_batch(CUDA, "fp32")
+    assert batch >= 1 and (batch == 1 or batch * 1536 * 2**20 < free)

@@ -1,0 +1,124 @@
+"""Reduced precision: which one PRECISION=auto picks, the fp32 probe, and the NaN/Inf guard.
+
+Everything here runs for real on any x86 CPU: bf16 autocast works without bf16 instructions
+(slowly), so the same code paths as on a bf16 CPU or a GPU are exercised on the small model.
+The CUDA side of the same checks is hack/gpu_tests (run by hack/gpu-check on a GPU machine).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from job import engine
+from job.engine import Separator, agreement_db
+from job.model import BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags, load_model
+from job.synthetic import music
+from test_engine_parity import separated
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 avx2 avx512f avx512_bf16 avx512_vnni
+processor\t: 1
+flags\t\t: fpu vme sse sse2 avx2 avx512f avx512_bf16 avx512_vnni
+"""
+
+
+class NonFiniteWhenReduced(torch.nn.Module):
+    """A real model that overflows in reduced precision: its first window's output becomes
+    Inf under autocast (what others report from fp16 HTDemucs), and is exact in fp32."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.sources, self.samplerate, self.segment = inner.sources, inner.samplerate, inner.segment
+        self.audio_channels = inner.audio_channels
+
+    def forward(self, mix):
+        out = self.inner(mix)
+        if torch.is_autocast_enabled(mix.device.type):
+            out = out.clone()
+            out[0, :, :, :64] = float("inf")
+        return out
+
+
+@pytest.fixture(scope="module")
+def small(model_dir):
+    return load_model("htdemucs_6s", str(model_dir)).models[0]
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return music(12.0, seed=4)          # three windows, the last one partial
+
+
+@pytest.fixture(scope="module")
+def exact(small, mix):
+    return separated(Separator(small, torch.device("cpu")), mix)[0]
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    flags = cpu_flags(CPUINFO)
+    assert {"avx512_bf16", "avx512f", "avx2"} <= flags
+    assert cpu_flags("processor\t: 0\n") == set()
+    assert isinstance(cpu_flags(), set)          # this host's, whatever it has
+
+
+@pytest.mark.parametrize("flag", BF16_CPU_FLAGS)
+def test_auto_picks_bf16_only_on_cpus_with_bf16_instructions(flag):
+    assert choose_precision("auto", "cpu", {"avx2", flag}) == ("bf16", True)
+    assert choose_precision("auto", "cpu", cpu_flags(CPUINFO.replace("avx512_bf16", "avx2"))) \
+        == ("fp32", False)
+    assert choose_precision("auto", "cpu", set()) == ("fp32", False)
+
+
+def test_auto_on_cuda_and_explicit_choices():
+    assert choose_precision("auto", "cuda", set(), cuda_bf16=True) == ("bf16", True)
+    assert choose_precision("auto", "cuda", set(), cuda_bf16=False) == ("fp16", True)
+    for wanted in ("fp32", "bf16", "fp16"):       # asked for: used as is, not probed
+        assert choose_precision(wanted, "cpu", cpu_flags(CPUINFO)) == (wanted, False)
+
+
+def test_auto_batch_follows_free_memory():
+    cuda, gib = torch.device("cuda"), 2**30          # a device object needs no GPU
+    assert auto_batch(torch.device("cpu")) == 1
+    assert auto_batch(cuda, "fp32", free_bytes=gib) == 1
+    sizes = [auto_batch(cuda, "fp32", free_bytes=n * gib) for n in (4, 8, 16, 24)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert auto_batch(cuda, "bf16", free_bytes=8 * gib) > auto_batch(cuda, "fp32", free_bytes=8 * gib)
+    assert auto_batch(cuda, "fp32", free_bytes=1000 * gib) == MAX_BATCH
+
+
+def test_bf16_autocast_on_cpu_agrees_with_fp32(small, mix, exact):
+    separator = Separator(small, torch.device("cpu"), precision="bf16")
+    got, stats = separated(separator, mix)
+    assert stats == {"fp32FallbackWindows": 0}
+    db = agreement_db(exact[None], got[None])
+    assert engine.PARITY_DB <= db < 100, db          # close to fp32, and really not fp32
+
+
+def test_probe_keeps_bf16_when_it_agrees(small, mix, exact):
+    separator = Separator(small, torch.device("cpu"), precision="bf16", probe=True)
+    got, _ = separated(separator, mix)
+    assert separator.precision == "bf16" and separator.probe_db >= engine.PARITY_DB
+    assert agreement_db(exact[None], got[None]) >= engine.PARITY_DB
+
+
+def test_probe_falls_back_to_fp32_when_it_disagrees(small, mix, exact, monkeypatch):
+    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
+    separator = Separator(small, torch.device("cpu"), precision="bf16", probe=True)
+    got, _ = separated(separator, mix)
+    assert separator.precision == "fp32" and separator.probe_db < 1000
+    np.testing.assert_array_equal(got, exact)                 # every window ran in fp32
+
+
+def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
+    separator = Separator(NonFiniteWhenReduced(small), torch.device("cpu"), precision="bf16")
+    got, stats = separated(separator, mix)
+    windows = len(engine.plan_streams([small], mix.shape[1], 0, 0)[0].windows())
+    assert stats["fp32FallbackWindows"] == separator.fallback_windows == windows   # every one
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, exact, atol=1e-5)
+    # in fp32 the same model is finite: nothing is redone
+    assert separated(Separator(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1] \
+        == {"fp32FallbackWindows": 0}
