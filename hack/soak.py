@@ -61,7 +61,8 @@ class Config:
     max_wall_s: float = 900.0
     ack_deadline_s: int = 10
     max_delivery_attempts: int = 5
-    idle_timeout_s: float = 10.0    # IDLE_TIMEOUT_S, the production default
+    idle_timeout_s: float = 10.0
+    race_at: str = "random"       # where SIGSTOP hits: separate, upload (stems, no manifest), random    # IDLE_TIMEOUT_S, the production default
 
 
 # kind -> (what the message says, the error code its failed result must carry)
@@ -362,10 +363,13 @@ class Fleet:
             thread.start()
             self.threads.append(thread)
             return True
-        phase = "upload" if kind == "sigkill_upload" else "separate"
+        at = "separate"
+        if kind == "sigkill_upload" or (kind == "sigstop_race" and self.c.race_at == "upload"):
+            at = "upload"
+        elif kind == "sigstop_race" and self.c.race_at == "random":
+            at = self.rng.choice(["separate", "upload"])
+        phase = at
         targets = self.candidates(phase)
-        if kind == "sigstop_race" and self.c.workers < 1:
-            return True
         if not targets:
             return False
         worker = self.rng.choice(targets)
@@ -383,9 +387,9 @@ class Fleet:
             thread.start()
             self.threads.append(thread)
         elif kind == "sigstop_race":
-            self.kill(worker, signal.SIGSTOP)
-            worker.stopped = True
-            thread = threading.Thread(target=self.resume_in_race, args=(worker, fault),
+            fault["at"] = at
+            worker.signalled = ("pending", now)
+            thread = threading.Thread(target=self.stall_in_race, args=(worker, fault),
                                       daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -404,9 +408,10 @@ class Fleet:
         return {b.name.rsplit("/", 1)[1]: b.generation
                 for b in self.storage.list_blobs(self.bucket, prefix=prefix)}
 
-    def kill_mid_upload(self, worker: Worker, fault: dict) -> None:
-        """SIGKILL once some stem of the worker's track has been rewritten and no manifest is
-        there yet: the moment between the stems and the manifest."""
+    def between_stems_and_manifest(self, worker: Worker) -> int:
+        """Wait until some stem of the worker's track has been rewritten while no manifest is
+        there: the moment between the stems and the manifest. The number of stems rewritten,
+        or 0 when the worker got past it unseen."""
         prefix = f"stems/{RELEASE}/{worker.message.track}/"
         try:
             before = self.listing(prefix)
@@ -421,30 +426,47 @@ class Fleet:
                 continue
             changed = [n for n, g in now.items() if n != "manifest.json" and before.get(n) != g]
             if changed and "manifest.json" not in now:
-                self.kill(worker, signal.SIGKILL)
-                fault["stems_written"] = len(changed)
-                time.sleep(0.5)
-                fault["manifest_after_kill"] = "manifest.json" in self.listing(prefix)
-                return
+                return len(changed)
             time.sleep(0.02)
+        return 0
+
+    def missed(self, worker: Worker, fault: dict, kind: str) -> None:
         fault["missed"] = True           # the upload ended before the poll saw it: try again
         worker.signalled = None
         self.misses += 1
         if self.misses <= 8:
-            self.plan.append((0.0, "sigkill_upload"))
+            self.plan.append((0.0, kind))
 
-    def resume_in_race(self, worker: Worker, fault: dict) -> None:
-        """SIGCONT once another worker has the same message (its lease expired) and is about to
-        upload: both then write the same track."""
-        message_id = worker.message.message_id
+    def kill_mid_upload(self, worker: Worker, fault: dict) -> None:
+        if not (written := self.between_stems_and_manifest(worker)):
+            return self.missed(worker, fault, "sigkill_upload")
+        self.kill(worker, signal.SIGKILL)
+        fault["stems_written"] = written
+        time.sleep(0.5)
+        fault["manifest_after_kill"] = "manifest.json" in self.listing(
+            f"stems/{RELEASE}/{worker.message.track}/")
+
+    def stall_in_race(self, worker: Worker, fault: dict) -> None:
+        """SIGSTOP (mid-separation, or between the stems and the manifest), then SIGCONT once
+        another worker has taken the same message (its lease ran out) and gone as far: both
+        then write the same track."""
+        if fault["at"] == "upload":
+            if not (written := self.between_stems_and_manifest(worker)):
+                return self.missed(worker, fault, "sigstop_race")
+            fault["stems_written"] = written
+        message = worker.message
+        worker.stopped = True
+        self.kill(worker, signal.SIGSTOP)
         deadline = time.time() + LEASE_S + 90
         while time.time() < deadline:
-            others = [w for w in self.workers if w is not worker and message_id in w.attempts
-                      and w.message is worker.message and w.phase in ("upload", "idle")]
-            if others:
+            others = [w for w in self.workers if w is not worker
+                      and message.message_id in w.attempts
+                      and (w.message is not message or w.phase in ("upload", "idle")
+                           or w.exit_code is not None)]
+            if others and (fault["at"] == "separate" or others[0].phase != "upload"):
                 fault["raced_with"] = others[0].number
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         fault["stopped_s"] = round(time.time() - worker.signalled[1], 1)
         worker.process.send_signal(signal.SIGCONT)
         worker.stopped = False
@@ -678,6 +700,8 @@ def main(argv=None) -> int:
     parser.add_argument("--faults", default=",".join(f"{k}={v}" for k, v in defaults.faults.items()),
                         help="kind=count,... (kinds: %s)" % ", ".join(FAULT_KINDS))
     parser.add_argument("--fault-window", type=float, default=defaults.fault_window_s)
+    parser.add_argument("--race-at", choices=("random", "separate", "upload"),
+                        default=defaults.race_at)
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
     parser.add_argument("--max-wall", type=float, default=defaults.max_wall_s)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -686,7 +710,7 @@ def main(argv=None) -> int:
     config = Config(workers=args.workers, max_messages=args.max_messages, tracks=args.tracks,
                     duplicates=args.duplicates, second_jobs=args.second_jobs,
                     reuploads=args.reuploads, bad=args.bad, faults=faults,
-                    fault_window_s=args.fault_window,
+                    fault_window_s=args.fault_window, race_at=args.race_at,
                     seed=args.seed if args.seed is not None else random.randrange(10**6),
                     max_wall_s=args.max_wall)
     workdir = args.workdir or Path(f"/tmp/stem-soak-{os.getpid()}")
