@@ -528,7 +528,16 @@ class Fleet:
                 worker.process.wait()
         self.stop_event.set()
         collector.join(timeout=10)
+        self.empty_exit_s = self.time_empty_drain()
         return self.verdict(timed_out=not done, skipped=skipped + [k for _, k in plan])
+
+    def time_empty_drain(self) -> float:
+        """What a surplus job costs: `drain` on the drained subscription, start to exit, with
+        IDLE_TIMEOUT_S=1 (so the figure is the start-up cost plus one second)."""
+        started = time.time()
+        subprocess.run([sys.executable, "-m", "job", "drain", "--max-messages", "1"],
+                       env={**self.env, "IDLE_TIMEOUT_S": "1"}, capture_output=True, timeout=120)
+        return round(time.time() - started, 2)
 
     # -- the verdict, from storage and results only ---------------------------------------
     def leftover(self, subscription: str) -> int:
@@ -664,6 +673,7 @@ class Fleet:
             "p95_publish_to_result_s": round(q[18], 1) if latencies else None,
             "max_publish_to_result_s": round(max(latencies), 1) if latencies else None,
             "sigterm_exit_s": [f.get("exit_after_s") for f in sigterm],
+            "empty_queue_drain_s": self.empty_exit_s,
             "seed": self.c.seed,
             "problems": problems,
         }

@@ -199,6 +199,8 @@ class GcsStorage:
             if replaced:
                 found = self.read_manifest(release_id, track_id)
                 if found is not None and found.get("input") == manifest.get("input"):
+                    log.info("another job completed %s from the same input meanwhile; its set "
+                             "stands", prefix)
                     return
                 log.warning("another job wrote %s meanwhile; writing %d stem(s) again", prefix,
                             len(replaced))
