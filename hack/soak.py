@@ -674,6 +674,8 @@ class Fleet:
             "max_publish_to_result_s": round(max(latencies), 1) if latencies else None,
             "sigterm_exit_s": [f.get("exit_after_s") for f in sigterm],
             "empty_queue_drain_s": self.empty_exit_s,
+            "max_delivery_attempt": max((a for w in self.workers for a in w.attempts.values()),
+                                        default=0),
             "seed": self.c.seed,
             "problems": problems,
         }
