@@ -9,12 +9,16 @@ the bound holds.
 
 The manifest records the generation of each stem it vouches for (`objectGenerations`); `read_manifest` returns it only
 while the stems still carry those generations, so a set that a racing job overwrote in part never
-passes for complete.
+passes for complete. Two jobs can write one track at once (a redelivery after a stalled job's lease
+ran out), and the last manifest written may then name stems the other job has replaced since: so
+`write_manifest` reads the set back and, until a consistent set is in place, writes its own stems
+and manifest again. It refuses to vouch for an original that has been replaced meanwhile.
 """
 
 import base64
 import concurrent.futures
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -27,7 +31,9 @@ from .messages import check_id
 from .retry import bounded, is_transient
 from .storage import CONTENT_TYPES, MANIFEST, LocalStorage, Original, check_size
 
+log = logging.getLogger(__name__)
 PUBLIC_URL = "https://storage.googleapis.com"
+COMMIT_ROUNDS = 5           # rewrites of a set that racing jobs keep overwriting, then retryable
 # Stems keep their URL when a changed original is separated again, so caches must not keep
 # them for long; the manifest is the completeness marker and must never be served stale.
 STEM_CACHE_CONTROL = "public, max-age=3600"
@@ -88,7 +94,7 @@ class GcsStorage:
         self.retry_deadline_s = retry_deadline_s
         self.timeout = (min(10.0, retry_deadline_s), max(5.0, min(60.0, retry_deadline_s)))
         self.stem_cache_control = stem_cache_control
-        self._uploaded = {}     # (release, track) -> {object: generation}, awaiting the manifest
+        self._uploaded = {}     # (release, track) -> {object: (generation, local file)}, awaiting the manifest
 
     # -- the one retry layer ----------------------------------------------------------
     def _call(self, what: str, function, *args, not_found: JobError | None = None, **kwargs):
@@ -176,18 +182,72 @@ class GcsStorage:
         for future in futures.values():
             future.result()     # the first failure, after every upload has ended
         self._uploaded[(release_id, track_id)] = {
-            names[stem]: future.result() for stem, future in futures.items()}
+            names[stem]: (future.result(), Path(files[stem])) for stem, future in futures.items()}
         return {stem: self.stem_url(release_id, track_id, Path(source).name)
                 for stem, source in files.items()}
 
     def write_manifest(self, release_id: str, track_id: str, manifest: dict) -> None:
-        """Written last: names the stems' generations so a partly overwritten set is detectable."""
-        generations = self._uploaded.pop((release_id, track_id), None)
-        body = {**manifest, "objectGenerations": generations} if generations else manifest
-        blob = self.bucket.blob(self._prefix(release_id, track_id) + MANIFEST)
+        """Written last: names the stems' generations so a partly overwritten set is detectable.
+        Returns once the track holds a consistent set for this manifest's input: ours, or that
+        of a job which wrote the same track from the same input meanwhile."""
+        uploaded = self._uploaded.pop((release_id, track_id), {})
+        prefix = self._prefix(release_id, track_id)
+        for _ in range(COMMIT_ROUNDS):
+            self._check_input_unchanged(manifest.get("input"))
+            generations = {name: generation for name, (generation, _) in uploaded.items()}
+            replaced = self._replaced(prefix, generations)
+            if replaced:
+                found = self.read_manifest(release_id, track_id)
+                if found is not None and found.get("input") == manifest.get("input"):
+                    log.info("another job completed %s from the same input meanwhile; its set "
+                             "stands", prefix)
+                    return
+                log.warning("another job wrote %s meanwhile; writing %d stem(s) again", prefix,
+                            len(replaced))
+                for name in replaced:
+                    uploaded[name] = (self._upload(name, uploaded[name][1]), uploaded[name][1])
+                continue
+            body = {**manifest, "objectGenerations": generations} if generations else manifest
+            written = self._put_manifest(prefix, body)
+            if not generations or not self._replaced(prefix, {**generations,
+                                                              prefix + MANIFEST: written}):
+                return
+        raise JobError("concurrent_write", f"{prefix} kept being overwritten by another job "
+                       "while its manifest was written", retryable=True)
+
+    def _replaced(self, prefix: str, generations: dict) -> list:
+        """The objects of `generations` that no longer carry that generation."""
+        if not generations:
+            return []
+        current = self._generations(prefix)
+        return [name for name, generation in generations.items()
+                if current.get(name) != generation]
+
+    def _put_manifest(self, prefix: str, body: dict) -> int:
+        blob = self.bucket.blob(prefix + MANIFEST)
         blob.cache_control = MANIFEST_CACHE_CONTROL
         self._call(f"writing gs://{self.bucket.name}/{blob.name}", blob.upload_from_string,
                    json.dumps(body, indent=2), content_type="application/json")
+        return blob.generation
+
+    def _generations(self, prefix: str) -> dict:
+        """{object name: generation} of everything under `prefix`."""
+        listing = self._call(f"listing gs://{self.bucket.name}/{prefix}",
+                             lambda **kw: list(self.client.list_blobs(self.bucket, prefix=prefix,
+                                                                       **kw)))
+        return {blob.name: blob.generation for blob in listing}
+
+    def _check_input_unchanged(self, identity) -> None:
+        """A set made from an original that has been replaced since must not be vouched for:
+        a retry separates the new version (and the message that replaced it may be done)."""
+        if not (isinstance(identity, dict) and identity.get("uri") and identity.get("generation")):
+            return
+        bucket, name = parse_gs_uri(identity["uri"])
+        blob = self._call(f"reading metadata of {identity['uri']}",
+                          self.client.bucket(bucket).get_blob, name)
+        if blob is None or blob.generation != identity["generation"]:
+            raise JobError("input_changed", f"{identity['uri']} was replaced while it was "
+                           "separated; a retry takes its current version", retryable=True)
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
         """The manifest, or None when absent, unreadable, or its stems were replaced since."""
@@ -206,10 +266,7 @@ class GcsStorage:
             return None
         expected = manifest.get("objectGenerations")
         if isinstance(expected, dict) and expected:
-            listing = self._call(f"listing gs://{self.bucket.name}/{prefix}",
-                                 lambda **kw: list(self.client.list_blobs(
-                                     self.bucket, prefix=prefix, **kw)))
-            current = {blob.name: blob.generation for blob in listing}
+            current = self._generations(prefix)
             if any(current.get(name) != generation for name, generation in expected.items()):
                 return None
         return manifest

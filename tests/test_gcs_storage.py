@@ -83,6 +83,43 @@ def test_a_stem_overwritten_after_the_manifest_voids_it(store, client, bucket, s
     assert store.read_manifest("rel", "trk") is None
 
 
+def test_a_job_resuming_after_a_racing_job_finished_leaves_its_set_alone(
+        store, client, bucket, stem_files, original_uri):
+    """A stalled job whose message was redelivered writes its manifest after the other job's
+    complete set: that set stays consistent (the manifest must not name replaced stems)."""
+    identity = store.describe_original(original_uri).identity
+    racer = GcsStorage(bucket, (bucket,), client=client, retry_deadline_s=5)
+    store.write_stems("rel", "trk", stem_files)              # then the job stalls
+    racer.write_stems("rel", "trk", stem_files)
+    racer.write_manifest("rel", "trk", {"input": identity, "stems": {}})
+    store.write_manifest("rel", "trk", {"input": identity, "stems": {}})   # it resumes
+    manifest = store.read_manifest("rel", "trk")
+    assert manifest is not None and manifest["input"] == identity
+
+
+def test_stems_a_killed_job_left_over_ours_are_written_again(store, client, bucket, stem_files,
+                                                             original_uri):
+    identity = store.describe_original(original_uri).identity
+    store.write_stems("rel", "trk", stem_files)
+    bucket_ = client.bucket(bucket)
+    bucket_.blob("stems/rel/trk/drums.mp3").upload_from_string(b"a killed job's stem")
+    store.write_manifest("rel", "trk", {"input": identity, "stems": {}})
+    assert store.read_manifest("rel", "trk") is not None
+    assert bucket_.blob("stems/rel/trk/drums.mp3").download_as_bytes() == \
+        stem_files["drums"].read_bytes()
+
+
+def test_a_set_made_from_a_replaced_original_is_not_vouched_for(store, client, bucket,
+                                                                stem_files, original_uri):
+    identity = store.describe_original(original_uri).identity
+    store.write_stems("rel", "trk", stem_files)
+    client.bucket(bucket).blob("uploads/rel/track one.mp3").upload_from_string(AUDIO[::-1])
+    with pytest.raises(JobError) as raised:
+        store.write_manifest("rel", "trk", {"input": identity, "stems": {}})
+    assert raised.value.code == "input_changed" and raised.value.retryable
+    assert store.read_manifest("rel", "trk") is None
+
+
 @pytest.mark.parametrize("uri", [
     "gs://", "gs://{b}", "gs://{b}/", "/local/file.mp3", "http://{b}/x.mp3", "gs://UPPER/x.mp3",
     "gs://{b}/a\x00b.mp3", "gs://{b}/line\nbreak.mp3", "gs://{b}/../x.mp3", "gs://{b}/a/./x.mp3",

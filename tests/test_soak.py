@@ -1,0 +1,28 @@
+"""A small fleet under faults: the slice of hack/soak that CI runs, with the same verdict.
+
+Two drain workers, twelve messages (six tracks, an exact duplicate, a second jobId, a re-upload,
+three bad messages), one SIGKILL mid-separation, one SIGSTOP between the stems and the manifest
+held past the lease (the message goes to the other worker, then both write the track), one GCS
+stand-in restart. The verdict reads storage and the results topic only.
+"""
+
+import soak   # hack/soak.py (tests/stand_ins.py puts hack/ on sys.path)
+
+
+def test_a_small_fleet_under_faults_loses_nothing_and_mixes_nothing(
+        pubsub_emulator, gcs_emulator, model_dir, tmp_path):
+    faults = {"sigkill_separation": 1, "sigstop_race": 1, "gcs_restart": 1}
+    config = soak.Config(workers=2, max_messages=2, tracks=6, duplicates=1, second_jobs=1,
+                         reuploads=1, bad=3, faults=faults, fault_window_s=15, race_at="upload",
+                         seed=13, max_wall_s=200)
+    fleet = soak.Fleet(config, tmp_path, pubsub_emulator, gcs_emulator, model_dir)
+    report = fleet.run()
+    assert report["problems"] == [], report
+    assert report["messages"] == 12 and report["tracks"] == 6
+    assert {k: v for k, v in report["faults"].items() if v} == faults, fleet.faults
+    assert report["faults_not_injected"] == []
+    race = next(f for f in fleet.faults if f["kind"] == "sigstop_race")
+    assert race["stopped_s"] > soak.LEASE_S and "raced_with" in race, race
+    assert (report["lost"], report["mixed_sets"], report["stale_sets"], report["wrong_results"],
+            report["orphan_stems"]) == (0, 0, 0, 0, 0), report
+    assert report["ok"]
