@@ -76,7 +76,7 @@ def main():
                         help="end to end with a zero-cost model (3-minute input): the CPU floor")
     parser.add_argument("--compare", metavar="TREE",
                         help="with --floor: alternate with the job package of another checkout")
-    parser.add_argument("--quality", type=int, default=3, help="MP3_QUALITY of the floor runs")
+    parser.add_argument("--quality", type=int, default=5, help="MP3_QUALITY of the floor runs")
     parser.add_argument("--batch", type=int, metavar="N",
                         help="N short tracks in one drain (emulators) vs one run alone")
     parser.add_argument("--batch-model", default="full", choices=["floor", "small", "full"])

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from job.config import Settings
 from job.encode import StemEncoder, open_encoders

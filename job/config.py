@@ -34,7 +34,7 @@ class Settings:
     seed: int = 0
     output_format: str = "mp3"
     mp3_bitrate: int = 320
-    mp3_quality: int = 3              # LAME algorithm quality, 0 best/slowest
+    mp3_quality: int = 5              # LAME algorithm quality, 0 best/slowest (README)
     outputs: tuple = STEMS
     peaks_samples_per_pixel: int = 256
     peaks_bits: int = 8

@@ -63,10 +63,12 @@ def entry(path, url: str, figures: dict, peaks_url, mix: dict | None, settings) 
 
 
 def build(request: messages.JobRequest, settings, identity: dict, decoded: audio.DecodedAudio,
-          outputs, files: dict, urls: dict, stats: dict, mix: dict | None) -> dict:
+          outputs, files: dict, urls: dict, stats: dict, mix: dict | None,
+          engine: dict | None = None) -> dict:
     """The manifest of a set just written: `files` {output or "OUTPUT.peaks": local file},
     `urls` the same keys to urls, `stats` {output: encoder figures}, `mix` the input's
-    loudness figures (None without analysis)."""
+    loudness figures (None without analysis), `engine` how the model ran (device, precision,
+    the reduced-precision probe's agreement with fp32, windows redone in fp32)."""
     built = {
         "version": VERSION, "jobId": request.job_id,
         "releaseId": request.release_id, "trackId": request.track_id,
@@ -81,6 +83,8 @@ def build(request: messages.JobRequest, settings, identity: dict, decoded: audio
                               mix, settings)
                   for name in outputs},
     }
+    if engine is not None:
+        built["engine"] = engine
     if mix is not None:
         built["mix"] = mix
         built["silentBelowLu"] = settings.silent_below_lu

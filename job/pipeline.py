@@ -11,18 +11,19 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import audio, manifest, messages
 from .config import Settings
 from .encode import MixMeter, open_encoders
-from .engine import Separator
 from .errors import Cancel, ConfigError, Interrupted, JobError
 from .fetch import TrackFetch
-from .model import ModelCache
 from .progress import Progress, stage
 from .storage import Storage
+
+if TYPE_CHECKING:      # torch comes with these: the model's background load imports it
+    from .engine import Separator
+    from .model import ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class Job:
 
     settings: Settings
     storage: Storage
-    models: ModelCache
+    models: "ModelCache"
     cancel: Cancel = field(default_factory=Cancel)
     on_progress: object = None        # callable(fraction) for progress events
 
@@ -83,10 +84,11 @@ def labels(request: messages.JobRequest) -> dict:
             "trackId": request.track_id}
 
 
-def peak_memory_mb(device) -> dict:
+def peak_memory_mb(models: "ModelCache") -> dict:
     peak = {"peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device is not None and device.type == "cuda":
-        peak["peakGpuMemoryMb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if models.loaded and models.device.type == "cuda":     # never imports torch by itself
+        import torch
+        peak["peakGpuMemoryMb"] = round(torch.cuda.max_memory_allocated(models.device) / 2**20, 1)
     return peak
 
 
@@ -95,12 +97,12 @@ def log_summary(request, result: dict, job: Job, fetch: TrackFetch) -> None:
     timings = result.get("timings", {})
     error = result.get("error") or {}
     fields = {"event": "job_summary", "outcome": result["status"], "jobId": request.job_id,
-              "model": job.settings.model_name, "device": str(job.models.device),
+              "model": job.settings.model_name, "device": str(job.models.device) if job.models.loaded else None,
               "durationS": result.get("durationS"), "rtf": result.get("rtf"),
               "reused": result.get("reused", False), "timings": timings,
               "errorCode": error.get("code"), "retryable": error.get("retryable"),
               "fetchedAhead": fetch.ahead,
-              **peak_memory_mb(job.models.device)}
+              **peak_memory_mb(job.models)}
     stages = " ".join(f"{k}={v}s" for k, v in timings.items())
     log.info("job %s %s%s: %s, audio %s s, rtf %s", request.job_id, result["status"],
              f" ({error.get('code')})" if error else "", stages, fields["durationS"],
@@ -126,14 +128,15 @@ def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
     decoded, scratch = fetched.decoded, fetched.scratch
     progress = Progress(request.job_id, job.on_progress)
     separator = job.models.separator()
-    files, stats, mix = _separate(decoded, separator, scratch, s, job, progress, timings, outputs)
+    files, stats, mix, engine = _separate(decoded, separator, scratch, s, job, progress, timings,
+                                          outputs)
     if job.cancel.is_set():
         raise Interrupted()
     with stage(timings, "upload"):
         storage.remove_manifest(request.release_id, request.track_id)
         urls = storage.write_stems(request.release_id, request.track_id, files)
         built = manifest.build(request, s, fetched.original.identity, decoded, outputs, files,
-                               urls, stats, mix)
+                               urls, stats, mix, engine)
         storage.write_manifest(request.release_id, request.track_id, built)
     duration = decoded.duration_s
     return messages.completed_result(
@@ -154,7 +157,7 @@ def pickers(sources, outputs) -> dict:
     return chosen
 
 
-def _separate(decoded, separator: Separator, scratch, s: Settings, job: Job, progress, timings,
+def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, progress, timings,
               outputs):
     """Run the engine, feeding each finished block to the concurrent encoders (and the input's
     own blocks to the mix's loudness meter). Returns the files to upload ({output: audio,
@@ -173,8 +176,8 @@ def _separate(decoded, separator: Separator, scratch, s: Settings, job: Job, pro
                 workers["mix"].put(mix_reader.read(start, start + block.shape[-1]))
 
         with stage(timings, "separate"):
-            separator.separate(reader.read, decoded.length, decoded.mean, decoded.std, emit,
-                               progress=progress.update, cancel=job.cancel)
+            figures = separator.separate(reader.read, decoded.length, decoded.mean, decoded.std,
+                                         emit, progress=progress.update, cancel=job.cancel)
         finished = True
     finally:
         reader.close()
@@ -197,4 +200,6 @@ def _separate(decoded, separator: Separator, scratch, s: Settings, job: Job, pro
         files[name] = encoder.path
         if encoder.peaks_path is not None:
             files[f"{name}.peaks"] = encoder.peaks_path
-    return files, stats, stats.pop("mix", None)
+    engine = {"device": str(separator.device), "precision": separator.precision,
+              "probeDb": separator.probe_db, **figures}
+    return files, stats, stats.pop("mix", None), engine

@@ -1,7 +1,6 @@
 """Local storage never writes outside OUTPUT_DIR and never shows an incomplete set."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
