@@ -562,10 +562,17 @@ class Fleet:
             return "missing"
         manifest = json.loads(blobs[prefix + "manifest.json"].download_as_bytes())
         generations = manifest.get("objectGenerations") or {}
-        names = {prefix + entry["file"] for entry in manifest["stems"].values()}
+        # every output's audio and (with OUTPUT_ANALYSIS) its waveform peaks file
+        names = {prefix + entry["file"] for entry in manifest["stems"].values()} | \
+            {prefix + entry["peaks"].rsplit("/", 1)[1] for entry in manifest["stems"].values()
+             if entry.get("peaks")}
         if set(manifest["stems"]) != set(STEMS) or set(generations) != names \
                 or set(blobs) != names | {prefix + "manifest.json"}:
             problems.append(f"{track}: stems {sorted(manifest['stems'])} / objects {sorted(blobs)}")
+            return "mixed"
+        stale = [name for name in names if blobs[name].generation != generations[name]]
+        if stale:
+            problems.append(f"{track}: {stale} are not the manifest's generations")
             return "mixed"
         for stem, entry in manifest["stems"].items():
             blob = blobs[prefix + entry["file"]]

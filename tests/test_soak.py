@@ -22,7 +22,9 @@ def test_a_small_fleet_under_faults_loses_nothing_and_mixes_nothing(
     assert {k: v for k, v in report["faults"].items() if v} == faults, fleet.faults
     assert report["faults_not_injected"] == []
     race = next(f for f in fleet.faults if f["kind"] == "sigstop_race")
-    assert race["stopped_s"] > soak.LEASE_S and "raced_with" in race, race
+    # the frozen worker's lease was last extended at most a third of it before SIGSTOP, so
+    # its message came back to the other worker between 2/3 and all of LEASE_S later
+    assert "raced_with" in race and race["stopped_s"] >= soak.LEASE_S * 2 / 3, race
     assert (report["lost"], report["mixed_sets"], report["stale_sets"], report["wrong_results"],
             report["orphan_stems"]) == (0, 0, 0, 0, 0), report
     assert report["ok"]
