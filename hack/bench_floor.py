@@ -81,7 +81,7 @@ def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, 
     for number in range(repeat):
         for label, root in roots.items():
             env = code_env(base_env, root) | {"MODEL_DIR": str(model), "MP3_QUALITY": str(quality)}
-            cmd = [sys.executable, "-m", "job", "run", "--input", str(song), "--release-id",
+            cmd = [sys.executable, "-P", "-m", "job", "run", "--input", str(song), "--release-id",
                    "floor", "--track-id", f"{label}{number}", "--output-dir", str(work / "out")]
             wall, first, cpu, out = measured_run(cmd, env, work / "thread-cpu.jsonl")
             result = json.loads(out.strip().splitlines()[-1])

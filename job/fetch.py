@@ -37,9 +37,9 @@ class TrackFetch:
     `close()`."""
 
     def __init__(self, request: JobRequest, storage: Storage, settings, cancel: Cancel,
-                 warm=None, trusted: bool = False, ahead: bool = False):
+                 models=None, trusted: bool = False, ahead: bool = False):
         self.request, self.storage, self.settings = request, storage, settings
-        self.cancel, self.warm, self.trusted, self.ahead = cancel, warm, trusted, ahead
+        self.cancel, self.models, self.trusted, self.ahead = cancel, models, trusted, ahead
         self.timings: dict = {}
         self._scratch = contextlib.ExitStack()
         self._outcome = None
@@ -65,11 +65,15 @@ class TrackFetch:
         if manifest.matches(found, original.identity, self.settings,
                             outputs_of(request, self.settings)):
             return FetchedTrack(original, found)
-        if self.warm is not None:
-            self.warm()                # the model loads while the audio downloads and decodes
+        if self.models is not None:
+            self.models.warm()         # the model loads while the original downloads
         scratch = self._scratch.enter_context(storage.scratch())
         with stage(self.timings, "download"):
             local = storage.fetch_original(original, scratch)
+        if self.models is not None:
+            # ...and is loaded before the decode starts: both hold the GIL most of the time,
+            # so on a CPU-bound host running them at once only slows both (hack/bench --floor)
+            self.models.separator()
         with stage(self.timings, "decode"):
             decoded = audio.decode_to_file(local, scratch / "mix.f32",
                                            self.settings.max_duration_s, cancel=self.cancel)

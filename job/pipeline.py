@@ -41,7 +41,7 @@ class Job:
     def fetch(self, request: messages.JobRequest, trusted: bool = False,
               ahead: bool = False) -> TrackFetch:
         return TrackFetch(request, self.storage, self.settings, self.cancel,
-                          warm=self.models.warm, trusted=trusted, ahead=ahead)
+                          models=self.models, trusted=trusted, ahead=ahead)
 
 
 def process(request: messages.JobRequest, job: Job, trusted: bool = False,
