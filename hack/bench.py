@@ -162,11 +162,15 @@ def cpu_side(args):
     figures = bench_floor.cpu_flags() | {"device": args.device, "host_load_1min": os.getloadavg()[0]}
     base = job_env(work, args.device)
     if args.floor:
-        roots = {"ours": REPO}
+        # the same job without the peaks/loudness analysis, and with two outputs (karaoke)
+        roots = {"ours": (REPO, {}), "ours_no_analysis": (REPO, {"OUTPUT_ANALYSIS": "false"}),
+                 "ours_karaoke": (REPO, {"OUTPUTS": "vocals,instrumental"})}
         if args.compare:
-            roots = {"compared": Path(args.compare).resolve(), "ours": REPO}
+            roots = {"compared": (Path(args.compare).resolve(), {}), **roots}
         figures.update(bench_floor.floor(work, base, roots, 20 if args.quick else 180,
                                          args.repeat, args.quality))
+        floors = {label: found["floor_s"] for label, found in figures["floor"].items()}
+        figures["analysis_cost_s"] = round(floors["ours"] - floors["ours_no_analysis"], 3)
         if args.compare:
             figures["floor_ratio_ours_compared"] = round(
                 figures["floor"]["ours"]["floor_s"] / figures["floor"]["compared"]["floor_s"], 3)

@@ -73,14 +73,16 @@ def code_env(base: dict, job_root: Path) -> dict:
 
 
 def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, quality: int):
-    """Alternated floor runs of each code tree in `roots` ({label: path}); the median run each."""
+    """Alternated floor runs of each variant in `roots` ({label: (code tree, extra env)}); the
+    median run each."""
     from job.synthetic import music, write_audio
     model = write_floor_model(work / "model-floor")
     song = write_audio(work / f"floor-{int(seconds)}s.mp3", music(seconds, seed=5))
     runs = {label: [] for label in roots}
     for number in range(repeat):
-        for label, root in roots.items():
-            env = code_env(base_env, root) | {"MODEL_DIR": str(model), "MP3_QUALITY": str(quality)}
+        for label, (root, extra) in roots.items():
+            env = code_env(base_env, root) | {"MODEL_DIR": str(model), "MP3_QUALITY": str(quality),
+                                              **extra}
             cmd = [sys.executable, "-P", "-m", "job", "run", "--input", str(song), "--release-id",
                    "floor", "--track-id", f"{label}{number}", "--output-dir", str(work / "out")]
             wall, first, cpu, out = measured_run(cmd, env, work / "thread-cpu.jsonl")
@@ -92,12 +94,15 @@ def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, 
         wall = median(r[0] for r in found)
         typical = min(found, key=lambda r: abs(r[0] - wall))
         encoder_cpu = typical[2].get("encode", 0.0)
+        extra = roots[label][1]
+        outputs = len(extra["OUTPUTS"].split(",")) if "OUTPUTS" in extra else 6
         figures[label] = {
             "floor_s": round(wall, 3), "floor_rtf": round(seconds / wall, 2),
             "first_window_s": round(median(r[1] for r in found), 3),
             "floor_runs_s": [round(r[0], 3) for r in found],
             "cpu_s": typical[2], "timings": typical[3],
-            "encoder_x_realtime_per_core": round(6 * seconds / encoder_cpu, 1) if encoder_cpu else None,
+            "outputs": outputs,
+            "encoder_x_realtime_per_core": round(outputs * seconds / encoder_cpu, 1) if encoder_cpu else None,
             "floor_minus_encoders_s": round(wall - encoder_cpu / (os.cpu_count() or 1), 3),
         }
     return {"floor_input_s": seconds, "mp3_quality_asked": quality, "floor": figures}
