@@ -10,9 +10,7 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from statistics import median
 from pathlib import Path
 
@@ -30,19 +28,7 @@ PY = sys.executable
 
 def timed(cmd, env=None, watch_for=None):
     """(wall seconds, peak RSS MB, seconds until `watch_for` appeared on stderr, stdout)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = None
-    err_lines = []
-    for line in proc.stderr:
-        err_lines.append(line)
-        if watch_for and seen is None and watch_for in line:
-            seen = time.perf_counter() - start
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{''.join(err_lines[-20:])}")
+    wall, usage, seen, stdout = bench_floor.run_process(cmd, env, watch_for)
     return wall, usage.ru_maxrss / 1024, seen, stdout
 
 

@@ -39,22 +39,29 @@ def cpu_flags() -> dict:
             "cpu_flags": sorted(f for f in CPU_FLAGS if f in flags)}
 
 
-def measured_run(cmd, env, cpu_file: Path):
-    """(wall s, first window s, CPU s by thread group, stdout) of one job process."""
-    cpu_file.unlink(missing_ok=True)
-    env = dict(env, STEM_BENCH_THREAD_CPU=str(cpu_file))
+def run_process(cmd, env=None, watch_for=None):
+    """(wall s, resource usage, s until `watch_for` appeared on stderr, stdout) of one process;
+    the bench stops with its last stderr lines if it fails."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first, tail = None, []
+    seen, tail = None, []
     for line in proc.stderr:
         tail = (tail + [line])[-20:]
-        if first is None and FIRST_WINDOW in line:
-            first = time.perf_counter() - start
+        if watch_for and seen is None and watch_for in line:
+            seen = time.perf_counter() - start
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{''.join(tail)}")
+    return wall, usage, seen, stdout
+
+
+def measured_run(cmd, env, cpu_file: Path):
+    """(wall s, first window s, CPU s by thread group, stdout) of one job process."""
+    cpu_file.unlink(missing_ok=True)
+    wall, usage, first, stdout = run_process(cmd, dict(env, STEM_BENCH_THREAD_CPU=str(cpu_file)),
+                                             FIRST_WINDOW)
     threads = [json.loads(line) for line in cpu_file.read_text().splitlines()] \
         if cpu_file.exists() else []
     groups = {}
