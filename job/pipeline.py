@@ -8,6 +8,7 @@ escapes: no track can succeed then, and the caller exits 78.
 """
 
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -200,6 +201,8 @@ def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, p
         files[name] = encoder.path
         if encoder.peaks_path is not None:
             files[f"{name}.peaks"] = encoder.peaks_path
+    probe = separator.probe_db      # None: not probed; -inf (not JSON): reduced was not finite
     engine = {"device": str(separator.device), "precision": separator.precision,
-              "probeDb": separator.probe_db, **figures}
+              "probeDb": round(probe, 2) if probe is not None and math.isfinite(probe) else None,
+              **figures}
     return files, stats, stats.pop("mix", None), engine
