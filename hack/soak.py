@@ -36,6 +36,7 @@ from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
 from job.messages import STEMS  # noqa: E402
 from job.synthetic import music, write_audio, write_model_folder  # noqa: E402
 
+SET_FILES = 2 * len(STEMS)       # the six stems and their waveform peaks files
 LEASE_S = 60                     # job/drain.py: a frozen worker's message is back after this
 FAULT_KINDS = ("sigkill_separation", "sigkill_upload", "sigterm", "sigstop_race",
                "gcs_restart", "pubsub_outage")
@@ -425,7 +426,10 @@ class Fleet:
                 time.sleep(0.2)
                 continue
             changed = [n for n, g in now.items() if n != "manifest.json" and before.get(n) != g]
-            if changed and "manifest.json" not in now:
+            # every file of the set rewritten: the worker is past its uploads. Stopped in the
+            # middle of one, it would also stall the GCS stand-in, which serves one request at
+            # a time (http.server), and with it the whole fleet: real GCS does not.
+            if len(changed) >= SET_FILES and "manifest.json" not in now:
                 return len(changed)
             time.sleep(0.02)
         return 0
