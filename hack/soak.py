@@ -99,7 +99,6 @@ class Worker:
     signalled: tuple | None = None   # (signal name, time)
     exit_code: int | None = None
     ended: float = 0.0
-    idle_exit: bool = False
     attempts: dict = field(default_factory=dict)   # message_id -> delivery attempt
 
 
@@ -328,8 +327,6 @@ class Fleet:
                     worker.phase = "upload"
                 elif re.match(r"job \S+ (completed|failed)", text):
                     worker.phase = "idle"
-                elif text.startswith("no message within"):
-                    worker.idle_exit = True
 
     def reap(self) -> None:
         for worker in self.workers:
