@@ -25,6 +25,7 @@ from .errors import Interrupted, JobError
 SAMPLE_RATE = 44100
 CHANNELS = 2
 MAX_BAD_PACKETS = 8           # isolated glitches FFmpeg conceals; more means a corrupt file
+FRAME = 65536                 # samples per block written: numpy per block, not per codec frame
 log = logging.getLogger(__name__)
 
 
@@ -177,7 +178,7 @@ class _Sink:
             self.flush()
             self.source = source
             layout = "mono" if frame.layout.nb_channels == 1 else "stereo"
-            self.resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE)
+            self.resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE, frame_size=FRAME)
         self.write(self.resampler.resample(frame))
 
     def flush(self):
@@ -190,15 +191,17 @@ class _Sink:
             if data.shape[1] == 1:
                 data = np.repeat(data, 2, axis=1)
             data = np.ascontiguousarray(data, dtype=np.float32)
-            finite = np.isfinite(data)
-            if not finite.all():
-                self.non_finite += int(data.size - finite.sum())
+            mono = (data[:, 0].astype(np.float64) + data[:, 1]) * 0.5
+            total = mono.sum()
+            if not math.isfinite(total):      # NaN or Inf somewhere: count, replace, redo
+                self.non_finite += int(data.size - np.isfinite(data).sum())
                 data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
-            mono = data.mean(axis=1, dtype=np.float64)
-            self.acc += mono.sum()
+                mono = (data[:, 0].astype(np.float64) + data[:, 1]) * 0.5
+                total = mono.sum()
+            self.acc += total
             self.acc2 += np.dot(mono, mono)
             self.total += len(data)
-            self.handle.write(data.tobytes())
+            self.handle.write(data)
         if self.total > self.max_samples:
             raise JobError("too_long", "the original is longer than the limit of "
                                        f"{self.max_duration_s:.0f} s (MAX_DURATION_S)")
