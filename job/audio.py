@@ -8,11 +8,19 @@ mono mix) are accumulated, and the engine reads it back window by window. A file
 truncated only on evidence (an exact declared length, or a read that breaks off); messages
 speak of "the original" and never carry a local path or FFmpeg's errno text. FFmpeg's
 libraries come from PyAV's wheels.
+
+The job decodes in a child process (`decode_aside`): FFmpeg's calls and the per-block numpy
+work hold the GIL, so in a thread they take turns with the model's load (torch's import) and
+with a drain's separation instead of running beside them; a decoder that crashes on a hostile
+file then fails that track, not the worker.
 """
 
 import logging
 import math
+import multiprocessing
+import signal
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,3 +296,70 @@ def _check_whole(total: int, exact: float | None, broke_off: bool, misdetected: 
     if broke_off:
         raise JobError("truncated_audio", f"the original is cut off: it breaks off in damaged "
                                           f"data after {seconds:.1f} s")
+
+
+def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None) -> DecodedAudio:
+    """`decode_to_file` in a child process of its own (spawned: this process has threads);
+    its warnings are logged here, its JobError raised here, and SIGTERM (`cancel`) stops it."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_decode_child, name="decode", daemon=True,
+                            args=(str(path), str(target), max_duration_s, send))
+    child.start()
+    send.close()
+    try:
+        while not receive.poll(0.05):
+            if cancel is not None and cancel.is_set():
+                raise Interrupted()
+            if not child.is_alive() and not receive.poll(0):
+                raise _died(child.exitcode)
+        try:
+            outcome, warnings = receive.recv()
+        except EOFError:
+            child.join()
+            raise _died(child.exitcode) from None
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.kill()
+        child.join()
+    for message in warnings:
+        log.warning("%s", message)
+    kind, *value = outcome
+    if kind == "error":
+        raise JobError(*value)
+    if kind == "crash":
+        raise RuntimeError(f"decoding failed: {value[0]}")
+    return value[0]
+
+
+def _died(code) -> JobError:
+    """The decoder ended without an answer: killed (a retry may help) or crashed on the file."""
+    if code is not None and code < 0 and -code == signal.SIGKILL:
+        return JobError("decode_killed", "the decoder was killed (out of memory?)", retryable=True)
+    name = signal.Signals(-code).name if code is not None and code < 0 else f"exit {code}"
+    return JobError("corrupt_audio", f"FFmpeg crashed decoding the original ({name}): the file "
+                                     "is damaged or not audio it can handle")
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _decode_child(path: str, target: str, max_duration_s: float, send) -> None:
+    collected = _Collect()
+    log.addHandler(collected)
+    log.propagate = False
+    try:
+        outcome = ("ok", decode_to_file(Path(path), Path(target), max_duration_s))
+    except JobError as error:
+        outcome = ("error", error.code, error.message, error.retryable)
+    except Exception:
+        outcome = ("crash", traceback.format_exc(limit=3).strip().splitlines()[-1])
+    send.send((outcome, collected.messages))
+    send.close()

@@ -70,13 +70,9 @@ class TrackFetch:
         scratch = self._scratch.enter_context(storage.scratch())
         with stage(self.timings, "download"):
             local = storage.fetch_original(original, scratch)
-        if self.models is not None:
-            # ...and is loaded before the decode starts: both hold the GIL most of the time,
-            # so on a CPU-bound host running them at once only slows both (hack/bench --floor)
-            self.models.separator()
         with stage(self.timings, "decode"):
-            decoded = audio.decode_to_file(local, scratch / "mix.f32",
-                                           self.settings.max_duration_s, cancel=self.cancel)
+            decoded = audio.decode_aside(local, scratch / "mix.f32",
+                                         self.settings.max_duration_s, cancel=self.cancel)
         log.info("job %s: %s decoded (%.1f s of audio)%s", request.job_id, request.original_uri,
                  decoded.duration_s, ", ahead of its turn" if self.ahead else "")
         return FetchedTrack(original, found, decoded, scratch)

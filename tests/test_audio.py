@@ -1,11 +1,14 @@
 """Decoding every input format to 44.1 kHz stereo, and the encoders' output."""
 
+import signal
+
 import av
 import numpy as np
 import pytest
 import soundfile
 
-from job.audio import RawReader, decode_to_file
+from job.audio import RawReader, decode_aside, decode_to_file
+from job.errors import Cancel, Interrupted, JobError
 from job.encode import StemEncoder, soft_limit
 from job.synthetic import music, write_audio
 
@@ -75,3 +78,68 @@ def test_wav_and_flac_outputs(tmp_path, fmt, subtype):
     assert (info.samplerate, info.channels, info.frames, info.subtype) == (44100, 2, source.shape[1], subtype)
     data, _ = soundfile.read(tmp_path / f"drums.{fmt}", dtype="float32")
     assert (np.abs(data).max() > 1.0) == (fmt == "wav")
+
+
+# -- the decode in a child process of its own ----------------------------------------------
+def _kill_the_decoder_once_started(sig):
+    """Kill the decoding child with `sig` as soon as it exists (it is spawned: a fresh
+    interpreter, still starting up when this fires)."""
+    import multiprocessing
+    import os
+    import threading
+    import time
+
+    def kill():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            children = [c for c in multiprocessing.active_children() if c.name == "decode"]
+            if children:
+                os.kill(children[0].pid, sig)
+                return
+            time.sleep(0.001)
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+def test_the_decode_aside_gives_what_the_decode_in_process_gives(tmp_path):
+    path = write_audio(tmp_path / "a.mp3", music(5.0, seed=2))
+    here = decode_to_file(path, tmp_path / "here.f32", 60)
+    aside = decode_aside(path, tmp_path / "aside.f32", 60)
+    assert aside == here.__class__(**{**here.__dict__, "path": aside.path})
+    assert (tmp_path / "here.f32").read_bytes() == (tmp_path / "aside.f32").read_bytes()
+
+
+def test_the_decode_aside_raises_the_childs_job_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not audio at all\n" * 100)
+    with pytest.raises(JobError) as error:
+        decode_aside(path, tmp_path / "mix.f32", 60)
+    assert error.value.code == "not_audio" and not error.value.retryable
+
+
+@pytest.mark.parametrize("sig, code, retryable", [(signal.SIGSEGV, "corrupt_audio", False),
+                                                   (signal.SIGKILL, "decode_killed", True)])
+def test_a_decoder_that_dies_fails_the_track_not_the_worker(tmp_path, sig, code, retryable):
+    path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
+    killer = _kill_the_decoder_once_started(sig)
+    with pytest.raises(JobError) as error:
+        decode_aside(path, tmp_path / "mix.f32", 600)
+    killer.join()
+    assert (error.value.code, error.value.retryable) == (code, retryable), error.value.message
+    if sig == signal.SIGSEGV:
+        assert "SIGSEGV" in error.value.message
+
+
+def test_sigterm_stops_the_decode_aside_at_once(tmp_path):
+    import multiprocessing
+    import threading
+    import time
+    path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
+    cancel = Cancel()
+    threading.Timer(0.05, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        decode_aside(path, tmp_path / "mix.f32", 600, cancel=cancel)
+    assert time.monotonic() - started < 2.0
+    assert not [c for c in multiprocessing.active_children() if c.name == "decode"]

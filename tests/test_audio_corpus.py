@@ -3,6 +3,7 @@ with its stable code and a message in plain words; a smaller set runs through th
 where the exit code must be 0 or 65 whatever the model is doing at that moment."""
 
 import json
+import logging
 import tempfile
 
 import av
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import last_json, run_job
 from corpus import CASES, END_TO_END, MAX_DURATION_S
-from job.audio import SAMPLE_RATE, RawReader, decode_to_file
+from job.audio import SAMPLE_RATE, RawReader, decode_aside, decode_to_file
 from job.errors import JobError
 from job.messages import STEMS
 
@@ -93,6 +94,14 @@ def test_nan_and_inf_in_a_float_wav_are_replaced_and_counted(tmp_path):
     assert decoded.non_finite == 120
     assert (data[0, 1000:1100] == 0).all()
     assert (data[1, 2000:2010] == 1).all() and (data[0, 3000:3010] == -1).all()
+
+
+def test_the_decode_aside_logs_the_childs_warnings_here(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="job.audio"):
+        decoded = decode_aside(make("nan_inf_float_wav", tmp_path), tmp_path / "mix.f32", 60)
+    assert decoded.non_finite == 120
+    assert any("120 NaN/Inf samples" in r.getMessage() and r.name == "job.audio"
+               for r in caplog.records), caplog.records
 
 
 def test_surround_is_down_mixed_by_the_standard_matrix(tmp_path):
