@@ -66,20 +66,31 @@ class OverlapAdd:
         self.sum = np.zeros(0, np.float32)
 
     def add(self, offset: int, chunk: np.ndarray) -> None:
-        end = offset + chunk.shape[-1]
-        grow = end - (self.start + self.out.shape[-1])
-        if grow > 0:
-            self.out = np.concatenate([self.out, np.zeros(self.out.shape[:2] + (grow,), np.float32)], -1)
-            self.sum = np.concatenate([self.sum, np.zeros(grow, np.float32)])
-        weight = self.stream.weight[:chunk.shape[-1]]
+        n = chunk.shape[-1]
+        weight = self.stream.weight[:n]
         lo = offset - self.start
-        self.out[..., lo:lo + chunk.shape[-1]] += weight * chunk
-        self.sum[lo:lo + chunk.shape[-1]] += weight
+        have = self.out.shape[-1]
+        overlap = n
+        if lo + n > have:
+            # grow: keep the unfinished tail, write the new stretch directly (no zeros, no temp)
+            out = np.empty(self.out.shape[:2] + (lo + n,), np.float32)
+            total = np.empty(lo + n, np.float32)
+            out[..., :have], total[:have] = self.out, self.sum
+            out[..., have:lo], total[have:lo] = 0.0, 0.0
+            overlap = max(have - lo, 0)
+            np.multiply(weight[overlap:], chunk[..., overlap:], out=out[..., lo + overlap:])
+            total[lo + overlap:] = weight[overlap:]
+            self.out, self.sum = out, total
+        if overlap:
+            self.out[..., lo:lo + overlap] += weight[:overlap] * chunk[..., :overlap]
+            self.sum[lo:lo + overlap] += weight[:overlap]
 
     def finish(self, upto: int) -> tuple[int, np.ndarray]:
-        """Finished output in virtual [start, upto), divided by the summed weights."""
+        """Finished output in virtual [start, upto), divided by the summed weights (in place:
+        no later window touches it)."""
         n = upto - self.start
-        done = self.out[..., :n] / self.sum[:n]
+        done = self.out[..., :n]
+        np.divide(done, self.sum[:n], out=done)
         self.out, self.sum = self.out[..., n:], self.sum[n:]
         start, self.start = self.start, upto
         return start, done
@@ -301,10 +312,11 @@ class Separator:
                 start = offset - (s.segment - chunk) // 2
                 lo, hi = max(start, 0), min(start + s.segment, s.length)   # inside the stream
                 window = np.zeros((2, s.segment), np.float32)
-                raw = read(lo + s.offset, hi + s.offset)
-                inside = np.arange(lo, hi) + s.offset
-                valid = (inside >= 0) & (inside < length)
-                window[:, lo - start:hi - start] = np.where(valid, (raw - mean) / std, 0.0)
+                # the part of [lo, hi) inside the track (a shifted stream starts before it)
+                first, last = max(lo, -s.offset), min(hi, length - s.offset)
+                if last > first:
+                    raw = read(first + s.offset, last + s.offset)
+                    window[:, first - start:last - start] = (raw - mean) / std
                 inputs.append(window)
             return torch.from_numpy(np.stack(inputs))
 
@@ -324,7 +336,9 @@ class Separator:
             taken = combiner.take()
             if taken is not None:
                 start, block = taken
-                emit(start, block * std + mean)
+                block *= std          # in place: the block is the engine's own, finished
+                block += mean
+                emit(start, block)
             done += len(batch)
             if progress is not None:
                 progress(done / len(windows))
