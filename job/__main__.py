@@ -1,3 +1,14 @@
-from .cli import main
+"""`python -m job` and the `stem-job` script: the allocator is chosen first (job/malloc.py
+re-executes the process), before the CLI and its imports are loaded twice for nothing."""
 
-main()
+from .malloc import use_tcmalloc
+
+
+def main():
+    use_tcmalloc()
+    from .cli import main as cli
+    cli()
+
+
+if __name__ == "__main__":
+    main()

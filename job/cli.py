@@ -11,7 +11,6 @@ from . import messages, runtime
 from .config import ConfigError, load_settings, parse
 from .errors import EXIT_RETRY, JobError, exit_code_for
 from .logs import setup_logging
-from .malloc import use_tcmalloc
 
 
 def settings_or_exit(**overrides):
@@ -195,9 +194,8 @@ def prefetch_model():
 
 
 def main():
-    """The `stem-job` entry point: under tcmalloc when installed, and out through
-    runtime.exit_now so the exit code is the documented one whatever is still loading."""
-    use_tcmalloc()
+    """The CLI, left through runtime.exit_now so the exit code is the documented one whatever
+    is still loading (job/__main__.py chooses the allocator before this module loads)."""
     try:
         cli(prog_name="stem-job")
         code = 0
