@@ -1,0 +1,166 @@
+"""True peak (ITU-R BS.1770 Annex 2): the sample peak of the signal oversampled four times.
+
+The interpolator is FFmpeg's own (libswresample's default Kaiser-windowed sinc, as its
+`aresample` filter builds it for a 4x rate), so the figures are those FFmpeg gives. Computing
+every interpolated sample costs more than the rest of the analysis, and almost none of them can
+set the peak: each stretch of the stream is first given an upper bound from its sample peak and
+its first and second differences (the interpolator is linear interpolation plus a filter of the
+differences, summed by parts), and only stretches whose bound reaches the peak found so far are
+interpolated. The bound is exact, so skipping never changes the result.
+"""
+
+import numpy as np
+
+TAPS = 32             # libswresample's default filter_size; the window is x[m-15 .. m+16]
+BEFORE = (TAPS - 1) // 2
+AFTER = TAPS - BEFORE - 1
+PHASES = 4
+KAISER_BETA = 9.0
+CHUNK = 64            # outputs per bounded stretch (>= TAPS - 1, so a window spans 2 chunks)
+ROWS = 16             # outputs per row of the interpolating product
+STACK = 128           # rows per matrix product: small enough that BLAS stays on this thread
+FIRST = 4             # chunks interpolated before the others are bounded again
+SLACK = 1e-4          # relative margin on the bound, for float32 rounding
+
+
+def interpolator() -> np.ndarray:
+    """(PHASES - 1, TAPS) float32: the taps of phases 1..3, as libswresample's build_filter
+    makes them for FLTP (each divided by the sum of phase 0, whose only tap is 1)."""
+    i = np.arange(TAPS)
+    phases = []
+    for phase in range(PHASES):
+        x = np.pi * ((i - BEFORE) - phase / PHASES)
+        sign = (1.0 if BEFORE & 1 else -1.0) * (-1.0) ** i
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sinc = np.where(x == 0, 1.0, np.sin(np.pi * phase / PHASES) * sign / x)
+        w = 2.0 * x / (TAPS * np.pi)
+        phases.append(sinc * np.i0(KAISER_BETA * np.sqrt(np.maximum(1 - w * w, 0))))
+    return (np.array(phases[1:]) / phases[0].sum()).astype(np.float32)
+
+
+def difference_bounds(taps: np.ndarray) -> tuple[float, float, float]:
+    """(k0, k1, k2) such that each phase's output is at most
+    (1 + k0) * max|x| + k1 * max|x[i] - x[i+1]| + k2 * max|x[i] - 2 x[i+1] + x[i+2]|
+    over its window: the taps minus linear interpolation, summed by parts twice."""
+    k0 = k1 = k2 = 0.0
+    for phase, h in enumerate(taps.astype(np.float64), 1):
+        rest = h.copy()
+        rest[BEFORE] -= 1 - phase / PHASES
+        rest[BEFORE + 1] -= phase / PHASES
+        first = np.cumsum(rest)              # rest . x = first[:-1] . d1 + first[-1] x[-1]
+        second = np.cumsum(first[:-1])       # first[:-1] . d1 = second[:-1] . d2 + second[-1] d1[-1]
+        k0 = max(k0, abs(first[-1]))
+        k1 = max(k1, abs(second[-1]))
+        k2 = max(k2, np.abs(second[:-1]).sum())
+    return k0, k1, k2
+
+
+def toeplitz(taps: np.ndarray) -> np.ndarray:
+    """(ROWS + TAPS - 1, 3 * ROWS): a row of ROWS + TAPS - 1 samples times this is the
+    interpolated values of its ROWS outputs (three phases each)."""
+    matrix = np.zeros((ROWS + TAPS - 1, (PHASES - 1) * ROWS), np.float32)
+    for out in range(ROWS):
+        matrix[out:out + TAPS, (PHASES - 1) * out:(PHASES - 1) * (out + 1)] = taps.T
+    return matrix
+
+
+TAPS_BY_PHASE = interpolator()
+K0, K1, K2 = difference_bounds(TAPS_BY_PHASE)
+MATRIX = toeplitz(TAPS_BY_PHASE)
+
+
+def chunk_max(values: np.ndarray) -> np.ndarray:
+    """Max over both channels of each CHUNK-sample stretch of (2, n) values (the last one
+    shorter)."""
+    starts = np.arange(0, values.shape[1], CHUNK)
+    return np.maximum.reduceat(values, starts, axis=1).max(0)
+
+
+def window_max(values: np.ndarray) -> np.ndarray:
+    """Per chunk, the max of |values| over its window (which lies in it and the next one)."""
+    per_chunk = chunk_max(np.abs(values))
+    return np.maximum(per_chunk[:-1], per_chunk[1:])
+
+
+class TruePeak:
+    """Feed (2, n) float32 blocks with `add`; `result()` is the linear true peak.
+
+    Output position m is the interval from sample m to m + 1, interpolated from the window
+    x[m-15 .. m+16] (phase 0 is the sample itself). The stream's edges are mirrored as
+    libswresample mirrors them: x[-j] = x[j] before it, x[n-1+j] = x[n-j] after it."""
+
+    def __init__(self, exact: bool = False):
+        self.exact = exact            # interpolate everything (what the bound is tested against)
+        self.peak = 0.0
+        self.started = False
+        self.buffer = np.zeros((2, 0), np.float32)    # x[m - 15:] for the next position m
+
+    def add(self, block: np.ndarray) -> None:
+        self.buffer = np.concatenate([self.buffer, np.asarray(block, np.float32)], axis=1)
+        if not self.started:
+            if self.buffer.shape[1] <= BEFORE:
+                return
+            self._start()
+        self._process()
+
+    def result(self) -> float:
+        if not self.started:
+            if not self.buffer.shape[1]:
+                return 0.0
+            self._start()
+        mirror = self.buffer[:, ::-1][:, :AFTER]
+        self.buffer = np.concatenate([self.buffer, mirror], axis=1)
+        self._process()
+        windows = np.lib.stride_tricks.sliding_window_view(self.buffer, TAPS, axis=1)
+        self._raise(self.buffer[:, BEFORE:-AFTER])                # the last partial chunk
+        self._raise(windows.reshape(-1, TAPS) @ TAPS_BY_PHASE.T)
+        return self.peak
+
+    def _start(self) -> None:
+        head = self.buffer[:, BEFORE:0:-1]
+        missing = np.zeros((2, BEFORE - head.shape[1]), np.float32)   # a stream this short
+        self.buffer = np.concatenate([missing, head, self.buffer], axis=1)
+        self.started = True
+
+    def _raise(self, values: np.ndarray) -> None:
+        if values.size:
+            self.peak = max(self.peak, float(values.max()), -float(values.min()))
+
+    def _process(self) -> None:
+        """Measure the whole chunks whose windows are in the buffer, and drop their samples."""
+        chunks = (self.buffer.shape[1] - TAPS + 1) // CHUNK
+        if chunks <= 0:
+            return
+        x = self.buffer[:, :chunks * CHUNK + TAPS - 1]
+        self._raise(x[:, BEFORE:BEFORE + chunks * CHUNK])                 # phase 0
+        if self.exact:
+            self._interpolate(x, np.arange(chunks))
+        else:
+            bound = self._bound(x)
+            order = np.argsort(-bound)
+            first, rest = order[:FIRST], order[FIRST:]
+            self._interpolate(x, first[bound[first] > self.peak])
+            self._interpolate(x, rest[bound[rest] > self.peak])    # against the new peak
+        self.buffer = self.buffer[:, chunks * CHUNK:]
+
+    def _bound(self, x: np.ndarray) -> np.ndarray:
+        """Each chunk's bound on its interpolated values (a coarse one where that already
+        rules all of them out)."""
+        m0 = window_max(x)
+        coarse = m0 * (1 + K0 + 2 * K1 + 4 * K2) * (1 + SLACK)    # |d1| <= 2 max|x|, |d2| <= 4
+        if not (coarse > self.peak).any():
+            return coarse
+        d1 = np.diff(x)
+        d2 = np.diff(d1)
+        return (m0 * (1 + K0) + K1 * window_max(d1) + K2 * window_max(d2)) * (1 + SLACK)
+
+    def _interpolate(self, x: np.ndarray, chunks: np.ndarray) -> None:
+        """Raise the peak to the largest interpolated value of these chunks."""
+        if not len(chunks):
+            return
+        rows = np.lib.stride_tricks.sliding_window_view(x, ROWS + TAPS - 1, axis=1)
+        starts = (chunks[:, None] * CHUNK + np.arange(0, CHUNK, ROWS)).reshape(-1)
+        rows = rows[:, starts].reshape(-1, ROWS + TAPS - 1)
+        stacked = np.zeros((-(-len(rows) // STACK) * STACK, rows.shape[1]), np.float32)
+        stacked[:len(rows)] = rows
+        self._raise(stacked.reshape(-1, STACK, rows.shape[1]) @ MATRIX)
