@@ -111,9 +111,10 @@ class TruePeak:
         mirror = self.buffer[:, ::-1][:, :AFTER]
         self.buffer = np.concatenate([self.buffer, mirror], axis=1)
         self._process()
-        windows = np.lib.stride_tricks.sliding_window_view(self.buffer, TAPS, axis=1)
-        self._raise(self.buffer[:, BEFORE:-AFTER])                # the last partial chunk
-        self._raise(windows.reshape(-1, TAPS) @ TAPS_BY_PHASE.T)
+        if self.buffer.shape[1] >= TAPS:                         # the last partial chunk
+            windows = np.lib.stride_tricks.sliding_window_view(self.buffer, TAPS, axis=1)
+            self._raise(self.buffer[:, BEFORE:-AFTER])
+            self._raise(windows.reshape(-1, TAPS) @ TAPS_BY_PHASE.T)
         return self.peak
 
     def _start(self) -> None:
