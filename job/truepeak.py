@@ -69,16 +69,11 @@ K0, K1, K2 = difference_bounds(TAPS_BY_PHASE)
 MATRIX = toeplitz(TAPS_BY_PHASE)
 
 
-def chunk_max(values: np.ndarray) -> np.ndarray:
-    """Max over both channels of each CHUNK-sample stretch of (2, n) values (the last one
-    shorter)."""
-    starts = np.arange(0, values.shape[1], CHUNK)
-    return np.maximum.reduceat(values, starts, axis=1).max(0)
-
-
 def window_max(values: np.ndarray) -> np.ndarray:
-    """Per chunk, the max of |values| over its window (which lies in it and the next one)."""
-    per_chunk = chunk_max(np.abs(values))
+    """Per chunk of (2, n) values, the max of |values| over both channels and the chunk's
+    window (which lies within the chunk and the next one)."""
+    folded = np.maximum(np.abs(values[0]), np.abs(values[1]))
+    per_chunk = np.maximum.reduceat(folded, np.arange(0, folded.size, CHUNK))
     return np.maximum(per_chunk[:-1], per_chunk[1:])
 
 
@@ -151,9 +146,7 @@ class TruePeak:
         coarse = m0 * (1 + K0 + 2 * K1 + 4 * K2) * (1 + SLACK)    # |d1| <= 2 max|x|, |d2| <= 4
         if not (coarse > self.peak).any():
             return coarse
-        d1 = np.diff(x)
-        d2 = np.diff(d1)
-        return (m0 * (1 + K0) + K1 * window_max(d1) + K2 * window_max(d2)) * (1 + SLACK)
+        return (m0 * (1 + K0 + 2 * K1) + K2 * window_max(np.diff(x, 2))) * (1 + SLACK)
 
     def _interpolate(self, x: np.ndarray, chunks: np.ndarray) -> None:
         """Raise the peak to the largest interpolated value of these chunks."""
