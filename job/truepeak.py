@@ -17,8 +17,8 @@ AFTER = TAPS - BEFORE - 1
 PHASES = 4
 KAISER_BETA = 9.0
 CHUNK = 64            # outputs per bounded stretch (>= TAPS - 1, so a window spans 2 chunks)
-ROWS = 16             # outputs per row of the interpolating product
-STACK = 128           # rows per matrix product: small enough that BLAS stays on this thread
+ROW = 16              # samples per row of the interpolating products (>= AFTER)
+STACK = 128           # rows per BLAS call: few enough that BLAS stays on the calling thread
 FIRST = 4             # chunks interpolated before the others are bounded again
 SLACK = 1e-4          # relative margin on the bound, for float32 rounding
 
@@ -55,18 +55,42 @@ def difference_bounds(taps: np.ndarray) -> tuple[float, float, float]:
     return k0, k1, k2
 
 
-def toeplitz(taps: np.ndarray) -> np.ndarray:
-    """(ROWS + TAPS - 1, 3 * ROWS): a row of ROWS + TAPS - 1 samples times this is the
-    interpolated values of its ROWS outputs (three phases each)."""
-    matrix = np.zeros((ROWS + TAPS - 1, (PHASES - 1) * ROWS), np.float32)
-    for out in range(ROWS):
-        matrix[out:out + TAPS, (PHASES - 1) * out:(PHASES - 1) * (out + 1)] = taps.T
-    return matrix
+def row_matrices(taps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, C): with the samples in rows of ROW, led by one sample more, the three phases of
+    the ROW outputs of row r are row[r][1:] @ A + row[r + 1] @ B + row[r + 2] @ C."""
+    toeplitz = np.zeros((ROW + TAPS - 1, (PHASES - 1) * ROW), np.float32)
+    for out in range(ROW):
+        toeplitz[out:out + TAPS, (PHASES - 1) * out:(PHASES - 1) * (out + 1)] = taps.T
+    return toeplitz[:ROW - 1], toeplitz[ROW - 1:2 * ROW - 1], toeplitz[2 * ROW - 1:]
+
+
+def product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """rows @ matrix, STACK rows per BLAS call: a single large call would spread over threads
+    that spin and cost more CPU than the product."""
+    out = np.empty((rows.shape[0], matrix.shape[1]), np.float32)
+    whole = rows.shape[0] // STACK * STACK
+    if whole:
+        step, item = rows.strides
+        stacks = np.lib.stride_tricks.as_strided(
+            rows, (whole // STACK, STACK, rows.shape[1]), (STACK * step, step, item))
+        np.matmul(stacks, matrix, out=out[:whole].reshape(-1, STACK, matrix.shape[1]))
+    np.matmul(rows[whole:], matrix, out=out[whole:])
+    return out
+
+
+def interpolated(rows: np.ndarray) -> np.ndarray:
+    """(2 m - 2, 3 ROW) phases 1..3 from (2, m, ROW) rows laid out as `row_matrices` says;
+    the last two rows of each channel have no outputs (theirs would run into the next)."""
+    flat = rows.reshape(-1, ROW)
+    values = product(flat[:-2, 1:], MATRICES[0])
+    values += product(flat[1:-1], MATRICES[1])
+    values += product(flat[2:], MATRICES[2])
+    return values
 
 
 TAPS_BY_PHASE = interpolator()
 K0, K1, K2 = difference_bounds(TAPS_BY_PHASE)
-MATRIX = toeplitz(TAPS_BY_PHASE)
+MATRICES = row_matrices(TAPS_BY_PHASE)
 
 
 def window_max(values: np.ndarray) -> np.ndarray:
@@ -130,13 +154,13 @@ class TruePeak:
         x = self.buffer[:, :chunks * CHUNK + TAPS - 1]
         self._raise(x[:, BEFORE:BEFORE + chunks * CHUNK])                 # phase 0
         if self.exact:
-            self._interpolate(x, np.arange(chunks))
+            self._interpolate(x, np.arange(chunks), chunks)
         else:
             bound = self._bound(x)
             order = np.argsort(-bound)
             first, rest = order[:FIRST], order[FIRST:]
-            self._interpolate(x, first[bound[first] > self.peak])
-            self._interpolate(x, rest[bound[rest] > self.peak])    # against the new peak
+            self._interpolate(x, first[bound[first] > self.peak], chunks)
+            self._interpolate(x, rest[bound[rest] > self.peak], chunks)   # against the new peak
         self.buffer = self.buffer[:, chunks * CHUNK:]
 
     def _bound(self, x: np.ndarray) -> np.ndarray:
@@ -148,13 +172,21 @@ class TruePeak:
             return coarse
         return (m0 * (1 + K0 + 2 * K1) + K2 * window_max(np.diff(x, 2))) * (1 + SLACK)
 
-    def _interpolate(self, x: np.ndarray, chunks: np.ndarray) -> None:
-        """Raise the peak to the largest interpolated value of these chunks."""
+    def _interpolate(self, x: np.ndarray, chunks: np.ndarray, total: int) -> None:
+        """Raise the peak to the largest interpolated value of these chunks (of `total`)."""
         if not len(chunks):
             return
-        rows = np.lib.stride_tricks.sliding_window_view(x, ROWS + TAPS - 1, axis=1)
-        starts = (chunks[:, None] * CHUNK + np.arange(0, CHUNK, ROWS)).reshape(-1)
-        rows = rows[:, starts].reshape(-1, ROWS + TAPS - 1)
-        stacked = np.zeros((-(-len(rows) // STACK) * STACK, rows.shape[1]), np.float32)
-        stacked[:len(rows)] = rows
-        self._raise(stacked.reshape(-1, STACK, rows.shape[1]) @ MATRIX)
+        per_chunk = CHUNK // ROW
+        led = np.zeros((2, (total * per_chunk + 2) * ROW), np.float32)
+        led[:, 1:1 + x.shape[1]] = x
+        rows = led.reshape(2, -1, ROW)
+        if 3 * len(chunks) > total:              # most of them: all, without gathering rows
+            values = interpolated(rows)
+            rows_per_channel = rows.shape[1]
+            self._raise(values[:rows_per_channel - 2])
+            self._raise(values[rows_per_channel:])
+            return
+        picked = chunks[:, None] * per_chunk + np.arange(per_chunk + 2)
+        values = interpolated(rows[:, picked.reshape(-1)])
+        values = np.concatenate([values, values[:2]])        # whole groups again
+        self._raise(values.reshape(-1, per_chunk + 2, values.shape[1])[:, :per_chunk])
