@@ -154,13 +154,13 @@ class TruePeak:
         x = self.buffer[:, :chunks * CHUNK + TAPS - 1]
         self._raise(x[:, BEFORE:BEFORE + chunks * CHUNK])                 # phase 0
         if self.exact:
-            self._interpolate(x, np.arange(chunks), chunks)
+            self._interpolate(x, np.arange(chunks))
         else:
             bound = self._bound(x)
             order = np.argsort(-bound)
             first, rest = order[:FIRST], order[FIRST:]
-            self._interpolate(x, first[bound[first] > self.peak], chunks)
-            self._interpolate(x, rest[bound[rest] > self.peak], chunks)   # against the new peak
+            rows = self._interpolate(x, first[bound[first] > self.peak])
+            self._interpolate(x, rest[bound[rest] > self.peak], rows)    # against the new peak
         self.buffer = self.buffer[:, chunks * CHUNK:]
 
     def _bound(self, x: np.ndarray) -> np.ndarray:
@@ -172,21 +172,24 @@ class TruePeak:
             return coarse
         return (m0 * (1 + K0 + 2 * K1) + K2 * window_max(np.diff(x, 2))) * (1 + SLACK)
 
-    def _interpolate(self, x: np.ndarray, chunks: np.ndarray, total: int) -> None:
-        """Raise the peak to the largest interpolated value of these chunks (of `total`)."""
+    def _interpolate(self, x: np.ndarray, chunks: np.ndarray, rows: np.ndarray | None = None):
+        """Raise the peak to the largest interpolated value of these chunks of x; returns x
+        as `interpolated` takes it, for the next call on the same x."""
         if not len(chunks):
-            return
+            return rows
         per_chunk = CHUNK // ROW
-        led = np.zeros((2, (total * per_chunk + 2) * ROW), np.float32)
-        led[:, 1:1 + x.shape[1]] = x
-        rows = led.reshape(2, -1, ROW)
+        total = (x.shape[1] - TAPS + 1) // CHUNK
+        if rows is None:
+            led = np.zeros((2, (total * per_chunk + 2) * ROW), np.float32)
+            led[:, 1:1 + x.shape[1]] = x
+            rows = led.reshape(2, -1, ROW)
         if 3 * len(chunks) > total:              # most of them: all, without gathering rows
             values = interpolated(rows)
-            rows_per_channel = rows.shape[1]
-            self._raise(values[:rows_per_channel - 2])
-            self._raise(values[rows_per_channel:])
-            return
+            self._raise(values[:rows.shape[1] - 2])
+            self._raise(values[rows.shape[1]:])
+            return rows
         picked = chunks[:, None] * per_chunk + np.arange(per_chunk + 2)
         values = interpolated(rows[:, picked.reshape(-1)])
         values = np.concatenate([values, values[:2]])        # whole groups again
         self._raise(values.reshape(-1, per_chunk + 2, values.shape[1])[:, :per_chunk])
+        return rows

@@ -103,5 +103,5 @@ def test_bound_is_above_every_interpolated_value():
         bound = meter._bound(x)
         for chunk in range(64):
             meter.peak = 0.0
-            meter._interpolate(x, np.array([chunk]), 64)
+            meter._interpolate(x, np.array([chunk]))
             assert meter.peak <= bound[chunk], (trial, chunk)
