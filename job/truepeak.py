@@ -19,6 +19,7 @@ KAISER_BETA = 9.0
 CHUNK = 64            # outputs per bounded stretch (>= TAPS - 1, so a window spans 2 chunks)
 ROW = 16              # samples per row of the interpolating products (>= AFTER)
 STACK = 128           # rows per BLAS call: few enough that BLAS stays on the calling thread
+SLICE = 4096          # rows interpolated at a time, so the products stay small in memory
 FIRST = 4             # chunks interpolated before the others are bounded again
 SLACK = 1e-4          # relative margin on the bound, for float32 rounding
 
@@ -79,8 +80,8 @@ def product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def interpolated(rows: np.ndarray) -> np.ndarray:
-    """(2 m - 2, 3 ROW) phases 1..3 from (2, m, ROW) rows laid out as `row_matrices` says;
-    the last two rows of each channel have no outputs (theirs would run into the next)."""
+    """(m - 2, 3 ROW) phases 1..3 of the outputs of m rows of ROW laid out as `row_matrices`
+    says (the last two rows have none: their windows run past the end)."""
     flat = rows.reshape(-1, ROW)
     values = product(flat[:-2, 1:], MATRICES[0])
     values += product(flat[1:-1], MATRICES[1])
@@ -184,9 +185,9 @@ class TruePeak:
             led[:, 1:1 + x.shape[1]] = x
             rows = led.reshape(2, -1, ROW)
         if 3 * len(chunks) > total:              # most of them: all, without gathering rows
-            values = interpolated(rows)
-            self._raise(values[:rows.shape[1] - 2])
-            self._raise(values[rows.shape[1]:])
+            for channel in rows:
+                for start in range(0, len(channel) - 2, SLICE):
+                    self._raise(interpolated(channel[start:start + SLICE + 2]))
             return rows
         picked = chunks[:, None] * per_chunk + np.arange(per_chunk + 2)
         values = interpolated(rows[:, picked.reshape(-1)])
