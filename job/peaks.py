@@ -6,6 +6,9 @@ audio. The computation follows audiowaveform itself: 16-bit samples, one min/max
 `samples_per_pixel` samples (the last pair covers what is left), channels averaged into one
 (its default) or kept apart and interleaved per pixel (its --split-channels), and 8-bit values
 as the 16-bit ones divided by 256, truncated towards zero.
+
+The 16-bit conversion and the channel average only ever grow with their inputs, so they
+commute with min and max: each pixel is reduced first and only its pair converted.
 """
 
 import json
@@ -16,8 +19,9 @@ SAMPLE_RATE = 44100
 
 
 def to_int16(block: np.ndarray) -> np.ndarray:
-    """Float samples to the 16-bit values an MP3 of them holds (the encoder's own rounding)."""
-    return np.round(np.clip(block, -1.0, 1.0) * 32767.0).astype(np.int32)
+    """Float samples to the 16-bit values an MP3 of them holds (the encoder's own rounding),
+    kept as float32 integers."""
+    return np.round(np.clip(block, -1.0, 1.0) * 32767.0)
 
 
 class Peaks:
@@ -27,33 +31,45 @@ class Peaks:
         self.samples_per_pixel = samples_per_pixel
         self.bits = bits
         self.channels = 2 if split_channels else 1
-        self.pending = np.zeros((self.channels, 0), np.int32)
-        self.pairs = []               # (pixels, channels, 2) int32 arrays
+        self.partial = None           # (low, high, count) of the pixel still being filled
+        self.pairs = []               # (pixels, channels, 2) float32 arrays
 
     def add(self, block: np.ndarray) -> None:
-        samples = to_int16(block)
-        if self.channels == 1:        # audiowaveform: sum, then C integer division
-            total = samples.sum(0)
-            samples = (np.sign(total) * (np.abs(total) // 2))[None]
-        samples = np.concatenate([self.pending, samples], axis=1)
-        whole = samples.shape[1] // self.samples_per_pixel * self.samples_per_pixel
-        if whole:
-            self._append(samples[:, :whole])
-        self.pending = samples[:, whole:]
-
-    def _append(self, samples: np.ndarray) -> None:
-        pixels = samples.reshape(self.channels, -1, self.samples_per_pixel)
-        pair = np.stack([pixels.min(-1), pixels.max(-1)], -1)      # (channels, pixels, 2)
-        self.pairs.append(pair.transpose(1, 0, 2))
+        values = np.asarray(block, np.float32)
+        if self.channels == 1:        # audiowaveform sums the 16-bit pair (halved at the end)
+            values = to_int16(values[0:1]) + to_int16(values[1:2])
+        if not values.shape[1]:
+            return
+        if self.partial is not None:
+            low, high, count = self.partial
+            head = values[:, :self.samples_per_pixel - count]
+            low, high = np.minimum(low, head.min(1)), np.maximum(high, head.max(1))
+            count += head.shape[1]
+            values = values[:, head.shape[1]:]
+            self.partial = None
+            if count < self.samples_per_pixel:
+                self.partial = (low, high, count)
+                return
+            self.pairs.append(np.stack([low, high], -1)[None])
+        if not values.shape[1]:
+            return
+        starts = np.arange(0, values.shape[1], self.samples_per_pixel)
+        low, high = np.minimum.reduceat(values, starts, 1), np.maximum.reduceat(values, starts, 1)
+        count = values.shape[1] - starts[-1]
+        if count < self.samples_per_pixel:
+            self.partial = (low[:, -1], high[:, -1], count)
+            low, high = low[:, :-1], high[:, :-1]
+        self.pairs.append(np.stack([low, high], -1).transpose(1, 0, 2))
 
     def result(self) -> dict:
         """The audiowaveform JSON object (the pending tail becomes the last pair)."""
-        if self.pending.shape[1]:
-            tail = self.pending
-            self.pending = np.zeros((self.channels, 0), np.int32)
-            pair = np.stack([tail.min(-1), tail.max(-1)], -1)[None]
-            self.pairs.append(pair)
-        data = np.concatenate(self.pairs) if self.pairs else np.zeros((0, self.channels, 2), np.int32)
+        if self.partial is not None:
+            low, high, _ = self.partial
+            self.pairs.append(np.stack([low, high], -1)[None])
+            self.partial = None
+        data = np.concatenate(self.pairs) if self.pairs else np.zeros((0, self.channels, 2))
+        data = np.trunc(data / 2) if self.channels == 1 else to_int16(data)   # C division
+        data = data.astype(np.int32)
         if self.bits == 8:
             data = np.sign(data) * (np.abs(data) // 256)
         return {"version": 2, "channels": self.channels, "sample_rate": SAMPLE_RATE,

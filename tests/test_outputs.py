@@ -83,6 +83,22 @@ def read(folder, name):
     return audio.astype(np.float64)
 
 
+@pytest.mark.parametrize("samples_per_pixel, bits, split", [
+    (256, 8, False), (512, 16, True), (37, 8, True), (2, 16, False)])
+def test_peaks_streamed_in_odd_blocks_are_audiowaveforms(samples_per_pixel, bits, split):
+    """Blocks that end mid-pixel, a signal past full scale and one in the last 16-bit steps:
+    the pairs are those of the reference algorithm on the whole stream at once."""
+    rng = np.random.default_rng(4)
+    faint = (rng.integers(-3, 4, (2, 999)) + rng.uniform(-0.5, 0.5, (2, 999))) / 32767
+    signal = np.concatenate([np.clip(music(0.3, seed=6) * 9, -1.3, 1.3), faint], axis=1)
+    signal = signal.astype(np.float32)
+    peaks = Peaks(samples_per_pixel, bits, split)
+    for start, size in zip(np.r_[0, np.cumsum([1, 255, 3000, 7])], [1, 255, 3000, 7, 10 ** 6]):
+        peaks.add(signal[:, start:start + size])
+    samples = np.rint(np.clip(signal, -1, 1) * 32767).astype(np.int16).T
+    assert peaks.result()["data"] == reference_peaks(samples, samples_per_pixel, bits, split)
+
+
 # -- loudness against EBU Tech 3341's test signals (1 kHz stereo sines) ---------------------
 
 def sine(db: float, seconds: float) -> np.ndarray:
