@@ -2,50 +2,25 @@
 
 Development measurement for the engine's CPU precision choice (not part of hack/bench):
 the full-size architecture with seeded weights, one music-like 7.8 s window, every variant
-alternated round by round (the machine is shared), medians and ratios to fp32 printed.
+alternated round by round (the machine is shared): medians of wall and process CPU seconds
+(less sensitive to other processes), and the median of each round's wall ratio to fp32.
 `python hack/bf16_paths.py [--rounds N] [--only a,b]`.
 """
 
 import argparse
-import copy
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from statistics import median
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from job.engine import agreement_db  # noqa: E402
 from job.model import cpu_flags, load_model  # noqa: E402
+from job.precision import bf16_copy  # noqa: E402
 from job.synthetic import music, write_model_folder  # noqa: E402
-
-BF16_PARTS = ("encoder", "tencoder", "decoder", "tdecoder", "channel_upsampler",
-              "channel_upsampler_t", "channel_downsampler", "channel_downsampler_t",
-              "crosstransformer.layers", "crosstransformer.layers_t")
-
-
-def cast(value, dtype):
-    if torch.is_tensor(value) and value.is_floating_point():
-        return value.to(dtype)
-    if isinstance(value, tuple):
-        return tuple(cast(v, dtype) for v in value)
-    return value
-
-
-def bf16_blocks(model):
-    """A copy with the conv/transformer blocks in bf16, STFT, norms of the input in fp32."""
-    model = copy.deepcopy(model)
-    for name in BF16_PARTS:
-        part = model.get_submodule(name)
-        for block in (part if isinstance(part, torch.nn.ModuleList) else [part]):
-            block.to(torch.bfloat16)
-            block.register_forward_pre_hook(lambda m, args: cast(args, torch.bfloat16))
-            block.register_forward_hook(lambda m, args, out: cast(out, torch.float32))
-    return model
-
 
 @contextmanager
 def mkldnn_bf32():
@@ -74,8 +49,8 @@ def main():
         write_model_folder(folder, size="full")
     model = load_model("htdemucs_6s", str(folder)).models[0]
     torch.backends.mha.set_fastpath_enabled(False)      # as the engine
-    blocks = bf16_blocks(model)
-    blocks_cl = bf16_blocks(model).to(memory_format=torch.channels_last)
+    blocks = bf16_copy(model)
+    blocks_cl = bf16_copy(model).to(memory_format=torch.channels_last)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)    # noqa: E731
     variants = {
         "fp32": (model, nullcontext),
@@ -98,26 +73,31 @@ def main():
     def run(name):
         net, context = variants[name]
         with torch.inference_mode(), context():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = net(x).float()
-            return time.perf_counter() - start, out.numpy()
+            return (time.perf_counter() - start, time.process_time() - cpu), out.numpy()
 
-    outputs, times = {}, {name: [] for name in variants}
+    outputs, times, cpus = {}, {name: [] for name in variants}, {name: [] for name in variants}
     for name in variants:                           # warm-up, and the output for parity
         outputs[name] = run(name)[1]
     for number in range(args.rounds):
         order = list(variants) if number % 2 == 0 else list(reversed(variants))
         for name in order:
-            times[name].append(run(name)[0])
+            wall, cpu = run(name)[0]
+            times[name].append(wall)
+            cpus[name].append(cpu)
         print(f"round {number + 1} done", flush=True)
-    base = median(times["fp32"]) if "fp32" in times else None
-    print(f"{'variant':28} {'ms/window':>10} {'ratio':>6} {'parity dB':>10}  runs ms")
+    print(f"{'variant':28} {'wall ms':>8} {'cpu ms':>8} {'ratio':>6} {'cpu ratio':>9} "
+          f"{'parity dB':>9}  wall runs ms")
     for name in variants:
-        ms = median(times[name]) * 1000
-        ratio = f"{ms / base / 1000:.2f}" if base else "-"
+        ms, cpu = median(times[name]) * 1000, median(cpus[name]) * 1000
+        ratio = cpu_ratio = "-"
+        if "fp32" in variants:
+            ratio = f"{median(t / f for t, f in zip(times[name], times['fp32'])):.2f}"
+            cpu_ratio = f"{median(t / f for t, f in zip(cpus[name], cpus['fp32'])):.2f}"
         db = agreement_db(outputs["fp32"], outputs[name]) if "fp32" in outputs else float("nan")
         runs = " ".join(f"{t * 1000:.0f}" for t in times[name])
-        print(f"{name:28} {ms:10.0f} {ratio:>6} {db:10.1f}  {runs}")
+        print(f"{name:28} {ms:8.0f} {cpu:8.0f} {ratio:>6} {cpu_ratio:>9} {db:9.1f}  {runs}")
 
 
 @contextmanager
