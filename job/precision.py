@@ -1,10 +1,11 @@
 """bf16 on the CPU: the bf16 copy of the network, and the remembered check against fp32.
 
 Why a copy rather than autocast: autocast converts activations back and forth around every
-convolution and matrix product and keeps the norms and activations between them in fp32;
-with the blocks' weights and activations in bf16 a window runs in about half the autocast
-time (hack/bf16_paths.py measures it), agreeing with fp32 as closely. The STFT, its inverse,
-the input/output normalisation and the positional embeddings stay fp32.
+convolution and matrix product; with the blocks' weights and activations in bf16 those
+conversions happen only at block boundaries. A window is a little faster on an idle CPU and
+clearly faster on a busy one (fewer operations, each a synchronisation of the CPU threads),
+agreeing with fp32 as closely (hack/bf16_paths.py measures both). The STFT, its inverse, the
+input/output normalisation and the positional embeddings stay fp32.
 
 Why remember the check: reduced precision is kept only once it has been shown to agree with
 fp32 (engine.PARITY_DB), and the check costs one extra fp32 window, most of the gain on a
