@@ -185,12 +185,20 @@ def prefetch_model():
     """Download and cache the model (or check MODEL_DIR loads), so later runs work offline."""
     settings = settings_or_exit()
     setup_logging(settings.log_format)
-    from .model import load_model
+    from .model import ModelCache
     try:
-        model = load_model(settings.model_name, settings.model_dir)
+        separator = ModelCache(settings).separator()
     except ConfigError as exc:
         runtime.fail_config(str(exc))
-    click.echo(f"model {settings.model_name} ready: sources {', '.join(model.sources)}")
+    click.echo(f"model {settings.model_name} ready: sources {', '.join(separator.sources)}")
+    # reduced precision is checked against fp32 now, once, and the verdict recorded for runs
+    from .synthetic import music
+    db = separator.check(music(10.0))
+    if db is not None:
+        verdict = "fp32 is used" if separator.precision == "fp32" else f"{separator.precision} is kept"
+        how = "found recorded" if separator.probe_recorded else "measured now"
+        click.echo(f"reduced precision agrees with fp32 to {db:.1f} dB on this "
+                   f"{separator.device.type} ({how}): {verdict}")
 
 
 def main():

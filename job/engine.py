@@ -14,10 +14,12 @@ the same shift offsets for `shifts > 0`. What differs is the shape:
 
 On CUDA the device is kept busy: each batch is copied in from a pinned buffer and its output
 copied back into another asynchronously, and the next batch is queued before the previous
-one's overlap-add runs on the CPU. In reduced precision (bf16/fp16 autocast) every window's
-output is checked: a window with NaN/Inf is computed again in fp32 and counted
-(`fallback_windows`). With `probe`, the first window with signal is computed in both
-precisions and the reduced one is kept only if it agrees with fp32 to PARITY_DB.
+one's overlap-add runs on the CPU. In reduced precision (bf16/fp16 autocast; on the CPU, bf16
+runs a bf16 copy of the network's blocks: job/precision.py) every window's output is checked: a
+window with NaN/Inf is computed again in fp32 and counted (`fallback_windows`). With `probe`,
+the first window with signal is computed in both precisions and the reduced one is kept only if
+it agrees with fp32 to PARITY_DB; with `verdicts`, that check's outcome is recorded, and a
+verdict already recorded for these weights on this kind of CPU replaces it.
 """
 
 import logging
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import Cancel, Interrupted
+from .precision import bf16_copy
 
 OVERLAP = 0.25
 PARITY_DB = 35.0              # reduced precision is kept only this close to fp32 (SDR)
@@ -190,7 +193,8 @@ class Separator:
     """A loaded model and how to run it; `separate()` streams one track through it."""
 
     def __init__(self, model, device: torch.device, batch: int = 1, precision: str = "fp32",
-                 shifts: int = 0, seed: int = 0, probe: bool = False):
+                 shifts: int = 0, seed: int = 0, probe: bool = False, verdicts=None,
+                 hardware: str = ""):
         self.model = model
         self.models, self.model_weights = bag_of(model)
         self.sources = list(model.sources)
@@ -199,6 +203,7 @@ class Separator:
         self.precision = precision        # what runs now: fp32, bf16 or fp16
         self.probe = probe and precision in REDUCED
         self.probe_db = None              # the first window's agreement with fp32, when probed
+        self.probe_recorded = False       # probe_db was read from `verdicts`, not measured here
         self.fallback_windows = 0         # windows of the last track redone in fp32 (NaN/Inf)
         self.shifts = shifts
         self.seed = seed
@@ -209,9 +214,34 @@ class Separator:
         # the regular path uses scaled_dot_product_attention: ~2x faster per window here,
         # same result to >130 dB (hack/bench measures it). Process-wide, set on purpose.
         torch.backends.mha.set_fastpath_enabled(False)
+        # the bf16 copies of the CPU path (None: that model runs under autocast)
+        self._bf16 = {id(sub): bf16_copy(sub) for sub in self.models} \
+            if device.type == "cpu" and precision == "bf16" else {}
+        self._verdicts, self._key = verdicts, None
+        if self.probe and verdicts is not None and device.type == "cpu":
+            path = "bf16-blocks" if any(self._bf16.values()) else "autocast"
+            self._key = verdicts.key(self.models, precision, path, hardware)
+            recorded = verdicts.read(self._key)
+            if recorded is not None:
+                self.probe_recorded = True
+                self._decide(recorded, "recorded")
+
+    def _decide(self, db: float, how: str) -> None:
+        """Keep the reduced precision if it agrees with fp32 to PARITY_DB, else run in fp32."""
+        self.probe_db, self.probe = db, False
+        if db < PARITY_DB:
+            log.warning("%s agrees with fp32 to %.1f dB only (%s, < %.0f): running in fp32",
+                        self.precision, db, how, PARITY_DB)
+            self.precision, self._bf16 = "fp32", {}
+        else:
+            log.info("%s agrees with fp32 to %.1f dB (%s): kept", self.precision, db, how)
 
     def _run(self, model, inputs: torch.Tensor, precision: str) -> torch.Tensor:
         """One synchronous forward pass on the host tensor `inputs`: float32 host output."""
+        copy = self._bf16.get(id(model)) if precision == "bf16" else None
+        if copy is not None:
+            with torch.inference_mode():
+                return copy(inputs).float()
         autocast = nullcontext() if precision not in REDUCED else \
             torch.autocast(self.device.type, dtype=REDUCED[precision])
         with torch.inference_mode(), autocast:
@@ -249,15 +279,23 @@ class Separator:
         exact = self._run(model, inputs, "fp32")
         reduced = self._run(model, inputs, self.precision)
         finite = bool(torch.isfinite(reduced).all())
-        self.probe_db = agreement_db(exact.numpy(), reduced.numpy()) if finite else float("-inf")
-        self.probe = False
-        if self.probe_db < PARITY_DB:
-            log.warning("%s agrees with fp32 to %.1f dB only (< %.0f): running in fp32",
-                        self.precision, self.probe_db, PARITY_DB)
-            self.precision = "fp32"
-        else:
-            log.info("%s agrees with fp32 to %.1f dB: kept", self.precision, self.probe_db)
+        db = agreement_db(exact.numpy(), reduced.numpy()) if finite else float("-inf")
+        if self._key is not None:
+            self._verdicts.write(self._key, db)
+        self._decide(db, "checked")
         return exact
+
+    def check(self, mix: np.ndarray):
+        """The probe on the first window of `mix` (2, n), outside any track (image build):
+        its agreement in dB, recorded when `verdicts` was given; None when nothing is probed."""
+        if self.probe:
+            model = self.models[0]
+            segment = int(model.samplerate * model.segment)
+            window = np.zeros((2, segment), np.float32)
+            window[:, :min(segment, mix.shape[1])] = mix[:, :segment]
+            mono = window.mean(0)
+            self._probe(model, torch.from_numpy((window - mono.mean()) / mono.std())[None])
+        return self.probe_db
 
     def _collect(self, pending: Pending) -> np.ndarray:
         """The batch's float32 output once ready; windows with NaN/Inf redone in fp32."""

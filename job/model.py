@@ -8,9 +8,12 @@ most of a process's start-up, and it then overlaps the download and the decode.
 PRECISION=auto runs the model in reduced precision where the hardware does that math faster:
 bf16 (fp16 where bf16 is missing) on CUDA, bf16 on CPUs with bf16 instructions (the
 `avx512_bf16` / `amx_bf16` flags), exact fp32 elsewhere. Either way the first window with signal
-is checked against fp32 (engine.PARITY_DB) before reduced precision is kept.
+is checked against fp32 (engine.PARITY_DB) before reduced precision is kept; on the CPU that
+check's verdict is recorded next to the model (or in the user's cache) and reused by later
+processes on the same kind of CPU (job/precision.py); `stem-job prefetch-model` records it.
 """
 
+import hashlib
 import logging
 import os
 import threading
@@ -35,19 +38,32 @@ HEADROOM_MB = 1024                                        # left free for cuDNN 
 MAX_BATCH = 16
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+def _cpuinfo(cpuinfo: str | None) -> str:
     if cpuinfo is None:
         try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
+            return Path("/proc/cpuinfo").read_text()
         except OSError:
-            return set()
+            return ""
+    return cpuinfo
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
     flags = set()
-    for line in cpuinfo.splitlines():
+    for line in _cpuinfo(cpuinfo).splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":
             flags |= set(value.split())
     return flags
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and a digest of its flags: what a precision verdict holds for."""
+    text = _cpuinfo(cpuinfo)
+    names = [line.partition(":")[2].strip() for line in text.splitlines()
+             if line.partition(":")[0].strip() == "model name"]
+    flags = " ".join(sorted(cpu_flags(text)))
+    return f"{names[0] if names else 'unknown'} [{hashlib.sha256(flags.encode()).hexdigest()[:16]}]"
 
 
 def choose_precision(wanted: str, device_type: str, flags: set, cuda_bf16: bool = False) -> tuple:
@@ -157,6 +173,7 @@ class ModelCache:
             if self._separator is None:
                 import torch
                 from .engine import Separator
+                from .precision import Verdicts, verdict_folders
                 s, device = self.settings, self.device
                 model = load_model(s.model_name, s.model_dir, device)
                 cuda = device.type == "cuda"
@@ -169,5 +186,7 @@ class ModelCache:
                 log.info("model runs on %s in %s%s, %d window(s) per pass", device, precision,
                          " (checked against fp32 on the first window)" if probe else "", batch)
                 self._separator = Separator(model, device, batch, precision, s.shifts, s.seed,
-                                            probe=probe)
+                                            probe=probe,
+                                            verdicts=Verdicts(verdict_folders(s.model_dir)),
+                                            hardware=cpu_kind())
             return self._separator

@@ -1,18 +1,25 @@
-"""Reduced precision: which one PRECISION=auto picks, the fp32 probe, and the NaN/Inf guard.
+"""Reduced precision: which one PRECISION=auto picks, the fp32 probe, its recorded verdicts,
+the CPU's bf16 copy of the network, and the NaN/Inf guard.
 
 Everything here runs for real on any x86 CPU: bf16 autocast works without bf16 instructions
 (slowly), so the same code paths as on a bf16 CPU or a GPU are exercised on the small model.
 The CUDA side of the same checks is hack/gpu_tests (run by hack/gpu-check on a GPU machine).
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import last_json, run_job
 from job import engine
 from job.engine import Separator, agreement_db
-from job.model import BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags, load_model
-from job.synthetic import music
+from job.errors import EXIT_OK
+from job.model import (BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags,
+                       cpu_kind, load_model)
+from job.precision import Verdicts, bf16_copy
+from job.synthetic import music, write_audio, write_model_folder
 from test_engine_parity import separated
 
 CPUINFO = """processor\t: 0
@@ -26,7 +33,8 @@ flags\t\t: fpu vme sse sse2 avx2 avx512f avx512_bf16 avx512_vnni
 
 class NonFiniteWhenReduced(torch.nn.Module):
     """A real model that overflows in reduced precision: its first window's output becomes
-    Inf under autocast (what others report from fp16 HTDemucs), and is exact in fp32."""
+    Inf under autocast or as the bf16 copy (what others report from fp16 HTDemucs), and is
+    exact in fp32."""
 
     def __init__(self, inner):
         super().__init__()
@@ -36,7 +44,8 @@ class NonFiniteWhenReduced(torch.nn.Module):
 
     def forward(self, mix):
         out = self.inner(mix)
-        if torch.is_autocast_enabled(mix.device.type):
+        reduced = any(p.dtype != torch.float32 for p in self.parameters())
+        if reduced or torch.is_autocast_enabled(mix.device.type):
             out = out.clone()
             out[0, :, :, :64] = float("inf")
         return out
@@ -122,3 +131,89 @@ def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
     # in fp32 the same model is finite: nothing is redone
     assert separated(Separator(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1] \
         == {"fp32FallbackWindows": 0}
+
+
+def test_cpu_kind_names_the_model_and_its_flags():
+    kind = cpu_kind(CPUINFO)
+    assert kind.startswith("AMD EPYC ") and kind == cpu_kind(CPUINFO)
+    assert cpu_kind(CPUINFO.replace("avx512_bf16", "avx2")) != kind    # other flags, other kind
+    assert cpu_kind("").startswith("unknown ") and cpu_kind()           # this host's, whatever it is
+
+
+def test_bf16_copy_runs_the_blocks_in_bf16_and_leaves_the_model_alone(small):
+    copy = bf16_copy(small)
+    assert {p.dtype for p in copy.encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in copy.crosstransformer.layers.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in small.parameters()} == {torch.float32}
+    assert bf16_copy(torch.nn.Conv1d(2, 2, 3)) is None         # no such blocks: autocast instead
+
+
+def probed(small, mix, folders, hardware="this cpu"):
+    separator = Separator(small, torch.device("cpu"), precision="bf16", probe=True,
+                          verdicts=Verdicts(folders), hardware=hardware)
+    return separator, separated(separator, mix)[0]
+
+
+def test_a_recorded_verdict_replaces_the_fp32_check(small, mix, exact, tmp_path):
+    first, _ = probed(small, mix, [tmp_path])
+    assert not first.probe_recorded and first.probe_db >= engine.PARITY_DB
+    files = list(tmp_path.glob("precision-check-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["db"] == first.probe_db
+
+    again, got = probed(small, mix, [tmp_path])
+    assert again.probe_recorded and again.probe_db == first.probe_db and not again.probe
+    # every window in bf16, the first one too: no fp32 window was computed
+    unchecked = separated(Separator(small, torch.device("cpu"), precision="bf16"), mix)[0]
+    np.testing.assert_array_equal(got, unchecked)
+    assert engine.PARITY_DB <= agreement_db(exact[None], got[None]) < 100
+
+
+def test_a_recorded_failure_means_fp32_from_the_start(small, mix, exact, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
+    probed(small, mix, [tmp_path])
+    again, got = probed(small, mix, [tmp_path])
+    assert again.probe_recorded and again.precision == "fp32"
+    np.testing.assert_array_equal(got, exact)
+
+
+def test_a_verdict_for_other_weights_or_another_cpu_is_not_used(small, mix, tmp_path):
+    probed(small, mix, [tmp_path])
+    other_cpu, _ = probed(small, mix, [tmp_path], hardware="another cpu")
+    assert not other_cpu.probe_recorded and other_cpu.probe_db is not None   # checked again
+    other = load_model("htdemucs_6s", str(write_model_folder(tmp_path / "seed1", seed=1))).models[0]
+    other_weights, _ = probed(other, mix, [tmp_path])
+    assert not other_weights.probe_recorded
+    assert len(list(tmp_path.glob("precision-check-*.json"))) == 3
+
+
+def test_unwritable_folders_only_mean_checking_again(small, mix, exact, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    separator, got = probed(small, mix, [blocked / "verdicts", tmp_path / "cache"])
+    assert separator.probe_db >= engine.PARITY_DB                 # the track ran, checked
+    assert len(list((tmp_path / "cache").glob("precision-check-*.json"))) == 1   # the next one took it
+    alone, got = probed(small, mix, [blocked / "verdicts"])
+    assert not alone.probe_recorded and alone.probe_db >= engine.PARITY_DB
+    assert agreement_db(exact[None], got[None]) >= engine.PARITY_DB
+
+
+def test_prefetch_records_the_verdict_that_runs_then_use(job_env_for, tmp_path, mix):
+    """On a bf16 CPU the image build's check is what later runs rely on; elsewhere, fp32 as is."""
+    folder = write_model_folder(tmp_path / "model")          # its own folder: nothing recorded yet
+    song = write_audio(tmp_path / "song.wav", mix)
+    env = job_env_for(MODEL_DIR=folder, XDG_CACHE_HOME=tmp_path / "cache")
+    built = run_job(["prefetch-model"], env)
+    assert built.returncode == EXIT_OK, built.stderr[-2000:]
+    recorded = list(folder.glob("precision-check-*.json"))
+    proc = run_job(["run", "--input", str(song), "--release-id", "r", "--track-id", "t"], env)
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    assert last_json(proc.stdout)["status"] == "completed"
+    ran = json.loads((tmp_path / "outputs" / "r" / "t" / "manifest.json").read_text())["engine"]
+    if choose_precision("auto", "cpu", cpu_flags())[1]:
+        assert len(recorded) == 1 and "measured now" in built.stdout
+        db = json.loads(recorded[0].read_text())["db"]
+        assert ran["probeDb"] == round(db, 2) and "(recorded)" in proc.stderr
+        assert ran["precision"] == ("bf16" if db >= engine.PARITY_DB else "fp32")
+    else:
+        assert recorded == [] and "reduced precision" not in built.stdout
+        assert (ran["precision"], ran["probeDb"]) == ("fp32", None)
