@@ -92,25 +92,18 @@ def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None
     settings = settings_or_exit(output_dir=output_dir, model_dir=model_dir, device=device,
                                 output_format=output_format,
                                 outputs=None if outputs is None else ",".join(outputs))
+    setup_logging(settings.log_format)
     try:
         request, trusted = request_from(input_, release_id, track_id, artist_id, job_id,
                                         mime_type, message)
     except JobError as error:
-        setup_logging(settings.log_format)
         raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
         finish_run(settings, messages.failed_result(messages.salvage_ids(raw), error))
-    # a valid request: the model's load (torch's import, most of the start-up) begins at once,
-    # beside the logging and storage clients' imports and the download
+    # imported once the request is valid: torch takes seconds, a bad request should not wait
     from .model import ModelCache
-    try:
-        models = ModelCache(settings)
-    except ConfigError as exc:
-        runtime.fail_config(str(exc))
-    models.warm()
-    setup_logging(settings.log_format)
     from .pipeline import Job, process
     try:
-        job = Job(settings, runtime.make_storage(settings), models,
+        job = Job(settings, runtime.make_storage(settings), ModelCache(settings),
                   on_progress=runtime.progress_reporter(settings, request))
         runtime.on_sigterm(job.cancel)
         result = process(request, job, trusted=trusted)
