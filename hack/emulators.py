@@ -8,7 +8,8 @@ clients; nothing here imitates a Google API.
            says "Server started".
   GCS:     `gcp-storage-emulator` (PyPI), ready when GET / answers. It keeps its data on disk in
            its work folder unless in_memory=True, so a test can kill it and restart it on the same
-           port without losing the bucket.
+           port without losing the bucket (hack/gcs_stand_in.py makes its metadata writes
+           atomic, so a kill cannot leave them cut).
 """
 
 import contextlib
@@ -165,8 +166,9 @@ class GcsEmulator(Emulator):
 
     def __init__(self, workdir: Path, port: int | None = None, in_memory: bool = False):
         port = port or free_port()
-        program = str(Path(sys.executable).parent / "gcp-storage-emulator")
-        argv = [program, "start", "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+        # the emulator itself, with its metadata written atomically (a kill cannot cut it)
+        program = [sys.executable, str(Path(__file__).resolve().parent / "gcs_stand_in.py")]
+        argv = program + ["start", "--host", "127.0.0.1", "--port", str(port), "--quiet"]
         super().__init__(argv + (["--in-memory"] if in_memory else []), port, workdir,
                          env={"STORAGE_BASE": str(workdir)})
         self.url = f"http://127.0.0.1:{port}"
