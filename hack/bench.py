@@ -83,7 +83,7 @@ def main():
     small = write_model_folder(work / "model-small", size="small")
     song = write_audio(work / "song.mp3", music(args.seconds, seed=1))
     parts = [PY, str(HERE / "bench_parts.py")]
-    figures = {}
+    figures = bench_floor.cpu_flags()     # every figure is quoted with the host it ran on
 
     # 0. what the image build does once (stem-job prefetch-model): export the CPU network
     env = job_env(full, args.device)
@@ -135,7 +135,7 @@ def main():
     for key in ("reference_s", "seed_style_s", "ours_s", "ratio_ours_reference",
                 "ratio_ours_seed_style", "parity_db_min", "cold_start_s", "rtf", "rss_1min_mb",
                 "rss_30min_mb", "rss_ratio", "reference_rss_1min_mb", "reference_rss_30min_mb",
-                "ours_glibc_malloc_s", "device"):
+                "ours_glibc_malloc_s", "device", "cpu_model", "cpu_flags"):
         print(f"{key:26} {figures[key]}")
     print(json.dumps(figures))
 

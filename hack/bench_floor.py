@@ -203,6 +203,9 @@ def batch(work: Path, base_env: dict, job_root: Path, model_dir: Path, tracks: i
     project = "stem-bench"
     songs = [write_audio(work / f"batch{i}.mp3", music(seconds, seed=20 + i)) for i in range(tracks)]
     env = code_env(base_env, job_root) | {"MODEL_DIR": str(model_dir)}
+    # as an image build does: the model checked, and a bf16 CPU's fp32 check recorded, so that
+    # neither the run alone nor the drain pays for that check (job/precision.py)
+    run_process([sys.executable, "-m", "job", "prefetch-model"], env)
     # alone: one track, process start to exit, from a local file
     wall_alone, first_alone, _, out = measured_run(
         [sys.executable, "-m", "job", "run", "--input", str(songs[0]), "--release-id", "alone",
