@@ -93,8 +93,9 @@ class Worker:
     number: int
     process: subprocess.Popen
     started: float
-    phase: str = "start"          # start, fetch, separate, upload, idle
-    message: Message | None = None
+    phase: str = "start"          # of `message`: start, fetch, separate, idle
+    message: Message | None = None   # the message being fetched or separated
+    finishing: Message | None = None  # separated, its outputs being uploaded (beside the next)
     stopped: bool = False
     signalled: tuple | None = None   # (signal name, time)
     exit_code: int | None = None
@@ -324,9 +325,14 @@ class Fleet:
                 elif text.startswith("first window"):
                     worker.phase = "separate"
                 elif text.endswith("separated 100%"):
-                    worker.phase = "upload"
-                elif re.match(r"job \S+ (completed|failed)", text):
-                    worker.phase = "idle"
+                    # a drain uploads a separated track while it takes the next message
+                    worker.finishing, worker.phase = worker.message, "idle"
+                elif match := re.match(r"job (\S+) (completed|failed)", text):
+                    done = match.group(1).rstrip(":")
+                    if worker.finishing is not None and worker.finishing.job_id == done:
+                        worker.finishing = None
+                    elif worker.message is not None and worker.message.job_id == done:
+                        worker.phase = "idle"
 
     def reap(self) -> None:
         for worker in self.workers:
@@ -348,8 +354,15 @@ class Fleet:
         return sorted(plan)
 
     def candidates(self, phase: str) -> list:
+        if phase == "upload":
+            return [w for w in self.active() if w.finishing is not None and w.signalled is None]
         return [w for w in self.active() if w.phase == phase and w.signalled is None
                 and w.message is not None]
+
+    @staticmethod
+    def target(worker: Worker, at: str) -> Message:
+        """The message a fault at `at` aims at: the one uploading, or the one separating."""
+        return worker.finishing if at == "upload" else worker.message
 
     def try_fault(self, kind: str) -> bool:
         """Inject `kind` now if a suitable target exists; True when done (or under way)."""
@@ -371,8 +384,9 @@ class Fleet:
         if not targets:
             return False
         worker = self.rng.choice(targets)
+        aimed = self.target(worker, at)
         fault = {"kind": kind, "t": round(now - self.t0, 1), "worker": worker.number,
-                 "jobId": worker.message.job_id, "track": worker.message.track}
+                 "jobId": aimed.job_id, "track": aimed.track}
         self.faults.append(fault)
         if kind == "sigkill_separation":
             self.kill(worker, signal.SIGKILL)
@@ -407,16 +421,18 @@ class Fleet:
                 for b in self.storage.list_blobs(self.bucket, prefix=prefix)}
 
     def between_stems_and_manifest(self, worker: Worker) -> int:
-        """Wait until some stem of the worker's track has been rewritten while no manifest is
-        there: the moment between the stems and the manifest. The number of stems rewritten,
-        or 0 when the worker got past it unseen."""
-        prefix = f"stems/{RELEASE}/{worker.message.track}/"
+        """Wait until some stem of the worker's uploading track has been rewritten while no
+        manifest is there: the moment between the stems and the manifest. The number of stems
+        rewritten, or 0 when the worker got past it unseen."""
+        message = worker.finishing
+        prefix = f"stems/{RELEASE}/{message.track}/"
         try:
             before = self.listing(prefix)
         except Exception:
             before = {}
         deadline = time.time() + 60
-        while time.time() < deadline and worker.process.poll() is None and worker.phase == "upload":
+        while time.time() < deadline and worker.process.poll() is None \
+                and worker.finishing is message:
             try:
                 now = self.listing(prefix)
             except Exception:
@@ -445,7 +461,7 @@ class Fleet:
         fault["stems_written"] = written
         time.sleep(0.5)
         fault["manifest_after_kill"] = "manifest.json" in self.listing(
-            f"stems/{RELEASE}/{worker.message.track}/")
+            f"stems/{RELEASE}/{fault['track']}/")
 
     def stall_in_race(self, worker: Worker, fault: dict) -> None:
         """SIGSTOP (mid-separation, or between the stems and the manifest), then SIGCONT once
@@ -455,16 +471,18 @@ class Fleet:
             if not (written := self.between_stems_and_manifest(worker)):
                 return self.missed(worker, fault, "sigstop_race")
             fault["stems_written"] = written
-        message = worker.message
+        message = self.target(worker, fault["at"])
         worker.stopped = True
         self.kill(worker, signal.SIGSTOP)
         deadline = time.time() + LEASE_S + 90
         while time.time() < deadline:
+            # another worker that took the message and has separated it (or moved on, or
+            # ended); for a race at the upload, one that has uploaded it too
             others = [w for w in self.workers if w is not worker
                       and message.message_id in w.attempts
-                      and (w.message is not message or w.phase in ("upload", "idle")
+                      and (w.message is not message or w.phase == "idle"
                            or w.exit_code is not None)]
-            if others and (fault["at"] == "separate" or others[0].phase != "upload"):
+            if others and (fault["at"] == "separate" or others[0].finishing is not message):
                 fault["raced_with"] = others[0].number
                 break
             time.sleep(0.05)

@@ -9,6 +9,7 @@ exits 78: no message can succeed on this worker.
 """
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from google.cloud import pubsub_v1
@@ -50,6 +51,8 @@ class Drainer:
         self.storage = runtime.make_storage(settings, restrict_inputs=True)
         self.models = None
         self.outcomes = []
+        self.finishing = None                # ((release, track), thread) of the track finishing
+        self.finish_error = None
 
     def job(self, request):
         # imported on the first message, not at start: torch costs seconds, and an
@@ -73,14 +76,44 @@ class Drainer:
         return None
 
     def handle(self, delivery: Delivery, keeper: LeaseKeeper, fetch=None) -> None:
-        received = delivery.received
+        """Separate this message's track, then finish it (encoders' tail, upload, result, ack)
+        in a thread of its own while the next message separates: the model never waits for
+        them. One track finishes at a time, so results and acks keep the messages' order."""
+        received, request = delivery.received, delivery.request
         log.info("message %s (delivery attempt %s)", received.message.message_id,
                  delivery_attempt(received))
-        if delivery.request is None:
-            result = delivery.refusal
-        else:
-            from .pipeline import process     # loaded with the model, see job()
-            result = process(delivery.request, self.job(delivery.request), fetch=fetch)
+        if request is None:
+            self.settle()
+            self.conclude(received, delivery.refusal, keeper)
+            return
+        if self.finishing is not None and self.finishing[0] == (request.release_id,
+                                                                request.track_id):
+            self.settle()                  # the same track: its set must be complete first
+        from .pipeline import start       # loaded with the model, see job()
+        finishing = start(request, self.job(request), fetch=fetch)
+        self.settle()
+        thread = threading.Thread(target=self._finish, args=(finishing, received, keeper),
+                                  name=f"finish-{request.job_id}", daemon=True)
+        self.finishing = ((request.release_id, request.track_id), thread)
+        thread.start()
+
+    def _finish(self, finishing, received, keeper) -> None:
+        try:
+            self.conclude(received, finishing.result(), keeper)
+        except BaseException as exc:      # raised in the main thread by settle()
+            self.finish_error = exc
+
+    def settle(self) -> None:
+        """Wait until the track finishing (if any) has its result published and acked."""
+        if self.finishing is not None:
+            self.finishing[1].join()
+            self.finishing = None
+        error, self.finish_error = self.finish_error, None
+        if error is not None:
+            raise error
+
+    def conclude(self, received, result: dict, keeper: LeaseKeeper) -> None:
+        """Publish the result and ack, or nack where a retry may help."""
         error = result.get("error")
         if error and error["retryable"]:
             keeper.nack(received)            # not finished: another job takes it at once
@@ -111,8 +144,11 @@ class Drainer:
                     ahead = self.fetch_ahead(delivery.request, deliveries[index + 1:])
                 self.handle(delivery, keeper, fetch)
         finally:
-            if ahead is not None:            # SIGTERM or config error: drop its scratch
-                ahead.close()
+            try:
+                self.settle()                # the last track's result, before the lease ends
+            finally:
+                if ahead is not None:        # SIGTERM or config error: drop its scratch
+                    ahead.close()
 
     def run(self) -> int:
         wanted = self.settings.max_messages

@@ -1,5 +1,6 @@
 """One track end to end: fetch (locate, skip if done, download, decode), separate while the
-encoders run, store the outputs and their peaks and then the manifest.
+encoders run, store the outputs and their peaks and then the manifest. `start()` stops once the
+model is free (a Finishing does the rest), so a drain's next track separates meanwhile.
 
 `process()` never raises for a failure it understands: it returns the stem-results dict,
 `failed` with an error code when something is wrong, so every caller (run, drain, HTTP)
@@ -53,31 +54,76 @@ def process(request: messages.JobRequest, job: Job, trusted: bool = False,
     separates); without it the track is fetched here. timings["total"] is this call's wall
     time: a fetch done ahead, in the shadow of the previous track, shows only in its stages.
     """
-    started = time.monotonic()
-    fetch = fetch or job.fetch(request, trusted)
-    timings = fetch.timings
-    result = None
-    try:
-        result = _process(request, job, fetch, timings)
-    except JobError as error:
-        log.warning("job %s failed: %s (%s)", request.job_id, error.message, error.code,
-                    extra={"labels": labels(request)})
-        result = messages.failed_result(messages.request_ids(request), error,
-                                        model=job.settings.model_name, timings=timings)
-    except ConfigError:
-        raise
-    except Exception as exc:  # a fault we did not foresee: report it, a retry may help
-        log.exception("job %s failed unexpectedly", request.job_id,
-                      extra={"labels": labels(request)})
-        error = JobError("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
-        result = messages.failed_result(messages.request_ids(request), error,
-                                        model=job.settings.model_name, timings=timings)
-    finally:
-        fetch.close()
-        timings["total"] = round(time.monotonic() - started, 3)
-        if result is not None:
-            log_summary(request, result, job, fetch)
-    return result
+    return start(request, job, trusted, fetch).result()
+
+
+def start(request: messages.JobRequest, job: Job, trusted: bool = False,
+          fetch: TrackFetch | None = None) -> "Finishing":
+    """Fetch and separate one track, and return what is left to do (the encoders' tail, the
+    upload, the manifest) as a Finishing: the model is free once this returns, so a drain
+    separates its next track while this one finishes in another thread."""
+    finishing = Finishing(request, job, fetch or job.fetch(request, trusted))
+    finishing.step(lambda: _process(request, job, finishing.fetch, finishing.timings))
+    return finishing
+
+
+class Finishing:
+    """One track between its separation and its result; `result()` does the rest, once."""
+
+    def __init__(self, request, job: Job, fetch: TrackFetch):
+        self.request, self.job, self.fetch = request, job, fetch
+        self.timings = fetch.timings
+        self.started = time.monotonic()
+        self.rest = None           # the remaining step, or None once the result is known
+        self.outcome = None
+
+    def step(self, work) -> None:
+        """Run one step; a failure it understands becomes the failed result. Only a
+        ConfigError escapes (no track can succeed: the caller exits 78)."""
+        try:
+            done = work()
+            if callable(done):
+                self.rest = done
+            else:
+                self.rest, self.outcome = None, done
+        except JobError as error:
+            log.warning("job %s failed: %s (%s)", self.request.job_id, error.message, error.code,
+                        extra={"labels": labels(self.request)})
+            self._failed(error)
+        except ConfigError:
+            self.close()
+            raise
+        except Exception as exc:  # a fault we did not foresee: report it, a retry may help
+            log.exception("job %s failed unexpectedly", self.request.job_id,
+                          extra={"labels": labels(self.request)})
+            self._failed(JobError("internal_error", f"{type(exc).__name__}: {exc}",
+                                  retryable=True))
+        except BaseException:
+            self.close()
+            raise
+        if self.rest is None:
+            self.close()
+
+    def _failed(self, error: JobError) -> None:
+        self.rest = None
+        self.outcome = messages.failed_result(messages.request_ids(self.request), error,
+                                              model=self.job.settings.model_name,
+                                              timings=self.timings)
+
+    def close(self) -> None:
+        if self.fetch is None:
+            return
+        self.fetch.close()
+        self.timings["total"] = round(time.monotonic() - self.started, 3)
+        if self.outcome is not None:
+            log_summary(self.request, self.outcome, self.job, self.fetch)
+        self.fetch = None
+
+    def result(self) -> dict:
+        """The stem-results dict, completed or failed (doing the rest first if needed)."""
+        if self.rest is not None:
+            self.step(self.rest)
+        return self.outcome
 
 
 def labels(request: messages.JobRequest) -> dict:
@@ -129,8 +175,14 @@ def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
     decoded, scratch = fetched.decoded, fetched.scratch
     progress = Progress(request.job_id, job.on_progress)
     separator = job.models.separator()
-    files, stats, mix, engine = _separate(decoded, separator, scratch, s, job, progress, timings,
-                                          outputs)
+    finish_encoders = _separate(decoded, separator, scratch, s, job, progress, timings, outputs)
+    return lambda: _store(request, job, fetched, separator, finish_encoders(), timings, outputs)
+
+
+def _store(request, job: Job, fetched, separator, encoded, timings, outputs) -> dict:
+    """The outputs uploaded, then the manifest (its presence means the set is complete)."""
+    s, storage, decoded = job.settings, job.storage, fetched.decoded
+    files, stats, mix, engine = encoded
     if job.cancel.is_set():
         raise Interrupted()
     with stage(timings, "upload"):
@@ -161,14 +213,14 @@ def pickers(sources, outputs) -> dict:
 def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, progress, timings,
               outputs):
     """Run the engine, feeding each finished block to the concurrent encoders (and the input's
-    own blocks to the mix's loudness meter). Returns the files to upload ({output: audio,
-    "OUTPUT.peaks": peaks}), each output's figures, and the mix's loudness figures."""
+    own blocks to the mix's loudness meter). Returns a function that waits for the encoders'
+    tail and returns the files to upload ({output: audio, "OUTPUT.peaks": peaks}), each
+    output's figures, the mix's loudness figures and the engine's."""
     encoders = open_encoders(scratch, outputs, s)
     picks = pickers(separator.sources, outputs)
     reader = audio.RawReader(decoded)
     mix_reader = audio.RawReader(decoded) if s.output_analysis else None
     workers = dict(encoders, **({"mix": MixMeter()} if mix_reader else {}))
-    finished = False
     try:
         def emit(start, block):
             for name, encoder in encoders.items():
@@ -179,30 +231,40 @@ def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, p
         with stage(timings, "separate"):
             figures = separator.separate(reader.read, decoded.length, decoded.mean, decoded.std,
                                          emit, progress=progress.update, cancel=job.cancel)
-        finished = True
+    except BaseException:
+        _finish(workers, timings)        # the separation's error is the one reported
+        raise
     finally:
         reader.close()
         if mix_reader is not None:
             mix_reader.close()
         progress.close()
-        with stage(timings, "encode"):
-            stats = {}
-            errors = []
-            for name, worker in workers.items():
-                try:
-                    stats[name] = worker.finish()
-                except Exception as exc:
-                    errors.append(exc)
-        if finished and errors:
-            raise JobError("encode_failed", f"encoding an output failed: {errors[0]}",
-                           retryable=True)
-    files = {}
-    for name, encoder in encoders.items():
-        files[name] = encoder.path
-        if encoder.peaks_path is not None:
-            files[f"{name}.peaks"] = encoder.peaks_path
     probe = separator.probe_db      # None: not probed; -inf (not JSON): reduced was not finite
     engine = {"device": str(separator.device), "precision": separator.precision,
               "probeDb": round(probe, 2) if probe is not None and math.isfinite(probe) else None,
-              **figures}
-    return files, stats, stats.pop("mix", None), engine
+              **figures}               # read now: the separator moves on to the next track
+
+    def encoded():
+        stats, errors = _finish(workers, timings)
+        if errors:
+            raise JobError("encode_failed", f"encoding an output failed: {errors[0]}",
+                           retryable=True)
+        files = {}
+        for name, encoder in encoders.items():
+            files[name] = encoder.path
+            if encoder.peaks_path is not None:
+                files[f"{name}.peaks"] = encoder.peaks_path
+        return files, stats, stats.pop("mix", None), engine
+    return encoded
+
+
+def _finish(workers: dict, timings) -> tuple[dict, list]:
+    """Wait for every encoder and meter: ({name: figures}, [errors])."""
+    stats, errors = {}, []
+    with stage(timings, "encode"):
+        for name, worker in workers.items():
+            try:
+                stats[name] = worker.finish()
+            except Exception as exc:
+                errors.append(exc)
+    return stats, errors

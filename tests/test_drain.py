@@ -156,19 +156,25 @@ def test_duplicate_message_reuses_the_completed_set(cloud, song):
     assert third["reused"] is False and abs(third["durationS"] - 5.0) < 0.1
 
 
-def test_next_track_is_fetched_while_the_current_one_separates(cloud, tmp_path):
+def test_next_track_is_fetched_and_separated_while_the_current_one_finishes(cloud, tmp_path):
     first = cloud.upload("originals/a.flac", write_audio(tmp_path / "a.flac", music(20, seed=6)).read_bytes())
     second = cloud.upload("originals/b.mp3", write_audio(tmp_path / "b.mp3", music(6, seed=7)).read_bytes())
     cloud.publish(message(cloud, first, "trk_a"))
     cloud.publish(message(cloud, second, "trk_b"))
     proc = run_job(["drain", "--max-messages", "2"], cloud.env)
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
-    summaries = {e["jobId"]: e for e in map(json.loads, filter(lambda l: l.startswith("{"),
-                                                                proc.stderr.splitlines()))
-                 if e.get("event") == "job_summary"}
+    events = [e for e in map(json.loads, filter(lambda l: l.startswith("{"), proc.stderr.splitlines()))
+              if e.get("event") in ("job_summary", "first_window")]
+    summaries = {e["jobId"]: e for e in events if e["event"] == "job_summary"}
     assert summaries["job_trk_a"]["fetchedAhead"] is False
     assert summaries["job_trk_b"]["fetchedAhead"] is True, "fetched while trk_a separated"
-    results = {r["trackId"]: r for r, _ in cloud.results_now(2)}
+    # trk_a's upload, manifest and result (its job_summary closes them) come after trk_b has
+    # entered the model: the model does not wait for them
+    order = [e["event"] if e["event"] == "first_window" else e["jobId"] for e in events]
+    assert order == ["first_window", "first_window", "job_trk_a", "job_trk_b"], order
+    results = [r for r, _ in cloud.results_now(2)]
+    assert [r["trackId"] for r in results] == ["trk_a", "trk_b"], "results keep the messages' order"
+    results = {r["trackId"]: r for r in results}
     assert {t: r["status"] for t, r in results.items()} == {"trk_a": "completed", "trk_b": "completed"}
     assert abs(results["trk_b"]["durationS"] - 6.0) < 0.1
     assert stems_in_bucket(cloud, "trk_b") == {f"stems/rel_1/trk_b/{s}{ext}" for s in STEMS
