@@ -27,15 +27,10 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_v
 
 def cpu_flags() -> dict:
     """The model name and the flags that decide the matrix-math paths (bf16 above all)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags, model = set(), ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags |= set(value.split())
-        elif key.strip() == "model name" and not model:
-            model = value.strip()
-    return {"cpu_model": model, "cpus": os.cpu_count(),
+    from job.model import cpu_flags as flags_of, cpu_name, read_cpuinfo
+    text = read_cpuinfo()
+    flags = flags_of(text)
+    return {"cpu_model": cpu_name(text), "cpus": os.cpu_count(),
             "cpu_flags": sorted(f for f in CPU_FLAGS if f in flags)}
 
 

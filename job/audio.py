@@ -186,7 +186,8 @@ class _Sink:
             self.flush()
             self.source = source
             layout = "mono" if frame.layout.nb_channels == 1 else "stereo"
-            self.resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE, frame_size=FRAME)
+            self.resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE,
+                                               frame_size=FRAME)
         self.write(self.resampler.resample(frame))
 
     def flush(self):

@@ -38,32 +38,38 @@ HEADROOM_MB = 1024                                        # left free for cuDNN 
 MAX_BATCH = 16
 
 
-def _cpuinfo(cpuinfo: str | None) -> str:
-    if cpuinfo is None:
-        try:
-            return Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    return cpuinfo
+def read_cpuinfo() -> str:
+    """Linux /proc/cpuinfo ("" where it cannot be read)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    """The CPU's feature flags (this host's unless `cpuinfo` is given)."""
     flags = set()
-    for line in _cpuinfo(cpuinfo).splitlines():
+    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":
             flags |= set(value.split())
     return flags
 
 
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name ("" where there is none)."""
+    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return ""
+
+
 def cpu_kind(cpuinfo: str | None = None) -> str:
     """The CPU's model name and a digest of its flags: what a precision verdict holds for."""
-    text = _cpuinfo(cpuinfo)
-    names = [line.partition(":")[2].strip() for line in text.splitlines()
-             if line.partition(":")[0].strip() == "model name"]
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
     flags = " ".join(sorted(cpu_flags(text)))
-    return f"{names[0] if names else 'unknown'} [{hashlib.sha256(flags.encode()).hexdigest()[:16]}]"
+    return f"{cpu_name(text) or 'unknown'} [{hashlib.sha256(flags.encode()).hexdigest()[:16]}]"
 
 
 def choose_precision(wanted: str, device_type: str, flags: set, cuda_bf16: bool = False) -> tuple:
@@ -177,8 +183,9 @@ class ModelCache:
                 s, device = self.settings, self.device
                 model = load_model(s.model_name, s.model_dir, device)
                 cuda = device.type == "cuda"
+                cpuinfo = read_cpuinfo()
                 precision, probe = choose_precision(
-                    s.precision, device.type, cpu_flags(),
+                    s.precision, device.type, cpu_flags(cpuinfo),
                     cuda and torch.cuda.is_bf16_supported(including_emulation=False))
                 if cuda:
                     torch.backends.cudnn.benchmark = True
@@ -188,5 +195,5 @@ class ModelCache:
                 self._separator = Separator(model, device, batch, precision, s.shifts, s.seed,
                                             probe=probe,
                                             verdicts=Verdicts(verdict_folders(s.model_dir)),
-                                            hardware=cpu_kind())
+                                            hardware=cpu_kind(cpuinfo))
             return self._separator

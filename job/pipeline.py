@@ -74,38 +74,35 @@ class Finishing:
         self.request, self.job, self.fetch = request, job, fetch
         self.timings = fetch.timings
         self.started = time.monotonic()
-        self.rest = None           # the remaining step, or None once the result is known
+        self.rest = None           # the remaining step; None once there is none
         self.outcome = None
 
     def step(self, work) -> None:
         """Run one step; a failure it understands becomes the failed result. Only a
         ConfigError escapes (no track can succeed: the caller exits 78)."""
+        self.rest = None
         try:
             done = work()
             if callable(done):
                 self.rest = done
             else:
-                self.rest, self.outcome = None, done
+                self.outcome = done
         except JobError as error:
             log.warning("job %s failed: %s (%s)", self.request.job_id, error.message, error.code,
                         extra={"labels": labels(self.request)})
             self._failed(error)
         except ConfigError:
-            self.close()
             raise
         except Exception as exc:  # a fault we did not foresee: report it, a retry may help
             log.exception("job %s failed unexpectedly", self.request.job_id,
                           extra={"labels": labels(self.request)})
             self._failed(JobError("internal_error", f"{type(exc).__name__}: {exc}",
                                   retryable=True))
-        except BaseException:
-            self.close()
-            raise
-        if self.rest is None:
-            self.close()
+        finally:
+            if self.rest is None:      # the result is known, or nothing more will run
+                self.close()
 
     def _failed(self, error: JobError) -> None:
-        self.rest = None
         self.outcome = messages.failed_result(messages.request_ids(self.request), error,
                                               model=self.job.settings.model_name,
                                               timings=self.timings)
@@ -232,7 +229,7 @@ def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, p
             figures = separator.separate(reader.read, decoded.length, decoded.mean, decoded.std,
                                          emit, progress=progress.update, cancel=job.cancel)
     except BaseException:
-        _finish(workers, timings)        # the separation's error is the one reported
+        _wait_for_encoders(workers, timings)        # the separation's error is the one reported
         raise
     finally:
         reader.close()
@@ -245,7 +242,7 @@ def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, p
               **figures}               # read now: the separator moves on to the next track
 
     def encoded():
-        stats, errors = _finish(workers, timings)
+        stats, errors = _wait_for_encoders(workers, timings)
         if errors:
             raise JobError("encode_failed", f"encoding an output failed: {errors[0]}",
                            retryable=True)
@@ -258,7 +255,7 @@ def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, p
     return encoded
 
 
-def _finish(workers: dict, timings) -> tuple[dict, list]:
+def _wait_for_encoders(workers: dict, timings) -> tuple[dict, list]:
     """Wait for every encoder and meter: ({name: figures}, [errors])."""
     stats, errors = {}, []
     with stage(timings, "encode"):
