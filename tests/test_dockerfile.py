@@ -1,7 +1,7 @@
 """Dockerfile.gpu, checked without a Docker engine.
 
-What can be checked by reading: the install and prefetch steps are the commands
-docs/deployment.md documents; the ENTRYPOINT is the console script pyproject.toml declares and
+What can be checked by reading: torch comes from a wheel index at requirements-torch.txt's pin and
+the rest from requirements.lock, hashes checked; the ENTRYPOINT is the console script pyproject.toml declares and
 the venv holding it is on PATH; the final stage inherits no build tools; torch's CUDA build
 matches the base image and stays on CUDA 12 (the L4 driver is 535, CUDA 12.2); the model is
 fetched at build time and the runtime is offline; the user is not root; dependency layers come
@@ -117,26 +117,21 @@ def run_commands(stage) -> list:
             for command in shell_commands(args)]
 
 
-def test_install_and_prefetch_steps_are_the_documented_commands(dockerfile):
-    docs = normalize(DOCS.read_text())
-    documented = [command for stage in stages(dockerfile) for command in run_commands(stage)
-                  if command.startswith(("python3 -m venv", "pip install --", "pip freeze",
-                                         "stem-job "))
-                  and "--no-deps" not in command]
-    assert any("--index-url" in c for c in documented), "torch comes from a wheel index"
-    assert any(c.startswith("stem-job prefetch-model") for c in documented)
-    assert any(c.startswith("python3 -m venv") for c in documented)
-    for command in documented:
-        assert normalize(command) in docs, f"docs/deployment.md does not show: {command}"
-    # The rest of the install: the dependencies from pyproject.toml with torch pinned to the
-    # build installed first, then the package itself.
+def test_dependencies_come_from_the_lock_and_torch_from_its_index(dockerfile):
+    """The image installs what hack/install installs: torch at requirements-torch.txt's pin
+    from a wheel index, everything else from requirements.lock with hashes and no resolution
+    (tests/test_lock.py checks the lock itself; hack/image-test builds and runs the image)."""
     builder = named(dockerfile, "builder")
     commands = [normalize(c) for c in run_commands(builder)]
-    pin = re.search(r"grep '\^torch==' > (\S+)", " ".join(commands)).group(1)
-    assert f"pip install --constraint {pin} ." in commands
+    torch_step = next(c for c in commands if "--index-url" in c)
+    assert "requirements-torch.txt" in " ".join(commands) and '"$spec"' in torch_step
+    assert "pip install --require-hashes --no-deps -r requirements.lock" in commands
     assert any(c.startswith("pip wheel --no-deps") and c.endswith(" .") for c in commands)
     assert any(c.startswith("pip install --no-deps /wheels/") for c in
                map(normalize, run_commands(named(dockerfile, "runtime"))))
+    assert any(c.startswith("stem-job prefetch-model") for stage in stages(dockerfile)
+               for c in run_commands(stage))
+    docs = normalize(DOCS.read_text())
     # Both image variants' build commands are documented.
     defaults = arg_defaults(dockerfile)
     assert "docker build -f Dockerfile.gpu" in docs
@@ -252,17 +247,17 @@ def test_layers_change_least_often_first(dockerfile, pyproject):
     for keyword, args in builder["steps"]:
         if keyword == "RUN" and "--index-url" in args:
             order.append("torch")
-        elif keyword == "COPY" and args.split()[0] == "pyproject.toml":
-            order.append("pyproject")
-        elif keyword == "RUN" and re.search(r"pip install --no-cache-dir --constraint \S+ \.",
-                                            args):
+        elif keyword == "COPY" and args.split()[0] == "requirements.lock":
+            order.append("lock")
+        elif keyword == "RUN" and "-r requirements.lock" in args:
             order.append("dependencies")
-        elif keyword == "COPY" and args.split()[0] in ("job", "README.md"):
+        elif keyword == "COPY" and args.split()[0] in ("job", "pyproject.toml", "README.md"):
             order.append("source")
-    assert order[:3] == ["torch", "pyproject", "dependencies"] and set(order[3:]) == {"source"}
-    # Exactly what pyproject.toml packages goes into the image.
+    assert order[:3] == ["torch", "lock", "dependencies"] and set(order[3:]) == {"source"}
+    # Exactly what pyproject.toml packages goes into the image, beside the two pins.
     copied = {args.split()[0] for keyword, args in builder["steps"] if keyword == "COPY"}
-    assert copied == {"wheel[s]", "pyproject.toml", pyproject["project"]["readme"],
+    assert copied == {"wheel[s]", "requirements-torch.txt", "requirements.lock", "pyproject.toml",
+                      pyproject["project"]["readme"],
                       *pyproject["tool"]["setuptools"]["packages"]["find"]["include"]} - {"job.*"}
 
 
@@ -300,7 +295,7 @@ def ignored(path: str, patterns: list) -> bool:
 def test_dockerignore_keeps_the_context_to_what_the_build_copies():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    for kept in ("pyproject.toml", "README.md", "job/cli.py", "job/dispatcher.py",
+    for kept in ("pyproject.toml", "requirements.lock", "requirements-torch.txt", "README.md", "job/cli.py", "job/dispatcher.py",
                  "hack/docker-build-env", "wheels/torch-2.13.0-cp311.whl", "model/htdemucs_6s.yaml"):
         assert not ignored(kept, patterns), kept
     for dropped in (".git/HEAD", ".venv/bin/python", "tests/test_dockerfile.py", "k8s/base/x",
