@@ -304,6 +304,24 @@ def test_gpu_or_cpu_placement(directory):
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_pods_carry_no_more_rights_than_they_need(directory):
+    """No Kubernetes API token, no privilege, a read-only root: the one writable place is an
+    emptyDir where Python's tempfile puts the scratch files (TMPDIR, else /tmp), on the node's
+    disk (a memory-backed one would count against the memory limit)."""
+    objects = rendered(directory)
+    spec, main = pod_spec(objects), container(objects)
+    assert spec["automountServiceAccountToken"] is False
+    context = main["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+    scratch = one(objects, "ConfigMap")["data"].get("TMPDIR", "/tmp")
+    [mount] = main["volumeMounts"]
+    assert mount["mountPath"] == scratch and not mount.get("readOnly")
+    [volume] = spec["volumes"]
+    assert volume == {"name": mount["name"], "emptyDir": {}}
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
 def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory):
     objects = rendered(directory)
     scaled = one(objects, "ScaledJob")["spec"]
