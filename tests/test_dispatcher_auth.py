@@ -30,6 +30,7 @@ from test_cloudrun import GOOD, FakeCloudRunApi, Uvicorn, push_body, settings_fo
 
 AUDIENCE = "https://stem-dispatch-abc123-uc.a.run.app"
 PUSHER = "stem-push@my-project.iam.gserviceaccount.com"
+SCHEDULER = "stem-sweep@my-project.iam.gserviceaccount.com"     # a second caller allowed in
 KEY_ID = "test-key-1"
 
 
@@ -112,14 +113,14 @@ def cloud_run():
 
 @pytest.fixture
 def dispatcher(cloud_run):
-    """dispatcher(certs_url, service_account=PUSHER) -> the running service's base URL."""
+    """dispatcher(certs_url, service_accounts=(PUSHER,)) -> the running service's base URL."""
     servers = []
 
-    def start(certs_url, service_account=PUSHER):
+    def start(certs_url, service_accounts=(PUSHER,)):
         app = create_app(settings_for("stem-results", push_audience=AUDIENCE,
-                                      push_service_account=service_account),
+                                      push_service_accounts=service_accounts),
                          jobs_client=cloud_run.client(), markers=MemoryMarkers(),
-                         push_tokens=PushTokens(AUDIENCE, service_account, certs_url))
+                         push_tokens=PushTokens(AUDIENCE, service_accounts, certs_url))
         servers.append(Uvicorn(app))
         return servers[-1].url
 
@@ -141,7 +142,7 @@ def refused(reply, hint):
 
 
 def test_a_valid_push_token_starts_one_execution(dispatcher, certificates, cloud_run, key):
-    url = dispatcher(certificates.url)
+    url = dispatcher(certificates.url, service_accounts=(PUSHER, SCHEDULER))
     reply = push(url, key.token())
     assert reply.status_code == 200, reply.text
     assert reply.json()["status"] == "started"
@@ -150,6 +151,9 @@ def test_a_valid_push_token_starts_one_execution(dispatcher, certificates, cloud
     # Google's certificates are cached as their Cache-Control says: one fetch for two pushes.
     assert push(url, key.token(), message_id="5002").json()["status"] == "started"
     assert certificates.fetches == 1 and len(cloud_run.requests) == 2
+    # any of the allowed service accounts
+    reply = push(url, key.token(email=SCHEDULER), message_id="5003")
+    assert reply.json()["status"] == "started" and len(cloud_run.requests) == 3
 
 
 def forged(key):
@@ -207,7 +211,7 @@ def test_every_route_but_health_is_guarded(dispatcher, certificates, cloud_run, 
 
 def test_without_a_service_account_any_google_signed_token_for_the_audience_passes(
         dispatcher, certificates, cloud_run, key):
-    url = dispatcher(certificates.url, service_account="")
+    url = dispatcher(certificates.url, service_accounts=())
     reply = push(url, key.token(email="scheduler@p.iam.gserviceaccount.com"))
     assert reply.status_code == 200, reply.text
     refused(push(url, key.token(aud="https://other.example"), message_id="5003"), "audience")
@@ -228,8 +232,9 @@ def test_push_settings_from_env():
     env = {"GCP_PROJECT_ID": "p1", "CLOUD_RUN_REGION": "us-central1"}
     assert load_dispatcher_settings(env).push_audience == ""
     settings = load_dispatcher_settings({**env, "PUSH_AUDIENCE": AUDIENCE,
-                                         "PUSH_SERVICE_ACCOUNT": PUSHER})
-    assert (settings.push_audience, settings.push_service_account) == (AUDIENCE, PUSHER)
+                                         "PUSH_SERVICE_ACCOUNT": f"{PUSHER}, {SCHEDULER}"})
+    assert settings.push_audience == AUDIENCE
+    assert settings.push_service_accounts == (PUSHER, SCHEDULER)
     with pytest.raises(ConfigError, match="PUSH_SERVICE_ACCOUNT"):
         load_dispatcher_settings({**env, "PUSH_AUDIENCE": AUDIENCE,
                                   "PUSH_SERVICE_ACCOUNT": "not an email"})

@@ -313,7 +313,8 @@ def test_pods_carry_no_more_rights_than_they_need(directory):
     assert spec["automountServiceAccountToken"] is False
     context = main["securityContext"]
     assert context["readOnlyRootFilesystem"] is True
-    assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
     scratch = one(objects, "ConfigMap")["data"].get("TMPDIR", "/tmp")
     [mount] = main["volumeMounts"]
     assert mount["mountPath"] == scratch and not mount.get("readOnly")

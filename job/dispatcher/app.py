@@ -29,7 +29,7 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
     settings = settings or load_dispatcher_settings()
     dispatcher = Dispatcher(settings, jobs_client, publisher_client, markers)
     if push_tokens is None and settings.push_audience:
-        push_tokens = PushTokens(settings.push_audience, settings.push_service_account)
+        push_tokens = PushTokens(settings.push_audience, settings.push_service_accounts)
     if push_tokens is None:
         log.warning("no PUSH_AUDIENCE: the dispatcher trusts every caller that reaches it "
                     "(on Cloud Run, IAM's run.invoker check is then the only one)")

@@ -23,12 +23,14 @@ CLOCK_SKEW_S = 10       # between Google's clock and ours; Pub/Sub's tokens live
 
 
 class PushTokens:
-    """Verify a request's Google-signed ID token for `audience` (and, when set, that it was
-    minted for `service_account`). `certs_url` is Google's; tests serve their own keys."""
+    """Verify a request's Google-signed ID token for `audience` (and, when any are given, that
+    it was minted for one of `service_accounts`). `certs_url` is Google's; tests serve their
+    own keys."""
 
-    def __init__(self, audience: str, service_account: str = "",
+    def __init__(self, audience: str, service_accounts: tuple = (),
                  certs_url: str = GOOGLE_CERTS_URL):
-        self.audience, self.service_account, self.certs_url = audience, service_account, certs_url
+        self.audience, self.service_accounts = audience, tuple(service_accounts)
+        self.certs_url = certs_url
         self._request = Request(session=cachecontrol.CacheControl(requests.Session()))
 
     def __call__(self, headers) -> dict:
@@ -43,8 +45,8 @@ class PushTokens:
             raise Refused(f"the push token is not valid for PUSH_AUDIENCE: {exc}") from None
         if claims.get("iss") not in GOOGLE_ISSUERS:
             raise Refused(f"the push token was issued by {claims.get('iss')!r}, not Google")
-        if self.service_account and not (claims.get("email") == self.service_account
-                                         and claims.get("email_verified") is True):
+        if self.service_accounts and not (claims.get("email") in self.service_accounts
+                                          and claims.get("email_verified") is True):
             raise Refused(f"the push token is for {claims.get('email')!r}, not "
                           "PUSH_SERVICE_ACCOUNT")
         return claims

@@ -30,7 +30,7 @@ class DispatcherSettings:
     host: str = "0.0.0.0"
     port: int = 8000                   # Cloud Run sets PORT to the container port
     push_audience: str = ""            # set: every push needs a Google OIDC token for it
-    push_service_account: str = ""     # set: ... minted for this service account
+    push_service_accounts: tuple = ()  # set: ... minted for one of these service accounts
 
     @property
     def job_name(self) -> str:
@@ -44,6 +44,12 @@ def _matching(pattern, hint):
             raise ConfigError(f"{name}={value!r} is invalid: use {hint}")
         return value
     return parse
+
+
+def _emails(name, value):
+    """Comma-separated service-account emails (the push's and, say, a scheduler's)."""
+    check = _matching(SERVICE_ACCOUNT, "emails such as NAME@PROJECT.iam.gserviceaccount.com")
+    return tuple(check(name, email) for email in value.split(",") if email.strip())
 
 
 def _prefix(name, value):
@@ -62,8 +68,7 @@ ENV = {
     "DISPATCH_API_ATTEMPTS": ("api_attempts", lambda n, v: parse_int(n, v, 1, 10)),
     "DISPATCH_API_DEADLINE_S": ("api_deadline_s", lambda n, v: parse_float(n, v, 0)),
     "PUSH_AUDIENCE": ("push_audience", parse_text),
-    "PUSH_SERVICE_ACCOUNT": ("push_service_account", _matching(
-        SERVICE_ACCOUNT, "a service account's email, NAME@PROJECT.iam.gserviceaccount.com")),
+    "PUSH_SERVICE_ACCOUNT": ("push_service_accounts", _emails),
 }
 
 
@@ -82,7 +87,7 @@ def load_dispatcher_settings(environ=None, **overrides) -> DispatcherSettings:
                            marker_bucket=shared.gcs_bucket, host=shared.http_host,
                            port=shared.http_port),
         **values)
-    if settings.push_service_account and not settings.push_audience:
+    if settings.push_service_accounts and not settings.push_audience:
         raise ConfigError("PUSH_SERVICE_ACCOUNT is set without PUSH_AUDIENCE: set the push "
                           "subscription's audience too (tokens are checked only with both)")
     if settings.claim_ttl_s < settings.api_deadline_s + 20:
