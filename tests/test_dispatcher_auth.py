@@ -26,7 +26,8 @@ from job.dispatcher import create_app, load_dispatcher_settings
 from job.dispatcher.auth import PushTokens
 from job.dispatcher.dedupe import MemoryMarkers
 from job.errors import ConfigError
-from test_cloudrun import GOOD, FakeCloudRunApi, Uvicorn, push_body, settings_for
+from test_cloudrun import GOOD, Uvicorn, push_body, settings_for
+from test_cloudrun import cloud_run  # noqa: F401  (the Cloud Run API stand-in, a fixture)
 
 AUDIENCE = "https://stem-dispatch-abc123-uc.a.run.app"
 PUSHER = "stem-push@my-project.iam.gserviceaccount.com"
@@ -102,13 +103,6 @@ def certificates(key):
     server = CertificateServer({KEY_ID: key.certificate})
     yield server
     server.close()
-
-
-@pytest.fixture
-def cloud_run():
-    api = FakeCloudRunApi()
-    yield api
-    api.http.close()
 
 
 @pytest.fixture

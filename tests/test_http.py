@@ -286,13 +286,18 @@ def test_unknown_route_is_json(main):
     error_of(requests.get(main.url + "/separate", timeout=10), 404, "not_found")
 
 
+def answer_before_the_body(server: Server, path: str, length: int) -> str:
+    """The answer to an upload's headers alone (`Expect: 100-continue`, no body sent)."""
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), 10) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                      f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n").encode())
+        return read_response(sock)
+
+
 def test_too_large(small):
     # a declared size over the limit: refused from the headers, the body is never asked for
-    with socket.create_connection(("127.0.0.1", int(small.url.rsplit(":", 1)[1])), 10) as sock:
-        sock.sendall((f"POST /separate/rel_3/trk_1 HTTP/1.1\r\nHost: x\r\n"
-                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                      f"Content-Length: {50 * 2**20}\r\nExpect: 100-continue\r\n\r\n").encode())
-        head = read_response(sock)
+    head = answer_before_the_body(small, "/separate/rel_3/trk_1", 50 * 2**20)
     assert head.startswith("HTTP/1.1 413"), head
     assert "input_too_large" in head and "MAX_INPUT_BYTES" in head
     # a plain client that sends it all anyway still reads the 413
@@ -446,13 +451,16 @@ def test_without_the_token_nothing_but_health_answers(guarded, clip):
 def test_a_refused_upload_is_never_asked_for(guarded):
     """401 comes from the headers alone: a client waiting on `Expect: 100-continue` is never
     asked to send its body."""
-    with socket.create_connection(("127.0.0.1", int(guarded.url.rsplit(":", 1)[1])), 10) as sock:
-        sock.sendall((f"POST /separate/rel_a/trk_2 HTTP/1.1\r\nHost: x\r\n"
-                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                      f"Content-Length: {2**20}\r\nExpect: 100-continue\r\n\r\n").encode())
-        head = read_response(sock)
+    head = answer_before_the_body(guarded, "/separate/rel_a/trk_2", 2**20)
     assert head.startswith("HTTP/1.1 401"), head
     assert "100 Continue" not in head and "unauthorized" in head
+    # with the token, the same upload is asked for
+    with socket.create_connection(("127.0.0.1", int(guarded.url.rsplit(":", 1)[1])), 10) as sock:
+        sock.sendall((f"POST /separate/rel_a/trk_2 HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {TOKEN}\r\nContent-Length: 10\r\n"
+                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
 
 
 def test_with_the_token_the_original_api_works(guarded, clip):
