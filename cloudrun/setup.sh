@@ -137,6 +137,10 @@ URL="$(gcloud run services describe stem-dispatcher --region="$REGION" --format=
 # Only the push identity may call it (no allUsers binding: the service stays private).
 gcloud run services add-iam-policy-binding stem-dispatcher --region="$REGION" \
   --member="serviceAccount:$PUSH_SA" --role=roles/run.invoker
+# Beside IAM, the dispatcher checks the push's OIDC token itself: Google's signature, this
+# audience (the service URL, as the trigger below sends it) and the push identity.
+gcloud run services update stem-dispatcher --region="$REGION" \
+  --update-env-vars="PUSH_AUDIENCE=$URL,PUSH_SERVICE_ACCOUNT=$PUSH_SA"
 
 # -- The trigger ------------------------------------------------------------------------------
 # Pub/Sub's service agent mints the OIDC token for the push identity, and moves undeliverable

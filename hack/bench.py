@@ -105,10 +105,11 @@ def main():
     for number in range(args.repeat):
         _, _, _, out = timed(parts + ["reference", str(full), str(song)])
         references.append(json.loads(out.strip().splitlines()[-1])["reference_s"])
-        wall, _, first, out = timed(run(f"song{number}"), env, "first window entering the model")
+        wall, rss, first, out = timed(run(f"song{number}"), env, "first window entering the model")
         result = json.loads(out.strip().splitlines()[-1])
         assert result["status"] == "completed", result
         ours.append((wall, first, result["timings"]))
+        figures["rss_full_model_mb"] = max(rss, figures.get("rss_full_model_mb", 0))
     figures["ours_glibc_malloc_s"] = timed(run("glibc"), env | {"STEM_JOB_MALLOC": "system"})[0]
     wall = median(o[0] for o in ours)
     _, first, timings = min(ours, key=lambda o: abs(o[0] - wall))   # the most typical run
@@ -134,7 +135,8 @@ def main():
     figures = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
     for key in ("reference_s", "seed_style_s", "ours_s", "ratio_ours_reference",
                 "ratio_ours_seed_style", "parity_db_min", "cold_start_s", "rtf", "rss_1min_mb",
-                "rss_30min_mb", "rss_ratio", "reference_rss_1min_mb", "reference_rss_30min_mb",
+                "rss_30min_mb", "rss_ratio", "rss_full_model_mb", "reference_rss_1min_mb",
+                "reference_rss_30min_mb",
                 "ours_glibc_malloc_s", "device", "cpu_model", "cpu_flags"):
         print(f"{key:26} {figures[key]}")
     print(json.dumps(figures))

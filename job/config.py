@@ -6,7 +6,7 @@ the README. A bad value raises ConfigError with one line naming the variable.
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError, JobError
 from .messages import STEMS, check_outputs, split_names
@@ -52,6 +52,7 @@ class Settings:
     http_host: str = "0.0.0.0"
     http_port: int = 8000
     http_queue: int = 4
+    http_token: str = field(default="", repr=False)   # a secret: never in a repr or a log
 
     def allowed_buckets(self) -> tuple:
         if self.allowed_input_buckets:
@@ -142,6 +143,18 @@ def parse_pubsub_name(name, value):
     return value
 
 
+_TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]{16,}=*$")     # RFC 6750's token68, 16 or more
+
+
+def parse_token(name, value):
+    """A bearer secret: what a header can carry, and long enough not to be guessed."""
+    value = value.strip()
+    if not _TOKEN.match(value):
+        raise ConfigError(f"{name} is invalid: use at least 16 letters, digits or -._~+/ "
+                          "(e.g. the output of `openssl rand -hex 32`)")
+    return value
+
+
 # env variable -> (Settings field, parser)
 ENV = {
     "PROCESSING_MODE": ("processing_mode", lambda n, v: parse_choice(n, v, ("job", "pubsub", "http"))),
@@ -179,6 +192,7 @@ ENV = {
     "HTTP_HOST": ("http_host", parse_text),
     "PORT": ("http_port", lambda n, v: parse_int(n, v, 1, 65535)),
     "HTTP_QUEUE": ("http_queue", lambda n, v: parse_int(n, v, 0, 1000)),
+    "HTTP_TOKEN": ("http_token", parse_token),
 }
 FIELD_TO_ENV = {field: env for env, (field, _) in ENV.items()}
 

@@ -33,11 +33,16 @@ Why it is shaped this way:
   forward pass runs in the main thread and is aborted at once; here it runs in a worker), its caller
   and any still queued get 503 `interrupted`, and the server exits well within Cloud Run's and
   GKE's grace periods; the set being written is left without a manifest.
+- Who may call: with HTTP_TOKEN set, every route but /health needs `Authorization: Bearer
+  <HTTP_TOKEN>` (job/auth.py; 401 otherwise, before the body is read). Without it anyone who
+  reaches the port may overwrite any release's stems, so binding a non-loopback address
+  without it is said loudly at start.
 """
 
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import math
 import shutil
@@ -54,6 +59,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from . import messages, runtime
+from .auth import Guard, SharedToken
 from .config import Settings
 from .errors import EXIT_RETRY, Cancel, Interrupted, JobError
 from .model import ModelCache
@@ -261,6 +267,8 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
         yield
 
     app = FastAPI(title="stem-job", lifespan=lifespan)
+    if settings.http_token:
+        app.add_middleware(Guard, verify=SharedToken(settings.http_token), body=auth_error)
     app.state.gate = gate
     app.state.stopping = stopping
 
@@ -349,6 +357,23 @@ def check_request_headers(request: Request, limit: int) -> None:
                                           "send a smaller file")
 
 
+def auth_error(code: str, message: str) -> dict:
+    """A refused request's JSON, in the shape of every other error here."""
+    return {"status": "failed", "error": {
+        "code": code, "message": f"{message}: send Authorization: Bearer <HTTP_TOKEN>",
+        "retryable": False}}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (a name other than localhost counts as not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def messages_error(result: dict) -> JobError:
     error = result.get("error") or {}
     return JobError(error.get("code", "internal_error"), error.get("message", "separation failed"),
@@ -371,6 +396,11 @@ def serve(settings: Settings) -> None:
     cannot be bound (in use) exits 75: another instance or a retry may find it free."""
     models = ModelCache(settings)
     models.separator()
+    if not settings.http_token and not is_loopback(settings.http_host):
+        log.warning("UNAUTHENTICATED: serving on %s:%d without HTTP_TOKEN, so anyone who can "
+                    "reach this port can start separations and overwrite any release's stems; "
+                    "set HTTP_TOKEN, or HTTP_HOST=127.0.0.1 behind a proxy that authenticates",
+                    settings.http_host, settings.http_port)
     server = Server(uvicorn.Config(create_app(settings, models), host=settings.http_host,
                                    port=settings.http_port, log_config=None,
                                    timeout_graceful_shutdown=GRACE_S))

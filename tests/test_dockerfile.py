@@ -313,7 +313,10 @@ def test_compose_serves_by_default_and_has_the_pubsub_profile_and_gpu_overlay():
     assert default == ["serve"]
     serve = services["serve"]
     assert serve["command"] == ["serve"] and serve["environment"]["STORAGE_MODE"] == "local"
-    assert serve["ports"] == ["${STEM_JOB_PORT:-8000}:8000"]
+    [port] = serve["ports"]        # as Compose reads it with nothing set: the defaults
+    host, published, target = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", port).split(":")
+    assert host == "127.0.0.1", "published on every interface of the host"
+    assert (published, target) == ("8000", "8000")
     assert "outputs:/outputs" in serve["volumes"] and "outputs" in compose["volumes"]
     assert serve["build"]["dockerfile"] == "Dockerfile.gpu"
     profiled = {name for name, s in services.items() if s.get("profiles") == ["pubsub"]}

@@ -1,8 +1,9 @@
 """`stem-job serve` against real uvicorn servers on loopback ports: the original API and JSON,
 every kind of bad request, the bounded queue, and clients that disconnect mid-upload.
 
-Two servers, started side by side once for the module (each start costs seconds):
-`main` with the default limits and HTTP_QUEUE=1, `small` with tight limits and HTTP_QUEUE=0;
+Three servers, started side by side once for the module (each start costs seconds):
+`main` with the default limits and HTTP_QUEUE=1 on loopback, `small` with tight limits and
+HTTP_QUEUE=0 on every interface without a token (so it must warn), `guarded` with HTTP_TOKEN;
 one more in STORAGE_MODE=gcs against the storage emulator.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import job_env
+from conftest import job_env, run_job
 from job.messages import STEMS
 from job.synthetic import music, write_audio
 from stand_ins import PROJECT
@@ -28,6 +29,8 @@ from stand_ins import PROJECT
 SMALL_LIMIT = 200_000          # MAX_INPUT_BYTES of the `small` server
 BOUNDARY = "stemjobtestboundary"
 JUNK = b"{\"not\": \"audio\"}\n" * 6000     # FFmpeg sniffs some texts as audio (e.g. AMR); not this
+TOKEN = "test-token-0123456789abcdef"   # HTTP_TOKEN of the `guarded` server
+UNAUTHENTICATED = "UNAUTHENTICATED"       # the start-up warning without HTTP_TOKEN
 
 
 @dataclass
@@ -60,8 +63,8 @@ def free_port() -> int:
 def launch(model_dir, folder: Path, **extra) -> Server:
     port = free_port()
     (folder / "tmp").mkdir(parents=True)
-    env = job_env(model_dir, folder / "outputs", PORT=port, HTTP_HOST="127.0.0.1",
-                  TMPDIR=folder / "tmp", **extra)
+    env = job_env(model_dir, folder / "outputs", PORT=port, TMPDIR=folder / "tmp",
+                  **{"HTTP_HOST": "127.0.0.1", **extra})
     log = folder / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "job", "serve", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
@@ -85,7 +88,9 @@ def wait_ready(server: Server, timeout=90.0):
 def servers(model_dir, tmp_path_factory):
     started = {"main": launch(model_dir, tmp_path_factory.mktemp("main"), HTTP_QUEUE=1),
                "small": launch(model_dir, tmp_path_factory.mktemp("small"), HTTP_QUEUE=0,
-                               MAX_INPUT_BYTES=SMALL_LIMIT, MAX_DURATION_S=2)}
+                               MAX_INPUT_BYTES=SMALL_LIMIT, MAX_DURATION_S=2, HTTP_HOST="0.0.0.0"),
+               "guarded": launch(model_dir, tmp_path_factory.mktemp("guarded"), HTTP_QUEUE=0,
+                                 HTTP_TOKEN=TOKEN, HTTP_HOST="0.0.0.0")}
     try:
         for server in started.values():
             wait_ready(server)
@@ -108,6 +113,11 @@ def main(servers):
 @pytest.fixture(scope="module")
 def small(servers):
     return servers["small"]
+
+
+@pytest.fixture(scope="module")
+def guarded(servers):
+    return servers["guarded"]
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +286,18 @@ def test_unknown_route_is_json(main):
     error_of(requests.get(main.url + "/separate", timeout=10), 404, "not_found")
 
 
+def answer_before_the_body(server: Server, path: str, length: int) -> str:
+    """The answer to an upload's headers alone (`Expect: 100-continue`, no body sent)."""
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), 10) as sock:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                      f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n").encode())
+        return read_response(sock)
+
+
 def test_too_large(small):
     # a declared size over the limit: refused from the headers, the body is never asked for
-    with socket.create_connection(("127.0.0.1", int(small.url.rsplit(":", 1)[1])), 10) as sock:
-        sock.sendall((f"POST /separate/rel_3/trk_1 HTTP/1.1\r\nHost: x\r\n"
-                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                      f"Content-Length: {50 * 2**20}\r\nExpect: 100-continue\r\n\r\n").encode())
-        head = read_response(sock)
+    head = answer_before_the_body(small, "/separate/rel_3/trk_1", 50 * 2**20)
     assert head.startswith("HTTP/1.1 413"), head
     assert "input_too_large" in head and "MAX_INPUT_BYTES" in head
     # a plain client that sends it all anyway still reads the 413
@@ -409,3 +424,66 @@ def test_sigterm_answers_in_flight_requests_503_and_exits(doomed):
     assert body["error"]["retryable"] is True and "Retry-After" in box["r"].headers
     small.proc.wait(15)
     assert not (small.outputs / "rel_7").exists()
+
+
+# -- HTTP_TOKEN ----------------------------------------------------------------------------
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_without_the_token_nothing_but_health_answers(guarded, clip):
+    assert guarded.health()["status"] == "ok", "probes need no token"
+    for headers in ({}, bearer("test-token-0123456789abcdeX"), bearer(""),
+                    {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}):
+        body = error_of(guarded.post("/separate/rel_a/trk_1", files=upload(clip),
+                                     headers=headers), 401, "unauthorized")
+        assert "Authorization: Bearer" in body["error"]["message"]
+        assert TOKEN not in json.dumps(body)
+    for path in ("/docs", "/openapi.json", "/separate", "/nowhere"):
+        response = requests.get(guarded.url + path, timeout=10)
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+    nothing_written(guarded, "rel_a", "trk_1")
+    assert not list(guarded.tmp.iterdir()), "a refused upload was stored"
+    assert TOKEN not in guarded.log.read_text()
+
+
+def test_a_refused_upload_is_never_asked_for(guarded):
+    """401 comes from the headers alone: a client waiting on `Expect: 100-continue` is never
+    asked to send its body."""
+    head = answer_before_the_body(guarded, "/separate/rel_a/trk_2", 2**20)
+    assert head.startswith("HTTP/1.1 401"), head
+    assert "100 Continue" not in head and "unauthorized" in head
+    # with the token, the same upload is asked for
+    with socket.create_connection(("127.0.0.1", int(guarded.url.rsplit(":", 1)[1])), 10) as sock:
+        sock.sendall((f"POST /separate/rel_a/trk_2 HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {TOKEN}\r\nContent-Length: 10\r\n"
+                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+
+
+def test_with_the_token_the_original_api_works(guarded, clip):
+    response = guarded.post("/separate/rel_a/trk_3", files=upload(clip), headers=bearer(TOKEN))
+    assert response.status_code == 200, response.text
+    assert response.json()["stems"] == {stem: f"rel_a/trk_3/{stem}.mp3" for stem in STEMS}
+    assert (guarded.outputs / "rel_a" / "trk_3" / "manifest.json").exists()
+    error_of(guarded.post("/separate/rel_a/trk_3", files=upload(b""), headers=bearer(TOKEN)),
+             400, "empty_input")
+
+
+def test_an_open_port_is_said_loudly_once(main, small, guarded):
+    """Without HTTP_TOKEN on every interface: one warning at start; on loopback or with a
+    token: none."""
+    warnings = [json.loads(line) for line in small.log.read_text().splitlines()
+                if UNAUTHENTICATED in line]
+    assert len(warnings) == 1 and warnings[0]["severity"] == "WARNING", warnings
+    assert "HTTP_TOKEN" in warnings[0]["message"] and "0.0.0.0" in warnings[0]["message"]
+    assert UNAUTHENTICATED not in main.log.read_text()
+    assert UNAUTHENTICATED not in guarded.log.read_text()
+
+
+def test_a_guessable_token_fails_at_start(model_dir, tmp_path):
+    out = run_job(["serve"], job_env(model_dir, tmp_path, HTTP_TOKEN="secret"), timeout=60)
+    assert out.returncode == 78, out.stderr
+    assert "HTTP_TOKEN" in out.stderr and "secret" not in out.stderr

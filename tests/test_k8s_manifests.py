@@ -304,6 +304,55 @@ def test_gpu_or_cpu_placement(directory):
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_pods_carry_no_more_rights_than_they_need(directory):
+    """No Kubernetes API token, no privilege, a read-only root: the one writable place is an
+    emptyDir where Python's tempfile puts the scratch files (TMPDIR, else /tmp), on the node's
+    disk (a memory-backed one would count against the memory limit)."""
+    objects = rendered(directory)
+    spec, main = pod_spec(objects), container(objects)
+    assert spec["automountServiceAccountToken"] is False
+    context = main["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    scratch = one(objects, "ConfigMap")["data"].get("TMPDIR", "/tmp")
+    [mount] = main["volumeMounts"]
+    assert mount["mountPath"] == scratch and not mount.get("readOnly")
+    [volume] = spec["volumes"]
+    assert volume == {"name": mount["name"], "emptyDir": {}}
+
+
+# Peak RSS of one track (README "Development"): `stem-job run`, full-size model, CPU, 1.74 GB at
+# 2 minutes, flat in the length beyond that; a long track's is taken as 1.8 GB. The limits
+# must hold it with room (HEADROOM), yet not reserve a node's worth for nothing (CPU: at most
+# WASTE times it; on GPU nodes CUDA's host-side libraries come on top, not measured here).
+TRACK_PEAK_BYTES = 1.8e9
+HEADROOM, WASTE = 1.5, 4
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
+def test_memory_matches_what_a_track_needs(directory):
+    resources = container(rendered(directory))["resources"]
+    memory = quantity(resources["limits"]["memory"])
+    assert memory >= HEADROOM * TRACK_PEAK_BYTES
+    if name_of(directory) not in GPU_VARIANTS:
+        assert memory <= WASTE * TRACK_PEAK_BYTES, "reserves far more than a track needs"
+
+
+def test_the_cloud_run_job_holds_the_same_peak_and_its_scratch_in_memory():
+    """Cloud Run's filesystem is in memory: its limit holds the same peak and the scratch files
+    of the longest track the job's settings admit."""
+    text = (REPO / "cloudrun" / "job.yaml").read_text()
+    for placeholder, example in EXAMPLE_VALUES.items():
+        text = text.replace(placeholder, example)
+    task = yaml.safe_load(text)["spec"]["template"]["spec"]["template"]["spec"]
+    [main] = task["containers"]
+    settings = load_settings({item["name"]: item["value"] for item in main["env"]})
+    memory = quantity(main["resources"]["limits"]["memory"])
+    assert memory >= HEADROOM * TRACK_PEAK_BYTES + scratch_bytes(settings)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
 def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory):
     objects = rendered(directory)
     scaled = one(objects, "ScaledJob")["spec"]

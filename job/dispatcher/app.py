@@ -1,15 +1,20 @@
 """The dispatcher over HTTP: POST / or /pubsub takes a delivery, GET /health says what it
-targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on HTTP_HOST:PORT (Cloud Run sets PORT)."""
+targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on HTTP_HOST:PORT (Cloud Run sets PORT).
+With PUSH_AUDIENCE set, every route but /health first needs a valid Google-signed OIDC token
+(auth.py; 401 otherwise), so a route added later is covered too."""
 
 import logging
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..auth import Guard
+from .auth import PushTokens
 from .envelope import EnvelopeError, parse_envelope
 from .service import Dispatcher
 from .settings import DispatcherSettings, load_dispatcher_settings
@@ -18,10 +23,16 @@ log = logging.getLogger("stem_job.dispatcher")
 
 
 def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
-               publisher_client=None, markers=None) -> Starlette:
-    """The ASGI app. Settings come from the environment unless given."""
-    dispatcher = Dispatcher(settings or load_dispatcher_settings(), jobs_client,
-                            publisher_client, markers)
+               publisher_client=None, markers=None, push_tokens=None) -> Starlette:
+    """The ASGI app. Settings come from the environment unless given; `push_tokens` (a
+    PushTokens) defaults to one for the settings' PUSH_AUDIENCE, if any."""
+    settings = settings or load_dispatcher_settings()
+    dispatcher = Dispatcher(settings, jobs_client, publisher_client, markers)
+    if push_tokens is None and settings.push_audience:
+        push_tokens = PushTokens(settings.push_audience, settings.push_service_accounts)
+    if push_tokens is None:
+        log.warning("no PUSH_AUDIENCE: the dispatcher trusts every caller that reaches it "
+                    "(on Cloud Run, IAM's run.invoker check is then the only one)")
 
     async def receive(request: Request):
         try:
@@ -37,11 +48,17 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
                              "results_topic": dispatcher.settings.results_topic,
                              "dedupe": type(dispatcher.claims.markers).__name__})
 
+    guard = [Middleware(Guard, verify=push_tokens, body=refusal)] if push_tokens else []
     app = Starlette(routes=[Route("/", receive, methods=["POST"]),
                             Route("/pubsub", receive, methods=["POST"]),
-                            Route("/health", health, methods=["GET"])])
+                            Route("/health", health, methods=["GET"])], middleware=guard)
     app.state.dispatcher = dispatcher
     return app
+
+
+def refusal(status: str, message: str) -> dict:
+    """A refused push's JSON, shaped like the dispatcher's other answers."""
+    return {"status": status, "error": message}
 
 
 def serve(host: str | None = None, port: int | None = None, environ=None) -> None:

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 
 REGION = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 JOB_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+SERVICE_ACCOUNT = re.compile(r"^[^@\s]+@[a-z0-9.-]+\.[a-z]+$")
 REQUIRED = ("CLOUD_RUN_REGION",)     # no default: the job lives in one region
 
 
@@ -28,6 +29,8 @@ class DispatcherSettings:
     api_deadline_s: float = 30.0       # keep below the push subscription's ack deadline
     host: str = "0.0.0.0"
     port: int = 8000                   # Cloud Run sets PORT to the container port
+    push_audience: str = ""            # set: every push needs a Google OIDC token for it
+    push_service_accounts: tuple = ()  # set: ... minted for one of these service accounts
 
     @property
     def job_name(self) -> str:
@@ -41,6 +44,12 @@ def _matching(pattern, hint):
             raise ConfigError(f"{name}={value!r} is invalid: use {hint}")
         return value
     return parse
+
+
+def _emails(name, value):
+    """Comma-separated service-account emails (the push's and, say, a scheduler's)."""
+    check = _matching(SERVICE_ACCOUNT, "emails such as NAME@PROJECT.iam.gserviceaccount.com")
+    return tuple(check(name, email) for email in value.split(",") if email.strip())
 
 
 def _prefix(name, value):
@@ -58,6 +67,8 @@ ENV = {
     "DISPATCH_CLAIM_TTL_S": ("claim_ttl_s", lambda n, v: parse_float(n, v, 0)),
     "DISPATCH_API_ATTEMPTS": ("api_attempts", lambda n, v: parse_int(n, v, 1, 10)),
     "DISPATCH_API_DEADLINE_S": ("api_deadline_s", lambda n, v: parse_float(n, v, 0)),
+    "PUSH_AUDIENCE": ("push_audience", parse_text),
+    "PUSH_SERVICE_ACCOUNT": ("push_service_accounts", _emails),
 }
 
 
@@ -76,6 +87,9 @@ def load_dispatcher_settings(environ=None, **overrides) -> DispatcherSettings:
                            marker_bucket=shared.gcs_bucket, host=shared.http_host,
                            port=shared.http_port),
         **values)
+    if settings.push_service_accounts and not settings.push_audience:
+        raise ConfigError("PUSH_SERVICE_ACCOUNT is set without PUSH_AUDIENCE: set the push "
+                          "subscription's audience too (tokens are checked only with both)")
     if settings.claim_ttl_s < settings.api_deadline_s + 20:
         # A live claim is held for at most the API budget; a shorter TTL would let a
         # redelivery take over a claim whose owner is still calling run_job.
