@@ -12,7 +12,8 @@ import pytest
 
 from conftest import last_json, run_job
 from corpus import CASES, END_TO_END, MAX_DURATION_S
-from job.audio import SAMPLE_RATE, RawReader, decode_aside, decode_to_file
+from job.audio import SAMPLE_RATE, RawReader, decode_to_file
+from job.decoder import decode_aside
 from job.errors import JobError
 from job.messages import STEMS
 
