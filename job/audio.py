@@ -143,12 +143,14 @@ def declared_duration(container, stream) -> float | None:
 
 
 def check_declared_size(path: Path) -> None:
-    """A WAV/RF64/Wave64/AIFF header states the file's size; FFmpeg clamps to what is there."""
-    declared = headers.declared_size(path)
+    """A WAV/RF64/Wave64/AIFF/ASF header states where its audio data ends; FFmpeg clamps a
+    cut file to what is there, or conceals its partial last packet as a glitch."""
+    declared = headers.audio_end(path)
     actual = path.stat().st_size
     if declared and actual < declared - 1:      # a missing pad byte is not a missing part
-        raise JobError("truncated_audio", f"the original is cut off: its header declares "
-                                              f"{declared} bytes but only {actual} are present")
+        raise JobError("truncated_audio", f"the original is cut off: its header says its "
+                                          f"audio runs to byte {declared} but the file ends "
+                                          f"at byte {actual}")
 
 
 def _packets(container, stream):

@@ -33,8 +33,6 @@ from pathlib import Path
 from . import audio
 from .errors import Interrupted, JobError
 
-log = logging.getLogger(__name__)
-
 # what the child may see of the parent's environment: nothing that grants access to anything
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME",
               "PYTHONDONTWRITEBYTECODE")
@@ -124,7 +122,7 @@ def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None,
             child.kill()
         child.wait()
     for warning in message.get("warnings", []):
-        log.warning("%s", warning)
+        audio.log.warning("%s", warning)        # under the decoder's own name, as in-process
     if "error" in message:
         code, text = message["error"]
         if code == audio.MEMORY_EXCEEDED:
