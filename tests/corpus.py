@@ -220,6 +220,15 @@ def silence_flac(path: Path, seconds: float, rate: int = 8000, stream_total: boo
     return path
 
 
+def bomb_at_1_hz(path: Path) -> Path:
+    """A FLAC at a sample rate of 1 Hz, its length undeclared, one frame of 4,608 samples:
+    9 KB on disk, and each sample becomes 44,100 at 44.1 kHz (1.6 GB of float32 at once).
+    Not a Case: decoded without the child's memory limit it takes that memory."""
+    whole = encode(path.with_suffix(".whole.flac"), "flac", np.zeros((2, 4608), np.float32),
+                   rate=1, options={"frame_size": "4608"})
+    return _patched(path, whole, lambda d: flac_total_samples(d, 0))
+
+
 def cut(path: Path, source: Path, fraction: float | None = None, keep: int | None = None) -> Path:
     data = source.read_bytes()
     path.write_bytes(data[:keep if keep is not None else int(len(data) * fraction)])

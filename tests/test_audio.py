@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
+import corpus
 from job.audio import RawReader, decode_to_file
 from job.decoder import CHILD_ENV, PASSED_ENV, Limits, decode_aside
 from job.errors import Cancel, Interrupted, JobError
@@ -168,20 +169,9 @@ def test_sigterm_stops_the_decode_aside_at_once(tmp_path):
     assert not Path(f"/proc/{child}").exists(), "the child is killed and reaped"
 
 
-def bomb_at_1_hz(path):
-    """A FLAC at a sample rate of 1 Hz, its length undeclared, one frame of 4,608 samples:
-    9 KB on disk, and each sample becomes 44,100 at 44.1 kHz (1.6 GB of float32 at once)."""
-    import corpus
-    silence = np.zeros((2, 4608), np.float32)
-    whole = corpus.encode(path.with_suffix(".whole.flac"), "flac", silence, rate=1,
-                          options={"frame_size": "4608"})
-    path.write_bytes(corpus.flac_total_samples(whole.read_bytes(), 0))
-    return path
-
-
 def test_a_file_that_makes_the_decoder_allocate_without_bound_fails_on_the_memory_limit(
         tmp_path):
-    path = bomb_at_1_hz(tmp_path / "bomb.flac")
+    path = corpus.bomb_at_1_hz(tmp_path / "bomb.flac")
     assert path.stat().st_size < 20_000
     with pytest.raises(JobError) as caught:
         decode_aside(path, tmp_path / "mix.f32", 600)
