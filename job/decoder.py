@@ -92,30 +92,9 @@ def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None,
     finally:
         os.close(write)
     answer = Connection(read, writable=False)
-    started = time.monotonic()
-    budget = limits.budget_s(path.stat().st_size, None, max_duration_s)
     try:
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise Interrupted()
-            if time.monotonic() - started > budget:
-                raise JobError("decode_timeout", f"decoding the original took longer than its "
-                                                 f"budget of {budget:.0f} s (DECODE_TIME_BASE_S, "
-                                                 "DECODE_TIME_FACTOR): the file is damaged or "
-                                                 "built to stall a decoder")
-            if not answer.poll(POLL_S):
-                if child.poll() is not None and not answer.poll(0):
-                    raise _died(child.returncode, attempt, limits)
-                continue
-            try:
-                message = json.loads(answer.recv_bytes(MAX_ANSWER))
-            except (EOFError, OSError, ValueError):
-                raise _died(child.wait(), attempt, limits) from None
-            if "declared" in message:
-                budget = limits.budget_s(path.stat().st_size, message["declared"],
-                                         max_duration_s)
-                continue
-            break
+        message = _answer(child, answer, path.stat().st_size, max_duration_s, cancel, limits,
+                          attempt)
     finally:
         answer.close()
         if child.poll() is None:
@@ -131,6 +110,41 @@ def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None,
     if "crash" in message:
         raise RuntimeError(f"decoding failed: {message['crash']}")
     return audio.DecodedAudio(**{**message["decoded"], "path": target})   # ours, not its word
+
+
+def _answer(child, answer, size, max_duration_s, cancel, limits, attempt) -> dict:
+    """The child's one answer, read while the budget, SIGTERM and the child's life are watched;
+    a declared duration on the way re-derives the budget."""
+    started = time.monotonic()
+    budget = limits.budget_s(size, None, max_duration_s)
+    closed = False                 # the child closed its end: only its exit is left to see
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise Interrupted()
+        if time.monotonic() - started > budget:
+            raise JobError("decode_timeout", f"decoding the original took longer than its "
+                                             f"budget of {budget:.0f} s (DECODE_TIME_BASE_S, "
+                                             "DECODE_TIME_FACTOR): the file is damaged or "
+                                             "built to stall a decoder")
+        if closed or not answer.poll(POLL_S):
+            if child.poll() is not None and (closed or not answer.poll(0)):
+                raise _died(child.returncode, attempt, limits)
+            if closed:
+                time.sleep(POLL_S)
+            continue
+        try:
+            message = json.loads(answer.recv_bytes(MAX_ANSWER))
+        except EOFError:
+            closed = True
+            continue
+        except (OSError, ValueError):
+            raise JobError("corrupt_audio", "the decoder gave an answer it never gives: FFmpeg "
+                                            "went astray on the original") from None
+        if "declared" not in message:
+            return message
+        declared = message["declared"]
+        if isinstance(declared, (int, float)) and 0 < declared < float("inf"):
+            budget = limits.budget_s(size, declared, max_duration_s)
 
 
 def _died(code, attempt, limits) -> JobError:
