@@ -49,7 +49,7 @@ def audio_end(path: Path) -> int | None:
             return None if start is None else _unless_placeholder(start + 8, data_size)
         if head[:16] == W64_RIFF:
             return _w64_data_end(handle)
-        if head[:16] == ASF_HEADER:
+        if head[:16] == ASF_HEADER and len(head) >= 30:
             return _asf_data_end(handle, head)
     return None
 
@@ -115,7 +115,7 @@ def _asf_data_end(handle, head: bytes) -> int | None:
         if size < 24:
             return None
         offset += size
-    if header[header_size:header_size + 16] != ASF_DATA:
+    if header[header_size:header_size + 16] != ASF_DATA or len(header) < header_size + 24:
         return None
     size = struct.unpack("<Q", header[header_size + 16:header_size + 24])[0]
     return None if size <= 50 else header_size + size
