@@ -40,6 +40,7 @@ CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}   # no idle BL
 READ_BYTES_PER_S = 20e6      # the slowest read the budget allows for: a network volume
 MAX_ANSWER = 1 << 20         # a child's answer is a few hundred bytes; more is not read
 POLL_S = 0.05
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,22 +74,27 @@ def kill_is_final(attempt: int | None, limits: Limits) -> bool:
 
 
 def child_env(environ=None) -> dict:
+    """The few harmless variables, and the folder this `job` package is imported from: the
+    child (run with -P, so neither its cwd nor a scratch file can shadow a module) imports
+    the same code as the parent, installed or not."""
     environ = os.environ if environ is None else environ
-    return {name: environ[name] for name in PASSED_ENV if name in environ} | CHILD_ENV
+    kept = {name: environ[name] for name in PASSED_ENV if name in environ}
+    kept["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, kept.get("PYTHONPATH")]))
+    return kept | CHILD_ENV
 
 
 def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None,
                  limits: Limits = Limits(), attempt: int | None = None) -> audio.DecodedAudio:
     """`audio.decode_to_file` in a bounded child; its warnings are logged here, its JobError
     raised here, and SIGTERM (`cancel`) stops it at once."""
-    path, target = Path(path), Path(target)
+    path, target = Path(path).absolute(), Path(target).absolute()
     read, write = os.pipe()
     try:
         child = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(write), str(path), str(target),
+            [sys.executable, "-P", "-m", __name__, str(write), str(path), str(target),
              repr(float(max_duration_s)), str(limits.memory_mb)],
             env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            close_fds=True, pass_fds=(write,))
+            close_fds=True, pass_fds=(write,), cwd=target.parent)
     finally:
         os.close(write)
     answer = Connection(read, writable=False)

@@ -221,6 +221,7 @@ def test_the_decoder_sees_no_credentials_and_no_inherited_files(tmp_path, monkey
         environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
         names = {item.split(b"=", 1)[0].decode() for item in environ if item}
         fds = {int(fd.name): os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()}
+        cwd = os.readlink(f"/proc/{child}/cwd")
     finally:
         cancel.set()
         thread.join()
@@ -228,6 +229,7 @@ def test_the_decoder_sees_no_credentials_and_no_inherited_files(tmp_path, monkey
     assert not names & set(secrets) and not [n for n in names if n.startswith("GOOGLE")], names
     assert names <= set(PASSED_ENV) | set(CHILD_ENV), names
     assert fds[0] == fds[1] == "/dev/null"
+    assert cwd == str(tmp_path), "it works in the scratch folder it writes to"
     files = {target for fd, target in fds.items() if fd > 2 and target.startswith("/")}
     pipes = [target for fd, target in fds.items() if fd > 2 and target.startswith("pipe:")]
     assert files <= {str(path), str(tmp_path / "mix.f32")}, fds
