@@ -9,18 +9,13 @@ truncated only on evidence (an exact declared length, or a read that breaks off)
 speak of "the original" and never carry a local path or FFmpeg's errno text. FFmpeg's
 libraries come from PyAV's wheels.
 
-The job decodes in a child process (`decode_aside`): FFmpeg's calls and the per-block numpy
-work hold the GIL, so in a thread they take turns with the model's load (torch's import) and
-with a drain's separation instead of running beside them; a decoder that crashes on a hostile
-file then fails that track, not the worker.
+The job runs this in a bounded child process of its own (job.decoder): a decoder that
+crashes, stalls or allocates without end on a hostile file fails that track, not the worker.
 """
 
 import logging
 import math
-import multiprocessing
-import signal
 import threading
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +29,7 @@ SAMPLE_RATE = 44100
 CHANNELS = 2
 MAX_BAD_PACKETS = 8           # isolated glitches FFmpeg conceals; more means a corrupt file
 FRAME = 65536                 # samples per block written: numpy per block, not per codec frame
+MEMORY_EXCEEDED = "decode_memory_exceeded"
 log = logging.getLogger(__name__)
 
 
@@ -147,12 +143,14 @@ def declared_duration(container, stream) -> float | None:
 
 
 def check_declared_size(path: Path) -> None:
-    """A WAV/RF64/Wave64/AIFF header states the file's size; FFmpeg clamps to what is there."""
-    declared = headers.declared_size(path)
+    """A WAV/RF64/Wave64/AIFF/ASF header states where its audio data ends; FFmpeg clamps a
+    cut file to what is there, or conceals its partial last packet as a glitch."""
+    declared = headers.audio_end(path)
     actual = path.stat().st_size
     if declared and actual < declared - 1:      # a missing pad byte is not a missing part
-        raise JobError("truncated_audio", f"the original is cut off: its header declares "
-                                              f"{declared} bytes but only {actual} are present")
+        raise JobError("truncated_audio", f"the original is cut off: its header says its "
+                                          f"audio runs to byte {declared} but the file ends "
+                                          f"at byte {actual}")
 
 
 def _packets(container, stream):
@@ -175,6 +173,7 @@ class _Sink:
     def __init__(self, handle, max_samples: int, max_duration_s: float):
         self.handle, self.max_samples, self.max_duration_s = handle, max_samples, max_duration_s
         self.total = 0
+        self.heard = 0.0          # seconds of audio handed to the resampler
         self.acc = self.acc2 = 0.0
         self.non_finite = 0
         self.resampler = None
@@ -188,11 +187,18 @@ class _Sink:
             layout = "mono" if frame.layout.nb_channels == 1 else "stereo"
             self.resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE,
                                                frame_size=FRAME)
+        self.heard += frame.samples / frame.sample_rate
         self.write(self.resampler.resample(frame))
 
     def flush(self):
         if self.resampler is not None:
             self.write(self.resampler.resample(None))
+
+    def check_kept(self):
+        """FFmpeg's resampler, short of memory, drops what it cannot convert and says nothing
+        (a frame at 1 Hz becomes 44,100 samples a sample): what came out must be what went in."""
+        if self.total < (self.heard - 0.05) * SAMPLE_RATE:
+            raise MemoryError
 
     def write(self, frames):
         for frame in frames:
@@ -217,11 +223,12 @@ class _Sink:
 
 
 def decode_to_file(path: Path, target: Path, max_duration_s: float,
-                   progress=None, cancel=None) -> DecodedAudio:
+                   progress=None, cancel=None, on_declared=None) -> DecodedAudio:
     """Decode `path` to `target` as 44.1 kHz stereo float32, streaming, with statistics.
 
     Mono is duplicated to both channels; more than two channels are down-mixed by
     FFmpeg's standard matrix. Raises JobError for anything that is not a whole audio file.
+    `on_declared(seconds or None)` hears the declared duration before any decoding.
     """
     path = Path(path)
     container, estimated, misdetected = _open(path)
@@ -235,6 +242,8 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                      audio_streams=len(container.streams.audio))   # read before close()
         declared = declared_duration(container, stream)
         exact = None if estimated else declared       # a bitrate estimate is no evidence
+        if on_declared is not None:
+            on_declared(declared)
         if exact and exact > max_duration_s + 1:
             raise JobError("too_long", f"the original declares {exact:.0f} s, over the limit of "
                                        f"{max_duration_s:.0f} s (MAX_DURATION_S)")
@@ -250,6 +259,8 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                     break
                 try:
                     frames = packet.decode()
+                except MemoryError:
+                    raise
                 except av.error.FFmpegError as exc:
                     bad += 1
                     log.warning("skipping an undecodable packet (%s)", type(exc).__name__)
@@ -266,6 +277,11 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                 if progress and declared:
                     progress(min(sink.total / (declared * SAMPLE_RATE), 1.0))
             sink.flush()
+            sink.check_kept()
+    except MemoryError:        # FFmpeg's ENOMEM is one too: the child's limit, or the host's
+        raise JobError(MEMORY_EXCEEDED, "decoding the original needs more memory than the "
+                                        "decoder may use: the file is damaged or built to "
+                                        "exhaust a decoder") from None
     except av.error.FFmpegError:
         raise JobError("corrupt_audio", "the original is corrupt: FFmpeg cannot decode it") \
             from None
@@ -297,70 +313,3 @@ def _check_whole(total: int, exact: float | None, broke_off: bool, misdetected: 
     if broke_off:
         raise JobError("truncated_audio", f"the original is cut off: it breaks off in damaged "
                                           f"data after {seconds:.1f} s")
-
-
-def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None) -> DecodedAudio:
-    """`decode_to_file` in a child process of its own (spawned: this process has threads);
-    its warnings are logged here, its JobError raised here, and SIGTERM (`cancel`) stops it."""
-    context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_decode_child, name="decode", daemon=True,
-                            args=(str(path), str(target), max_duration_s, send))
-    child.start()
-    send.close()
-    try:
-        while not receive.poll(0.05):
-            if cancel is not None and cancel.is_set():
-                raise Interrupted()
-            if not child.is_alive() and not receive.poll(0):
-                raise _died(child.exitcode)
-        try:
-            outcome, warnings = receive.recv()
-        except EOFError:
-            child.join()
-            raise _died(child.exitcode) from None
-    finally:
-        receive.close()
-        if child.is_alive():
-            child.kill()
-        child.join()
-    for message in warnings:
-        log.warning("%s", message)
-    kind, *value = outcome
-    if kind == "error":
-        raise JobError(*value)
-    if kind == "crash":
-        raise RuntimeError(f"decoding failed: {value[0]}")
-    return value[0]
-
-
-def _died(code) -> JobError:
-    """The decoder ended without an answer: killed (a retry may help) or crashed on the file."""
-    if code is not None and code < 0 and -code == signal.SIGKILL:
-        return JobError("decode_killed", "the decoder was killed (out of memory?)", retryable=True)
-    name = signal.Signals(-code).name if code is not None and code < 0 else f"exit {code}"
-    return JobError("corrupt_audio", f"FFmpeg crashed decoding the original ({name}): the file "
-                                     "is damaged or not audio it can handle")
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def _decode_child(path: str, target: str, max_duration_s: float, send) -> None:
-    collected = _Collect()
-    log.addHandler(collected)
-    log.propagate = False
-    try:
-        outcome = ("ok", decode_to_file(Path(path), Path(target), max_duration_s))
-    except JobError as error:
-        outcome = ("error", error.code, error.message, error.retryable)
-    except Exception:
-        outcome = ("crash", traceback.format_exc(limit=3).strip().splitlines()[-1])
-    send.send((outcome, collected.messages))
-    send.close()

@@ -43,6 +43,10 @@ class Settings:
     output_analysis: bool = True      # peaks and loudness; off only to measure their cost
     max_input_bytes: int = 2 * 1024**3
     max_duration_s: float = 3 * 3600.0
+    decode_memory_mb: int = 1024      # the decoding child's RLIMIT_DATA (job.decoder)
+    decode_time_base_s: float = 30.0
+    decode_time_factor: float = 0.25  # decoding seconds allowed per second of audio
+    decode_kill_retries: int = 2      # tries after which a killed decoder is final
     allowed_input_buckets: tuple = ()
     max_messages: int = 1
     idle_timeout_s: float = 10.0
@@ -183,6 +187,11 @@ ENV = {
     "OUTPUT_ANALYSIS": ("output_analysis", parse_bool),
     "MAX_INPUT_BYTES": ("max_input_bytes", lambda n, v: parse_int(n, v, 1)),
     "MAX_DURATION_S": ("max_duration_s", lambda n, v: parse_float(n, v, 0)),
+    "DECODE_MEMORY_MB": ("decode_memory_mb", lambda n, v: parse_int(n, v, 64)),
+    "DECODE_TIME_BASE_S": ("decode_time_base_s", lambda n, v: parse_float(n, v, 0)),
+    "DECODE_TIME_FACTOR": ("decode_time_factor", lambda n, v: parse_float(n, v, 0, "seconds "
+                                                                         "per second of audio")),
+    "DECODE_KILL_RETRIES": ("decode_kill_retries", lambda n, v: parse_int(n, v, 0, 100)),
     "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", parse_buckets),
     "MAX_MESSAGES": ("max_messages", lambda n, v: parse_int(n, v, 1, 1000)),
     "IDLE_TIMEOUT_S": ("idle_timeout_s", lambda n, v: parse_float(n, v, 0)),

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import audio, manifest
+from . import audio, decoder, manifest
 from .errors import Cancel
 from .messages import JobRequest, outputs_of
 from .progress import stage
@@ -37,8 +37,10 @@ class TrackFetch:
     `close()`."""
 
     def __init__(self, request: JobRequest, storage: Storage, settings, cancel: Cancel,
-                 models=None, trusted: bool = False, ahead: bool = False):
+                 models=None, trusted: bool = False, ahead: bool = False,
+                 attempt: int | None = None):
         self.request, self.storage, self.settings = request, storage, settings
+        self.attempt = attempt        # earlier tries of this track (job.decoder.kill_is_final)
         self.cancel, self.models, self.trusted, self.ahead = cancel, models, trusted, ahead
         self.timings: dict = {}
         self._scratch = contextlib.ExitStack()
@@ -71,8 +73,10 @@ class TrackFetch:
         with stage(self.timings, "download"):
             local = storage.fetch_original(original, scratch)
         with stage(self.timings, "decode"):
-            decoded = audio.decode_aside(local, scratch / "mix.f32",
-                                         self.settings.max_duration_s, cancel=self.cancel)
+            decoded = decoder.decode_aside(local, scratch / "mix.f32",
+                                           self.settings.max_duration_s, cancel=self.cancel,
+                                           limits=decoder.Limits.of(self.settings),
+                                           attempt=self.attempt)
         log.info("job %s: %s decoded (%.1f s of audio)%s", request.job_id, request.original_uri,
                  decoded.duration_s, ", ahead of its turn" if self.ahead else "")
         return FetchedTrack(original, found, decoded, scratch)

@@ -20,6 +20,11 @@ Why it is shaped this way:
   is read, with 503 and `Retry-After` (the last separation's duration): a caller that gets
   503 retries later instead of holding a connection and a temp file for an unknown time.
 - Uploads are streamed straight to a temp file (hashed as they arrive), never held in memory.
+  The multipart parser bounds each part's headers (count and line size) and the number of
+  parts, so a body of endless headers or parts is refused, not buffered. The disk is bounded
+  too: at start, MAX_INPUT_BYTES x (1 + HTTP_QUEUE) is checked against the temp folder's free
+  space; fewer uploads are then let on disk at once (the rest wait), or, when not even one
+  fits, the server does not start (exit 78).
   A declared Content-Length over the limit is refused before the body is read (a client that
   sends `Expect: 100-continue` never sends it); otherwise the first byte over the limit
   stops the upload with 413. Uvicorn discards what the client still sends after an early answer.
@@ -61,7 +66,7 @@ from starlette.requests import ClientDisconnect
 from . import messages, runtime
 from .auth import Guard, SharedToken
 from .config import Settings
-from .errors import EXIT_RETRY, Cancel, Interrupted, JobError
+from .errors import EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError
 from .model import ModelCache
 from .pipeline import Job, process
 from .storage import Original
@@ -70,6 +75,9 @@ log = logging.getLogger(__name__)
 
 FILE_FIELD = "file"
 MULTIPART_SLACK = 64 * 1024        # room for boundaries, part headers and small extra fields
+MAX_PARTS = 16                     # the file and a few form fields; more is not an upload
+MAX_PART_HEADERS = 8               # Content-Disposition, Content-Type, and room for others
+MAX_PART_HEADER_BYTES = 8192       # one header line: a long filename, percent-encoded
 DEFAULT_RETRY_AFTER_S = 30
 GRACE_S = 8        # after SIGTERM, responses get this long (Cloud Run kills at 10 s, GKE at 15 s)
 STATUS = {
@@ -77,6 +85,7 @@ STATUS = {
     "input_too_large": 413, "unsupported_media_type": 415,
     "invalid_id": 422, "invalid_message": 422, "invalid_outputs": 422, "not_audio": 422,
     "corrupt_audio": 422, "truncated_audio": 422, "empty_audio": 422, "too_long": 422,
+    "decode_memory_exceeded": 422, "decode_timeout": 422,
     "busy": 503, "interrupted": 503, "internal_error": 500,
 }
 GONE = JobError("upload_incomplete", "the client disconnected")   # nobody reads this answer
@@ -126,6 +135,7 @@ class FileReceiver:
         self.size = 0
         self.digest = hashlib.sha256()
         self.complete = self.ended = False
+        self.parts = 0
         self._in_file = False
         self._headers, self._field, self._value = {}, b"", b""
 
@@ -137,6 +147,10 @@ class FileReceiver:
 
     def on_part_begin(self):
         self._headers, self._in_file = {}, False
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise JobError("bad_multipart", f"the request holds more than {MAX_PARTS} parts: "
+                                            "send one audio file (and at most a few fields)")
 
     def on_header_field(self, data, start, end):
         self._field += data[start:end]
@@ -200,7 +214,8 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> FileRece
         raise JobError("bad_multipart",
                        f"the multipart Content-Type has no boundary: {HOW_TO_SEND}")
     receiver = FileReceiver(folder, limit)
-    parser = MultipartParser(boundary, receiver.callbacks())
+    parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=MAX_PART_HEADERS,
+                             max_header_size=MAX_PART_HEADER_BYTES)
     try:
         async for chunk in request.stream():
             parser.write(chunk)
@@ -229,13 +244,18 @@ def success_body(result: dict) -> dict:
 
 
 class Gate:
-    """One separation at a time, at most `queue` more requests in flight behind it."""
+    """One separation at a time, at most `queue` more requests in flight behind it, and at
+    most `on_disk` of those with an upload on disk (the others wait for room)."""
 
-    def __init__(self, queue: int):
+    def __init__(self, queue: int, on_disk: int | None = None):
         self.limit = 1 + queue
         self.in_flight = 0
         self.lock = asyncio.Lock()
         self.last_seconds = None
+        self.disk = asyncio.Semaphore(on_disk or self.limit)
+
+    def disk_slot(self) -> "DiskSlot":
+        return DiskSlot(self.disk)
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.last_seconds)) if self.last_seconds else DEFAULT_RETRY_AFTER_S
@@ -250,11 +270,43 @@ class Gate:
         self.in_flight -= 1
 
 
+class DiskSlot:
+    """Room on disk for one upload, held from before its first byte until its folder is gone."""
+
+    def __init__(self, semaphore: asyncio.Semaphore):
+        self.semaphore, self.held = semaphore, False
+
+    async def acquire(self):
+        await self.semaphore.acquire()
+        self.held = True
+
+    def release(self):
+        if self.held:
+            self.semaphore.release()
+            self.held = False
+
+
+def upload_slots(settings: Settings, folder: Path) -> int:
+    """How many uploads of MAX_INPUT_BYTES the temp folder's free space holds, up to one per
+    request in flight; ConfigError when it holds not even one."""
+    wanted = 1 + settings.http_queue
+    free = shutil.disk_usage(folder).free
+    slots = min(wanted, free // settings.max_input_bytes)
+    if slots < 1:
+        raise ConfigError(f"MAX_INPUT_BYTES={settings.max_input_bytes} is more than the "
+                          f"{free} bytes free in the upload folder {folder} (TMPDIR): lower "
+                          "it or give the folder more room")
+    if slots < wanted:
+        log.warning("the upload folder %s has room for %d upload(s) of MAX_INPUT_BYTES, not "
+                    "%d (1 + HTTP_QUEUE): the others wait", folder, slots, wanted)
+    return slots
+
+
 def create_app(settings: Settings, models: ModelCache | None = None, storage=None) -> FastAPI:
     """The FastAPI app; `models` and `storage` default to the ones `run` would build."""
     storage = storage or runtime.make_storage(settings)
     models = models or ModelCache(settings)
-    gate = Gate(settings.http_queue)
+    gate = Gate(settings.http_queue, upload_slots(settings, Path(tempfile.gettempdir())))
     # set on SIGTERM/SIGINT: the running separation stops at its next window (set, not
     # tripped: uvicorn's handler runs in the main thread, the separation in a worker)
     stopping = Cancel()
@@ -307,7 +359,9 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
                 retryable=True), gate.retry_after(), **ids)
         labels = {"labels": {"releaseId": release_id, "trackId": track_id}}
         folder = Path(tempfile.mkdtemp(prefix="stem-upload-"))
+        slot = gate.disk_slot()
         try:
+            await slot.acquire()       # room on disk for one more upload, or wait for it
             upload = await receive_upload(request, folder, settings.max_input_bytes)
             job_request = messages.make_request(release_id, track_id, str(upload.path),
                                                 mime_type=upload.mime, outputs=outputs)
@@ -333,6 +387,7 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
             return error_response(error, gate.retry_after(), **ids)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            slot.release()
             gate.leave()
         if result["status"] != "completed":
             return error_response(messages_error(result), gate.retry_after(), **ids)

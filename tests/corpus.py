@@ -220,6 +220,15 @@ def silence_flac(path: Path, seconds: float, rate: int = 8000, stream_total: boo
     return path
 
 
+def bomb_at_1_hz(path: Path) -> Path:
+    """A FLAC at a sample rate of 1 Hz, its length undeclared, one frame of 4,608 samples:
+    9 KB on disk, and each sample becomes 44,100 at 44.1 kHz (1.6 GB of float32 at once).
+    Not a Case: decoded without the child's memory limit it takes that memory."""
+    whole = encode(path.with_suffix(".whole.flac"), "flac", np.zeros((2, 4608), np.float32),
+                   rate=1, options={"frame_size": "4608"})
+    return _patched(path, whole, lambda d: flac_total_samples(d, 0))
+
+
 def cut(path: Path, source: Path, fraction: float | None = None, keep: int | None = None) -> Path:
     data = source.read_bytes()
     path.write_bytes(data[:keep if keep is not None else int(len(data) * fraction)])
@@ -234,6 +243,49 @@ def moov_at_end_cut(path: Path, folder: Path) -> Path:
     assert moov > data.find(b"mdat"), "the muxer writes moov after mdat unless told otherwise"
     path.write_bytes(data[:moov + (len(data) - moov) // 2])
     return path
+
+
+ASF_DATA = bytes.fromhex("3626b2758e66cf11a6d900aa0062ce6c")
+ASF_PACKET = 5945                  # the packet size of the real-world WMA this case is shaped on
+
+
+def wma(path: Path, seconds: float = 2.0) -> Path:
+    """WMA v2 in ASF with fixed 5,945-byte packets; the Data Object's packets start 50 bytes
+    after its GUID."""
+    return encode(path, "wmav2", signal(seconds), fmt="asf", bit_rate=128000,
+                  container_options={"packet_size": str(ASF_PACKET)})
+
+
+def wma_cut_in_packet(path: Path, folder: Path) -> Path:
+    """Ends inside a packet: the third holds 2,669 of its 5,945 bytes (a cut transfer)."""
+    data = wma(folder / "whole.wma").read_bytes()
+    first = data.find(ASF_DATA) + 50
+    return _bytes(path, data[:first + 2 * ASF_PACKET + 2669])
+
+
+def wma_damaged_packet(path: Path, folder: Path) -> Path:
+    """200 bytes of noise inside the fourth packet's payload: the decoder conceals it."""
+    data = bytearray(wma(folder / "whole.wma").read_bytes())
+    garbled = data.find(ASF_DATA) + 50 + 3 * ASF_PACKET + 1000
+    data[garbled:garbled + 200] = np.random.default_rng(1).bytes(200)
+    return _bytes(path, bytes(data))
+
+
+def riff_chunk(name: bytes, body: bytes) -> bytes:
+    return name + struct.pack("<I", len(body)) + body + b"\0" * (len(body) & 1)
+
+
+def wav_tagged(path: Path, stale: int = 0, keep: int | None = None) -> Path:
+    """A 1.0 s WAV with a LIST/INFO chunk after its data, as tag editors write them; `stale`:
+    the RIFF size claims that many bytes more than the file holds (the editor shrank the tag
+    and left the size); `keep`: the file cut to that many bytes."""
+    pcm = (signal(1.0).T * 20000).astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 2, RATE, RATE * 4, 4, 16)
+    info = riff_chunk(b"INAM", b"Corpus track\0") + riff_chunk(b"IART", b"Tag editor\0")
+    body = b"WAVE" + riff_chunk(b"fmt ", fmt) + riff_chunk(b"data", pcm) + \
+        riff_chunk(b"LIST", b"INFO" + info)
+    data = b"RIFF" + struct.pack("<I", len(body) + stale) + body
+    return _bytes(path, data[:keep])
 
 
 def zip_file(path: Path) -> Path:
@@ -346,6 +398,8 @@ CASES = [
     Case("eac3", _w("a.eac3", encode, "eac3", S2, fmt="eac3"), length=N2, slack=LOSSY),
     Case("mp2", _w("a.mp2", encode, "mp2", S2, fmt="mp2"), length=N2, slack=LOSSY),
     Case("wma", _w("a.wma", encode, "wmav2", S2, fmt="asf", bit_rate=128000), length=N2, slack=LOSSY),
+    Case("wma_damaged_packet_mid", lambda f: wma_damaged_packet(f / "a.wma", f), length=N2,
+         slack=LOSSY),
     Case("dsd_dsf", _w("a.dsf", dsf), length=samples(0.5), slack=2000),
     # --- shapes
     Case("mono_8k", _w("a.wav", encode, "pcm_s16le", signal(2.0, 8000, 1), rate=8000),
@@ -357,6 +411,10 @@ CASES = [
          length=WINDOW),
     Case("long_silence", _w("a.flac", encode, "flac", np.zeros((2, samples(6.0)), np.float32)),
          length=samples(6.0)),
+    # a tag editor's WAV: the RIFF size is stale, the data and LIST chunks are whole
+    Case("wav_stale_riff_size", _w("a.wav", wav_tagged, stale=148), length=RATE),
+    Case("wav_cut_in_trailing_tag", lambda f: wav_tagged(f / "a.wav", keep=RATE * 4 + 44 + 20),
+         length=RATE),
     Case("dc_offset", _w("a.wav", encode, "pcm_s16le", S2 * 0.5 + 0.4), length=N2),
     Case("clipped_square", _w("a.wav", encode, "pcm_s16le",
                               np.sign(np.sin(np.arange(N2) / 20.0))[None].repeat(2, 0)
@@ -392,6 +450,10 @@ CASES = [
          "truncated_audio"),
     Case("w64_cut", lambda f: cut(f / "a.w64", encode(f / "b.w64", "pcm_s16le", S2, fmt="w64"),
                                   0.4), "truncated_audio"),
+    Case("wav_tagged_cut_in_data", lambda f: wav_tagged(f / "a.wav", keep=RATE * 2),
+         "truncated_audio"),
+    Case("wma_ends_inside_a_packet", lambda f: wma_cut_in_packet(f / "a.wma", f),
+         "truncated_audio"),
     Case("flac_header_only", lambda f: cut(f / "a.flac", encode(f / "b.flac", "flac", S2),
                                            keep=8 + 34 + 4 + 40), "corrupt_audio"),
     Case("flac_cut_mid_frame", lambda f: cut(f / "a.flac", encode(f / "b.flac", "flac", S2), 0.5),
@@ -454,5 +516,6 @@ END_TO_END = {
     "exactly_one_window", "very_short_wav", "nan_inf_float_wav",
     "zero_length", "text_file", "executable", "video_without_audio", "wav_header_only",
     "wav_cut", "mp3_xing_cut", "m4a_cut_in_index", "flac_header_only", "mp3_free_format",
+    "wma_ends_inside_a_packet", "wav_stale_riff_size",
     "declared_longer_than_present", "bomb_declared_hours", "bomb_silence_undeclared",
 }

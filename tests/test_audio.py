@@ -1,13 +1,19 @@
 """Decoding every input format to 44.1 kHz stereo, and the encoders' output."""
 
+import os
 import signal
+import threading
+import time
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import soundfile
 
-from job.audio import RawReader, decode_aside, decode_to_file
+import corpus
+from job.audio import RawReader, decode_to_file
+from job.decoder import CHILD_ENV, PASSED_ENV, Limits, decode_aside
 from job.errors import Cancel, Interrupted, JobError
 from job.encode import StemEncoder, soft_limit
 from job.synthetic import music, write_audio
@@ -81,32 +87,44 @@ def test_wav_and_flac_outputs(tmp_path, fmt, subtype):
 
 
 # -- the decode in a child process of its own ----------------------------------------------
-def _kill_the_decoder_once_started(sig):
-    """Kill the decoding child with `sig` as soon as it exists (it is spawned: a fresh
-    interpreter, still starting up when this fires)."""
-    import multiprocessing
-    import os
-    import threading
-    import time
+def decoder_child(timeout=20.0) -> int:
+    """The pid of this process's decoding child, as soon as it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"job.decoder" in cmdline:
+                return int(entry.name)
+        time.sleep(0.002)
+    raise AssertionError("no decoding child appeared")
 
-    def kill():
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            children = [c for c in multiprocessing.active_children() if c.name == "decode"]
-            if children:
-                os.kill(children[0].pid, sig)
-                return
-            time.sleep(0.001)
-    thread = threading.Thread(target=kill)
+
+def in_background(work):
+    """Run `work()` in a thread; the thread and a dict that gets its "value" or "error"."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except Exception as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=run)
     thread.start()
-    return thread
+    return thread, outcome
 
 
 def test_the_decode_aside_gives_what_the_decode_in_process_gives(tmp_path):
     path = write_audio(tmp_path / "a.mp3", music(5.0, seed=2))
     here = decode_to_file(path, tmp_path / "here.f32", 60)
     aside = decode_aside(path, tmp_path / "aside.f32", 60)
-    assert aside == here.__class__(**{**here.__dict__, "path": aside.path})
+    # the child's BLAS runs one thread: its dot products may round in another order
+    same = {**here.__dict__, "path": aside.path, "mean": aside.mean, "std": aside.std}
+    assert aside == here.__class__(**same)
+    assert (aside.mean, aside.std) == pytest.approx((here.mean, here.std), rel=1e-12)
     assert (tmp_path / "here.f32").read_bytes() == (tmp_path / "aside.f32").read_bytes()
 
 
@@ -118,28 +136,101 @@ def test_the_decode_aside_raises_the_childs_job_error(tmp_path):
     assert error.value.code == "not_audio" and not error.value.retryable
 
 
-@pytest.mark.parametrize("sig, code, retryable", [(signal.SIGSEGV, "corrupt_audio", False),
-                                                   (signal.SIGKILL, "decode_killed", True)])
-def test_a_decoder_that_dies_fails_the_track_not_the_worker(tmp_path, sig, code, retryable):
+@pytest.mark.parametrize("sig, attempt, code, retryable", [
+    (signal.SIGSEGV, None, "corrupt_audio", False),
+    (signal.SIGKILL, None, "decode_killed", True),          # the platform does not count
+    (signal.SIGKILL, Limits().kill_retries - 1, "decode_killed", True),
+    (signal.SIGKILL, Limits().kill_retries, "decode_killed", False)])   # the budget is spent
+def test_a_decoder_that_dies_fails_the_track_not_the_worker(tmp_path, sig, attempt, code,
+                                                            retryable):
     path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
-    killer = _kill_the_decoder_once_started(sig)
-    with pytest.raises(JobError) as error:
-        decode_aside(path, tmp_path / "mix.f32", 600)
-    killer.join()
-    assert (error.value.code, error.value.retryable) == (code, retryable), error.value.message
+    thread, outcome = in_background(
+        lambda: decode_aside(path, tmp_path / "mix.f32", 600, attempt=attempt))
+    os.kill(decoder_child(), sig)
+    thread.join()
+    error = outcome["error"]
+    assert isinstance(error, JobError), error
+    assert (error.code, error.retryable) == (code, retryable), error.message
     if sig == signal.SIGSEGV:
-        assert "SIGSEGV" in error.value.message
+        assert "SIGSEGV" in error.message
+    if not retryable and code == "decode_killed":
+        assert "DECODE_KILL_RETRIES" in error.message
 
 
 def test_sigterm_stops_the_decode_aside_at_once(tmp_path):
-    import multiprocessing
-    import threading
-    import time
     path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
     cancel = Cancel()
-    threading.Timer(0.05, cancel.set).start()
-    started = time.monotonic()
-    with pytest.raises(Interrupted):
-        decode_aside(path, tmp_path / "mix.f32", 600, cancel=cancel)
-    assert time.monotonic() - started < 2.0
-    assert not [c for c in multiprocessing.active_children() if c.name == "decode"]
+    thread, outcome = in_background(
+        lambda: decode_aside(path, tmp_path / "mix.f32", 600, cancel=cancel))
+    child = decoder_child()
+    cancel.set()
+    thread.join(5.0)
+    assert not thread.is_alive() and isinstance(outcome["error"], Interrupted)
+    assert not Path(f"/proc/{child}").exists(), "the child is killed and reaped"
+
+
+def test_a_file_that_makes_the_decoder_allocate_without_bound_fails_on_the_memory_limit(
+        tmp_path):
+    path = corpus.bomb_at_1_hz(tmp_path / "bomb.flac")
+    assert path.stat().st_size < 20_000
+    with pytest.raises(JobError) as caught:
+        decode_aside(path, tmp_path / "mix.f32", 600)
+    assert caught.value.code == "decode_memory_exceeded" and not caught.value.retryable
+    assert "DECODE_MEMORY_MB" in caught.value.message
+    assert (tmp_path / "mix.f32").stat().st_size == 0, "refused before a sample is written"
+
+
+def test_a_decode_past_its_time_budget_is_stopped_with_its_own_code(tmp_path):
+    path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
+    limits = Limits(time_base_s=0.3, time_factor=0.001)     # a budget of about half a second
+    with pytest.raises(JobError) as caught:
+        decode_aside(path, tmp_path / "mix.f32", 600, limits=limits)
+    assert caught.value.code == "decode_timeout" and not caught.value.retryable
+    assert "DECODE_TIME_FACTOR" in caught.value.message
+    whole = 60 * 44100 * 2 * 4
+    assert not (tmp_path / "mix.f32").exists() or (tmp_path / "mix.f32").stat().st_size < whole
+
+
+def test_the_time_budget_follows_the_size_and_the_declared_duration():
+    limits = Limits(time_base_s=10, time_factor=0.5)
+    assert limits.budget_s(0, 60.0, 3600) == 10 + 30
+    assert limits.budget_s(0, None, 3600) == 10 + 1800, "nothing declared: MAX_DURATION_S"
+    assert limits.budget_s(0, 7200.0, 3600) == 10 + 1800, "no more than MAX_DURATION_S decodes"
+    assert limits.budget_s(40_000_000, 60.0, 3600) == 10 + 2 + 30
+
+
+def test_the_decoder_sees_no_credentials_and_no_inherited_files(tmp_path, monkeypatch):
+    secrets = {"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json"),
+               "GOOGLE_CLOUD_PROJECT": "p", "CLOUDSDK_AUTH_ACCESS_TOKEN": "t",
+               "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1", "HTTP_TOKEN": "t",
+               "AWS_SECRET_ACCESS_KEY": "k"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
+    kept = open(tmp_path / "key.json", "w")          # a file the parent holds open ...
+    os.set_inheritable(kept.fileno(), True)          # ... even one marked inheritable
+    cancel = Cancel()
+    thread, _ = in_background(lambda: decode_aside(path, tmp_path / "mix.f32", 600,
+                                                   cancel=cancel))
+    try:
+        child = decoder_child()
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "mix.f32").exists():     # the child is decoding: its files open
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        names = {item.split(b"=", 1)[0].decode() for item in environ if item}
+        fds = {int(fd.name): os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()}
+        cwd = os.readlink(f"/proc/{child}/cwd")
+    finally:
+        cancel.set()
+        thread.join()
+        kept.close()
+    assert not names & set(secrets) and not [n for n in names if n.startswith("GOOGLE")], names
+    assert names <= set(PASSED_ENV) | set(CHILD_ENV), names
+    assert fds[0] == fds[1] == "/dev/null"
+    assert cwd == str(tmp_path), "it works in the scratch folder it writes to"
+    files = {target for fd, target in fds.items() if fd > 2 and target.startswith("/")}
+    pipes = [target for fd, target in fds.items() if fd > 2 and target.startswith("pipe:")]
+    assert files <= {str(path), str(tmp_path / "mix.f32")}, fds
+    assert len(pipes) == 1, f"one pipe for its answer: {fds}"

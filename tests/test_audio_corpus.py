@@ -12,7 +12,8 @@ import pytest
 
 from conftest import last_json, run_job
 from corpus import CASES, END_TO_END, MAX_DURATION_S
-from job.audio import SAMPLE_RATE, RawReader, decode_aside, decode_to_file
+from job.audio import SAMPLE_RATE, RawReader, decode_to_file
+from job.decoder import decode_aside
 from job.errors import JobError
 from job.messages import STEMS
 
@@ -147,3 +148,19 @@ def test_end_to_end_through_the_cli(name, job_env_for, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["durationS"] == round(expected / SAMPLE_RATE, 3)
     assert stem_lengths(folder) == {stem: expected for stem in STEMS}, "stems as long as the input"
+
+
+@pytest.mark.parametrize("name", ["wma", "wav_s16", "wav_stale_riff_size", "wav_rf64", "w64",
+                                  "aiff", "rf64_soundfile"])
+def test_a_header_cut_anywhere_is_read_without_fault(name, tmp_path):
+    """The header reader meets every prefix of a real header: it answers, it never raises."""
+    from job.headers import audio_end
+    path = make(name, tmp_path)
+    data = path.read_bytes()
+    whole = audio_end(path)
+    assert whole is not None and 700 < whole <= len(data), (whole, len(data))
+    cut = tmp_path / "cut"
+    for keep in range(0, min(len(data), 700)):
+        cut.write_bytes(data[:keep])
+        end = audio_end(cut)
+        assert end is None or end > keep - 1, (keep, end)

@@ -9,6 +9,7 @@ import pytest
 import soundfile
 from click.testing import CliRunner
 
+import corpus
 from job.cli import cli
 from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG
 from job.synthetic import music, write_audio
@@ -89,6 +90,18 @@ def test_longer_than_max_duration(env, tmp_path):
     failed(run_args(path), env | {"MAX_DURATION_S": "2"}, tmp_path, "too_long")
 
 
+def test_a_decoder_bomb_fails_on_the_memory_limit_not_on_the_host(env, tmp_path):
+    path = corpus.bomb_at_1_hz(tmp_path / "bomb.flac")
+    result = failed(run_args(path), env, tmp_path, "decode_memory_exceeded")
+    assert "DECODE_MEMORY_MB" in result["error"]["message"]
+
+
+def test_a_decode_past_its_time_budget_fails(env, tmp_path):
+    path = write_audio(tmp_path / "long.flac", music(60.0))
+    budget = {"DECODE_TIME_BASE_S": "0.3", "DECODE_TIME_FACTOR": "0.001"}
+    failed(run_args(path), env | budget, tmp_path, "decode_timeout")
+
+
 def test_larger_than_max_bytes(env, tmp_path, song):
     failed(run_args(song), env | {"MAX_INPUT_BYTES": "1000"}, tmp_path, "input_too_large")
 
@@ -138,6 +151,7 @@ def test_message_paths_must_lie_under_input_dir(env, tmp_path, song):
     ("DEVICE", "tpu"), ("MP3_BITRATE", "999k"), ("OUTPUT_FORMAT", "ogg"),
     ("MAX_DURATION_S", "-1"), ("SEGMENT_BATCH", "lots"), ("STORAGE_MODE", "s3"),
     ("PUBSUB_SUBSCRIPTION", "has space"), ("PUBSUB_RESULTS_TOPIC", "x"),
+    ("DECODE_MEMORY_MB", "16"), ("DECODE_TIME_FACTOR", "0"), ("DECODE_KILL_RETRIES", "-1"),
 ])
 def test_invalid_configuration_is_one_line_naming_the_variable(env, tmp_path, song, variable, value):
     runner = CliRunner()
