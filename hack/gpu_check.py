@@ -92,6 +92,7 @@ def windows(size="full", device="cuda", precisions=PRECISIONS, batches=BATCHES):
     for precision in precisions:
         runs = {}
         for batch in batches:
+            print(f"gpu-check: windows {precision}, {batch} per pass", file=sys.stderr, flush=True)
             if cuda:
                 torch.cuda.empty_cache()            # no earlier run's cached blocks counted
             separator = Separator(model, torch.device(device), batch=batch, precision=precision)
