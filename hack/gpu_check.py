@@ -36,7 +36,9 @@ L4_FREE_MB = 22 * 1024        # an L4's 24 GB less the CUDA context and the mode
 STEP_TIMEOUT_S = 240          # no step may hold the machine longer than this
 
 
-def step(figures, name, function):
+def step(figures, name, function, out: Path | None):
+    """Run one step into `figures`; what has been measured so far is written to `out` after
+    each step, so a run stopped by its time limit still leaves its figures."""
     started = time.perf_counter()
     try:
         figures[name] = function()
@@ -45,6 +47,8 @@ def step(figures, name, function):
     figures.setdefault("step_seconds", {})[name] = round(time.perf_counter() - started, 1)
     print(f"gpu-check: {name} done in {figures['step_seconds'][name]} s", file=sys.stderr,
           flush=True)
+    if out is not None:
+        (out / "figures.json").write_text(json.dumps(figures, indent=1))
 
 
 def python_env() -> dict:
@@ -182,14 +186,15 @@ def main():
                "python": sys.version.split()[0]}
     if args.cpu_smoke:
         # fp16 autocast on a CPU is far slower than on any GPU: the smoke leaves it out
-        step(figures, "windows", lambda: windows("small", "cpu", ("fp32", "bf16"), (1, 2)))
-        step(figures, "bench", lambda: bench("small", "cpu", seconds=(20,)))
+        step(figures, "windows", lambda: windows("small", "cpu", ("fp32", "bf16"), (1, 2)),
+             args.out)
+        step(figures, "bench", lambda: bench("small", "cpu", seconds=(20,)), args.out)
     elif not figures["cuda_available"]:
         figures["error"] = "no CUDA device: nothing to check"
     else:
-        step(figures, "cuda_tests", lambda: cuda_tests(args.out))
-        step(figures, "windows", windows)
-        step(figures, "bench", bench)
+        step(figures, "cuda_tests", lambda: cuda_tests(args.out), args.out)
+        step(figures, "windows", windows, args.out)
+        step(figures, "bench", bench, args.out)
     text = json.dumps(figures)
     if args.out is not None:
         (args.out / "figures.json").write_text(json.dumps(figures, indent=1))

@@ -65,7 +65,8 @@ def tree_bytes() -> int:
     """What travels besides the wheels: tracked and untracked-not-ignored files."""
     names = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO,
                            capture_output=True, check=True).stdout.split(b"\0")
-    return sum((REPO / n.decode()).stat().st_size for n in names if n and (REPO / n.decode()).is_file())
+    paths = [REPO / name.decode() for name in names if name]
+    return sum(path.stat().st_size for path in paths if path.is_file())
 
 
 def main():
