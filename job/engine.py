@@ -20,6 +20,14 @@ window with NaN/Inf is computed again in fp32 and counted (`fallback_windows`). 
 the first window with signal is computed in both precisions and the reduced one is kept only if
 it agrees with fp32 to PARITY_DB; with `verdicts`, that check's outcome is recorded, and a
 verdict already recorded for these weights on this kind of CPU replaces it.
+
+Device memory: a batch is sized for the precision that runs (fp32 takes more per window than
+bf16/fp16), so the probe compares one window, not a batch, and silent lead-in windows, which run
+in fp32 before the probe has decided, go through in fp32-sized passes. A pass that still runs out
+of device memory (`torch.cuda.OutOfMemoryError`: the free memory was less than measured, or a
+window needs more than `model.WINDOW_MB`) is redone in halves, and the halved size is kept for
+the rest of the process; the same windows go through the same computation, so the output is
+the same. Only one window that does not fit fails the track: no smaller pass exists.
 """
 
 import logging
@@ -31,12 +39,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import Cancel, Interrupted
+from .errors import Cancel, Interrupted, JobError
+from .model import auto_batch
 from .precision import bf16_copy
 
 OVERLAP = 0.25
 PARITY_DB = 35.0              # reduced precision is kept only this close to fp32 (SDR)
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SILENT = 1e-3                 # a window quieter than this (normalised) tells the probe nothing
+OutOfMemory = torch.cuda.OutOfMemoryError     # what torch's CUDA allocator raises (a RuntimeError)
 log = logging.getLogger(__name__)
 
 
@@ -190,16 +201,24 @@ class Pending:
 
 
 class Separator:
-    """A loaded model and how to run it; `separate()` streams one track through it."""
+    """A loaded model and how to run it; `separate()` streams one track through it.
 
-    def __init__(self, model, device: torch.device, batch: int = 1, precision: str = "fp32",
-                 shifts: int = 0, seed: int = 0, probe: bool = False, verdicts=None,
-                 hardware: str = ""):
+    `batch`: windows per forward pass, the same for every precision; a dict gives it per
+    precision ({"fp32": 4, "bf16": 8}); None (or a precision the dict lacks) sizes it from the
+    device's free memory (`model.auto_batch`) when that precision first runs.
+    """
+
+    def __init__(self, model, device: torch.device, batch: int | dict | None = 1,
+                 precision: str = "fp32", shifts: int = 0, seed: int = 0, probe: bool = False,
+                 verdicts=None, hardware: str = ""):
         self.model = model
         self.models, self.model_weights = bag_of(model)
         self.sources = list(model.sources)
         self.device = device
-        self.batch = max(1, batch)
+        sizes = batch if isinstance(batch, dict) else {}
+        self.fixed_batch = max(1, batch) if batch and not sizes else None
+        self._batches = {p: max(1, n) for p, n in sizes.items()}   # halved on OOM
+        self.halvings = 0                 # passes of the last track halved for device memory
         self.precision = precision        # what runs now: fp32, bf16 or fp16
         self.probe = probe and precision in REDUCED
         self.probe_db = None              # the first window's agreement with fp32, when probed
@@ -236,6 +255,51 @@ class Separator:
         else:
             log.info("%s agrees with fp32 to %.1f dB (%s): kept", self.precision, db, how)
 
+    def batch_for(self, precision: str) -> int:
+        """Windows per forward pass in `precision`."""
+        if precision not in self._batches:
+            if self.fixed_batch is None and self.device.type == "cuda":
+                torch.cuda.empty_cache()      # memory cached by earlier passes is free for this
+            self._batches[precision] = self.fixed_batch or auto_batch(self.device, precision)
+        return self._batches[precision]
+
+    @property
+    def batch(self) -> int:
+        """Windows per forward pass in the precision that runs now."""
+        return self.batch_for(self.precision)
+
+    def _halve(self, precision: str, size: int) -> None:
+        """A pass of `size` windows ran out of device memory: later passes take half as many.
+        Called outside the `except` clause, whose traceback holds the failed pass's tensors."""
+        if size <= 1:
+            free = f", {torch.cuda.mem_get_info(self.device)[0] / 2**20:.0f} MB free" \
+                if self.device.type == "cuda" else ""
+            raise JobError("device_out_of_memory",
+                           f"one window does not fit in {self.device}'s memory in {precision}"
+                           f"{free}: the device is too small for the model, or shared",
+                           retryable=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._batches[precision] = min(self.batch_for(precision), (size + 1) // 2)
+        self.halvings += 1
+        log.warning("%s ran out of memory with %d windows per pass in %s: now %d", self.device,
+                    size, precision, self._batches[precision])
+
+    def _forward(self, model, inputs: torch.Tensor, precision: str) -> torch.Tensor:
+        """`inputs` through the model synchronously, in passes of at most `batch_for(precision)`
+        windows; a pass that runs out of device memory is redone in halves."""
+        outputs, start = [], 0
+        while start < len(inputs):
+            size = min(self.batch_for(precision), len(inputs) - start)
+            try:
+                outputs.append(self._run(model, inputs[start:start + size], precision))
+                start += size
+                continue
+            except OutOfMemory:
+                pass
+            self._halve(precision, size)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
     def _run(self, model, inputs: torch.Tensor, precision: str) -> torch.Tensor:
         """One synchronous forward pass on the host tensor `inputs`: float32 host output."""
         copy = self._bf16.get(id(model)) if precision == "bf16" else None
@@ -257,11 +321,19 @@ class Separator:
 
     def _launch(self, model, inputs: torch.Tensor, slot: int) -> Pending:
         """Start the forward pass of one batch; on CUDA it runs while the caller goes on."""
-        if self.probe and float(inputs.abs().max()) > 1e-3:
-            return Pending(model, inputs, self._probe(model, inputs))
+        if self.probe and float(inputs.abs().max()) > SILENT:
+            return Pending(model, inputs, self._probed(model, inputs))
         precision = "fp32" if self.probe else self.precision   # silence before the probe
-        if self.device.type != "cuda":
-            return Pending(model, inputs, self._run(model, inputs, precision))
+        if self.device.type == "cuda" and len(inputs) <= self.batch_for(precision):
+            try:
+                return self._launch_async(model, inputs, slot, precision)
+            except OutOfMemory:
+                pass
+            self._halve(precision, len(inputs))
+        return Pending(model, inputs, self._forward(model, inputs, precision))
+
+    def _launch_async(self, model, inputs: torch.Tensor, slot: int, precision: str) -> Pending:
+        """One pass on CUDA from a pinned buffer, its output copied back without waiting."""
         staged = self._buffer(f"in{slot}", tuple(inputs.shape))
         staged.copy_(inputs)
         autocast = nullcontext() if precision not in REDUCED else \
@@ -274,16 +346,29 @@ class Separator:
         event.record()
         return Pending(model, inputs, host, event)
 
-    def _probe(self, model, inputs: torch.Tensor) -> torch.Tensor:
-        """Run a batch in fp32 and in the reduced precision; keep the reduced one if it agrees."""
-        exact = self._run(model, inputs, "fp32")
-        reduced = self._run(model, inputs, self.precision)
+    def _probed(self, model, inputs: torch.Tensor) -> torch.Tensor:
+        """The first batch with signal: its first such window decides the precision, and the
+        batch's other windows then run in the precision decided."""
+        first = int(np.flatnonzero(inputs.flatten(1).abs().amax(1).numpy() > SILENT)[0])
+        exact, reduced = self._probe(model, inputs[first:first + 1])
+        kept = exact if self.precision == "fp32" else reduced
+        if len(inputs) == 1:
+            return kept
+        others = self._forward(model, torch.cat([inputs[:first], inputs[first + 1:]]),
+                               self.precision)
+        return torch.cat([others[:first], kept, others[first:]])
+
+    def _probe(self, model, window: torch.Tensor) -> tuple:
+        """Run one window in fp32 and in the reduced precision; keep the reduced one if it
+        agrees. Returns both outputs."""
+        exact = self._forward(model, window, "fp32")
+        reduced = self._forward(model, window, self.precision)
         finite = bool(torch.isfinite(reduced).all())
         db = agreement_db(exact.numpy(), reduced.numpy()) if finite else float("-inf")
         if self._key is not None:
             self._verdicts.write(self._key, db)
         self._decide(db, "checked")
-        return exact
+        return exact, reduced
 
     def check(self, mix: np.ndarray):
         """The probe on the first window of `mix` (2, n), outside any track (image build):
@@ -304,7 +389,7 @@ class Separator:
         out = pending.outputs.numpy()
         bad = ~np.isfinite(out.reshape(out.shape[0], -1)).all(1)
         for index in np.flatnonzero(bad):
-            redo = self._run(pending.model, pending.inputs[index:index + 1], "fp32").numpy()
+            redo = self._forward(pending.model, pending.inputs[index:index + 1], "fp32").numpy()
             if not np.isfinite(redo).all():
                 raise RuntimeError("the model's output is not finite, even in fp32")
             out[index] = redo[0]
@@ -316,7 +401,8 @@ class Separator:
 
     def separate(self, read, length: int, mean: float, std: float, emit,
                  progress=None, cancel: Cancel | None = None) -> dict:
-        """Separate a track of `length` samples; returns {"fp32FallbackWindows": n}.
+        """Separate a track of `length` samples; returns the engine's figures for the manifest
+        (`fp32FallbackWindows`, `oomHalvings`, the `batch` it ended with, `devicePeakMb`).
 
         read(start, stop) -> (2, stop-start) float32 raw audio, zeros outside the track.
         emit(start, block) receives (sources, 2, n) de-normalised stem blocks, in order,
@@ -324,22 +410,28 @@ class Separator:
         aborts a forward pass under way.
         """
         cancel = cancel if cancel is not None else Cancel()
-        self.fallback_windows = 0
+        self.fallback_windows = self.halvings = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         std = std if std > 1e-8 else 1.0
         streams = plan_streams(self.models, length, self.shifts, self.seed)
         adders = [OverlapAdd(s, len(self.sources)) for s in streams]
         combiner = Combiner(streams, self.model_weights, len(self.sources), length)
         # every window (position, stream, offset in the stream), in the order of the audio
         windows = sorted(((s.offset + o, i, o) for i, s in enumerate(streams) for o in s.windows()))
-        batches, current = [], []
-        for window in windows:
-            if current and (len(current) == self.batch or
-                            streams[current[0][1]].model_index != streams[window[1]].model_index):
-                batches.append(current)
-                current = []
-            current.append(window)
-        if current:
-            batches.append(current)
+
+        def plan():
+            """Consecutive windows of one model, as many as a pass in the precision that runs
+            now takes (read when each batch is planned: the probe or an OOM may change it)."""
+            at = 0
+            while at < len(windows):
+                model_index = streams[windows[at][1]].model_index
+                end, size = at + 1, self.batch
+                while end < len(windows) and end - at < size and \
+                        streams[windows[end][1]].model_index == model_index:
+                    end += 1
+                yield windows[at:end]
+                at = end
 
         def load(batch):
             """The normalised, neighbour-padded input of each window (TensorChunk.padded)."""
@@ -382,14 +474,18 @@ class Separator:
                 progress(done / len(windows))
 
         previous = None                  # (batch, Pending): launched, not yet overlap-added
+        batches = plan()
+        batch = next(batches)
         with ThreadPoolExecutor(1, thread_name_prefix="read-windows") as pool:
-            future = pool.submit(load, batches[0])
-            for number, batch in enumerate(batches):
+            future = pool.submit(load, batch)
+            number = 0
+            while batch is not None:
                 if cancel.is_set():
                     raise Interrupted()
                 inputs = future.result()
-                if number + 1 < len(batches):
-                    future = pool.submit(load, batches[number + 1])
+                following = next(batches, None)
+                if following is not None:
+                    future = pool.submit(load, following)
                 model = self.models[streams[batch[0][1]].model_index]
                 if number == 0:
                     log.info("first window entering the model", extra={"json_fields": {"event": "first_window"}})
@@ -398,6 +494,10 @@ class Separator:
                     if previous is not None:
                         finish(previous[0], self._collect(previous[1]))
                 previous = (batch, pending)
+                batch, number = following, number + 1
             with cancel.abortable():
                 finish(previous[0], self._collect(previous[1]))
-        return {"fp32FallbackWindows": self.fallback_windows}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 \
+            if self.device.type == "cuda" else None
+        return {"fp32FallbackWindows": self.fallback_windows, "oomHalvings": self.halvings,
+                "batch": self.batch, "devicePeakMb": None if peak is None else round(peak)}

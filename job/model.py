@@ -33,7 +33,8 @@ class ModelUnavailable(ConfigError):
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-WINDOW_MB = {"fp32": 1536, "bf16": 1024, "fp16": 1024}   # device memory per window in a batch
+# device memory per window in a pass, per precision (hack/gpu-check measures and prints them)
+WINDOW_MB = {"fp32": 1536, "bf16": 1024, "fp16": 1024}
 HEADROOM_MB = 1024                                        # left free for cuDNN workspaces etc.
 MAX_BATCH = 16
 
@@ -189,11 +190,12 @@ class ModelCache:
                     cuda and torch.cuda.is_bf16_supported(including_emulation=False))
                 if cuda:
                     torch.backends.cudnn.benchmark = True
-                batch = s.segment_batch or auto_batch(device, precision)
-                log.info("model runs on %s in %s%s, %d window(s) per pass", device, precision,
-                         " (checked against fp32 on the first window)" if probe else "", batch)
-                self._separator = Separator(model, device, batch, precision, s.shifts, s.seed,
-                                            probe=probe,
+                # SEGMENT_BATCH=auto (0): sized per precision from the free memory
+                self._separator = Separator(model, device, s.segment_batch or None, precision,
+                                            s.shifts, s.seed, probe=probe,
                                             verdicts=Verdicts(verdict_folders(s.model_dir)),
                                             hardware=cpu_kind(cpuinfo))
+                log.info("model runs on %s in %s%s, %d window(s) per pass", device, precision,
+                         " (checked against fp32 on the first window)" if probe else "",
+                         self._separator.batch)
             return self._separator

@@ -1,4 +1,5 @@
-"""Our streaming engine against demucs' reference separation on the same model and audio."""
+"""Our streaming engine against demucs' reference separation on the same model and audio,
+also when the device runs out of memory and passes are halved."""
 
 import random
 
@@ -8,6 +9,7 @@ import torch
 from demucs.apply import apply_model
 
 from job.engine import Separator, bag_of, plan_streams
+from job.errors import JobError
 from job.model import load_model
 from job.synthetic import music
 
@@ -50,6 +52,47 @@ def separated(separator, mix):
     return out, stats
 
 
+class Wrapped(torch.nn.Module):
+    """A real model seen through a wrapper that changes what a forward pass does."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.sources, self.samplerate, self.segment = inner.sources, inner.samplerate, inner.segment
+        self.audio_channels = inner.audio_channels
+
+    def reduced(self, mix) -> bool:
+        """Whether this pass runs in reduced precision (autocast, or the CPU's bf16 copy)."""
+        return any(p.dtype != torch.float32 for p in self.parameters()) or \
+            torch.is_autocast_enabled(mix.device.type)
+
+
+class Passes(list):
+    """(precision, windows) of each pass a model ran, shared with its copies (the bf16 one)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SmallDevice(Wrapped):
+    """A real model on a device that holds `holds[precision]` windows per pass (fp32, or
+    "reduced"): a larger pass raises what torch's CUDA allocator raises when it runs out."""
+
+    def __init__(self, inner, fp32: int, reduced: int | None = None):
+        super().__init__(inner)
+        self.holds = {"fp32": fp32, "reduced": fp32 if reduced is None else reduced}
+        self.passes = Passes()
+
+    def forward(self, mix):
+        precision = "reduced" if self.reduced(mix) else "fp32"
+        self.passes.append((precision, len(mix)))
+        if len(mix) > self.holds[precision]:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory: {len(mix)} windows in {precision}, the device holds "
+                f"{self.holds[precision]}")
+        return self.inner(mix)
+
+
 def ours(model, mix, batch=1, shifts=0, seed=0):
     return separated(Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed),
                      mix)[0]
@@ -66,8 +109,8 @@ def long_mix():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_matches_reference_within_60_db(model, long_mix, batch):
-    expected = reference(model, long_mix)
+def test_matches_reference_within_60_db(model, long_mix, expected_long, batch):
+    expected = expected_long
     got = ours(model, long_mix, batch=batch)
     for index, name in enumerate(model.sources):
         assert sdr(expected[index], got[index]) >= 60, name
@@ -97,3 +140,41 @@ def test_short_track_under_one_window(model):
     expected = reference(model, mix)
     got = ours(model, mix)
     assert min(sdr(expected[i], got[i]) for i in range(6)) >= 60
+
+
+@pytest.fixture(scope="module")
+def expected_long(model, long_mix):
+    return reference(model, long_mix)
+
+
+def test_out_of_memory_halves_the_pass_and_keeps_the_output(model, long_mix, expected_long):
+    """A pass the device cannot hold is redone in halves; the smaller size is kept for later
+    passes and later tracks, and the output is still the reference's."""
+    device = SmallDevice(model.models[0], fp32=1)
+    separator = Separator(device, torch.device("cpu"), batch=2)
+    got, stats = separated(separator, long_mix)
+    assert stats["oomHalvings"] == 1 and stats["batch"] == separator.batch == 1
+    assert device.passes == [("fp32", 2)] + [("fp32", 1)] * 4
+    for index, name in enumerate(model.sources):
+        assert sdr(expected_long[index], got[index]) >= 60, name
+    device.passes.clear()                          # the next track: no pass fails again
+    again, stats = separated(separator, long_mix)
+    assert stats["oomHalvings"] == 0 and device.passes == [("fp32", 1)] * 4
+    np.testing.assert_array_equal(again, got)
+
+
+def test_halving_goes_down_to_one_window(model, long_mix, expected_long):
+    device = SmallDevice(model.models[0], fp32=1)
+    got, stats = separated(Separator(device, torch.device("cpu"), batch=4), long_mix)
+    assert stats["oomHalvings"] == 2 and stats["batch"] == 1
+    assert [n for _, n in device.passes] == [4, 2, 1, 1, 1, 1]
+    assert min(sdr(expected_long[i], got[i]) for i in range(6)) >= 60
+
+
+def test_out_of_memory_at_one_window_fails_the_track(model, long_mix):
+    separator = Separator(SmallDevice(model.models[0], fp32=0), torch.device("cpu"), batch=2)
+    with pytest.raises(JobError) as failed:
+        separated(separator, long_mix)
+    assert failed.value.code == "device_out_of_memory" and failed.value.retryable
+    assert "one window does not fit" in failed.value.message
+    assert separator.halvings == 1

@@ -20,7 +20,7 @@ from job.model import (BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, 
                        cpu_kind, load_model)
 from job.precision import Verdicts, bf16_copy
 from job.synthetic import music, write_audio, write_model_folder
-from test_engine_parity import separated
+from test_engine_parity import SmallDevice, Wrapped, separated
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -31,21 +31,14 @@ flags\t\t: fpu vme sse sse2 avx2 avx512f avx512_bf16 avx512_vnni
 """
 
 
-class NonFiniteWhenReduced(torch.nn.Module):
+class NonFiniteWhenReduced(Wrapped):
     """A real model that overflows in reduced precision: its first window's output becomes
     Inf under autocast or as the bf16 copy (what others report from fp16 HTDemucs), and is
     exact in fp32."""
 
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.sources, self.samplerate, self.segment = inner.sources, inner.samplerate, inner.segment
-        self.audio_channels = inner.audio_channels
-
     def forward(self, mix):
         out = self.inner(mix)
-        reduced = any(p.dtype != torch.float32 for p in self.parameters())
-        if reduced or torch.is_autocast_enabled(mix.device.type):
+        if self.reduced(mix):
             out = out.clone()
             out[0, :, :, :64] = float("inf")
         return out
@@ -101,7 +94,7 @@ def test_auto_batch_follows_free_memory():
 def test_bf16_autocast_on_cpu_agrees_with_fp32(small, mix, exact):
     separator = Separator(small, torch.device("cpu"), precision="bf16")
     got, stats = separated(separator, mix)
-    assert stats == {"fp32FallbackWindows": 0}
+    assert stats["fp32FallbackWindows"] == 0
     db = agreement_db(exact[None], got[None])
     assert engine.PARITY_DB <= db < 100, db          # close to fp32, and really not fp32
 
@@ -121,6 +114,50 @@ def test_probe_falls_back_to_fp32_when_it_disagrees(small, mix, exact, monkeypat
     np.testing.assert_array_equal(got, exact)                 # every window ran in fp32
 
 
+def test_the_probe_compares_one_window_and_the_batch_runs_in_reduced_precision(small, mix, exact):
+    """A device that holds two windows per pass in bf16 holds one in fp32 (twice the memory
+    per window): the probe's fp32 pass is one window, and nothing runs out of memory."""
+    device = SmallDevice(small, fp32=1, reduced=2)
+    separator = Separator(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
+    got, stats = separated(separator, mix)
+    assert separator.precision == "bf16" and stats["oomHalvings"] == 0
+    assert device.passes == [("fp32", 1), ("reduced", 1), ("reduced", 1), ("reduced", 1)]
+    assert engine.PARITY_DB <= agreement_db(exact[None], got[None]) < 100
+
+
+def test_silence_before_the_probe_runs_in_passes_sized_for_fp32(small, mix):
+    """Silent lead-in windows run in fp32 before the probe has decided: with one size for all
+    precisions, the fp32 pass that does not fit is halved; with sizes per precision, they go
+    in fp32-sized passes and nothing runs out of memory. The output is the same."""
+    quiet = np.concatenate([np.zeros((2, 16 * 44100), np.float32), mix], 1)  # 2 silent windows
+    exact = separated(Separator(small, torch.device("cpu")), quiet)[0]
+    device = SmallDevice(small, fp32=1, reduced=2)
+    one_size = Separator(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
+    halved, stats = separated(one_size, quiet)
+    assert stats["oomHalvings"] == 1 and one_size.batch_for("fp32") == 1
+    assert device.passes[:3] == [("fp32", 2), ("fp32", 1), ("fp32", 1)]
+    assert engine.PARITY_DB <= agreement_db(exact[None], halved[None]) < 100
+    device.passes.clear()
+    sized = Separator(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
+                      precision="bf16", probe=True)
+    got, stats = separated(sized, quiet)
+    assert stats["oomHalvings"] == 0 and sized.precision == "bf16"
+    assert device.passes[:4] == [("fp32", 1), ("fp32", 1), ("fp32", 1), ("reduced", 1)]
+    assert max(n for p, n in device.passes if p == "fp32") == 1
+    np.testing.assert_array_equal(got, halved)
+
+
+def test_after_a_failed_probe_passes_are_sized_for_fp32(small, mix, exact, monkeypatch):
+    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
+    device = SmallDevice(small, fp32=1, reduced=2)
+    separator = Separator(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
+                          precision="bf16", probe=True)
+    got, stats = separated(separator, mix)
+    assert separator.precision == "fp32" and stats["oomHalvings"] == 0 and stats["batch"] == 1
+    assert device.passes == [("fp32", 1), ("reduced", 1), ("fp32", 1), ("fp32", 1)]
+    np.testing.assert_array_equal(got, exact)
+
+
 def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
     separator = Separator(NonFiniteWhenReduced(small), torch.device("cpu"), precision="bf16")
     got, stats = separated(separator, mix)
@@ -130,7 +167,7 @@ def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
     np.testing.assert_allclose(got, exact, atol=1e-5)
     # in fp32 the same model is finite: nothing is redone
     assert separated(Separator(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1] \
-        == {"fp32FallbackWindows": 0}
+        ["fp32FallbackWindows"] == 0
 
 
 def test_cpu_kind_names_the_model_and_its_flags():
@@ -209,6 +246,7 @@ def test_prefetch_records_the_verdict_that_runs_then_use(job_env_for, tmp_path, 
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
     assert last_json(proc.stdout)["status"] == "completed"
     ran = json.loads((tmp_path / "outputs" / "r" / "t" / "manifest.json").read_text())["engine"]
+    assert (ran["oomHalvings"], ran["batch"], ran["devicePeakMb"]) == (0, 1, None)   # CPU
     if choose_precision("auto", "cpu", cpu_flags())[1]:
         assert len(recorded) == 1 and "measured now" in built.stdout
         db = json.loads(recorded[0].read_text())["db"]

@@ -19,7 +19,8 @@ from test_precision import NonFiniteWhenReduced, separated  # noqa: E402
 
 from job import engine  # noqa: E402
 from job.engine import Separator, agreement_db  # noqa: E402
-from job.model import auto_batch  # noqa: E402
+from job.errors import JobError  # noqa: E402
+from job.model import WINDOW_MB, auto_batch  # noqa: E402
 from job.synthetic import build_model, music  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -43,7 +44,8 @@ def cpu_exact(small, mix):
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_fp32_on_cuda_matches_cpu(small, mix, cpu_exact, batch):
     got, stats = separated(Separator(small, CUDA, batch=batch), mix)
-    assert stats == {"fp32FallbackWindows": 0}
+    assert (stats["fp32FallbackWindows"], stats["oomHalvings"]) == (0, 0)
+    assert stats["devicePeakMb"] > 0
     assert agreement_db(cpu_exact[None], got[None]) >= 60
 
 
@@ -72,5 +74,55 @@ def test_non_finite_windows_fall_back_on_cuda(small, mix, cpu_exact):
 
 def test_auto_batch_fits_the_free_memory():
     free, _ = torch.cuda.mem_get_info(CUDA)
-    batch = auto_batch(CUDA, "fp32")
-    assert batch >= 1 and (batch == 1 or batch * 1536 * 2**20 < free)
+    for precision in ("fp32", "bf16"):
+        batch = auto_batch(CUDA, precision)
+        assert batch >= 1 and (batch == 1 or batch * WINDOW_MB[precision] * 2**20 < free)
+
+
+@pytest.fixture(scope="module")
+def full():
+    return build_model("full")[0]
+
+
+def test_peak_memory_is_measured_per_track(full, mix):
+    """Each track reports its own peak: a batch-1 track after a batch-4 one reports less."""
+    separator = Separator(full, CUDA, batch=4)
+    four = separated(separator, mix)[1]["devicePeakMb"]
+    one = separated(Separator(full, CUDA, batch=1), mix)[1]["devicePeakMb"]
+    assert 0 < one < four
+
+
+def test_the_allocators_own_out_of_memory_halves_the_pass(full, mix):
+    """A device limited (by the caching allocator itself) to the memory of a 2-window pass:
+    the 4-window pass raises torch.cuda.OutOfMemoryError for real, is redone in halves, and the
+    output is what batch 1 gives."""
+    one, stats = separated(Separator(full, CUDA, batch=1), mix)
+    peak_one = stats["devicePeakMb"]
+    peak_four = separated(Separator(full, CUDA, batch=4), mix)[1]["devicePeakMb"]
+    per_window = (peak_four - peak_one) / 3
+    limit_mb = peak_one + 1.5 * per_window
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(limit_mb * 2**20 / total)
+    try:
+        got, stats = separated(Separator(full, CUDA, batch=4), mix)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert stats["oomHalvings"] >= 1 and stats["batch"] <= 2, stats
+    assert stats["devicePeakMb"] <= limit_mb
+    assert agreement_db(one[None], got[None]) >= 60
+
+
+def test_a_window_that_cannot_fit_fails_the_track(small, mix):
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(
+        (torch.cuda.memory_allocated() + 2**20) / total)       # the weights and 1 MB more
+    try:
+        with pytest.raises(JobError) as failed:
+            separated(Separator(small, CUDA, batch=2), mix)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert failed.value.code == "device_out_of_memory"
