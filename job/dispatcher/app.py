@@ -18,10 +18,10 @@ log = logging.getLogger("stem_job.dispatcher")
 
 
 def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
-               publisher_client=None, markers=None) -> Starlette:
+               publisher_client=None, markers=None, sweep_clients=None) -> Starlette:
     """The ASGI app. Settings come from the environment unless given."""
     dispatcher = Dispatcher(settings or load_dispatcher_settings(), jobs_client,
-                            publisher_client, markers)
+                            publisher_client, markers, sweep_clients)
 
     async def receive(request: Request):
         try:
@@ -32,6 +32,10 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
         outcome = await run_in_threadpool(dispatcher.dispatch, delivery)
         return JSONResponse(outcome.body, outcome.status)
 
+    async def sweep(request: Request):       # Cloud Scheduler, every few minutes
+        outcome = await run_in_threadpool(dispatcher.sweep)
+        return JSONResponse(outcome.body, outcome.status)
+
     async def health(request: Request):
         return JSONResponse({"status": "ok", "job": dispatcher.settings.job_name,
                              "results_topic": dispatcher.settings.results_topic,
@@ -39,6 +43,7 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
 
     app = Starlette(routes=[Route("/", receive, methods=["POST"]),
                             Route("/pubsub", receive, methods=["POST"]),
+                            Route("/sweep", sweep, methods=["POST"]),
                             Route("/health", health, methods=["GET"])])
     app.state.dispatcher = dispatcher
     return app
