@@ -14,6 +14,7 @@ both the push and the Eventarc intake, and a sweep that is missed or fails is si
 next one (the markers are the state).
 """
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ class Sweeper:
 
     def result_for(self, doc: dict) -> dict:
         """`completed` from the manifest when the set is complete, else `execution_lost`."""
-        request = parse_message(doc["message"]) if doc.get("message") else None
+        message = doc.get("message")
+        request = parse_message(json.dumps(message)) if isinstance(message, dict) else None
         lost = JobError("execution_lost", f"the Cloud Run execution {doc['execution']} ended "
                         "without reporting a result (its task was killed: out of memory, host "
                         "loss?); send the message again to retry")
