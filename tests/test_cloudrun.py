@@ -246,6 +246,8 @@ def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
     assert (settings.processing_mode, settings.storage_mode, settings.device) == \
         ("job", "gcs", "cuda")
     assert settings.gcp_project_id == "my-project" and settings.gcs_bucket == "my-stems"
+    # the job knows its retry budget: its last attempt reports a retryable failure
+    assert settings.max_retries == task["maxRetries"], "MAX_RETRIES must equal maxRetries"
 
 
 def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
@@ -717,3 +719,35 @@ def test_gcs_markers_use_generation_preconditions():
         assert delete[0] == "DELETE" and delete[2]["ifGenerationMatch"] == ["17"]
     finally:
         gcs.http.close()
+
+
+# -- no usable credentials --------------------------------------------------------------------------
+def test_dispatch_without_credentials_is_one_line_and_exit_78(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NO_GCE_CHECK": "True",
+           "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+           "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "GCP_PROJECT_ID": "p1",
+           "CLOUD_RUN_REGION": "us-central1", "GCS_BUCKET": "stems-b", "PORT": "9",
+           "LOG_FORMAT": "text"}
+    proc = subprocess.run([sys.executable, "-m", "job", "dispatch"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 78, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith("stem-job:")]
+    assert "credentials" in line
+
+
+# -- the whole Cloud Run path under faults ------------------------------------------------------------
+def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_path):
+    """A slice of hack/cloudrun-faults: Pub/Sub push -> the dispatcher -> the Cloud Run job
+    stand-in running `stem-job run` tasks (maxRetries 1). Seed 33's first run kills one
+    message's both attempts (the sweep must report it) and times out the other's both: its last
+    attempt reports itself (`interrupted`) or, when the timeout comes before Python has set up
+    its SIGTERM handler, dies of the signal and the sweep reports it."""
+    sys.path.insert(0, str(REPO / "hack"))
+    from cloudrun_faults import run
+    verdict = run(runs=1, seed=33, messages=2, workdir=tmp_path)
+    assert verdict["ok"], json.dumps(verdict, indent=2)
+    assert verdict["faults"] == {"kill": 2, "timeout": 2}, verdict
+    assert set(verdict["outcomes"]) <= {"failed:execution_lost", "failed:interrupted"}, verdict
+    assert sum(verdict["outcomes"].values()) == 2
+    assert verdict["sweptPublished"] == verdict["outcomes"].get("failed:execution_lost") >= 1

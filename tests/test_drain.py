@@ -62,6 +62,7 @@ def cloud(pubsub_emulator, gcs_emulator, bucket, make_topic, make_subscription, 
 
     cloud.upload, cloud.publish, cloud.results_now, cloud.queue_is_empty = \
         upload, publish, results_now, queue_is_empty
+    cloud.subscriber = pubsub_emulator.subscriber
     return cloud
 
 
@@ -382,3 +383,35 @@ def test_bad_input_on_cloud_run_is_reported_once_and_not_retried(cloud):
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
     (published, _), = cloud.results_now(1)
     assert published["error"]["code"] == "not_audio" and published["error"]["retryable"] is False
+
+
+def test_sigterm_while_a_track_finishes_nacks_both(cloud, tmp_path):
+    """SIGTERM when the next track enters the model, while the first one's encoders' tail,
+    upload, manifest and result run in the finishing thread: the forward pass is aborted, the
+    finishing track stops before its manifest, both messages go back to the queue at once and
+    neither reports anything (docs/deployment.md has the measured time)."""
+    first = cloud.upload("originals/fa.flac", write_audio(tmp_path / "fa.flac", music(20, seed=6)).read_bytes())
+    second = cloud.upload("originals/fb.flac", write_audio(tmp_path / "fb.flac", music(60, seed=7)).read_bytes())
+    cloud.publish(message(cloud, first, "trk_fa"))
+    cloud.publish(message(cloud, second, "trk_fb"))
+    proc = subprocess.Popen([sys.executable, "-m", "job", "drain", "--max-messages", "2"],
+                            env=cloud.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    windows = 0
+    for line in proc.stderr:
+        windows += "first window" in line or '"first_window"' in line
+        if windows == 2:            # trk_fb entered the model: trk_fa is finishing
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    print(f"SIGTERM to exit while a track finished: {time.monotonic() - sent:.2f} s")
+    assert proc.returncode == EXIT_RETRY, stderr[-3000:]
+    assert cloud.results_now(1, timeout=3) == [], "an interrupted track publishes no result"
+    for track in ("trk_fa", "trk_fb"):
+        assert f"stems/rel_1/{track}/manifest.json" not in stems_in_bucket(cloud, track)
+    back, deadline = set(), time.monotonic() + 20
+    while len(back) < 2 and time.monotonic() < deadline:
+        response = cloud.subscriber.pull(
+            request={"subscription": cloud.work.path, "max_messages": 10}, timeout=5)
+        back |= {json.loads(r.message.data)["trackId"] for r in response.received_messages}
+    assert back == {"trk_fa", "trk_fb"}, "both messages must be back on the queue"
