@@ -79,6 +79,37 @@ class Execution:
         return task
 
 
+class JsonServer:
+    """A loopback HTTP server answering every request with JSON: `answer(method, url, body)`
+    (url parsed) returns (status, reply). What the API stand-ins here and in the tests share."""
+
+    def __init__(self, answer):
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                status, reply = answer(self.command, urlparse(self.path), body)
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -101,31 +132,10 @@ class CloudRunJobStandIn:
         self._runner = threading.Thread(target=self._run_queue, name="cloud-run-tasks",
                                         daemon=True)
         self._runner.start()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = JsonServer(lambda method, url, body: self.answer(method, url.path, body))
+        self.url = self.http.url
 
     # -- the Admin API ----------------------------------------------------------------
-    def _handler(self):
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                status, reply = stand_in.answer(self.command, urlparse(self.path).path, body)
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, *args):
-                pass
-        return Handler
-
     def answer(self, method: str, path: str, body: bytes):
         name = path.removeprefix("/v2/")
         if method == "POST" and name == f"{self.job}:run":
@@ -225,8 +235,7 @@ class CloudRunJobStandIn:
 
     def close(self) -> None:
         self._stopping = True
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 def job_env(base: dict) -> dict:

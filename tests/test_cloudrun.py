@@ -25,9 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 import pytest
 import requests
@@ -41,6 +40,9 @@ from job.dispatcher import DispatcherSettings, create_app, load_dispatcher_setti
 from job.dispatcher.dedupe import GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import parse_envelope
 from job.dispatcher.settings import ENV as DISPATCHER_ENV
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
+from cloudrun_stand_in import JsonServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDRUN = REPO / "cloudrun"
@@ -57,37 +59,6 @@ def gcloud_sdk() -> Path:
     gcloud = shutil.which("gcloud")
     assert gcloud, "gcloud (Google Cloud CLI) is needed: it also runs the Pub/Sub emulator"
     return Path(gcloud).resolve().parents[1]
-
-
-class JsonServer:
-    """A loopback HTTP server answering every request with JSON: `answer(method, url, body)`
-    returns (status, reply). The plumbing the API stand-ins below share."""
-
-    def __init__(self, answer):
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                status, reply = answer(self.command, urlparse(self.path), body)
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class RunAdminStandIn:

@@ -3,9 +3,8 @@ input, the stems bucket's are configuration. GCS answers are served by a loopbac
 replies as GCS does (403 with its JSON error body, 404 for a missing bucket), since the storage
 emulator enforces no IAM; the real google-cloud-storage client and GcsStorage talk to it."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
+from pathlib import Path
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
@@ -16,40 +15,26 @@ from job.config import load_settings
 from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG, JobError, exit_code_for
 from job.gcs_storage import GcsStorage
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
+from cloudrun_stand_in import JsonServer  # noqa: E402
+
 
 class RefusingGcs:
     """Answers every request with `status` and GCS's error body, and records the paths."""
 
     def __init__(self, status: int, reason: str):
         self.paths = []
-        stand_in = self
+        error = {"error": {"code": status, "message": reason, "errors": [{"message": reason}]}}
 
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                stand_in.paths.append((self.command, self.path))
-                body = json.dumps({"error": {"code": status, "message": reason,
-                                             "errors": [{"message": reason}]}}).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        def answer(method, url, body):
+            self.paths.append((method, url.path + (f"?{url.query}" if url.query else "")))
+            return status, error
+        self.http = JsonServer(answer)
         self.client = storage.Client(project="p", credentials=AnonymousCredentials(),
-                                     client_options={"api_endpoint":
-                                                     f"http://127.0.0.1:{self.server.server_port}"})
+                                     client_options={"api_endpoint": self.http.url})
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
