@@ -241,6 +241,7 @@ def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
                                  f"{job['metadata']['labels']['cloud.googleapis.com/location']}"
                                  f"/jobs/{job['metadata']['name']}")
     assert settings.marker_bucket == "my-stems" and settings.marker_prefix == "dispatch/"
+    assert settings.stems_bucket == "my-stems", "the sweep reads manifests in the stems bucket"
     # The request timeout covers the dispatcher's Cloud Run API budget.
     assert spec["timeoutSeconds"] > settings.api_deadline_s
 
@@ -722,3 +723,54 @@ def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_pa
     assert set(verdict["outcomes"]) <= {"failed:execution_lost", "failed:interrupted"}, verdict
     assert sum(verdict["outcomes"].values()) == 2
     assert verdict["sweptPublished"] == verdict["outcomes"].get("failed:execution_lost") >= 1
+
+
+def test_the_sweep_reports_a_killed_execution_once_and_a_complete_set_as_completed(
+        pubsub_emulator, gcs_emulator, results, unique_name, model_dir, song, tmp_path):
+    """Two executions whose task is SIGKILLed on its last attempt: one track's set was complete
+    before the kill (its manifest exists), the other's was not. The sweep publishes `completed`
+    and `execution_lost`, once: a second sweep finds nothing open."""
+    from conftest import job_env, last_json, run_job
+    from cloudrun_stand_in import CloudRunJobStandIn
+    from job.dispatcher.sweep import SweepClients
+    client = gcs_emulator.client(PROJECT)
+    bucket = client.create_bucket(unique_name("sweep")).name
+    client.bucket(bucket).blob("originals/song.mp3").upload_from_filename(str(song))
+    done = {**GOOD, "jobId": "job_done", "trackId": "trk_done",
+            "originalStemUri": f"gs://{bucket}/originals/song.mp3"}
+    lost = {**done, "jobId": "job_lost", "trackId": "trk_lost"}
+    env = job_env(model_dir, tmp_path / "unused", STORAGE_MODE="gcs", GCS_BUCKET=bucket,
+                  **gcs_emulator.env)
+    finished = run_job(["run", "--message", json.dumps(done)], env)     # the set of trk_done
+    assert finished.returncode == 0 and last_json(finished.stdout)["status"] == "completed"
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    job = f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
+    cloud_run = CloudRunJobStandIn(job, {}, max_retries=1, argv=killed)
+    rest = dict(transport="rest", credentials=AnonymousCredentials(),
+                client_options={"api_endpoint": cloud_run.url})
+    app = create_app(settings_for(results.topic, marker_bucket=bucket, stems_bucket=bucket),
+                     jobs_client=run_v2.JobsClient(**rest),
+                     publisher_client=pubsub_emulator.publisher,
+                     markers=GcsMarkers(bucket, client=client),
+                     sweep_clients=SweepClients(run_v2.ExecutionsClient(**rest),
+                                                run_v2.TasksClient(**rest), client))
+    server = Uvicorn(app)
+    try:
+        for number, message in enumerate((done, lost)):
+            assert post_push(server.url, message, message_id=f"77{number}").json()["status"] == "started"
+        assert cloud_run.wait(2, timeout_s=60)
+        assert all([a.term_signal for a in e.attempts] == [9, 9]
+                   for e in cloud_run.executions.values()), "both attempts killed"
+        reply = requests.post(server.url + "/sweep", timeout=60).json()
+        assert (reply["open"], reply["published"]) == (2, 2), reply
+        published = {json.loads(m.data)["jobId"]: json.loads(m.data) for m in results(2)}
+        assert published["job_done"]["status"] == "completed"
+        assert published["job_done"]["stems"] == last_json(finished.stdout)["stems"]
+        assert published["job_lost"]["status"] == "failed"
+        assert published["job_lost"]["error"]["code"] == "execution_lost"
+        assert published["job_lost"]["error"]["retryable"] is True
+        again = requests.post(server.url + "/sweep", timeout=60).json()
+        assert again["open"] == 0 and results(1, timeout_s=3) == []
+    finally:
+        server.close()
+        cloud_run.close()
