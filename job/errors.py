@@ -63,6 +63,8 @@ CODES = {
     "truncated_audio": _bad(422, "the original is cut off"),
     "empty_audio": _bad(422, "the original holds no samples"),
     "too_long": _bad(422, "the original is longer than MAX_DURATION_S"),
+    "decode_memory_exceeded": _bad(422, "decoding the original needs more memory than allowed"),
+    "decode_timeout": _bad(422, "decoding the original took longer than its budget"),
     # a retry may help: a fault of the moment, not of the input
     "interrupted": _retry(503, "SIGTERM (preemption, task timeout, shutdown)"),
     "internal_error": _retry(500, "an error the job did not foresee"),

@@ -9,12 +9,18 @@ from job.errors import (CODES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_RETRY, Interrup
 
 REPO = Path(__file__).resolve().parents[1]
 RAISED = re.compile(r'JobError\(\s*"([a-z_]+)"')
+RAISED_BY_NAME = re.compile(r"JobError\(\s*([A-Z][A-Z_]+)\b")
+CONSTANT = re.compile(r'^([A-Z][A-Z_]+) = "([a-z_]+)"', re.MULTILINE)
 
 
 def codes_in_source() -> set:
+    """Every code a JobError is made with: a literal, or a module constant holding one."""
     found = {"interrupted"}                     # Interrupted() is JobError("interrupted")
     for path in (REPO / "job").rglob("*.py"):
-        found |= set(RAISED.findall(path.read_text()))
+        text = path.read_text()
+        constants = dict(CONSTANT.findall(text))
+        found |= set(RAISED.findall(text))
+        found |= {constants.get(name, name) for name in RAISED_BY_NAME.findall(text)}
     return found
 
 
