@@ -55,7 +55,8 @@ from starlette.requests import ClientDisconnect
 
 from . import messages, runtime
 from .config import Settings
-from .errors import EXIT_RETRY, Cancel, Interrupted, JobError, http_status_for
+from .errors import EXIT_RETRY, Cancel, Interrupted, JobError
+from .errors import http_status_for
 from .model import ModelCache
 from .pipeline import Job, process
 from .storage import Original

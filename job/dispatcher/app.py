@@ -1,5 +1,5 @@
-"""The dispatcher over HTTP: POST / or /pubsub takes a delivery, POST /sweep (Cloud Scheduler)
-reports executions that ended without a result, GET /health says what it targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on HTTP_HOST:PORT (Cloud Run sets PORT)."""
+"""The dispatcher over HTTP: POST / or /pubsub takes a delivery, GET /health says what it
+targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on HTTP_HOST:PORT (Cloud Run sets PORT)."""
 
 import logging
 
