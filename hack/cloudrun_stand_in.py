@@ -61,13 +61,15 @@ class Execution:
     succeeded: bool = False
 
     def as_json(self) -> dict:
-        return {"name": self.name, "taskCount": 1, "parallelism": 1,
-                "createTime": stamp(self.created),
-                "completionTime": stamp(self.completed) if self.completed else None,
-                "succeededCount": int(self.succeeded),
-                "failedCount": int(self.completed is not None and not self.succeeded),
-                "retriedCount": max(0, len(self.attempts) - 1),
-                "runningCount": int(self.completed is None)}
+        execution = {"name": self.name, "taskCount": 1, "parallelism": 1,
+                     "createTime": stamp(self.created),
+                     "succeededCount": int(self.succeeded),
+                     "failedCount": int(self.completed is not None and not self.succeeded),
+                     "retriedCount": max(0, len(self.attempts) - 1),
+                     "runningCount": int(self.completed is None)}
+        if self.completed is not None:
+            execution["completionTime"] = stamp(self.completed)
+        return execution
 
     def task_json(self) -> dict:
         task = {"name": f"{self.name}/tasks/{self.name.rsplit('/', 1)[1]}-task0", "index": 0,
