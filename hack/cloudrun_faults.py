@@ -207,7 +207,8 @@ def verdict(published, by_job, bucket, cloud_run, drawn, swept, runs, seed, seco
     attempts = [a for e in cloud_run.executions.values() for a in e.attempts]
     exits = defaultdict(int)
     for attempt in attempts:
-        exits[f"signal {attempt.term_signal}" if attempt.term_signal else str(attempt.exit_code)] += 1
+        signal_ = attempt.term_signal
+        exits[f"signal {signal_}" if signal_ else str(attempt.exit_code)] += 1
     return {"ok": not violations and len(cloud_run.executions) == len(published),
             "runs": runs, "seed": seed, "messages": len(published),
             "executions": len(cloud_run.executions), "attempts": len(attempts),

@@ -7,10 +7,10 @@ It behaves as Cloud Run documents: a task is retried after any non-zero exit (or
 CLOUD_RUN_EXECUTION and CLOUD_RUN_JOB set; run_job's env overrides are merged into the
 template's env; at the task timeout the container gets SIGTERM and, 10 s later, SIGKILL; an
 execution has ended when its task succeeded or ran out of attempts, and each task reports its
-last attempt's exit code and termination signal. `faults(execution, attempt)` (an Execution, the 0-based attempt) may add, per
-attempt, a SIGKILL at a given moment (out of memory, host loss), an earlier task timeout, or env
-overrides (a storage outage). Executions run one at a time: the machine, not the platform, sets
-the pace here.
+last attempt's exit code and termination signal. `faults(execution, attempt)` (an Execution,
+the 0-based attempt) may add, per attempt, a SIGKILL at a given moment (out of memory, host
+loss), an earlier task timeout, or env overrides (a storage outage). Executions run one at a
+time: the machine, not the platform, sets the pace here.
 """
 
 import json
@@ -154,7 +154,8 @@ class CloudRunJobStandIn:
     def start(self, request: dict) -> Execution:
         overrides = {}
         for container in (request.get("overrides") or {}).get("containerOverrides", []):
-            overrides.update({item["name"]: item.get("value", "") for item in container.get("env", [])})
+            overrides.update({item["name"]: item.get("value", "")
+                              for item in container.get("env", [])})
         with self._lock:
             index = len(self.executions) + 1
             name = f"{self.job}/executions/{self.job.rsplit('/', 1)[1]}-{index:05d}"

@@ -133,7 +133,7 @@ def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
             raise Interrupted()
         job = Job(settings, storage, ModelCache(settings), cancel,
                   on_progress=runtime.progress_reporter(settings, request),
-                  attempt=attempt.number, last_attempt=attempt.last)
+                  attempt=attempt.earlier, last_attempt=attempt.last)
         return process(request, job, trusted=trusted)
     except ConfigError as exc:
         return messages.failed_result(ids, JobError("config", str(exc)))

@@ -2,9 +2,10 @@
 
 A message is acked only after its result is published; a bad message gets a `failed` result
 and an ack (it will never get better); a fault where a retry may help is nacked at once so
-another job takes it. The exit code says what happened to the messages, not to the tracks: 0 when
-every message taken was concluded and acked (failed results included: the Job did its work), 75
-when one went back to the queue. Nothing heavy (torch, the model) is loaded before a message arrives:
+another job takes it. The exit code says what happened to the messages, not to the tracks: 0
+when every message taken was concluded and acked (failed results included: the Job did its
+work), 75 when one went back to the queue. Nothing heavy (torch, the model) is loaded before a
+message arrives:
 KEDA's lagging metric starts jobs that find the queue empty, and those must cost seconds.
 A configuration error (the model cannot load, no CUDA device, the stems bucket or results
 topic missing or forbidden) nacks everything held and exits 78: no message can succeed on this
@@ -19,7 +20,8 @@ from google.cloud import pubsub_v1
 
 from . import messages, runtime
 from .errors import Cancel, ConfigError, EXIT_OK, EXIT_RETRY, JobError
-from .pubsub import LeaseKeeper, delivery_attempt, pull, resource_path
+from .pubsub import (LeaseKeeper, delivery_attempt, earlier_deliveries, pull,
+                     resource_path)
 
 log = logging.getLogger(__name__)
 LEASE_S = 60
@@ -57,7 +59,7 @@ class Drainer:
         self.finishing = None                # ((release, track), thread) of the track finishing
         self.finish_error = None
 
-    def job(self, request, attempt: int | None = None):
+    def job(self, request, earlier: int | None = None):
         # imported on the first message, not at start: torch costs seconds, and an
         # empty-queue job must exit in seconds
         from .model import ModelCache
@@ -65,7 +67,7 @@ class Drainer:
         if self.models is None:
             self.models = ModelCache(self.settings)
         return Job(self.settings, self.storage, self.models, self.cancel,
-                   runtime.progress_reporter(self.settings, request), attempt=attempt)
+                   runtime.progress_reporter(self.settings, request), attempt=earlier)
 
     def fetch_ahead(self, current, later):
         """Start downloading and decoding the next valid message's track (another track than
@@ -75,7 +77,8 @@ class Drainer:
             if request is not None:
                 if (request.release_id, request.track_id) == (current.release_id, current.track_id):
                     return None
-                return self.job(request).fetch(request, ahead=True)
+                earlier = earlier_deliveries(delivery.received)
+                return self.job(request, earlier).fetch(request, ahead=True)
         return None
 
     def handle(self, delivery: Delivery, keeper: LeaseKeeper, fetch=None) -> None:
@@ -93,7 +96,7 @@ class Drainer:
                                                                 request.track_id):
             self.settle()                  # the same track: its set must be complete first
         from .pipeline import start       # loaded with the model, see job()
-        finishing = start(request, self.job(request, delivery_attempt(received) or None),
+        finishing = start(request, self.job(request, earlier_deliveries(received)),
                           fetch=fetch)
         self.settle()
         thread = threading.Thread(target=self._finish, args=(finishing, received, keeper),

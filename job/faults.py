@@ -22,7 +22,8 @@ def no_credentials(exc: BaseException) -> JobError | None:
     cause = exc
     while cause is not None:
         if isinstance(cause, NO_CREDENTIALS) and not is_transient(cause):
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            text = str(cause).strip()
+            first = text.splitlines()[0] if text else type(cause).__name__
             return JobError("no_credentials", "no usable Google credentials (application-default "
                             "credentials, GOOGLE_APPLICATION_CREDENTIALS or the metadata server): "
                             f"{first[:300]}")

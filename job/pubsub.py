@@ -116,6 +116,13 @@ def delivery_attempt(message) -> int:
     return message.delivery_attempt
 
 
+def earlier_deliveries(message) -> int | None:
+    """The tries of a pulled message before this one (Job.attempt); None without a
+    dead-letter policy, where Pub/Sub does not count them."""
+    count = delivery_attempt(message)
+    return count - 1 if count else None
+
+
 class LeaseKeeper:
     """Holds pulled messages and extends their ack deadline every `deadline_s / 3` seconds until
     each is acked or nacked. Use as a context manager: leaving it nacks whatever is still held,

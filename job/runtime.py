@@ -31,10 +31,11 @@ class Attempt:
 
     Cloud Run sets CLOUD_RUN_TASK_ATTEMPT (0-based) in every task and retries any non-zero exit
     up to the job's maxRetries (MAX_RETRIES in the job's env). On the last attempt no retry
-    follows, so a retryable failure is reported there as the message's final result. `number`
-    is 1-based (the first try is 1), as Pub/Sub counts deliveries; None when unknown.
+    follows, so a retryable failure is reported there as the message's final result.
+    `earlier` counts the tries before this one (0 on the first), as Job.attempt and the
+    decoder's kill check do; None when unknown.
     """
-    number: int | None = None
+    earlier: int | None = None
     last: bool = False
     cloud_run: bool = False
 
@@ -46,7 +47,7 @@ class Attempt:
         if not raw.strip().isdigit():
             return cls()
         attempt = int(raw)
-        return cls(attempt + 1, settings is None or attempt >= settings.max_retries, True)
+        return cls(attempt, settings is None or attempt >= settings.max_retries, True)
 
 
 def preflight(settings, storage, publisher=None) -> None:
