@@ -91,7 +91,7 @@ class Dispatcher:
     def sweep(self) -> Outcome:
         """Report the tracks of executions that ended without a result (sweep.py)."""
         with self._lock:
-            clients = self._sweep_clients = (self._sweep_clients or SweepClients()).fill()
+            clients = self._sweep_clients = self._sweep_clients or SweepClients()
         return Outcome(200, {"status": "swept", **Sweeper(self, clients).sweep()})
 
     def dispatch(self, delivery: Delivery) -> Outcome:

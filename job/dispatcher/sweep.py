@@ -39,10 +39,12 @@ class SweepClients:
     tasks: object = None
     storage: object = None
 
-    def fill(self):
-        from google.cloud import run_v2
-        self.executions = self.executions or run_v2.ExecutionsClient()
-        self.tasks = self.tasks or run_v2.TasksClient()
+    def fill(self) -> "SweepClients":
+        """Made when the first open marker needs them: a sweep with nothing open calls no API."""
+        if self.executions is None or self.tasks is None:
+            from google.cloud import run_v2
+            self.executions = self.executions or run_v2.ExecutionsClient()
+            self.tasks = self.tasks or run_v2.TasksClient()
         return self
 
 
@@ -84,7 +86,7 @@ class Sweeper:
         return counts
 
     def _one(self, key, doc, generation) -> str:
-        unreported = ended_unreported(self.clients, doc["execution"])
+        unreported = ended_unreported(self.clients.fill(), doc["execution"])
         if unreported is None:
             return "running"
         if not unreported:
