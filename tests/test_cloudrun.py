@@ -711,18 +711,17 @@ def test_dispatch_without_credentials_is_one_line_and_exit_78(tmp_path):
 # -- the whole Cloud Run path under faults ------------------------------------------------------------
 def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_path):
     """A slice of hack/cloudrun-faults: Pub/Sub push -> the dispatcher -> the Cloud Run job
-    stand-in running `stem-job run` tasks (maxRetries 1). Seed 33's first run kills one
-    message's both attempts (the sweep must report it) and times out the other's both: its last
-    attempt reports itself (`interrupted`) or, when the timeout comes before Python has set up
-    its SIGTERM handler, dies of the signal and the sweep reports it."""
+    stand-in running `stem-job run` tasks (maxRetries 1), then the sweep. Seed 33's first run
+    SIGKILLs one message's first attempt 1.4 s in (before any task can finish) and sends the
+    other task timeouts; what follows depends on how fast the tasks run, the invariant must
+    hold whatever it is (test_the_sweep_reports_... covers the sweep's cases one by one)."""
     sys.path.insert(0, str(REPO / "hack"))
     from cloudrun_faults import run
     verdict = run(runs=1, seed=33, messages=2, workdir=tmp_path)
     assert verdict["ok"], json.dumps(verdict, indent=2)
-    assert verdict["faults"] == {"kill": 2, "timeout": 2}, verdict
-    assert set(verdict["outcomes"]) <= {"failed:execution_lost", "failed:interrupted"}, verdict
-    assert sum(verdict["outcomes"].values()) == 2
-    assert verdict["sweptPublished"] == verdict["outcomes"].get("failed:execution_lost") >= 1
+    assert (verdict["messages"], verdict["executions"]) == (2, 2)
+    assert verdict["faults"]["kill"] >= 1 and verdict["attempts"] >= 3, verdict
+    assert sum(verdict["outcomes"].values()) == 2, verdict
 
 
 def test_the_sweep_reports_a_killed_execution_once_and_a_complete_set_as_completed(
