@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the Cloud Run path end to end: topics, dead-letter topic, service accounts with
-# least-privilege roles, the GPU job, the dispatcher service and the trigger that feeds it.
+# least-privilege roles, the GPU job, the dispatcher service, the trigger that feeds it and the
+# Cloud Scheduler job that calls the dispatcher's sweep.
 #
 #   PROJECT_ID=my-project BUCKET_NAME=my-stems REGION=us-central1 cloudrun/setup.sh
 #
@@ -51,7 +52,7 @@ EOF
 # -- APIs -------------------------------------------------------------------------------------
 say "Enabling APIs"
 gcloud services enable run.googleapis.com pubsub.googleapis.com storage.googleapis.com \
-  artifactregistry.googleapis.com iam.googleapis.com
+  artifactregistry.googleapis.com iam.googleapis.com cloudscheduler.googleapis.com
 if [[ "$TRIGGER" == eventarc ]]; then
   gcloud services enable eventarc.googleapis.com
 fi
@@ -129,6 +130,13 @@ gcloud run jobs replace "$rendered/job.yaml" --region="$REGION"
 # which could also change the job, but the executor-with-overrides role on this one job.
 gcloud run jobs add-iam-policy-binding stem-job --region="$REGION" \
   --member="serviceAccount:$DISPATCHER_SA" --role=roles/run.jobsExecutorWithOverrides
+# The sweep reads how each execution ended (executions and tasks of this job) ...
+gcloud run jobs add-iam-policy-binding stem-job --region="$REGION" \
+  --member="serviceAccount:$DISPATCHER_SA" --role=roles/run.viewer
+# ... and whether the track's set is complete (manifest.json under stems/).
+gcloud storage buckets add-iam-policy-binding "gs://$BUCKET_NAME" \
+  --member="serviceAccount:$DISPATCHER_SA" --role=roles/storage.objectViewer \
+  --condition-from-file="$(prefix_condition stems/ stems-prefix-read)"
 
 # -- The dispatcher ---------------------------------------------------------------------------
 say "Cloud Run service stem-dispatcher"
@@ -182,6 +190,18 @@ else
 fi
 gcloud pubsub subscriptions add-iam-policy-binding "$SUBSCRIPTION" \
   --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber
+
+# -- The sweep --------------------------------------------------------------------------------
+# A task SIGKILLed on its last attempt (out of memory, host loss) cannot publish its result.
+# Every 5 minutes the dispatcher's POST /sweep publishes one for each execution that ended
+# without one (docs/deployment.md, "Every message ends with one result"). The push identity
+# already may invoke the dispatcher; Cloud Scheduler mints its OIDC token.
+say "Cloud Scheduler job stem-dispatch-sweep -> $URL/sweep"
+gcloud scheduler jobs describe stem-dispatch-sweep --location="$REGION" >/dev/null 2>&1 ||
+  gcloud scheduler jobs create http stem-dispatch-sweep --location="$REGION" \
+    --schedule="*/5 * * * *" --uri="$URL/sweep" --http-method=POST \
+    --oidc-service-account-email="$PUSH_SA" --oidc-token-audience="$URL" \
+    --attempt-deadline=50s    # the dispatcher's request timeout (dispatcher.yaml)
 
 say "Done"
 echo "Publish a stem-separate message to try it:"

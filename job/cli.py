@@ -9,7 +9,8 @@ import click
 
 from . import messages, runtime
 from .config import ConfigError, load_settings, parse
-from .errors import EXIT_RETRY, JobError, exit_code_for
+from .errors import (EXIT_CONFIG, EXIT_OK, EXIT_RETRY, EXIT_UNPUBLISHED, Cancel, Interrupted,
+                     JobError, exit_code_for)
 from .logs import setup_logging
 
 
@@ -66,6 +67,13 @@ def request_from(input_, release_id, track_id, artist_id, job_id, mime_type, mes
                            "or set JOB_MESSAGE or ORIGINAL_STEM_URI+RELEASE_ID+TRACK_ID")
 
 
+def no_credentials(exc: BaseException):
+    """JobError(no_credentials) when `exc` is about missing credentials, else None (imported
+    here: google.auth is not for `--help` or a local run)."""
+    from .faults import no_credentials as classify
+    return classify(exc)
+
+
 def emit_result(result: dict) -> None:
     click.echo(json.dumps(result, separators=(",", ":")))
 
@@ -89,40 +97,85 @@ def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None
         mime_type=None, message=None, output_dir=None, model_dir=None, device=None,
         output_format=None, outputs=None):
     """Separate one track; print the result JSON as the last line of stdout."""
-    settings = settings_or_exit(output_dir=output_dir, model_dir=model_dir, device=device,
-                                output_format=output_format,
-                                outputs=None if outputs is None else ",".join(outputs))
+    raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
+    try:
+        settings = load_settings(output_dir=output_dir, model_dir=model_dir, device=device,
+                                 output_format=output_format,
+                                 outputs=None if outputs is None else ",".join(outputs))
+    except ConfigError as exc:      # nothing to publish with: the result is printed only
+        finish_run(None, messages.failed_result(messages.salvage_ids(raw),
+                                                JobError("config", str(exc))),
+                   runtime.Attempt.from_env(None))
     setup_logging(settings.log_format)
+    attempt = runtime.Attempt.from_env(settings)
+    cancel = Cancel()
+    runtime.on_sigterm(cancel)      # before torch's import: a task timeout may come at once
     try:
         request, trusted = request_from(input_, release_id, track_id, artist_id, job_id,
                                         mime_type, message)
     except JobError as error:
-        raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
-        finish_run(settings, messages.failed_result(messages.salvage_ids(raw), error))
-    # imported once the request is valid: torch takes seconds, a bad request should not wait
-    from .model import ModelCache
-    from .pipeline import Job, process
+        finish_run(settings, messages.failed_result(messages.salvage_ids(raw), error), attempt)
+    finish_run(settings, separate(settings, request, trusted, cancel, attempt), attempt)
+
+
+def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
+    """The track's result, whatever happens: a configuration error or a fault nobody foresaw
+    becomes a failed result too, so it is printed and, where it is final, published."""
+    ids = messages.request_ids(request)
     try:
-        job = Job(settings, runtime.make_storage(settings), ModelCache(settings),
-                  on_progress=runtime.progress_reporter(settings, request))
-        runtime.on_sigterm(job.cancel)
-        result = process(request, job, trusted=trusted)
+        # imported once the request is valid: torch takes seconds, a bad request should not wait
+        from .model import ModelCache
+        from .pipeline import Job, process
+        storage = runtime.make_storage(settings)
+        runtime.preflight(settings, storage, runtime.results_publisher(settings)
+                          if settings.gcp_project_id else None)
+        if cancel.is_set():
+            raise Interrupted()
+        job = Job(settings, storage, ModelCache(settings), cancel,
+                  on_progress=runtime.progress_reporter(settings, request),
+                  attempt=attempt.earlier, last_attempt=attempt.last)
+        return process(request, job, trusted=trusted)
     except ConfigError as exc:
-        runtime.fail_config(str(exc))
-    finish_run(settings, result)
+        return messages.failed_result(ids, JobError("config", str(exc)))
+    except JobError as error:
+        return messages.failed_result(ids, error)
+    except Exception as exc:
+        fault = no_credentials(exc)
+        if fault is None:
+            traceback.print_exc()
+            fault = JobError("internal_error", f"{type(exc).__name__}: {exc}")
+        return messages.failed_result(ids, fault)
 
 
-def finish_run(settings, result: dict):
-    """Print the result, publish it when a project is configured (Cloud Run), exit."""
+def finish_run(settings, result: dict, attempt=runtime.Attempt()):
+    """Print the result; publish it when it is the message's final one and a project is set;
+    exit with the code platforms read.
+
+    A retryable failure is final only on Cloud Run's last attempt (before that a retry comes).
+    On Cloud Run a task whose final result was published and is not retryable exits 0: Cloud Run
+    retries every other exit, and the retry would report the track a second time. A last attempt
+    that could not publish exits 69, which the dispatcher's sweep reads as "no result"."""
     emit_result(result)
-    error = result.get("error")
-    code = exit_code_for(JobError(**error) if error else None)
-    if settings.gcp_project_id and not (error and error["retryable"]):
+    error = JobError(**result["error"]) if result.get("error") else None
+    code = exit_code_for(error)
+    if error is not None and error.is_config:
+        click.echo(f"stem-job: configuration error: {error.message}", err=True)
+    final = error is None or not error.retryable or attempt.last
+    published = False
+    if final and settings is not None and settings.gcp_project_id:
         try:
             runtime.results_publisher(settings).publish_result(result)
-        except JobError as failure:
+            published = True
+        except Exception as exc:
+            failure = exc if isinstance(exc, JobError) else no_credentials(exc)
+            if failure is None:
+                raise
             click.echo(f"stem-job: result not published: {failure.message}", err=True)
             code = exit_code_for(failure)
+    if final and attempt.last and not published:
+        code = EXIT_UNPUBLISHED
+    elif attempt.cloud_run and published and not (error and error.retryable):
+        code = EXIT_OK
     sys.exit(code)
 
 
@@ -204,7 +257,12 @@ def main():
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if isinstance(done.code, str):
             sys.stderr.write(done.code + "\n")
-    except Exception:           # a bug, not a verdict on the input: a retry may help
-        traceback.print_exc()
-        code = EXIT_RETRY
+    except Exception as exc:
+        fault = no_credentials(exc)
+        if fault is not None:   # one line, no traceback: someone must set up the identity
+            sys.stderr.write(f"stem-job: configuration error: {fault.message}\n")
+            code = EXIT_CONFIG
+        else:                   # a bug, not a verdict on the input: a retry may help
+            traceback.print_exc()
+            code = EXIT_RETRY
     runtime.exit_now(code)

@@ -51,6 +51,7 @@ class Settings:
     max_messages: int = 1
     idle_timeout_s: float = 10.0
     retry_deadline_s: float = 60.0
+    max_retries: int = 3              # Cloud Run: the job's maxRetries (its default is 3)
     progress_events: bool = False
     log_format: str = "auto"
     http_host: str = "0.0.0.0"
@@ -196,6 +197,7 @@ ENV = {
     "MAX_MESSAGES": ("max_messages", lambda n, v: parse_int(n, v, 1, 1000)),
     "IDLE_TIMEOUT_S": ("idle_timeout_s", lambda n, v: parse_float(n, v, 0)),
     "RETRY_DEADLINE_S": ("retry_deadline_s", lambda n, v: parse_float(n, v, 0)),
+    "MAX_RETRIES": ("max_retries", lambda n, v: parse_int(n, v, 0, 10)),
     "PROGRESS_EVENTS": ("progress_events", parse_bool),
     "LOG_FORMAT": ("log_format", lambda n, v: parse_choice(n, v, ("auto", "json", "text"))),
     "HTTP_HOST": ("http_host", parse_text),

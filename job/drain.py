@@ -2,10 +2,14 @@
 
 A message is acked only after its result is published; a bad message gets a `failed` result
 and an ack (it will never get better); a fault where a retry may help is nacked at once so
-another job takes it. Nothing heavy (torch, the model) is loaded before a message arrives:
+another job takes it. The exit code says what happened to the messages, not to the tracks: 0
+when every message taken was concluded and acked (failed results included: the Job did its
+work), 75 when one went back to the queue. Nothing heavy (torch, the model) is loaded before a
+message arrives:
 KEDA's lagging metric starts jobs that find the queue empty, and those must cost seconds.
-A configuration error (the model cannot load, no CUDA device) nacks everything held and
-exits 78: no message can succeed on this worker.
+A configuration error (the model cannot load, no CUDA device, the stems bucket or results
+topic missing or forbidden) nacks everything held and exits 78: no message can succeed on this
+worker, and none may be concluded as failed for it.
 """
 
 import logging
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 from google.cloud import pubsub_v1
 
 from . import messages, runtime
-from .errors import Cancel, ConfigError, EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, JobError
-from .pubsub import LeaseKeeper, delivery_attempt, pull, resource_path
+from .errors import Cancel, ConfigError, EXIT_OK, EXIT_RETRY, JobError
+from .pubsub import (LeaseKeeper, delivery_attempt, earlier_deliveries, pull,
+                     resource_path)
 
 log = logging.getLogger(__name__)
 LEASE_S = 60
@@ -54,7 +59,7 @@ class Drainer:
         self.finishing = None                # ((release, track), thread) of the track finishing
         self.finish_error = None
 
-    def job(self, request):
+    def job(self, request, earlier: int | None = None):
         # imported on the first message, not at start: torch costs seconds, and an
         # empty-queue job must exit in seconds
         from .model import ModelCache
@@ -62,7 +67,7 @@ class Drainer:
         if self.models is None:
             self.models = ModelCache(self.settings)
         return Job(self.settings, self.storage, self.models, self.cancel,
-                   runtime.progress_reporter(self.settings, request))
+                   runtime.progress_reporter(self.settings, request), attempt=earlier)
 
     def fetch_ahead(self, current, later):
         """Start downloading and decoding the next valid message's track (another track than
@@ -72,7 +77,8 @@ class Drainer:
             if request is not None:
                 if (request.release_id, request.track_id) == (current.release_id, current.track_id):
                     return None
-                return self.job(request).fetch(request, ahead=True)
+                earlier = earlier_deliveries(delivery.received)
+                return self.job(request, earlier).fetch(request, ahead=True)
         return None
 
     def handle(self, delivery: Delivery, keeper: LeaseKeeper, fetch=None) -> None:
@@ -90,7 +96,8 @@ class Drainer:
                                                                 request.track_id):
             self.settle()                  # the same track: its set must be complete first
         from .pipeline import start       # loaded with the model, see job()
-        finishing = start(request, self.job(request), fetch=fetch)
+        finishing = start(request, self.job(request, earlier_deliveries(received)),
+                          fetch=fetch)
         self.settle()
         thread = threading.Thread(target=self._finish, args=(finishing, received, keeper),
                                   name=f"finish-{request.job_id}", daemon=True)
@@ -113,22 +120,25 @@ class Drainer:
             raise error
 
     def conclude(self, received, result: dict, keeper: LeaseKeeper) -> None:
-        """Publish the result and ack, or nack where a retry may help."""
+        """Publish the result and ack, or nack where a retry may help. A fault of ours
+        (configuration, a role) nacks and stops the drain: raises ConfigError."""
         error = result.get("error")
-        if error and error["retryable"]:
+        failure = JobError(**error) if error and error["retryable"] else None
+        if failure is None:
+            try:
+                self.publisher.publish_result(result)
+            except JobError as publish_error:
+                log.error("result of %s not published, returning the message: %s",
+                          result.get("jobId"), publish_error.message)
+                failure = publish_error
+        if failure is not None:
             keeper.nack(received)            # not finished: another job takes it at once
             self.outcomes.append(EXIT_RETRY)
-            return
-        try:
-            self.publisher.publish_result(result)
-        except JobError as failure:
-            log.error("result of %s not published, returning the message: %s",
-                      result.get("jobId"), failure.message)
-            keeper.nack(received)
-            self.outcomes.append(EXIT_RETRY)
+            if failure.is_config:
+                raise ConfigError(failure.message)
             return
         keeper.ack(received)
-        self.outcomes.append(EXIT_BAD_INPUT if error else EXIT_OK)
+        self.outcomes.append(EXIT_OK)
 
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
         deliveries = [Delivery.parse(received) for received in batch]
@@ -152,6 +162,7 @@ class Drainer:
 
     def run(self) -> int:
         wanted = self.settings.max_messages
+        runtime.preflight(self.settings, self.storage, self.publisher)
         with LeaseKeeper(self.subscriber, self.subscription, LEASE_S) as keeper:
             while len(self.outcomes) < wanted and not self.cancel.is_set():
                 batch = pull(self.subscriber, self.subscription, wanted - len(self.outcomes),
@@ -165,7 +176,7 @@ class Drainer:
             return EXIT_RETRY
         if not self.outcomes:
             log.info("no message within %.0f s: nothing to do", self.settings.idle_timeout_s)
-        return max(self.outcomes, default=EXIT_OK, key=[EXIT_OK, EXIT_BAD_INPUT, EXIT_RETRY].index)
+        return max(self.outcomes, default=EXIT_OK)
 
 
 def drain(settings) -> int:
@@ -176,6 +187,8 @@ def drain(settings) -> int:
     runtime.on_sigterm(drainer.cancel)
     try:
         return drainer.run()
-    except JobError as error:     # Pub/Sub itself unreachable
+    except JobError as error:     # Pub/Sub unreachable, or a setting or role of ours is wrong
+        if error.is_config:
+            raise ConfigError(error.message) from error
         log.error("drain stopped: %s (%s)", error.message, error.code)
         return EXIT_RETRY

@@ -27,6 +27,7 @@ from google.api_core import exceptions
 from google.cloud import storage
 
 from .errors import JobError
+from .faults import storage_fault
 from .messages import check_id
 from .retry import bounded, is_transient
 from .storage import CONTENT_TYPES, MANIFEST, LocalStorage, Original, check_size
@@ -97,26 +98,27 @@ class GcsStorage:
         self._uploaded = {}     # (release, track) -> {object: (generation, local file)}, awaiting the manifest
 
     # -- the one retry layer ----------------------------------------------------------
-    def _call(self, what: str, function, *args, not_found: JobError | None = None, **kwargs):
-        """Run one GCS call with bounded retries; failures become JobErrors."""
+    def _call(self, what: str, function, *args, not_found: JobError | None = None,
+              original: bool = False, **kwargs):
+        """Run one GCS call with bounded retries; failures become JobErrors, classified by
+        side (`original`: the sender's object; otherwise ours, see job/faults.py)."""
         try:
             return bounded(self.retry_deadline_s, is_transient)(
                 function, *args, timeout=self.timeout, retry=None, **kwargs)
         except JobError:
             raise
         except exceptions.NotFound as exc:
-            raise not_found or JobError("storage_not_found", f"{what}: {exc.message}") from exc
-        except (exceptions.Forbidden, exceptions.Unauthorized) as exc:
-            raise JobError("permission_denied",
-                           f"{what}: access denied ({exc.code}): {exc.message}") from exc
+            if not_found is None:
+                raise self._fault(exc, what, original) from exc
+            raise not_found from exc
         except Exception as exc:
-            if is_transient(exc):
-                raise JobError("storage_unavailable",
-                               f"{what}: Cloud Storage still failing after retrying for "
-                               f"{self.retry_deadline_s:g} s: {exc}", retryable=True) from exc
-            if isinstance(exc, exceptions.GoogleAPICallError):
-                raise JobError("storage_error", f"{what}: {exc.code} {exc.message}") from exc
-            raise
+            if (fault := self._fault(exc, what, original)) is None:
+                raise
+            raise fault from exc
+
+    def _fault(self, exc, what, original):
+        return storage_fault(exc, what, original=original, bucket=self.bucket.name,
+                             deadline_s=self.retry_deadline_s)
 
     # -- originals ---------------------------------------------------------------------
     def describe_original(self, uri: str, trusted: bool = False) -> Original:
@@ -126,7 +128,8 @@ class GcsStorage:
             raise JobError("input_not_allowed",
                            f"{uri} is in bucket {bucket!r}, which is not allowed "
                            f"(ALLOWED_INPUT_BUCKETS: {', '.join(self.allowed_buckets)})")
-        blob = self._call(f"reading metadata of {uri}", self.client.bucket(bucket).get_blob, name)
+        blob = self._call(f"reading metadata of {uri}", self.client.bucket(bucket).get_blob, name,
+                          original=True)
         if blob is None:
             raise JobError("input_not_found", f"{uri} does not exist")
         check_size(blob.size or 0, self.max_bytes, uri)
@@ -148,7 +151,7 @@ class GcsStorage:
         try:
             self._call(f"downloading {original.uri}", lambda **kw: blob.download_to_file(
                 sink, start=sink.size or None, raw_download=True, checksum=None, **kw),
-                not_found=changed)
+                not_found=changed, original=True)
         finally:
             sink.close()
         expected = original.identity.get("crc32c")
@@ -244,7 +247,7 @@ class GcsStorage:
             return
         bucket, name = parse_gs_uri(identity["uri"])
         blob = self._call(f"reading metadata of {identity['uri']}",
-                          self.client.bucket(bucket).get_blob, name)
+                          self.client.bucket(bucket).get_blob, name, original=True)
         if blob is None or blob.generation != identity["generation"]:
             raise JobError("input_changed", f"{identity['uri']} was replaced while it was "
                            "separated; a retry takes its current version", retryable=True)

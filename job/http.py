@@ -67,6 +67,7 @@ from . import messages, runtime
 from .auth import Guard, SharedToken
 from .config import Settings
 from .errors import EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError
+from .errors import http_status_for
 from .model import ModelCache
 from .pipeline import Job, process
 from .storage import Original
@@ -80,21 +81,13 @@ MAX_PART_HEADERS = 8               # Content-Disposition, Content-Type, and room
 MAX_PART_HEADER_BYTES = 8192       # one header line: a long filename, percent-encoded
 DEFAULT_RETRY_AFTER_S = 30
 GRACE_S = 8        # after SIGTERM, responses get this long (Cloud Run kills at 10 s, GKE at 15 s)
-STATUS = {
-    "no_file": 400, "empty_input": 400, "bad_multipart": 400, "upload_incomplete": 400,
-    "input_too_large": 413, "unsupported_media_type": 415,
-    "invalid_id": 422, "invalid_message": 422, "invalid_outputs": 422, "not_audio": 422,
-    "corrupt_audio": 422, "truncated_audio": 422, "empty_audio": 422, "too_long": 422,
-    "decode_memory_exceeded": 422, "decode_timeout": 422,
-    "busy": 503, "interrupted": 503, "internal_error": 500,
-}
 GONE = JobError("upload_incomplete", "the client disconnected")   # nobody reads this answer
 HOW_TO_SEND = (f"send the audio as multipart/form-data in the field '{FILE_FIELD}', e.g. "
                f"curl -F {FILE_FIELD}=@song.mp3 http://HOST/separate/RELEASE_ID/TRACK_ID")
 
 
 def http_status(error: JobError) -> int:
-    return STATUS.get(error.code, 503 if error.retryable else 500)
+    return http_status_for(error)
 
 
 def error_response(error: JobError, retry_after: int | None = None, **ids) -> JSONResponse:

@@ -39,11 +39,14 @@ class Job:
     models: "ModelCache"
     cancel: Cancel = field(default_factory=Cancel)
     on_progress: object = None        # callable(fraction) for progress events
+    attempt: int | None = None        # earlier tries of this message (0: first); None: unknown
+    last_attempt: bool = False        # Cloud Run's last attempt: no retry follows a failure
 
     def fetch(self, request: messages.JobRequest, trusted: bool = False,
               ahead: bool = False) -> TrackFetch:
         return TrackFetch(request, self.storage, self.settings, self.cancel,
-                          models=self.models, trusted=trusted, ahead=ahead)
+                          models=self.models, trusted=trusted, ahead=ahead,
+                          attempt=self.attempt)
 
 
 def process(request: messages.JobRequest, job: Job, trusted: bool = False,

@@ -15,6 +15,7 @@ import time
 from google.api_core import exceptions
 
 from .errors import JobError
+from .faults import DENIED, no_credentials, publish_fault
 from .retry import bounded, is_transient
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class Publisher:
         self.attempt_timeout_s = attempt_timeout_s
 
     def publish(self, payload: dict, attributes: dict | None = None) -> str:
-        """Publish `payload` as JSON; returns the message id. Raises JobError(publish_failed,
-        retryable) when the topic cannot be reached, so the caller nacks rather than acks."""
+        """Publish `payload` as JSON; returns the message id. Raises a retryable JobError when
+        the topic cannot be reached (publish_failed) or is missing or forbidden (a configuration
+        code), so the caller keeps the message rather than acks it."""
         data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         attributes = {k: str(v) for k, v in (attributes or {}).items() if v is not None}
 
@@ -48,8 +50,22 @@ class Publisher:
         try:
             return bounded(self.deadline_s, is_transient)(attempt)
         except Exception as exc:
-            raise JobError("publish_failed", f"publishing to {self.topic_path} failed: {exc}",
-                           retryable=True) from exc
+            raise publish_fault(exc, self.topic_path) from exc
+
+    def check(self) -> None:
+        """One metadata call: a missing topic fails before any work starts. An identity that
+        may publish but not read the topic's metadata (roles/pubsub.publisher) skips the check;
+        a publish then says what is wrong."""
+        try:
+            self.client.get_topic(request={"topic": self.topic_path}, timeout=10.0)
+        except DENIED:
+            return
+        except exceptions.NotFound as exc:
+            raise publish_fault(exc, self.topic_path) from exc
+        except Exception as exc:
+            if (missing := no_credentials(exc)) is not None:
+                raise missing from exc
+            log.info("results topic not checked: %s", exc)    # a fault of the moment
 
     def publish_result(self, result: dict) -> str:
         """A stem-results message; attributes jobId and status let consumers filter."""
@@ -78,9 +94,11 @@ def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float
                 failure = exc
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
+            if (missing := no_credentials(exc)) is not None:
+                raise missing from exc
             if isinstance(exc, exceptions.GoogleAPICallError):
-                raise JobError("pubsub_error", f"pulling from {subscription_path} failed: {exc}",
-                               retryable=False) from exc
+                raise JobError("pubsub_error", f"PUBSUB_SUBSCRIPTION: pulling from "
+                               f"{subscription_path} failed: {exc}") from exc
             raise
         failure = None
         if response.received_messages:
@@ -88,14 +106,21 @@ def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))   # an immediate empty answer
     if failure is not None:
         raise JobError("pubsub_unavailable",
-                       f"pulling from {subscription_path} failed for {timeout_s:g} s: {failure}",
-                       retryable=True) from failure
+                       f"pulling from {subscription_path} failed for {timeout_s:g} s: {failure}"
+                       ) from failure
     return []
 
 
 def delivery_attempt(message) -> int:
     """1 + redeliveries when the subscription has a dead-letter policy, else 0."""
     return message.delivery_attempt
+
+
+def earlier_deliveries(message) -> int | None:
+    """The tries of a pulled message before this one (Job.attempt); None without a
+    dead-letter policy, where Pub/Sub does not count them."""
+    count = delivery_attempt(message)
+    return count - 1 if count else None
 
 
 class LeaseKeeper:
@@ -184,7 +209,7 @@ class LeaseKeeper:
                 method, request=request, timeout=self.call_deadline_s, retry=None)
         except Exception as exc:
             # At-least-once delivery makes this safe to survive: the message comes back later.
-            raise JobError("pubsub_unavailable", f"{what} failed: {exc}", retryable=True) from exc
+            raise JobError("pubsub_unavailable", f"{what} failed: {exc}") from exc
 
     def _extend_loop(self) -> None:
         while not self._stopping.wait(self.deadline_s / 3):

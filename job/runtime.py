@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 from . import messages
 from .errors import EXIT_CONFIG, Cancel, JobError
@@ -22,6 +23,55 @@ def fail_config(message: str):
     """Invalid configuration or an unloadable model: one line naming the variable, exit 78."""
     sys.stderr.write(f"stem-job: configuration error: {message}\n")
     sys.exit(EXIT_CONFIG)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Which try of its message this process is, where the platform says so.
+
+    Cloud Run sets CLOUD_RUN_TASK_ATTEMPT (0-based) in every task and retries any non-zero exit
+    up to the job's maxRetries (MAX_RETRIES in the job's env). On the last attempt no retry
+    follows, so a retryable failure is reported there as the message's final result.
+    `earlier` counts the tries before this one (0 on the first), as Job.attempt and the
+    decoder's kill check do; None when unknown.
+    """
+    earlier: int | None = None
+    last: bool = False
+    cloud_run: bool = False
+
+    @classmethod
+    def from_env(cls, settings, environ=None) -> "Attempt":
+        """`settings` None (they did not load): on Cloud Run, taken as the last attempt, so
+        that the exit code says no result was published."""
+        raw = (os.environ if environ is None else environ).get("CLOUD_RUN_TASK_ATTEMPT", "")
+        if not raw.strip().isdigit():
+            return cls()
+        attempt = int(raw)
+        return cls(attempt, settings is None or attempt >= settings.max_retries, True)
+
+
+def preflight(settings, storage, publisher=None) -> None:
+    """What is cheap to check before any message is taken: the stems bucket and the results
+    topic exist (one metadata call each). An identity not allowed to read that metadata skips
+    the check; the first write or publish then says what is wrong."""
+    if settings.storage_mode == "gcs":
+        _check_bucket(storage.bucket)
+    if publisher is not None:
+        publisher.check()
+
+
+def _check_bucket(bucket) -> None:
+    from .faults import DENIED, storage_fault
+    try:
+        bucket.reload(timeout=10.0, retry=None)
+    except DENIED:
+        return
+    except Exception as exc:
+        fault = storage_fault(exc, f"reading gs://{bucket.name}", original=False,
+                              bucket=bucket.name, deadline_s=0)
+        if fault is not None and fault.is_config:
+            raise fault from exc
+        log.info("stems bucket not checked: %s", exc)      # a fault of the moment
 
 
 def make_storage(settings, restrict_inputs: bool = False) -> Storage:

@@ -25,9 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 import pytest
 import requests
@@ -41,6 +40,9 @@ from job.dispatcher import DispatcherSettings, create_app, load_dispatcher_setti
 from job.dispatcher.dedupe import GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import parse_envelope
 from job.dispatcher.settings import ENV as DISPATCHER_ENV
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
+from cloudrun_stand_in import JsonServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDRUN = REPO / "cloudrun"
@@ -57,37 +59,6 @@ def gcloud_sdk() -> Path:
     gcloud = shutil.which("gcloud")
     assert gcloud, "gcloud (Google Cloud CLI) is needed: it also runs the Pub/Sub emulator"
     return Path(gcloud).resolve().parents[1]
-
-
-class JsonServer:
-    """A loopback HTTP server answering every request with JSON: `answer(method, url, body)`
-    returns (status, reply). The plumbing the API stand-ins below share."""
-
-    def __init__(self, answer):
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                status, reply = answer(self.command, urlparse(self.path), body)
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class RunAdminStandIn:
@@ -246,6 +217,8 @@ def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
     assert (settings.processing_mode, settings.storage_mode, settings.device) == \
         ("job", "gcs", "cuda")
     assert settings.gcp_project_id == "my-project" and settings.gcs_bucket == "my-stems"
+    # the job knows its retry budget: its last attempt reports a retryable failure
+    assert settings.max_retries == task["maxRetries"], "MAX_RETRIES must equal maxRetries"
 
 
 def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
@@ -268,6 +241,7 @@ def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
                                  f"{job['metadata']['labels']['cloud.googleapis.com/location']}"
                                  f"/jobs/{job['metadata']['name']}")
     assert settings.marker_bucket == "my-stems" and settings.marker_prefix == "dispatch/"
+    assert settings.stems_bucket == "my-stems", "the sweep reads manifests in the stems bucket"
     # The request timeout covers the dispatcher's Cloud Run API budget.
     assert spec["timeoutSeconds"] > settings.api_deadline_s
 
@@ -717,3 +691,85 @@ def test_gcs_markers_use_generation_preconditions():
         assert delete[0] == "DELETE" and delete[2]["ifGenerationMatch"] == ["17"]
     finally:
         gcs.http.close()
+
+
+# -- no usable credentials --------------------------------------------------------------------------
+def test_dispatch_without_credentials_is_one_line_and_exit_78(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NO_GCE_CHECK": "True",
+           "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+           "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "GCP_PROJECT_ID": "p1",
+           "CLOUD_RUN_REGION": "us-central1", "GCS_BUCKET": "stems-b", "PORT": "9",
+           "LOG_FORMAT": "text"}
+    proc = subprocess.run([sys.executable, "-m", "job", "dispatch"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 78, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith("stem-job:")]
+    assert "credentials" in line
+
+
+# -- the whole Cloud Run path under faults ------------------------------------------------------------
+def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_path):
+    """A slice of hack/cloudrun-faults: Pub/Sub push -> the dispatcher -> the Cloud Run job
+    stand-in running `stem-job run` tasks (maxRetries 1), then the sweep. Seed 33's first run
+    SIGKILLs one message's first attempt 1.4 s in (before any task can finish) and sends the
+    other task timeouts; what follows depends on how fast the tasks run, the invariant must
+    hold whatever it is (test_the_sweep_reports_... covers the sweep's cases one by one)."""
+    sys.path.insert(0, str(REPO / "hack"))
+    from cloudrun_faults import run
+    verdict = run(runs=1, seed=33, messages=2, workdir=tmp_path)
+    assert verdict["ok"], json.dumps(verdict, indent=2)
+    assert (verdict["messages"], verdict["executions"]) == (2, 2)
+    assert verdict["faults"]["kill"] >= 1 and verdict["attempts"] >= 3, verdict
+    assert sum(verdict["outcomes"].values()) == 2, verdict
+
+
+def test_the_sweep_reports_a_killed_execution_once_and_a_complete_set_as_completed(
+        pubsub_emulator, gcs_emulator, results, unique_name, model_dir, song, tmp_path):
+    """Two executions whose task is SIGKILLed on its last attempt: one track's set was complete
+    before the kill (its manifest exists), the other's was not. The sweep publishes `completed`
+    and `execution_lost`, once: a second sweep finds nothing open."""
+    from conftest import job_env, last_json, run_job
+    from cloudrun_stand_in import CloudRunJobStandIn
+    from job.dispatcher.sweep import SweepClients
+    client = gcs_emulator.client(PROJECT)
+    bucket = client.create_bucket(unique_name("sweep")).name
+    client.bucket(bucket).blob("originals/song.mp3").upload_from_filename(str(song))
+    done = {**GOOD, "jobId": "job_done", "trackId": "trk_done",
+            "originalStemUri": f"gs://{bucket}/originals/song.mp3"}
+    lost = {**done, "jobId": "job_lost", "trackId": "trk_lost"}
+    env = job_env(model_dir, tmp_path / "unused", STORAGE_MODE="gcs", GCS_BUCKET=bucket,
+                  **gcs_emulator.env)
+    finished = run_job(["run", "--message", json.dumps(done)], env)     # the set of trk_done
+    assert finished.returncode == 0 and last_json(finished.stdout)["status"] == "completed"
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    job = f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
+    cloud_run = CloudRunJobStandIn(job, {}, max_retries=1, argv=killed)
+    rest = dict(transport="rest", credentials=AnonymousCredentials(),
+                client_options={"api_endpoint": cloud_run.url})
+    app = create_app(settings_for(results.topic, marker_bucket=bucket, stems_bucket=bucket),
+                     jobs_client=run_v2.JobsClient(**rest),
+                     publisher_client=pubsub_emulator.publisher,
+                     markers=GcsMarkers(bucket, client=client),
+                     sweep_clients=SweepClients(run_v2.ExecutionsClient(**rest),
+                                                run_v2.TasksClient(**rest), client))
+    server = Uvicorn(app)
+    try:
+        for number, message in enumerate((done, lost)):
+            assert post_push(server.url, message, message_id=f"77{number}").json()["status"] == "started"
+        assert cloud_run.wait(2, timeout_s=60)
+        assert all([a.term_signal for a in e.attempts] == [9, 9]
+                   for e in cloud_run.executions.values()), "both attempts killed"
+        reply = requests.post(server.url + "/sweep", timeout=60).json()
+        assert (reply["open"], reply["published"]) == (2, 2), reply
+        published = {json.loads(m.data)["jobId"]: json.loads(m.data) for m in results(2)}
+        assert published["job_done"]["status"] == "completed"
+        assert published["job_done"]["stems"] == last_json(finished.stdout)["stems"]
+        assert published["job_lost"]["status"] == "failed"
+        assert published["job_lost"]["error"]["code"] == "execution_lost"
+        assert published["job_lost"]["error"]["retryable"] is True
+        again = requests.post(server.url + "/sweep", timeout=60).json()
+        assert again["open"] == 0 and results(1, timeout_s=3) == []
+    finally:
+        server.close()
+        cloud_run.close()

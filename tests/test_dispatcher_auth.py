@@ -198,7 +198,8 @@ def test_every_route_but_health_is_guarded(dispatcher, certificates, cloud_run, 
     assert requests.get(url + "/health", timeout=10).status_code == 200
     refused(push(url, path="/"), "Authorization")
     refused(requests.post(url + "/sweep", timeout=10), "Authorization")
-    assert requests.post(url + "/sweep", timeout=10,
+    refused(requests.post(url + "/added-later", timeout=10), "Authorization")
+    assert requests.post(url + "/added-later", timeout=10,
                          headers={"Authorization": f"Bearer {key.token()}"}).status_code == 404
     assert cloud_run.requests == []
 

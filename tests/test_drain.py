@@ -62,6 +62,7 @@ def cloud(pubsub_emulator, gcs_emulator, bucket, make_topic, make_subscription, 
 
     cloud.upload, cloud.publish, cloud.results_now, cloud.queue_is_empty = \
         upload, publish, results_now, queue_is_empty
+    cloud.subscriber = pubsub_emulator.subscriber
     return cloud
 
 
@@ -114,7 +115,8 @@ def test_batch_of_good_and_bad_messages(cloud, song):
         cloud.publish(payload)
     env = cloud.env | {"MAX_DURATION_S": "11"}
     proc = run_job(["drain", "--max-messages", str(len(batch))], env)
-    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+    # every message was concluded and acked: the Job did its work, whatever the results
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
     results = cloud.results_now(len(batch))
     assert sorted((r["status"], (r.get("error") or {}).get("code")) for r, _ in results) == \
         sorted((status, code) for _, status, code in batch)
@@ -241,3 +243,175 @@ def test_bad_message_in_run_is_published_as_failed(cloud):
     (result, attributes), = cloud.results_now(1)
     assert result["status"] == attributes["status"] == "failed"
     assert result["error"]["code"] == "invalid_message"
+
+
+# -- faults on the output side are ours, never the sender's ----------------------------------------
+def config_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.startswith("stem-job:")]
+
+
+def test_a_missing_stems_bucket_keeps_every_message(cloud, song):
+    uri = cloud.upload("originals/nob.mp3", song.read_bytes())
+    cloud.publish(message(cloud, uri, "trk_nob"))
+    env = cloud.env | {"GCS_BUCKET": "no-such-stems-bucket", "ALLOWED_INPUT_BUCKETS": cloud.bucket}
+    proc = run_job(["drain", "--max-messages", "2"], env)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    [line] = config_lines(proc.stderr)
+    assert "GCS_BUCKET=no-such-stems-bucket" in line and "Traceback" not in proc.stderr
+    assert cloud.results_now(1, timeout=3) == [], "no failed result may blame the input"
+    assert not cloud.queue_is_empty(), "the message must stay on the queue"
+
+
+def test_a_stems_bucket_gone_mid_batch_nacks_and_stops(cloud, song, gcs_emulator, unique_name):
+    """The start-up check passes; the bucket then disappears: the upload's 404 is ours."""
+    originals = unique_name("in")
+    cloud.storage.create_bucket(originals)
+    cloud.storage.bucket(originals).blob("gone.mp3").upload_from_string(song.read_bytes())
+    for track in ("trk_gone1", "trk_gone2"):
+        cloud.publish(message(cloud, f"gs://{originals}/gone.mp3", track))
+    proc = subprocess.Popen([sys.executable, "-m", "job", "drain", "--max-messages", "2"],
+                            env=cloud.env | {"ALLOWED_INPUT_BUCKETS": originals},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "first window" in line:
+            break
+    for blob in cloud.storage.list_blobs(cloud.bucket):
+        blob.delete()
+    cloud.storage.bucket(cloud.bucket).delete()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_CONFIG, stderr[-3000:]
+    assert any(f"GCS_BUCKET={cloud.bucket}" in line for line in config_lines(stderr)), stderr[-3000:]
+    assert cloud.results_now(1, timeout=3) == []
+    assert not cloud.queue_is_empty(), "both messages must be back on the queue"
+
+
+def test_a_missing_results_topic_keeps_the_message_and_names_the_variable(cloud, song):
+    uri = cloud.upload("originals/notopic.mp3", song.read_bytes())
+    cloud.publish(message(cloud, uri, "trk_notopic"))
+    proc = run_job(["drain"], cloud.env | {"PUBSUB_RESULTS_TOPIC": "no-such-results"})
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    [line] = config_lines(proc.stderr)
+    assert "PUBSUB_RESULTS_TOPIC" in line and "no-such-results" in line
+    assert not cloud.queue_is_empty()
+
+
+def test_no_credentials_is_one_line_and_exit_78(cloud, tmp_path):
+    env = {k: v for k, v in cloud.env.items()
+           if k not in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")}
+    env |= {"HOME": str(tmp_path), "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9",
+            "GCE_METADATA_IP": "127.0.0.1:9", "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    for command in (["drain"], ["run", "--message", json.dumps(message(cloud, "gs://b/x.mp3"))]):
+        proc = run_job(command, env, timeout=120)
+        assert proc.returncode == EXIT_CONFIG, (command, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr
+        lines = config_lines(proc.stderr)
+        assert lines and "credentials" in lines[0], (command, proc.stderr[-3000:])
+
+
+# -- Cloud Run: the job knows its retry budget ---------------------------------------------------
+def cloud_run_task(cloud, attempt: int, **extra) -> dict:
+    """The env Cloud Run gives attempt `attempt` (0-based) of a job with maxRetries 1."""
+    return cloud.env | {"CLOUD_RUN_TASK_ATTEMPT": str(attempt), "CLOUD_RUN_TASK_INDEX": "0",
+                        "CLOUD_RUN_EXECUTION": "stem-job-abc12", "MAX_RETRIES": "1", **extra}
+
+
+def job_message(cloud, uri, track) -> str:
+    return json.dumps(message(cloud, uri, track))
+
+
+def test_a_storage_outage_is_reported_on_the_last_attempt_only(cloud, song):
+    uri = cloud.upload("originals/out.mp3", song.read_bytes())
+    outage = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "RETRY_DEADLINE_S": "2",
+              "JOB_MESSAGE": job_message(cloud, uri, "trk_out")}
+    first = run_job(["run"], cloud_run_task(cloud, 0, **outage))
+    assert first.returncode == EXIT_RETRY, first.stderr[-3000:]
+    assert last_json(first.stdout)["error"]["code"] == "storage_unavailable"
+    assert cloud.results_now(1, timeout=3) == [], "a retry comes: nothing is final yet"
+    last = run_job(["run"], cloud_run_task(cloud, 1, **outage))
+    assert last.returncode == EXIT_RETRY, last.stderr[-3000:]
+    (published, attributes), = cloud.results_now(1)
+    assert published == last_json(last.stdout) and attributes["status"] == "failed"
+    assert published["error"]["code"] == "storage_unavailable"
+    assert published["error"]["retryable"] is True
+
+
+def test_a_configuration_error_on_the_last_attempt_is_printed_and_published(cloud, song, tmp_path):
+    uri = cloud.upload("originals/cfg.mp3", song.read_bytes())
+    env = cloud_run_task(cloud, 1, MODEL_DIR=str(tmp_path / "no-model"),
+                         JOB_MESSAGE=job_message(cloud, uri, "trk_cfgrun"))
+    proc = run_job(["run"], env)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    printed = last_json(proc.stdout)
+    assert printed["status"] == "failed" and printed["error"]["code"] == "config"
+    assert printed["jobId"] == "job_trk_cfgrun" and printed["error"]["retryable"] is True
+    [line] = config_lines(proc.stderr)
+    assert "MODEL_DIR" in line
+    (published, _), = cloud.results_now(1)
+    assert published == printed
+    # docker run / GKE (no Cloud Run variables): printed, not published, exit 78 as before
+    proc = run_job(["run"], cloud.env | {"MODEL_DIR": str(tmp_path / "no-model"),
+                                         "JOB_MESSAGE": job_message(cloud, uri, "trk_cfgrun")})
+    assert proc.returncode == EXIT_CONFIG and last_json(proc.stdout)["error"]["code"] == "config"
+    assert cloud.results_now(1, timeout=3) == []
+
+
+def test_sigterm_on_the_last_attempt_is_reported_inside_the_grace(cloud, tmp_path):
+    uri = cloud.upload("originals/term.flac",
+                       write_audio(tmp_path / "term.flac", music(60, seed=4)).read_bytes())
+    env = cloud_run_task(cloud, 1, JOB_MESSAGE=job_message(cloud, uri, "trk_lastterm"))
+    proc = subprocess.Popen([sys.executable, "-m", "job", "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "first window" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    elapsed = time.monotonic() - sent
+    assert proc.returncode == EXIT_RETRY and elapsed < 10     # Cloud Run SIGKILLs at 10 s
+    (published, _), = cloud.results_now(1)
+    assert published == last_json(stdout)
+    assert published["error"]["code"] == "interrupted" and published["error"]["retryable"]
+    assert "stems/rel_1/trk_lastterm/manifest.json" not in stems_in_bucket(cloud, "trk_lastterm")
+
+
+def test_bad_input_on_cloud_run_is_reported_once_and_not_retried(cloud):
+    pdf = cloud.upload("originals/cr.mp3", b"%PDF-1.4 not audio" * 100)
+    proc = run_job(["run"], cloud_run_task(cloud, 0, JOB_MESSAGE=job_message(cloud, pdf, "trk_crb")))
+    # Cloud Run retries every non-zero exit: the retry would report the track a second time
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    (published, _), = cloud.results_now(1)
+    assert published["error"]["code"] == "not_audio" and published["error"]["retryable"] is False
+
+
+def test_sigterm_while_a_track_finishes_nacks_both(cloud, tmp_path):
+    """SIGTERM when the next track enters the model, while the first one's encoders' tail,
+    upload, manifest and result run in the finishing thread: the forward pass is aborted, the
+    finishing track stops before its manifest, both messages go back to the queue at once and
+    neither reports anything (docs/deployment.md has the measured time)."""
+    first = cloud.upload("originals/fa.flac", write_audio(tmp_path / "fa.flac", music(20, seed=6)).read_bytes())
+    second = cloud.upload("originals/fb.flac", write_audio(tmp_path / "fb.flac", music(60, seed=7)).read_bytes())
+    cloud.publish(message(cloud, first, "trk_fa"))
+    cloud.publish(message(cloud, second, "trk_fb"))
+    proc = subprocess.Popen([sys.executable, "-m", "job", "drain", "--max-messages", "2"],
+                            env=cloud.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    windows = 0
+    for line in proc.stderr:
+        windows += "first window" in line or '"first_window"' in line
+        if windows == 2:            # trk_fb entered the model: trk_fa is finishing
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    print(f"SIGTERM to exit while a track finished: {time.monotonic() - sent:.2f} s")
+    assert proc.returncode == EXIT_RETRY, stderr[-3000:]
+    assert cloud.results_now(1, timeout=3) == [], "an interrupted track publishes no result"
+    for track in ("trk_fa", "trk_fb"):
+        assert f"stems/rel_1/{track}/manifest.json" not in stems_in_bucket(cloud, track)
+    back, deadline = set(), time.monotonic() + 20
+    while len(back) < 2 and time.monotonic() < deadline:
+        response = cloud.subscriber.pull(
+            request={"subscription": cloud.work.path, "max_messages": 10}, timeout=5)
+        back |= {json.loads(r.message.data)["trackId"] for r in response.received_messages}
+    assert back == {"trk_fa", "trk_fb"}, "both messages must be back on the queue"

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from job.errors import JobError
+from job.errors import EXIT_CONFIG, EXIT_RETRY, JobError, exit_code_for
 from job.pubsub import LeaseKeeper, Publisher, delivery_attempt, pull, resource_path
 from emulators import PubSubEmulator, free_port
 
@@ -125,11 +125,15 @@ def test_delivery_attempt_counts_redeliveries_under_a_dead_letter_policy(
     assert attempts == [1, 2, 3]
 
 
-def test_publishing_to_a_missing_topic_fails_retryably(publisher, pubsub_emulator):
+def test_a_missing_topic_is_a_configuration_error_that_keeps_the_message(publisher,
+                                                                         pubsub_emulator):
     topic = resource_path(pubsub_emulator.project, "topics", "no-such-topic")
-    with pytest.raises(JobError) as caught:
-        Publisher(publisher, topic, deadline_s=2).publish({"status": "completed"})
-    assert caught.value.code == "publish_failed" and caught.value.retryable
+    for call in (lambda p: p.publish({"status": "completed"}), lambda p: p.check()):
+        with pytest.raises(JobError) as caught:
+            call(Publisher(publisher, topic, deadline_s=2))
+        error = caught.value
+        assert error.code == "results_topic_not_found" and error.retryable and error.is_config
+        assert exit_code_for(error) == EXIT_CONFIG and "PUBSUB_RESULTS_TOPIC" in error.message
 
 
 def test_an_unreachable_service_is_not_an_empty_queue(tmp_path):
@@ -143,6 +147,7 @@ def test_an_unreachable_service_is_not_an_empty_queue(tmp_path):
         Publisher(nobody.publisher, "projects/stem-test/topics/stem-results",
                   deadline_s=2, attempt_timeout_s=1).publish({})
     assert caught.value.code == "publish_failed" and caught.value.retryable
+    assert exit_code_for(caught.value) == EXIT_RETRY
 
 
 def test_resource_path_keeps_full_paths():

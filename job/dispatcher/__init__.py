@@ -8,6 +8,7 @@ and starts the job with the message in its JOB_MESSAGE env override. One module 
   service      the decisions and the status each answer gets
   dedupe       one execution per messageId (GCS markers with generation preconditions)
   executions   run_job with the env override, bounded retries
+  sweep        a result for every execution that ended without one (POST /sweep)
   settings     DISPATCH_* and the shared variables, parsed by job.config
   app          HTTP routes and `serve`, which `stem-job dispatch` calls
 """

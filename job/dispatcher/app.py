@@ -1,4 +1,5 @@
-"""The dispatcher over HTTP: POST / or /pubsub takes a delivery, GET /health says what it
+"""The dispatcher over HTTP: POST / or /pubsub takes a delivery, POST /sweep reports executions
+that ended without a result (Cloud Scheduler), GET /health says what it
 targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on HTTP_HOST:PORT (Cloud Run sets PORT).
 With PUSH_AUDIENCE set, every route but /health first needs a valid Google-signed OIDC token
 (auth.py; 401 otherwise), so a route added later is covered too."""
@@ -23,11 +24,12 @@ log = logging.getLogger("stem_job.dispatcher")
 
 
 def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
-               publisher_client=None, markers=None, push_tokens=None) -> Starlette:
+               publisher_client=None, markers=None, push_tokens=None,
+               sweep_clients=None) -> Starlette:
     """The ASGI app. Settings come from the environment unless given; `push_tokens` (a
     PushTokens) defaults to one for the settings' PUSH_AUDIENCE, if any."""
     settings = settings or load_dispatcher_settings()
-    dispatcher = Dispatcher(settings, jobs_client, publisher_client, markers)
+    dispatcher = Dispatcher(settings, jobs_client, publisher_client, markers, sweep_clients)
     if push_tokens is None and settings.push_audience:
         push_tokens = PushTokens(settings.push_audience, settings.push_service_accounts)
     if push_tokens is None:
@@ -43,6 +45,10 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
         outcome = await run_in_threadpool(dispatcher.dispatch, delivery)
         return JSONResponse(outcome.body, outcome.status)
 
+    async def sweep(request: Request):       # Cloud Scheduler, every few minutes
+        outcome = await run_in_threadpool(dispatcher.sweep)
+        return JSONResponse(outcome.body, outcome.status)
+
     async def health(request: Request):
         return JSONResponse({"status": "ok", "job": dispatcher.settings.job_name,
                              "results_topic": dispatcher.settings.results_topic,
@@ -51,6 +57,7 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
     guard = [Middleware(Guard, verify=push_tokens, body=refusal)] if push_tokens else []
     app = Starlette(routes=[Route("/", receive, methods=["POST"]),
                             Route("/pubsub", receive, methods=["POST"]),
+                            Route("/sweep", sweep, methods=["POST"]),
                             Route("/health", health, methods=["GET"])], middleware=guard)
     app.state.dispatcher = dispatcher
     return app

@@ -10,6 +10,10 @@ memory, which protects one instance only.
 The one gap left, a run_job call that timed out after Cloud Run had accepted it and is retried,
 is closed by the job: it gets PUBSUB_MESSAGE_ID, and its manifest.json check makes a second
 execution of a finished track a no-op.
+
+A started marker names its execution and holds the message, so the sweep (sweep.py) can find
+executions that ended without a result and report their track. Each marker's state is also
+kept in the object's metadata, so the sweep lists the open ones without downloading them all.
 """
 
 import hashlib
@@ -68,6 +72,12 @@ class MemoryMarkers:
             del self._items[key]
             return True
 
+    def list(self, states):
+        """[(key, doc, generation)] of the markers whose state is in `states`."""
+        with self._lock:
+            return [(key, dict(doc), generation) for key, (doc, generation) in self._items.items()
+                    if doc.get("state") in states]
+
     def _put(self, key, doc):
         self._generation += 1
         self._items[key] = (dict(doc), self._generation)
@@ -88,6 +98,7 @@ class GcsMarkers:
 
     def _write(self, key, doc, generation):
         blob = self._blob(key)
+        blob.metadata = {"state": str(doc.get("state", ""))}
         try:
             blob.upload_from_string(json.dumps(doc), content_type="application/json",
                                     if_generation_match=generation)
@@ -115,6 +126,15 @@ class GcsMarkers:
         except ValueError:
             doc = {}
         return (doc if isinstance(doc, dict) else {}), generation
+
+    def list(self, states):
+        """[(key, doc, generation)] of the markers whose state (object metadata) is in `states`."""
+        found = []
+        for blob in self.client.list_blobs(self.bucket, prefix=self.prefix):
+            key = blob.name[len(self.prefix):].removesuffix(".json")
+            if (blob.metadata or {}).get("state") in states and (current := self.read(key)):
+                found.append((key, *current))
+        return found
 
     def delete(self, key, generation):
         try:
@@ -166,9 +186,9 @@ class Claims:
         except Exception as exc:  # the claim then goes stale and is taken over after the TTL
             log.warning("could not release the claim for message %s: %s", key, exc)
 
-    def record(self, key, generation, job_id, execution) -> None:
+    def record(self, key, generation, job_id, execution, message: dict | None = None) -> None:
         doc = {"state": "started", "jobId": job_id, "execution": execution,
-               "startedAt": time.time()}
+               "startedAt": time.time(), "message": message}
         try:
             if self.markers.replace(key, doc, generation) is None:
                 log.warning("claim for message %s changed while starting %s", key, execution)

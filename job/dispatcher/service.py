@@ -13,14 +13,15 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from ..errors import JobError
-from ..messages import failed_result, parse_message, salvage_ids
+from ..errors import ConfigError, JobError
+from ..messages import failed_result, parse_message, salvage_ids, to_message
 from ..pubsub import Publisher, resource_path
 from ..retry import is_transient
 from .dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
 from .envelope import Delivery
 from .executions import make_jobs_client, start_execution
 from .settings import DispatcherSettings
+from .sweep import SweepClients, Sweeper
 
 log = logging.getLogger("stem_job.dispatcher")
 
@@ -31,15 +32,31 @@ class Outcome:
     body: dict = field(default_factory=dict)
 
 
+def check_credentials() -> None:
+    """At start, not at the first push: without usable credentials no execution can start."""
+    import google.auth
+
+    from ..faults import no_credentials
+    try:
+        google.auth.default()
+    except Exception as exc:
+        if (fault := no_credentials(exc)) is None:
+            raise
+        raise ConfigError(fault.message) from None
+
+
 class Dispatcher:
     """Validate, dedupe, start the job, report bad input. Clients may be injected (tests);
     otherwise they are made on first use, so the service starts and answers /health without
     credentials."""
 
     def __init__(self, settings: DispatcherSettings, jobs_client=None, publisher_client=None,
-                 markers=None):
+                 markers=None, sweep_clients: SweepClients | None = None):
         self.settings = settings
+        if jobs_client is None:
+            check_credentials()
         self._jobs_client = jobs_client
+        self._sweep_clients = sweep_clients
         self._publisher_client = publisher_client
         self._results = None
         self._lock = threading.Lock()
@@ -70,6 +87,12 @@ class Dispatcher:
                 self._results = Publisher(self._publisher_client, topic,
                                           deadline_s=self.settings.api_deadline_s)
             return self._results
+
+    def sweep(self) -> Outcome:
+        """Report the tracks of executions that ended without a result (sweep.py)."""
+        with self._lock:
+            clients = self._sweep_clients = self._sweep_clients or SweepClients()
+        return Outcome(200, {"status": "swept", **Sweeper(self, clients).sweep()})
 
     def dispatch(self, delivery: Delivery) -> Outcome:
         try:
@@ -104,7 +127,7 @@ class Dispatcher:
             return Outcome(503 if retry else 500,
                            {"status": "retry", "reason": f"Cloud Run API: {exc}"[:500], **ids})
         if key:
-            self.claims.record(key, generation, request.job_id, execution)
+            self.claims.record(key, generation, request.job_id, execution, to_message(request))
         log.info("started %s for job %s (message %s via %s)", execution, request.job_id,
                  delivery.message_id, delivery.transport)
         return Outcome(200, {"status": "started", "execution": execution, **ids})

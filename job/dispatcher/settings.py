@@ -24,6 +24,7 @@ class DispatcherSettings:
     results_topic: str = "stem-results"
     marker_bucket: str = ""            # empty: in-memory markers (one instance only)
     marker_prefix: str = "dispatch/"
+    stems_bucket: str = ""             # GCS_BUCKET: the sweep reads manifests there
     claim_ttl_s: float = 90.0          # a claim older than this with no execution is stale
     api_attempts: int = 4              # run_job tries on quota / transient errors
     api_deadline_s: float = 30.0       # keep below the push subscription's ack deadline
@@ -84,7 +85,8 @@ def load_dispatcher_settings(environ=None, **overrides) -> DispatcherSettings:
     settings = replace(
         DispatcherSettings(project=shared.gcp_project_id, region="",
                            results_topic=shared.pubsub_results_topic or "stem-results",
-                           marker_bucket=shared.gcs_bucket, host=shared.http_host,
+                           marker_bucket=shared.gcs_bucket, stems_bucket=shared.gcs_bucket,
+                           host=shared.http_host,
                            port=shared.http_port),
         **values)
     if settings.push_service_accounts and not settings.push_audience:
