@@ -238,7 +238,9 @@ class CuttingProxy:
 
     def _serve(self, downstream):
         with downstream, socket.create_connection(("127.0.0.1", self.upstream_port)) as upstream:
-            request = downstream.recv(65536)
+            # one request per connection: the stand-in would otherwise keep it open for more
+            request = re.sub(rb"(?im)^connection:[^\r\n]*", b"Connection: close",
+                             downstream.recv(65536), count=1)
             self.requests.append(request.decode("latin-1"))
             budget = None
             if "alt=media" in self.requests[-1].split("\r\n")[0]:
