@@ -193,3 +193,45 @@ def test_a_set_made_from_a_replaced_original_is_not_vouched_for(writers, objects
         commit.write_manifest(body("a", identity))
     assert raised.value.code == "input_changed" and raised.value.retryable
     assert store.read_manifest("rel", "trk") is None
+
+
+@pytest.fixture
+def proxied(gcs_emulator, bucket):
+    """writers() through tests/precondition_proxy.py, which enforces `ifGenerationMatch` on
+    resumable uploads (fake-gcs-server ignores it there)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from precondition_proxy import PreconditionProxy
+    proxy = PreconditionProxy(gcs_emulator.port)
+    client = storage.Client(project="stem-test", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": proxy.url})
+    try:
+        yield proxy, lambda: GcsStorage(bucket, (bucket,), 1_000_000, client=client,
+                                        retry_deadline_s=5)
+    finally:
+        proxy.close()
+
+
+def test_a_stale_writers_late_large_stem_is_refused_too(proxied, objects, identity, tmp_path):
+    """Stems over 8 MiB go up as resumable uploads: the fence holds for them as well."""
+    proxy, writers = proxied
+    stale = writers().commit("rel", "trk").__enter__()
+    with writers().commit("rel", "trk") as commit:
+        commit.write_stems(files_of(tmp_path, "new"))
+        commit.write_manifest(body("new", identity))
+    late = tmp_path / "late" / "drums.mp3"
+    late.parent.mkdir()
+    late.write_bytes(b"old:drums" * (1 << 20))         # 9 MiB: a resumable upload
+    with pytest.raises(JobError) as raised:
+        stale.write_stems({"drums": late})
+    assert raised.value.code == "concurrent_write" and proxy.refused == 1
+    found = writers().read_manifest("rel", "trk")
+    assert found["jobId"] == "new" and written_by(objects, found) == {"new"}
+    big = tmp_path / "big" / "bass.mp3"                # and a large stem of a claim that
+    big.parent.mkdir()                                 # stands goes up as usual
+    big.write_bytes(b"next:bass" * (1 << 20))
+    with writers().commit("rel", "trk") as commit:
+        commit.write_stems({"bass": big})
+        commit.write_manifest(body("next", identity, ["bass"]))
+    assert objects.blob("stems/rel/trk/bass.mp3").download_as_bytes() == big.read_bytes()

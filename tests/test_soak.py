@@ -22,8 +22,8 @@ def test_a_small_fleet_under_faults_loses_nothing_and_mixes_nothing(
     assert {k: v for k, v in report["faults"].items() if v} == faults, fleet.faults
     assert report["faults_not_injected"] == []
     # Whether the second worker reached the frozen one's track before SIGCONT depends on timing
-    # this slice cannot pin down (the GCS stand-in serves one request at a time); hack/soak
-    # reports it per fault ("raced_with"). The invariants below must hold either way.
+    # this slice cannot pin down; hack/soak reports it per fault ("raced_with"). The
+    # invariants below must hold either way.
     assert (report["lost"], report["mixed_sets"], report["stale_sets"], report["wrong_results"],
             report["orphan_stems"]) == (0, 0, 0, 0, 0), report
     assert report["ok"]
