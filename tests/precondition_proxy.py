@@ -6,7 +6,8 @@ Cloud Storage checks the precondition when the upload creates the object; so doe
 it remembers each session's precondition and, on the request that completes the upload,
 compares the object's current generation under a lock that every write through the proxy
 takes, then forwards the request or answers 412 as Cloud Storage does. Everything else passes
-through untouched.
+through untouched. `drop_reply_to` (bytes) makes the proxy commit the next write whose body
+holds them and then drop the connection unanswered, as a reset after the commit would.
 """
 
 import http.client
@@ -27,6 +28,7 @@ class PreconditionProxy:
         self.sessions = {}                 # upload_id -> (bucket, object, generation)
         self.writes = threading.Lock()     # one write at a time, check and commit together
         self.refused = 0
+        self.drop_reply_to = None
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -76,6 +78,11 @@ class PreconditionProxy:
                     return self.answer(handler, 412, {"error": {
                         "code": 412, "message": "At least one of the pre-conditions you "
                         "specified did not hold.", "errors": [{"reason": "conditionNotMet"}]}})
+            if self.drop_reply_to and self.drop_reply_to in body:
+                self.drop_reply_to = None
+                self.request(handler.command, handler.path, body, handler.headers)
+                handler.close_connection = True       # committed, never answered
+                return
             self.forward(handler, body)
 
     def start_session(self, handler, body, url, query) -> None:

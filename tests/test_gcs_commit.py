@@ -235,3 +235,19 @@ def test_a_stale_writers_late_large_stem_is_refused_too(proxied, objects, identi
         commit.write_stems({"bass": big})
         commit.write_manifest(body("next", identity, ["bass"]))
     assert objects.blob("stems/rel/trk/bass.mp3").download_as_bytes() == big.read_bytes()
+
+
+def test_a_manifest_committed_whose_answer_was_lost_counts_as_written(proxied, objects,
+                                                                       identity, tmp_path):
+    """The connection drops after the manifest was stored: the retry meets its own write as a
+    412, and the writer's token in the stored manifest tells it the write was its own."""
+    proxy, writers = proxied
+    store = writers()
+    with store.commit("rel", "trk") as commit:
+        commit.write_stems(files_of(tmp_path, "a"))
+        proxy.drop_reply_to = commit.writer.encode()
+        ours = body("a", identity)
+        standing = commit.write_manifest(ours)
+    assert proxy.drop_reply_to is None, "the answer was dropped"
+    assert standing is ours, "reported as its own write, not as another job's set"
+    assert store.read_manifest("rel", "trk")["jobId"] == "a"
