@@ -4,8 +4,8 @@
 Per seed: several writer processes (forked) each describe the original, then write their stems
 in random chunks with random pauses, then their manifest, through the job's own GcsStorage;
 they ask for different outputs (six stems, vocals, vocals and drums), one of them dies between
-its stems and its manifest (unless it lost the track before), and the original is re-uploaded while they run. The invariant,
-checked from what is stored and what each writer reported:
+its stems and its manifest (unless it lost the track before), and the original is re-uploaded
+while they run. The invariant, checked from what is stored and what each writer reported:
 
 - the manifest (unless a writer's claim is all that is left) names one set: every object it
   names is at the named generation and holds its writer's bytes, exactly the outputs that

@@ -63,7 +63,8 @@ def test_a_set_round_trips_with_private_objects_by_default(writers, objects, ide
         urls = commit.write_stems(files_of(tmp_path, "a"))
         assert store.read_manifest("rel", "trk") is None, "no manifest until written last"
         standing = commit.write_manifest(body("a", identity))
-    assert urls["vocals"] == f"https://storage.googleapis.com/{objects.name}/stems/rel/trk/vocals.mp3"
+    assert urls["vocals"] == \
+        f"https://storage.googleapis.com/{objects.name}/stems/rel/trk/vocals.mp3"
     assert standing["jobId"] == "a"
     found = store.read_manifest("rel", "trk")
     assert found["jobId"] == "a" and written_by(objects, found) == {"a"}

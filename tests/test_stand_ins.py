@@ -63,7 +63,8 @@ def test_one_of_racing_creates_wins_and_a_stale_generation_is_refused(gcs_emulat
         assert target.blob(name).download_as_bytes() == str(winners[0]).encode()
     current = target.get_blob("race-0")
     with pytest.raises(exceptions.PreconditionFailed):
-        target.blob("race-0").upload_from_string(b"late", if_generation_match=current.generation - 1)
+        target.blob("race-0").upload_from_string(b"late",
+                                                 if_generation_match=current.generation - 1)
     replaced = target.blob("race-0")
     replaced.upload_from_string(b"next", if_generation_match=current.generation)
     assert replaced.generation != current.generation
