@@ -441,7 +441,7 @@ class Fleet:
             changed = [n for n, g in now.items() if n != "manifest.json" and before.get(n) != g]
             # every file of the set rewritten: the worker is past its uploads, and the manifest
             # is still its claim (job/gcs_commit.py), not a complete set
-            if len(changed) >= SET_FILES and not self.complete(prefix):
+            if len(changed) >= SET_FILES and not self.vouched(prefix):
                 return len(changed)
             time.sleep(0.02)
         return 0
@@ -453,7 +453,7 @@ class Fleet:
         if self.misses <= 8:
             self.plan.append((0.0, kind))
 
-    def complete(self, prefix: str) -> bool:
+    def vouched(self, prefix: str) -> bool:
         """Whether the manifest under `prefix` vouches for a set (not absent, not a claim)."""
         blob = self.storage.bucket(self.bucket).get_blob(prefix + "manifest.json")
         return blob is not None and "claim" not in json.loads(blob.download_as_bytes())
@@ -464,7 +464,7 @@ class Fleet:
         self.kill(worker, signal.SIGKILL)
         fault["stems_written"] = written
         time.sleep(0.5)
-        fault["manifest_after_kill"] = self.complete(f"stems/{RELEASE}/{fault['track']}/")
+        fault["manifest_after_kill"] = self.vouched(f"stems/{RELEASE}/{fault['track']}/")
 
     def stall_in_race(self, worker: Worker, fault: dict) -> None:
         """SIGSTOP (mid-separation, or between the stems and the manifest), then SIGCONT once
