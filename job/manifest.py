@@ -9,15 +9,30 @@ from .storage import sha256_of
 VERSION = 1
 
 
+def key(found: dict) -> tuple:
+    """What decides whether two sets are interchangeable: the input, the model, the format and
+    the bitrate (settings that change the bytes), which outputs were asked for, and which the
+    set holds (a manifest from before outputs could be chosen holds the six stems)."""
+    return (found.get("version"), found.get("input"), found.get("model"), found.get("format"),
+            found.get("bitrate"), tuple(found.get("outputs", messages.STEMS)),
+            frozenset(found.get("stems") or {}))
+
+
+def bitrate(settings) -> str | None:
+    return f"{settings.mp3_bitrate}k" if settings.output_format == "mp3" else None
+
+
 def matches(manifest: dict | None, identity: dict, settings, outputs) -> bool:
     """Whether `manifest` is a complete set of `outputs` for this exact input and these
-    settings (a manifest from before outputs could be chosen holds the six stems)."""
-    return bool(manifest) and manifest.get("input") == identity \
-        and manifest.get("model") == settings.model_name \
-        and manifest.get("format") == settings.output_format \
-        and manifest.get("version") == VERSION \
-        and tuple(manifest.get("outputs", messages.STEMS)) == tuple(outputs) \
-        and set(manifest.get("stems", {})) == set(outputs)
+    settings."""
+    return bool(manifest) and key(manifest) == (
+        VERSION, identity, settings.model_name, settings.output_format, bitrate(settings),
+        tuple(outputs), frozenset(outputs))
+
+
+def same_request(found: dict | None, built: dict) -> bool:
+    """Whether the set `found` (another job's) stands for the one `built` was made for."""
+    return bool(found) and key(found) == key(built)
 
 
 def urls(manifest: dict) -> dict:
@@ -74,7 +89,7 @@ def build(request: messages.JobRequest, settings, identity: dict, decoded: audio
         "releaseId": request.release_id, "trackId": request.track_id,
         "artistId": request.artist_id, "model": settings.model_name,
         "format": settings.output_format,
-        "bitrate": f"{settings.mp3_bitrate}k" if settings.output_format == "mp3" else None,
+        "bitrate": bitrate(settings),
         "input": identity, "source": source(request, decoded),
         "durationS": round(decoded.duration_s, 3),
         "createdAt": datetime.datetime.now(datetime.timezone.utc).isoformat(),

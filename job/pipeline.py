@@ -168,9 +168,7 @@ def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
     if manifest.matches(found, fetched.original.identity, s, outputs):
         log.info("job %s: outputs already complete for this input, not separating again",
                  request.job_id)
-        return messages.completed_result(
-            request, manifest.urls(found), outputs=manifest.summary(found), model=s.model_name,
-            reused=True, durationS=found.get("durationS"), timings=timings)
+        return reused(request, found, s, timings)
 
     decoded, scratch = fetched.decoded, fetched.scratch
     progress = Progress(request.job_id, job.on_progress)
@@ -180,22 +178,33 @@ def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
 
 
 def _store(request, job: Job, fetched, separator, encoded, timings, outputs) -> dict:
-    """The outputs uploaded, then the manifest (its presence means the set is complete)."""
+    """The outputs uploaded, then the manifest (its presence means the set is complete). When
+    another job completed a set for the same request meanwhile, that set stands and the result
+    points at it."""
     s, storage, decoded = job.settings, job.storage, fetched.decoded
     files, stats, mix, engine = encoded
     if job.cancel.is_set():
         raise Interrupted()
     with stage(timings, "upload"):
-        storage.remove_manifest(request.release_id, request.track_id)
-        urls = storage.write_stems(request.release_id, request.track_id, files)
-        built = manifest.build(request, s, fetched.original.identity, decoded, outputs, files,
-                               urls, stats, mix, engine)
-        storage.write_manifest(request.release_id, request.track_id, built)
+        with storage.commit(request.release_id, request.track_id) as commit:
+            urls = commit.write_stems(files)
+            built = manifest.build(request, s, fetched.original.identity, decoded, outputs,
+                                   files, urls, stats, mix, engine)
+            standing = commit.write_manifest(built)
+    if standing is not built:
+        return reused(request, standing, s, timings)
     duration = decoded.duration_s
     return messages.completed_result(
         request, manifest.urls(built), outputs=manifest.summary(built), model=s.model_name,
         durationS=round(duration, 3), reused=False, device=str(separator.device), timings=timings,
         rtf=round(duration / max(timings.get("separate", 0) + timings.get("decode", 0), 1e-6), 2))
+
+
+def reused(request, found: dict, s: Settings, timings) -> dict:
+    """The completed result of a set already stored, which this call did not write."""
+    return messages.completed_result(
+        request, manifest.urls(found), outputs=manifest.summary(found), model=s.model_name,
+        reused=True, durationS=found.get("durationS"), timings=timings)
 
 
 def pickers(sources, outputs) -> dict:

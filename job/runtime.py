@@ -80,7 +80,8 @@ def make_storage(settings, restrict_inputs: bool = False) -> Storage:
         from .gcs_storage import GcsStorage
         return GcsStorage(settings.gcs_bucket, settings.allowed_buckets(), settings.max_input_bytes,
                           project=settings.gcp_project_id or None,
-                          retry_deadline_s=settings.retry_deadline_s)
+                          retry_deadline_s=settings.retry_deadline_s,
+                          public=settings.gcs_public)
     return LocalStorage(settings.output_dir, settings.input_dir, settings.max_input_bytes,
                         restrict_inputs=restrict_inputs)
 

@@ -1,15 +1,19 @@
 """Where originals come from and stems go: the backend interface and the local-folder backend.
 
 The pipeline sees only `Storage`; `LocalStorage` (here) and `GcsStorage` (gcs_storage.py) are
-its two implementations. The manifest is written last: its presence means the set is complete.
+its two implementations. A set is written through a `Commit` (one writer's turn at a track):
+the stems, then the manifest, last: its presence means the set is complete, and each backend
+makes sure that a manifest only ever names the set its own writer wrote.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +36,17 @@ class Original:
     local_path: Path | None = None
 
 
+class Commit(Protocol):
+    """One writer's turn at a track, from invalidating its old set to writing its manifest."""
+
+    def write_stems(self, files: dict) -> dict:
+        """Store {output: local file}; return {output: url}."""
+
+    def write_manifest(self, manifest: dict) -> dict:
+        """Store the manifest, last. Returns the manifest that stands: `manifest` itself, or
+        another job's for the same request that completed meanwhile."""
+
+
 class Storage(Protocol):
     """What the pipeline asks of a backend."""
 
@@ -44,14 +59,8 @@ class Storage(Protocol):
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
         """The track's manifest when its set is complete, else None."""
 
-    def remove_manifest(self, release_id: str, track_id: str) -> None:
-        """Invalidate the track's set before its stems are overwritten."""
-
-    def write_stems(self, release_id: str, track_id: str, files: dict) -> dict:
-        """Store {stem: local file}; return {stem: url}."""
-
-    def write_manifest(self, release_id: str, track_id: str, manifest: dict) -> None:
-        """Store the manifest, last."""
+    def commit(self, release_id: str, track_id: str) -> contextlib.AbstractContextManager:
+        """A `Commit` (entered: the old set is no longer vouched for) to write the next set."""
 
     def scratch(self) -> contextlib.AbstractContextManager:
         """A temp folder for the download, the decoded audio and the encoders."""
@@ -97,8 +106,9 @@ class LocalStorage:
     """Originals from local paths; stems under OUTPUT_DIR/RELEASE/TRACK/."""
 
     def __init__(self, output_dir: str, input_dir: str = "", max_bytes: int = 2**31,
-                 restrict_inputs: bool = False):
+                 restrict_inputs: bool = False, lock_wait_s: float = 60.0):
         self.output_dir = Path(output_dir)
+        self.lock_wait_s = lock_wait_s
         self.input_dir = Path(input_dir).resolve() if input_dir else None
         self.max_bytes = max_bytes
         self.restrict_inputs = restrict_inputs
@@ -148,33 +158,79 @@ class LocalStorage:
         return f"{release_id}/{track_id}/{filename}"
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
-        path = self.track_dir(release_id, track_id) / MANIFEST
+        """The manifest of a complete set; None when absent, unreadable, or when a file it
+        names is missing or no longer holds the bytes it names (`fileChecksums`)."""
+        folder = self.track_dir(release_id, track_id)
         try:
-            return json.loads(path.read_text())
+            manifest = json.loads((folder / MANIFEST).read_text())
         except (FileNotFoundError, ValueError):
             return None
+        if not isinstance(manifest, dict):
+            return None
+        for name, checksum in (manifest.get("fileChecksums") or {}).items():
+            try:
+                if Path(name).name != name or sha256_of(folder / name) != checksum:
+                    return None
+            except OSError:
+                return None
+        return manifest
 
-    def write_stems(self, release_id: str, track_id: str, files: dict) -> dict:
-        folder = self.track_dir(release_id, track_id, create=True)
-        urls = {}
-        for stem, source in files.items():
-            target = folder / source.name
-            if target.is_symlink():
-                target.unlink()
-            atomic_write(target, source=source)
-            urls[stem] = self.stem_url(release_id, track_id, source.name)
-        return urls
-
-    def write_manifest(self, release_id: str, track_id: str, manifest: dict) -> None:
-        folder = self.track_dir(release_id, track_id, create=True)
-        atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
-
-    def remove_manifest(self, release_id: str, track_id: str) -> None:
-        """A new run of a track invalidates the old set before touching its stems."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.track_dir(release_id, track_id) / MANIFEST).unlink()
+    def commit(self, release_id: str, track_id: str) -> "LocalCommit":
+        return LocalCommit(self, release_id, track_id)
 
     @contextlib.contextmanager
     def scratch(self):
         with tempfile.TemporaryDirectory(prefix="stem-job-") as folder:
             yield Path(folder)
+
+
+class LocalCommit:
+    """A local writer's turn at a track: an exclusive lock on the track's folder from removing
+    the old manifest to writing the new one (workers sharing OUTPUT_DIR on one host take turns;
+    a killed writer's lock goes with its process). The manifest names each file's checksum, so
+    a set that something else changed afterwards is not taken for complete either."""
+
+    def __init__(self, storage: LocalStorage, release_id: str, track_id: str):
+        self.storage, self.release_id, self.track_id = storage, release_id, track_id
+        self.checksums = {}
+        self._lock = None
+
+    def __enter__(self) -> "LocalCommit":
+        self.folder = self.storage.track_dir(self.release_id, self.track_id, create=True)
+        self._lock = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        deadline = time.monotonic() + self.storage.lock_wait_s
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise JobError("concurrent_write", f"{self.folder}: another job kept "
+                                   f"writing this track for {self.storage.lock_wait_s:g} s; "
+                                   "a retry decides again", retryable=True) from None
+                time.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            (self.folder / MANIFEST).unlink()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            os.close(self._lock)          # releases the lock
+            self._lock = None
+
+    def write_stems(self, files: dict) -> dict:
+        urls = {}
+        for key, source in files.items():
+            target = self.folder / source.name
+            if target.is_symlink():
+                target.unlink()
+            atomic_write(target, source=source)
+            self.checksums[source.name] = sha256_of(target)
+            urls[key] = self.storage.stem_url(self.release_id, self.track_id, source.name)
+        return urls
+
+    def write_manifest(self, manifest: dict) -> dict:
+        body = {**manifest, "fileChecksums": dict(self.checksums)}
+        atomic_write(self.folder / MANIFEST, json.dumps(body, indent=2).encode())
+        return manifest

@@ -34,7 +34,7 @@ def pubsub_emulator(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
-    """gcp-storage-emulator: .url, .env, .client(), .kill(), .restart() (same port, data kept)."""
+    """fake-gcs-server: .url, .env, .client(), .kill(), .restart() (same port, data kept)."""
     with GcsEmulator(tmp_path_factory.mktemp("gcs-emulator")).start() as emulator:
         yield emulator
 

@@ -1,15 +1,20 @@
 """Local storage never writes outside OUTPUT_DIR and never shows an incomplete set."""
 
 import json
+import os
+import multiprocessing
+import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import job_env
 from job.errors import EXIT_RETRY, JobError
+from job.messages import STEMS
 from job.storage import LocalStorage
 from job.synthetic import music, write_audio
 
@@ -29,7 +34,8 @@ def test_symlinked_release_folder_outside_is_refused(tmp_path):
     (tmp_path / "out" / "rel_1").symlink_to(outside)
     storage = LocalStorage(str(tmp_path / "out"))
     with pytest.raises(JobError) as error:
-        storage.write_manifest("rel_1", "trk_1", {"x": 1})
+        with storage.commit("rel_1", "trk_1") as commit:
+            commit.write_manifest({"x": 1})
     assert error.value.code == "output_not_allowed"
     assert not list(outside.rglob("*.json"))
 
@@ -42,7 +48,8 @@ def test_symlinked_stem_file_is_replaced_not_followed(tmp_path):
     (folder / "vocals.mp3").symlink_to(victim)
     source = tmp_path / "vocals.mp3"
     source.write_bytes(b"ID3 new stem")
-    storage.write_stems("rel_1", "trk_1", {"vocals": source})
+    with storage.commit("rel_1", "trk_1") as commit:
+        commit.write_stems({"vocals": source})
     assert victim.read_text() == "keep"
     assert (folder / "vocals.mp3").read_bytes() == b"ID3 new stem"
 
@@ -68,3 +75,64 @@ def test_sigterm_mid_separation_leaves_no_manifest_and_exits_75(model_dir, tmp_p
     assert elapsed < 10, f"took {elapsed:.1f} s to stop"
     assert not list((tmp_path / "out").rglob("manifest.json"))
     assert not list((tmp_path / "out").rglob("*.mp3"))
+
+
+def write_set(output_dir, job: str, seed: int, kill: bool = False) -> None:
+    """One local writer: its stems (bytes naming the job), pauses where a scheduler might
+    put them, then its manifest; `kill` dies between the stems and the manifest."""
+    pause = random.Random(seed).uniform
+    storage = LocalStorage(str(output_dir), lock_wait_s=30)
+    scratch = Path(output_dir).parent / f"scratch-{job}"
+    scratch.mkdir()
+    files = {}
+    for name in STEMS:
+        files[name] = scratch / f"{name}.mp3"
+        files[name].write_bytes(f"{job}:{name}".encode() * 2000)
+    with storage.commit("rel", "trk") as commit:
+        with open(Path(output_dir).parent / "turns", "a") as turns:
+            turns.write(job + "\n")          # the order in which writers got their turn
+        for name in STEMS:
+            commit.write_stems({name: files[name]})
+            time.sleep(pause(0, 0.004))
+        if kill:
+            os._exit(9)
+        commit.write_manifest({"jobId": job, "stems": {n: {"file": f"{n}.mp3"} for n in STEMS}})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_writers_racing_for_one_track_leave_one_whole_set(tmp_path, seed):
+    """Processes write one track at once (one killed between its stems and its manifest):
+    the last writer's manifest stands (none when the last one was killed), and it names that
+    writer's files, every one of them."""
+    output = tmp_path / "out"
+    output.mkdir()
+    jobs = [f"job{n}" for n in range(4)]
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=write_set, args=(output, job, seed * 10 + n, n == 1))
+               for n, job in enumerate(jobs)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0, 9, 0, 0]
+    found = LocalStorage(str(output)).read_manifest("rel", "trk")
+    last = (tmp_path / "turns").read_text().split()[-1]
+    if last == "job1":
+        assert found is None
+        return
+    assert found is not None and found["jobId"] == last
+    folder = output / "rel" / "trk"
+    assert {(folder / f"{n}.mp3").read_bytes().split(b":")[0].decode() for n in STEMS} \
+        == {found["jobId"]}
+
+
+def test_a_file_changed_after_the_manifest_voids_the_local_set(tmp_path):
+    storage = LocalStorage(str(tmp_path / "out"))
+    source = tmp_path / "vocals.mp3"
+    source.write_bytes(b"ID3 one")
+    with storage.commit("rel", "trk") as commit:
+        commit.write_stems({"vocals": source})
+        commit.write_manifest({"stems": {"vocals": {"file": "vocals.mp3"}}})
+    assert storage.read_manifest("rel", "trk") is not None
+    (tmp_path / "out" / "rel" / "trk" / "vocals.mp3").write_bytes(b"ID3 two")
+    assert storage.read_manifest("rel", "trk") is None
