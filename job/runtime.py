@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def fail_config(message: str):
     """Invalid configuration or an unloadable model: one line naming the variable, exit 78."""
-    sys.stderr.write(f"stem-job: configuration error: {message}\n")
+    one_line = " ".join(str(message).split())     # a cloud error's text may hold newlines
+    sys.stderr.write(f"stem-job: configuration error: {one_line}\n")
     sys.exit(EXIT_CONFIG)
 
 

@@ -91,3 +91,15 @@ def write_audio(path, audio: np.ndarray, rate: int = 44100, codec: str | None = 
         for packet in stream.encode(None):
             container.mux(packet)
     return path
+
+
+def write_long_silence(path, seconds: float, rate: int = 48000) -> Path:
+    """A FLAC of digital silence: a few KB on disk that decode for seconds (constant subframes
+    cost nothing to store; decoding and resampling every sample still takes its time), so a
+    decoder's time budget, which grows with the file's size, is really exceeded."""
+    import soundfile
+    block = np.zeros((rate * 10, 2), dtype=np.int16)
+    with soundfile.SoundFile(str(path), "w", rate, 2, "PCM_16", format="FLAC") as out:
+        for _ in range(int(seconds // 10)):
+            out.write(block)
+    return Path(path)

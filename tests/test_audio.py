@@ -16,7 +16,7 @@ from job.audio import RawReader, decode_to_file
 from job.decoder import CHILD_ENV, PASSED_ENV, Limits, decode_aside
 from job.errors import Cancel, Interrupted, JobError
 from job.encode import StemEncoder, soft_limit
-from job.synthetic import music, write_audio
+from job.synthetic import music, write_audio, write_long_silence
 
 
 @pytest.mark.parametrize("suffix, rate, channels", [
@@ -181,13 +181,13 @@ def test_a_file_that_makes_the_decoder_allocate_without_bound_fails_on_the_memor
 
 
 def test_a_decode_past_its_time_budget_is_stopped_with_its_own_code(tmp_path):
-    path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
-    limits = Limits(time_base_s=0.3, time_factor=0.001)     # a budget of about half a second
+    path = write_long_silence(tmp_path / "a.flac", 600)       # seconds of work, a few KB
+    limits = Limits(time_base_s=0.1, time_factor=0.0005)    # a budget of under half a second
     with pytest.raises(JobError) as caught:
-        decode_aside(path, tmp_path / "mix.f32", 600, limits=limits)
+        decode_aside(path, tmp_path / "mix.f32", 3600, limits=limits)
     assert caught.value.code == "decode_timeout" and not caught.value.retryable
     assert "DECODE_TIME_FACTOR" in caught.value.message
-    whole = 60 * 44100 * 2 * 4
+    whole = 600 * 44100 * 2 * 4
     assert not (tmp_path / "mix.f32").exists() or (tmp_path / "mix.f32").stat().st_size < whole
 
 

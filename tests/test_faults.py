@@ -60,7 +60,7 @@ def test_a_forbidden_stems_bucket_is_configuration(denied, tmp_path):
     stem = tmp_path / "vocals.mp3"
     stem.write_bytes(b"\xff\xfb" * 100)
     with pytest.raises(JobError) as caught:
-        storage_for(denied).write_stems("rel_1", "trk_1", {"vocals": stem})
+        storage_for(denied).upload("stems/rel_1/trk_1/vocals.mp3", stem, if_generation_match=0)
     error = caught.value
     assert error.code == "permission_denied" and error.retryable and error.is_config
     assert exit_code_for(error) == EXIT_CONFIG
