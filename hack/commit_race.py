@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from google.api_core.exceptions import NotFound
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emulators import GcsEmulator, ensure_bucket  # noqa: E402
@@ -103,7 +105,10 @@ def check_right_after(objects, job: str) -> bool | None:
     """Whether the set a writer was answered with is whole; None when a newer writer claimed
     the track before the check could finish (then it proves nothing either way)."""
     blob = objects.get_blob(PREFIX + "manifest.json")
-    found = json.loads(objects.blob(blob.name, generation=blob.generation).download_as_bytes())
+    try:
+        found = json.loads(objects.blob(blob.name, generation=blob.generation).download_as_bytes())
+    except NotFound:         # replaced between the listing and the read: a newer writer's
+        return None
     if found.get("jobId") != job:
         return None
     verdict = whole(objects, found)
