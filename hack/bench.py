@@ -20,7 +20,7 @@ import soundfile
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from job.synthetic import music, write_audio, write_model_folder  # noqa: E402
+from synthetic import music, write_audio, write_model_folder  # noqa: E402
 import bench_floor  # noqa: E402
 
 PY = sys.executable

@@ -27,7 +27,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_v
 
 def cpu_flags() -> dict:
     """The model name and the flags that decide the matrix-math paths (bf16 above all)."""
-    from job.model import cpu_flags as flags_of, cpu_name, read_cpuinfo
+    from job.separation.model import cpu_flags as flags_of, cpu_name, read_cpuinfo
     text = read_cpuinfo()
     flags = flags_of(text)
     return {"cpu_model": cpu_name(text), "cpus": os.cpu_count(),
@@ -77,7 +77,7 @@ def code_env(base: dict, job_root: Path) -> dict:
 def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, quality: int):
     """Alternated floor runs of each variant in `roots` ({label: (code tree, extra env)}); the
     median run each."""
-    from job.synthetic import music, write_audio
+    from synthetic import music, write_audio
     model = write_floor_model(work / "model-floor")
     song = write_audio(work / f"floor-{int(seconds)}s.mp3", music(seconds, seed=5))
     runs = {label: [] for label in roots}
@@ -148,8 +148,8 @@ def encoders(seconds: float, qualities=range(10), bitrate: int = 320, repeat: in
     """Speed (x real time per core, thread CPU time) and fidelity of lameenc per quality, on a
     stem-like signal: the music-like mix itself, decoded back and aligned by the known delay."""
     import lameenc
-    from job.synthetic import music
-    from job.mp3 import Mp3Writer
+    from synthetic import music
+    from job.audio.mp3 import Mp3Writer
     audio = music(seconds, seed=11) * 3.0            # ~-3 dBFS: a loud stem
     audio = np.clip(audio, -1, 1).astype(np.float32)
     table = {}
@@ -194,7 +194,7 @@ def batch(work: Path, base_env: dict, job_root: Path, model_dir: Path, tracks: i
     """N tracks in one `drain` against the Pub/Sub and GCS emulators vs one `run` alone."""
     from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket, ensure_subscription,
                            ensure_topic)
-    from job.synthetic import music, write_audio
+    from synthetic import music, write_audio
     project = "stem-bench"
     songs = [write_audio(work / f"batch{i}.mp3", music(seconds, seed=20 + i)) for i in range(tracks)]
     env = code_env(base_env, job_root) | {"MODEL_DIR": str(model_dir)}

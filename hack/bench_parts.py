@@ -16,7 +16,7 @@ import torch
 
 def decoded(path):
     """The input as a (2, n) float tensor through our decoder (the same samples every part sees)."""
-    from job.audio import RawReader, decode_to_file
+    from job.audio.decode import RawReader, decode_to_file
     audio = decode_to_file(path, Path(path).with_suffix(".f32"), 1e6)
     return torch.from_numpy(RawReader(audio).read(0, audio.length).copy())
 
@@ -44,7 +44,7 @@ def part_reference(model_dir, audio):
 def part_parity(model_dir, audio):
     """SDR of our engine, configured as `stem-job run` configures it (env), vs the reference."""
     from job.config import load_settings
-    from job.model import ModelCache
+    from job.separation.model import ModelCache
     separator = ModelCache(load_settings(model_dir=str(model_dir), device="cpu")).separator()
     model = separator.model
     mix = decoded(audio)

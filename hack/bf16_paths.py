@@ -17,10 +17,10 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from job.engine import agreement_db  # noqa: E402
-from job.model import cpu_flags, load_model  # noqa: E402
-from job.precision import bf16_copy  # noqa: E402
-from job.synthetic import music, write_model_folder  # noqa: E402
+from job.separation.engine import agreement_db  # noqa: E402
+from job.separation.model import cpu_flags, load_model  # noqa: E402
+from job.separation.precision import bf16_copy  # noqa: E402
+from synthetic import music, write_model_folder  # noqa: E402
 
 @contextmanager
 def mkldnn_bf32():

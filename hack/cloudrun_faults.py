@@ -40,7 +40,7 @@ from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
 from job.dispatcher import DispatcherSettings, create_app  # noqa: E402
 from job.dispatcher.dedupe import GcsMarkers  # noqa: E402
 from job.dispatcher.sweep import SweepClients  # noqa: E402
-from job.synthetic import music, write_audio, write_model_folder  # noqa: E402
+from synthetic import music, write_audio, write_model_folder  # noqa: E402
 
 PROJECT = "stem-faults"
 REGION = "europe-west4"

@@ -37,7 +37,7 @@ from emulators import GcsEmulator, ensure_bucket  # noqa: E402
 
 from job import manifest as manifests  # noqa: E402
 from job.errors import JobError  # noqa: E402
-from job.gcs_storage import GcsStorage  # noqa: E402
+from job.storage.gcs import GcsStorage  # noqa: E402
 from job.messages import STEMS  # noqa: E402
 
 ORIGINAL = "uploads/race/song.flac"

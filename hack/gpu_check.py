@@ -79,8 +79,8 @@ def windows(size="full", device="cuda", precisions=PRECISIONS, batches=BATCHES):
     window, agreement with fp32; the per-window memory and the WINDOW_MB it calls for."""
     import numpy as np
     import torch
-    from job.engine import Separator, agreement_db
-    from job.synthetic import build_model, music
+    from job.separation.engine import Separator, agreement_db
+    from synthetic import build_model, music
     from test_engine_parity import separated
     cuda = device == "cuda"
     torch.backends.cudnn.benchmark = True            # as the job runs (job/model.py)
@@ -142,7 +142,7 @@ def windows(size="full", device="cuda", precisions=PRECISIONS, batches=BATCHES):
 
 def bench(size="full", device="cuda", seconds=(60, 300)):
     """`stem-job run` end to end, one fresh process per track, local storage."""
-    from job.synthetic import music, write_audio, write_model_folder
+    from synthetic import music, write_audio, write_model_folder
     figures = {"size": size, "device": device}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         work = Path(work)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
                       ensure_subscription, ensure_topic, free_port)
 
-from job.synthetic import music, write_audio  # noqa: E402
+from synthetic import music, write_audio  # noqa: E402
 
 DOCKER = os.environ.get("DOCKER", "/usr/bin/docker")
 COMPOSE = os.environ.get("DOCKER_COMPOSE", "docker-compose")

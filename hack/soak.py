@@ -34,7 +34,7 @@ sys.path[:0] = [p for p in (str(HACK), str(REPO)) if p not in sys.path]
 from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
                        ensure_subscription, ensure_topic)
 from job.messages import STEMS  # noqa: E402
-from job.synthetic import music, write_audio, write_model_folder  # noqa: E402
+from synthetic import music, write_audio, write_model_folder  # noqa: E402
 
 SET_FILES = 2 * len(STEMS)       # the six stems and their waveform peaks files
 LEASE_S = 60                     # job/drain.py: a frozen worker's message is back after this

@@ -7,11 +7,11 @@ import traceback
 
 import click
 
-from . import messages, runtime
-from .config import ConfigError, load_settings, parse
-from .errors import (EXIT_CONFIG, EXIT_OK, EXIT_RETRY, EXIT_UNPUBLISHED, Cancel, Interrupted,
+from job import messages, runtime
+from job.config import ConfigError, load_settings, parse
+from job.errors import (EXIT_CONFIG, EXIT_OK, EXIT_RETRY, EXIT_UNPUBLISHED, Cancel, Interrupted,
                      JobError, exit_code_for)
-from .logs import setup_logging
+from job.logs import setup_logging
 
 
 def settings_or_exit(**overrides):
@@ -70,7 +70,7 @@ def request_from(input_, release_id, track_id, artist_id, job_id, mime_type, mes
 def no_credentials(exc: BaseException):
     """JobError(no_credentials) when `exc` is about missing credentials, else None (imported
     here: google.auth is not for `--help` or a local run)."""
-    from .faults import no_credentials as classify
+    from job.faults import no_credentials as classify
     return classify(exc)
 
 
@@ -124,8 +124,8 @@ def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
     ids = messages.request_ids(request)
     try:
         # imported once the request is valid: torch takes seconds, a bad request should not wait
-        from .model import ModelCache
-        from .pipeline import Job, process
+        from job.separation.model import ModelCache
+        from job.pipeline import Job, process
         storage = runtime.make_storage(settings)
         runtime.preflight(settings, storage, runtime.results_publisher(settings)
                           if settings.gcp_project_id else None)
@@ -187,7 +187,7 @@ def drain(max_messages=None, idle_timeout=None):
     """Pull up to --max-messages from PUBSUB_SUBSCRIPTION and process them, then exit."""
     settings = settings_or_exit(max_messages=max_messages, idle_timeout_s=idle_timeout)
     setup_logging(settings.log_format)
-    from .drain import drain as run_drain    # imports the Pub/Sub client: not for `run`
+    from job.drain import drain as run_drain    # imports the Pub/Sub client: not for `run`
     try:
         code = run_drain(settings)
     except ConfigError as exc:
@@ -206,7 +206,7 @@ def serve(host=None, port=None):
     """The original worker's HTTP API: POST /separate/{release_id}/{track_id}, GET /health."""
     settings = settings_or_exit(http_host=host, http_port=port)
     setup_logging(settings.log_format)
-    from .http import serve as run_server     # FastAPI and uvicorn: only `serve` needs them
+    from job.http import serve as run_server     # FastAPI and uvicorn: only `serve` needs them
     try:
         run_server(settings)
     except ConfigError as exc:
@@ -219,7 +219,7 @@ def dispatch(host=None, port=None):
     """The Cloud Run dispatcher: Pub/Sub push or Eventarc in, one job execution per message."""
     settings = settings_or_exit(http_host=host, http_port=port)
     setup_logging(settings.log_format)
-    from .dispatcher import serve as run_dispatcher    # Starlette and the Cloud Run client
+    from job.dispatcher import serve as run_dispatcher    # Starlette and the Cloud Run client
     try:
         run_dispatcher(host=host, port=port)
     except ConfigError as exc:
@@ -231,14 +231,14 @@ def prefetch_model():
     """Download and cache the model (or check MODEL_DIR loads), so later runs work offline."""
     settings = settings_or_exit()
     setup_logging(settings.log_format)
-    from .model import ModelCache
+    from job.separation.model import ModelCache
     try:
         separator = ModelCache(settings).separator()
     except ConfigError as exc:
         runtime.fail_config(str(exc))
     click.echo(f"model {settings.model_name} ready: sources {', '.join(separator.sources)}")
     # reduced precision is checked against fp32 now, once, and the verdict recorded for runs
-    from .synthetic import music
+    from job.separation.precision import music
     db = separator.check(music(10.0))
     if db is not None:
         verdict = "fp32 is used" if separator.precision == "fp32" else f"{separator.precision} is kept"

@@ -8,8 +8,8 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
-from .errors import ConfigError, JobError
-from .messages import STEMS, check_outputs, split_names
+from job.errors import ConfigError, JobError
+from job.messages import STEMS, check_outputs, split_names
 
 _BITRATE = re.compile(r"^(\d{2,3})k$")
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -44,7 +44,7 @@ class Settings:
     output_analysis: bool = True      # peaks and loudness; off only to measure their cost
     max_input_bytes: int = 2 * 1024**3
     max_duration_s: float = 3 * 3600.0
-    decode_memory_mb: int = 1024      # the decoding child's RLIMIT_DATA (job.decoder)
+    decode_memory_mb: int = 1024      # the decoding child's RLIMIT_DATA (job.audio.child)
     decode_time_base_s: float = 30.0
     decode_time_factor: float = 0.25  # decoding seconds allowed per second of audio
     decode_kill_retries: int = 2      # tries after which a killed decoder is final

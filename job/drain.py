@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from google.cloud import pubsub_v1
 
-from . import messages, runtime
-from .errors import Cancel, ConfigError, EXIT_OK, EXIT_RETRY, JobError
-from .pubsub import (LeaseKeeper, delivery_attempt, earlier_deliveries, pull,
+from job import messages, runtime
+from job.errors import Cancel, ConfigError, EXIT_OK, EXIT_RETRY, JobError
+from job.pubsub import (LeaseKeeper, delivery_attempt, earlier_deliveries, pull,
                      resource_path)
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ class Drainer:
     def job(self, request, earlier: int | None = None):
         # imported on the first message, not at start: torch costs seconds, and an
         # empty-queue job must exit in seconds
-        from .model import ModelCache
-        from .pipeline import Job
+        from job.separation.model import ModelCache
+        from job.pipeline import Job
         if self.models is None:
             self.models = ModelCache(self.settings)
         return Job(self.settings, self.storage, self.models, self.cancel,
@@ -95,7 +95,7 @@ class Drainer:
         if self.finishing is not None and self.finishing[0] == (request.release_id,
                                                                 request.track_id):
             self.settle()                  # the same track: its set must be complete first
-        from .pipeline import start       # loaded with the model, see job()
+        from job.pipeline import start       # loaded with the model, see job()
         finishing = start(request, self.job(request, earlier_deliveries(received)),
                           fetch=fetch)
         self.settle()

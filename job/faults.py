@@ -10,8 +10,8 @@ input would conclude every message in the queue as failed because of one mistype
 from google.api_core import exceptions
 from google.auth.exceptions import DefaultCredentialsError, RefreshError
 
-from .errors import JobError
-from .retry import is_transient
+from job.errors import JobError
+from job.retry import is_transient
 
 DENIED = (exceptions.Forbidden, exceptions.Unauthorized, exceptions.PermissionDenied)
 NO_CREDENTIALS = (DefaultCredentialsError, RefreshError)

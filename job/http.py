@@ -63,14 +63,14 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import messages, runtime
-from .auth import Guard, SharedToken
-from .config import Settings
-from .errors import EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError
-from .errors import http_status_for
-from .model import ModelCache
-from .pipeline import Job, process
-from .storage import Original
+from job import messages, runtime
+from job.auth import Guard, SharedToken
+from job.config import Settings
+from job.errors import EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError
+from job.errors import http_status_for
+from job.separation.model import ModelCache
+from job.pipeline import Job, process
+from job.storage.base import Original
 
 log = logging.getLogger(__name__)
 

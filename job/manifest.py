@@ -3,8 +3,9 @@ which input, model and settings made it, so a redelivered message can be answere
 
 import datetime
 
-from . import audio, messages
-from .storage import sha256_of
+from job import messages
+from job.audio import decode as audio
+from job.storage.base import sha256_of
 
 VERSION = 1
 

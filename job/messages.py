@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .errors import JobError
+from job.errors import JobError
 
 STEMS = ("vocals", "drums", "bass", "guitar", "piano", "other")
 # What a job can write: the six stems and the sum of the five that are not vocals.

@@ -15,17 +15,18 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import audio, manifest, messages
-from .config import Settings
-from .encode import MixMeter, open_encoders
-from .errors import Cancel, ConfigError, Interrupted, JobError
-from .fetch import TrackFetch
-from .progress import Progress, stage
-from .storage import Storage
+from job import manifest, messages
+from job.audio import decode as audio
+from job.config import Settings
+from job.audio.encode import MixMeter, open_encoders
+from job.errors import Cancel, ConfigError, Interrupted, JobError
+from job.intake import TrackFetch
+from job.progress import Progress, stage
+from job.storage.base import Storage
 
 if TYPE_CHECKING:      # torch comes with these: the model's background load imports it
-    from .engine import Separator
-    from .model import ModelCache
+    from job.separation.engine import Separator
+    from job.separation.model import ModelCache
 
 log = logging.getLogger(__name__)
 

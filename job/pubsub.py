@@ -14,9 +14,9 @@ import time
 
 from google.api_core import exceptions
 
-from .errors import JobError
-from .faults import DENIED, no_credentials, publish_fault
-from .retry import bounded, is_transient
+from job.errors import JobError
+from job.faults import DENIED, no_credentials, publish_fault
+from job.retry import bounded, is_transient
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from . import messages
-from .errors import EXIT_CONFIG, Cancel, JobError
-from .storage import LocalStorage, Storage
+from job import messages
+from job.errors import EXIT_CONFIG, Cancel, JobError
+from job.storage.base import Storage
+from job.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def preflight(settings, storage, publisher=None) -> None:
 
 
 def _check_bucket(bucket) -> None:
-    from .faults import DENIED, storage_fault
+    from job.faults import DENIED, storage_fault
     try:
         bucket.reload(timeout=10.0, retry=None)
     except DENIED:
@@ -78,7 +79,7 @@ def _check_bucket(bucket) -> None:
 def make_storage(settings, restrict_inputs: bool = False) -> Storage:
     """The STORAGE_MODE backend; `restrict_inputs` confines local originals to INPUT_DIR."""
     if settings.storage_mode == "gcs":
-        from .gcs_storage import GcsStorage
+        from job.storage.gcs import GcsStorage
         return GcsStorage(settings.gcs_bucket, settings.allowed_buckets(), settings.max_input_bytes,
                           project=settings.gcp_project_id or None,
                           retry_deadline_s=settings.retry_deadline_s,
@@ -91,7 +92,7 @@ def results_publisher(settings, deadline_s: float | None = None):
     """A Publisher for PUBSUB_RESULTS_TOPIC in GCP_PROJECT_ID."""
     from google.cloud import pubsub_v1
 
-    from .pubsub import Publisher, resource_path
+    from job.pubsub import Publisher, resource_path
     deadline_s = settings.retry_deadline_s if deadline_s is None else deadline_s
     topic = resource_path(settings.gcp_project_id, "topics", settings.pubsub_results_topic)
     return Publisher(pubsub_v1.PublisherClient(), topic, deadline_s=deadline_s)

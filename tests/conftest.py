@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from job.synthetic import music, write_audio, write_model_folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))  # synthetic, stand-ins
+from synthetic import music, write_audio, write_model_folder  # noqa: E402
 
 try:  # the real Pub/Sub and GCS stand-ins (emulators), started on demand
     from stand_ins import *  # noqa: F401,F403

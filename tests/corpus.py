@@ -19,7 +19,7 @@ import lameenc
 import numpy as np
 import soundfile
 
-from job.synthetic import music
+from synthetic import music
 
 RATE = 44100
 WINDOW = 343980                    # one 7.8 s model window at 44.1 kHz

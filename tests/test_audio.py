@@ -12,11 +12,11 @@ import pytest
 import soundfile
 
 import corpus
-from job.audio import RawReader, decode_to_file
-from job.decoder import CHILD_ENV, PASSED_ENV, Limits, decode_aside
+from job.audio.decode import RawReader, decode_to_file
+from job.audio.child import CHILD_ENV, PASSED_ENV, Limits, decode_aside
 from job.errors import Cancel, Interrupted, JobError
-from job.encode import StemEncoder, soft_limit
-from job.synthetic import music, write_audio, write_long_silence
+from job.audio.encode import StemEncoder, soft_limit
+from synthetic import music, write_audio, write_long_silence
 
 
 @pytest.mark.parametrize("suffix, rate, channels", [
@@ -97,7 +97,7 @@ def decoder_child(timeout=20.0) -> int:
                 cmdline = (entry / "cmdline").read_bytes()
             except (OSError, ValueError):
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"job.decoder" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"job.audio.child" in cmdline:
                 return int(entry.name)
         time.sleep(0.002)
     raise AssertionError("no decoding child appeared")

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import last_json, run_job
 from corpus import CASES, END_TO_END, MAX_DURATION_S
-from job.audio import SAMPLE_RATE, RawReader, decode_to_file
-from job.decoder import decode_aside
+from job.audio.decode import SAMPLE_RATE, RawReader, decode_to_file
+from job.audio.child import decode_aside
 from job.errors import JobError
 from job.messages import STEMS
 
@@ -98,10 +98,10 @@ def test_nan_and_inf_in_a_float_wav_are_replaced_and_counted(tmp_path):
 
 
 def test_the_decode_aside_logs_the_childs_warnings_here(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="job.audio"):
+    with caplog.at_level(logging.WARNING, logger="job.audio.decode"):
         decoded = decode_aside(make("nan_inf_float_wav", tmp_path), tmp_path / "mix.f32", 60)
     assert decoded.non_finite == 120
-    assert any("120 NaN/Inf samples" in r.getMessage() and r.name == "job.audio"
+    assert any("120 NaN/Inf samples" in r.getMessage() and r.name == "job.audio.decode"
                for r in caplog.records), caplog.records
 
 
@@ -154,7 +154,7 @@ def test_end_to_end_through_the_cli(name, job_env_for, tmp_path):
                                   "aiff", "rf64_soundfile"])
 def test_a_header_cut_anywhere_is_read_without_fault(name, tmp_path):
     """The header reader meets every prefix of a real header: it answers, it never raises."""
-    from job.headers import audio_end
+    from job.audio.signatures import audio_end
     path = make(name, tmp_path)
     data = path.read_bytes()
     whole = audio_end(path)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import corpus
 from job.cli import cli
 from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG
-from job.synthetic import music, write_audio, write_long_silence
+from synthetic import music, write_audio, write_long_silence
 
 
 def invoke(args, env):

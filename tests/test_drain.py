@@ -12,7 +12,7 @@ import pytest
 from conftest import job_env, last_json, run_job
 from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_OK, EXIT_RETRY
 from job.messages import STEMS
-from job.synthetic import music, write_audio
+from synthetic import music, write_audio
 from stand_ins import PROJECT
 
 

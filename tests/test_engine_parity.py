@@ -8,10 +8,10 @@ import pytest
 import torch
 from demucs.apply import apply_model
 
-from job.engine import Separator, bag_of, plan_streams
+from job.separation.engine import Separator, bag_of, plan_streams
 from job.errors import JobError
-from job.model import load_model
-from job.synthetic import music
+from job.separation.model import load_model
+from synthetic import music
 
 
 def sdr(reference, estimate):

@@ -13,7 +13,7 @@ from google.cloud import storage
 from job import runtime
 from job.config import load_settings
 from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG, JobError, exit_code_for
-from job.gcs_storage import GcsStorage
+from job.storage.gcs import GcsStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 from cloudrun_stand_in import JsonServer  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 
 from job import manifest as manifests
 from job.errors import JobError
-from job.gcs_storage import GcsStorage
+from job.storage.gcs import GcsStorage
 from job.messages import STEMS
 
 ORIGINAL = "uploads/rel/song.flac"

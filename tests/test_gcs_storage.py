@@ -11,7 +11,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from job.errors import JobError
-from job.gcs_storage import GcsStorage, parse_gs_uri
+from job.storage.gcs import GcsStorage, parse_gs_uri
 from job.messages import STEMS
 
 AUDIO = bytes(range(256)) * 400           # 100 KiB standing in for an original

@@ -23,7 +23,7 @@ import requests
 
 from conftest import job_env, run_job
 from job.messages import STEMS
-from job.synthetic import music, write_audio
+from synthetic import music, write_audio
 from stand_ins import PROJECT
 
 SMALL_LIMIT = 200_000          # MAX_INPUT_BYTES of the `small` server

@@ -20,9 +20,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from job import audio, errors, messages
+from job import errors, messages
+from job import pcm as audio
 from job.config import ENV, load_settings
-from job.fetch import CANCELLED_FETCH_WAIT_S
+from job.intake import CANCELLED_FETCH_WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

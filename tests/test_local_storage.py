@@ -15,8 +15,8 @@ import pytest
 from conftest import job_env
 from job.errors import EXIT_RETRY, JobError
 from job.messages import STEMS
-from job.storage import LocalStorage
-from job.synthetic import music, write_audio
+from job.storage.local import LocalStorage
+from synthetic import music, write_audio
 
 
 def test_ids_cannot_leave_output_dir(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import soundfile
 
 from conftest import job_env
-from job.synthetic import music
+from synthetic import music
 
 
 def peak_rss_mb(args, env) -> float:

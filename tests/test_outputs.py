@@ -11,12 +11,12 @@ import soundfile
 import torch
 
 from conftest import last_json, run_job
-from job.encode import MixMeter, StemEncoder
-from job.loudness import LoudnessMeter
+from job.audio.encode import MixMeter, StemEncoder
+from job.analysis.loudness import LoudnessMeter
 from job.manifest import is_silent
 from job.messages import INSTRUMENTAL_PARTS, OUTPUTS, STEMS
-from job.peaks import Peaks
-from job.synthetic import SOURCES, music, write_model_folder
+from job.analysis.peaks import Peaks
+from synthetic import SOURCES, music, write_model_folder
 
 RATE = 44100
 

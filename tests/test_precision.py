@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import last_json, run_job
-from job import engine
-from job.engine import Separator, agreement_db
+from job.separation import engine
+from job.separation.engine import Separator, agreement_db
 from job.errors import EXIT_OK
-from job.model import (BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags,
+from job.separation.model import (BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags,
                        cpu_kind, load_model)
-from job.precision import Verdicts, bf16_copy
-from job.synthetic import music, write_audio, write_model_folder
+from job.separation.precision import Verdicts, bf16_copy
+from synthetic import music, write_audio, write_model_folder
 from test_engine_parity import SmallDevice, Wrapped, separated
 
 CPUINFO = """processor\t: 0

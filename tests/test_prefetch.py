@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import last_json, run_job
 from job.errors import EXIT_CONFIG, EXIT_OK
-from job.synthetic import build_model
+from synthetic import build_model
 
 
 def hub_cache(home):

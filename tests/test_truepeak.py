@@ -6,8 +6,8 @@ import av.filter
 import numpy as np
 import pytest
 
-from job.synthetic import music
-from job.truepeak import CHUNK, TAPS, TruePeak
+from synthetic import music
+from job.analysis.truepeak import CHUNK, TAPS, TruePeak
 
 RATE = 44100
 

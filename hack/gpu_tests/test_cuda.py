@@ -15,13 +15,14 @@ if not torch.cuda.is_available():
     raise RuntimeError("hack/gpu_tests need a CUDA device (torch.cuda.is_available() is False)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_precision import NonFiniteWhenReduced, separated  # noqa: E402
 
-from job import engine  # noqa: E402
-from job.engine import Separator, agreement_db  # noqa: E402
+from job.separation import engine  # noqa: E402
+from job.separation.engine import Separator, agreement_db  # noqa: E402
 from job.errors import JobError  # noqa: E402
-from job.model import WINDOW_MB, auto_batch  # noqa: E402
-from job.synthetic import build_model, music  # noqa: E402
+from job.separation.model import WINDOW_MB, auto_batch  # noqa: E402
+from synthetic import build_model, music  # noqa: E402
 
 CUDA = torch.device("cuda")
 

@@ -13,7 +13,7 @@ and starts the job with the message in its JOB_MESSAGE env override. One module 
   app          HTTP routes and `serve`, which `stem-job dispatch` calls
 """
 
-from .app import create_app, serve
-from .settings import DispatcherSettings, load_dispatcher_settings
+from job.dispatcher.app import create_app, serve
+from job.dispatcher.settings import DispatcherSettings, load_dispatcher_settings
 
 __all__ = ["DispatcherSettings", "create_app", "load_dispatcher_settings", "serve"]

@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..auth import Guard
-from .auth import PushTokens
-from .envelope import EnvelopeError, parse_envelope
-from .service import Dispatcher
-from .settings import DispatcherSettings, load_dispatcher_settings
+from job.auth import Guard
+from job.dispatcher.auth import PushTokens
+from job.dispatcher.envelope import EnvelopeError, parse_envelope
+from job.dispatcher.service import Dispatcher
+from job.dispatcher.settings import DispatcherSettings, load_dispatcher_settings
 
 log = logging.getLogger("stem_job.dispatcher")
 

@@ -15,7 +15,7 @@ from google.auth import exceptions
 from google.auth.transport.requests import Request
 from google.oauth2 import id_token
 
-from ..auth import Refused, Unavailable, bearer_token
+from job.auth import Refused, Unavailable, bearer_token
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")

@@ -4,9 +4,9 @@ PUBSUB_MESSAGE_ID. Quota and transient API faults are retried within the dispatc
 
 import json
 
-from ..messages import JobRequest, to_message
-from ..retry import bounded
-from .settings import DispatcherSettings
+from job.messages import JobRequest, to_message
+from job.retry import bounded
+from job.dispatcher.settings import DispatcherSettings
 
 
 def make_jobs_client():

@@ -13,15 +13,15 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, JobError
-from ..messages import failed_result, parse_message, salvage_ids, to_message
-from ..pubsub import Publisher, resource_path
-from ..retry import is_transient
-from .dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
-from .envelope import Delivery
-from .executions import make_jobs_client, start_execution
-from .settings import DispatcherSettings
-from .sweep import SweepClients, Sweeper
+from job.errors import ConfigError, JobError
+from job.messages import failed_result, parse_message, salvage_ids, to_message
+from job.pubsub import Publisher, resource_path
+from job.retry import is_transient
+from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
+from job.dispatcher.envelope import Delivery
+from job.dispatcher.executions import make_jobs_client, start_execution
+from job.dispatcher.settings import DispatcherSettings
+from job.dispatcher.sweep import SweepClients, Sweeper
 
 log = logging.getLogger("stem_job.dispatcher")
 
@@ -36,7 +36,7 @@ def check_credentials() -> None:
     """At start, not at the first push: without usable credentials no execution can start."""
     import google.auth
 
-    from ..faults import no_credentials
+    from job.faults import no_credentials
     try:
         google.auth.default()
     except Exception as exc:

@@ -6,9 +6,9 @@ import os
 import re
 from dataclasses import dataclass, replace
 
-from ..config import ENV as SHARED_ENV
-from ..config import load_settings, parse_float, parse_int, parse_text
-from ..errors import ConfigError
+from job.config import ENV as SHARED_ENV
+from job.config import load_settings, parse_float, parse_int, parse_text
+from job.errors import ConfigError
 
 REGION = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 JOB_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")

@@ -19,9 +19,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .. import manifest
-from ..errors import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_RETRY, JobError
-from ..messages import completed_result, failed_result, parse_message, request_ids
+from job import manifest
+from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_RETRY, JobError
+from job.messages import completed_result, failed_result, parse_message, request_ids
 
 log = logging.getLogger("stem_job.dispatcher")
 
@@ -129,7 +129,7 @@ class Sweeper:
         bucket = self.dispatcher.settings.stems_bucket
         if not bucket:
             return None
-        from ..gcs_storage import GcsStorage
+        from job.storage.gcs import GcsStorage
         storage = GcsStorage(bucket, client=self.clients.storage,
                              retry_deadline_s=self.dispatcher.settings.api_deadline_s)
         return storage.read_manifest(request.release_id, request.track_id)

@@ -1,105 +1,15 @@
-"""Where originals come from and stems go: the backend interface and the local-folder backend.
-
-The pipeline sees only `Storage`; `LocalStorage` (here) and `GcsStorage` (gcs_storage.py) are
-its two implementations. A set is written through a `Commit` (one writer's turn at a track):
-the stems, then the manifest, last: its presence means the set is complete, and each backend
-makes sure that a manifest only ever names the set its own writer wrote.
-"""
+"""The local-folder backend: originals from local paths, stems under OUTPUT_DIR/RELEASE/TRACK/."""
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from .errors import JobError
-from .messages import check_id
-
-MANIFEST = "manifest.json"
-CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac",
-                 "json": "application/json"}          # peaks files
-
-
-@dataclass(frozen=True)
-class Original:
-    """An input located and checked, not yet downloaded."""
-
-    uri: str
-    size: int
-    identity: dict = field(default_factory=dict)   # generation/checksum, names the input in manifests
-    local_path: Path | None = None
-
-
-class Commit(Protocol):
-    """One writer's turn at a track, from invalidating its old set to writing its manifest."""
-
-    def write_stems(self, files: dict) -> dict:
-        """Store {output: local file}; return {output: url}."""
-
-    def write_manifest(self, manifest: dict) -> dict:
-        """Store the manifest, last. Returns the manifest that stands: `manifest` itself, or
-        another job's for the same request that completed meanwhile."""
-
-
-class Storage(Protocol):
-    """What the pipeline asks of a backend."""
-
-    def describe_original(self, uri: str, trusted: bool = False) -> Original:
-        """Validate the URI, size and identity of an original, without downloading it."""
-
-    def fetch_original(self, original: Original, folder: Path) -> Path:
-        """A local file holding the original, to decode."""
-
-    def read_manifest(self, release_id: str, track_id: str) -> dict | None:
-        """The track's manifest when its set is complete, else None."""
-
-    def commit(self, release_id: str, track_id: str) -> contextlib.AbstractContextManager:
-        """A `Commit` (entered: the old set is no longer vouched for) to write the next set."""
-
-    def scratch(self) -> contextlib.AbstractContextManager:
-        """A temp folder for the download, the decoded audio and the encoders."""
-
-
-def check_size(size: int, max_bytes: int, uri: str) -> None:
-    if size == 0:
-        raise JobError("empty_input", f"{uri} is empty (0 bytes)")
-    if size > max_bytes:
-        raise JobError("input_too_large",
-                       f"{uri} is {size} bytes, over the limit of {max_bytes} (MAX_INPUT_BYTES)")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(target: Path, data: bytes | None = None, source: Path | None = None) -> None:
-    """Write to a temp name beside `target`, then rename: readers never see half a file."""
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if source is not None:
-                with open(source, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            else:
-                out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+from job.errors import JobError
+from job.messages import check_id
+from job.storage.base import MANIFEST, Original, atomic_write, check_size, scratch, sha256_of
 
 
 class LocalStorage:
@@ -178,10 +88,8 @@ class LocalStorage:
     def commit(self, release_id: str, track_id: str) -> "LocalCommit":
         return LocalCommit(self, release_id, track_id)
 
-    @contextlib.contextmanager
     def scratch(self):
-        with tempfile.TemporaryDirectory(prefix="stem-job-") as folder:
-            yield Path(folder)
+        return scratch()
 
 
 class LocalCommit:

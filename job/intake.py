@@ -12,11 +12,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import audio, decoder, manifest
-from .errors import Cancel
-from .messages import JobRequest, outputs_of
-from .progress import stage
-from .storage import Original, Storage
+from job import manifest
+from job.audio import child as decoder
+from job.audio import decode as audio
+from job.errors import Cancel
+from job.messages import JobRequest, outputs_of
+from job.progress import stage
+from job.storage.base import Original, Storage
 
 log = logging.getLogger(__name__)
 CANCELLED_FETCH_WAIT_S = 3.0
@@ -40,7 +42,7 @@ class TrackFetch:
                  models=None, trusted: bool = False, ahead: bool = False,
                  attempt: int | None = None):
         self.request, self.storage, self.settings = request, storage, settings
-        self.attempt = attempt        # earlier tries of this track (job.decoder.kill_is_final)
+        self.attempt = attempt        # earlier tries of this track (job.audio.child.kill_is_final)
         self.cancel, self.models, self.trusted, self.ahead = cancel, models, trusted, ahead
         self.timings: dict = {}
         self._scratch = contextlib.ExitStack()

@@ -22,7 +22,10 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from job.pcm import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +133,24 @@ class Verdicts:
         log.info("precision verdict not recorded: no writable folder among %s",
                  ", ".join(map(str, self.folders)))
         return None
+
+
+def music(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """(2, n) float32 music-like mix: bass line, chords, a melody, drums, noise; ~-12 dBFS.
+
+    What `stem-job prefetch-model` checks the reduced precision on (and the tests' and
+    benchmarks' generated tracks)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    beat = (t * 2) % 1.0                                     # 120 bpm
+    kick = np.sin(2 * np.pi * 55 * t * (1 + 2 * np.exp(-beat * 30))) * np.exp(-beat * 12)
+    hat = rng.standard_normal(n) * np.exp(-((t * 4) % 1.0) * 60) * 0.3
+    bass = 0.5 * np.sign(np.sin(2 * np.pi * 41.2 * (1 + (t // 2 % 2) * 0.5) * t))
+    chords = sum(np.sin(2 * np.pi * f * t) for f in (261.6, 329.6, 392.0)) / 3
+    melody_f = 440 * 2 ** (np.floor((t * 4) % 8) / 12)
+    melody = np.sin(2 * np.pi * np.cumsum(melody_f) / rate) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
+    left = 0.5 * kick + 0.2 * hat + 0.3 * bass + 0.3 * chords + 0.25 * melody
+    right = 0.5 * kick + 0.25 * hat + 0.3 * bass + 0.2 * chords + 0.35 * melody
+    mix = np.stack([left, right]) + 0.01 * rng.standard_normal((2, n))
+    return (0.25 * mix / np.abs(mix).max()).astype(np.float32)

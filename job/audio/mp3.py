@@ -12,6 +12,8 @@ import struct
 import lameenc
 import numpy as np
 
+from job.pcm import CHANNELS, SAMPLE_RATE
+
 ENCODER_DELAY = 576           # LAME's encoder delay in samples; decoders add their 529
 SAMPLES_PER_FRAME = 1152
 BITRATES = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -31,7 +33,7 @@ def crc16(data: bytes) -> int:
 def frame_length(header: bytes) -> int:
     bitrate = BITRATES[header[2] >> 4] * 1000
     padding = (header[2] >> 1) & 1
-    return 144 * bitrate // 44100 + padding
+    return 144 * bitrate // SAMPLE_RATE + padding
 
 
 def info_frame(bitrate_kbps: int, frames: int, total_bytes: int, samples: int) -> bytes:
@@ -73,8 +75,8 @@ class Mp3Writer:
         self.bitrate = bitrate_kbps
         self.encoder = lameenc.Encoder()
         self.encoder.set_bit_rate(bitrate_kbps)
-        self.encoder.set_in_sample_rate(44100)
-        self.encoder.set_channels(2)
+        self.encoder.set_in_sample_rate(SAMPLE_RATE)
+        self.encoder.set_channels(CHANNELS)
         self.encoder.set_quality(quality)
         self.samples = 0
         self.handle = open(path, "w+b")

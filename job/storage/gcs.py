@@ -24,12 +24,13 @@ import google_crc32c
 from google.api_core import exceptions
 from google.cloud import storage
 
-from .errors import JobError
-from .faults import storage_fault
-from .gcs_commit import GcsCommit
-from .messages import check_id
-from .retry import bounded, is_transient
-from .storage import CONTENT_TYPES, MANIFEST, LocalStorage, Original, check_size
+from job.errors import JobError
+from job.faults import storage_fault
+from job.storage.commit import GcsCommit
+from job.messages import check_id
+from job.retry import bounded, is_transient
+from job.storage.base import CONTENT_TYPES, MANIFEST, Original, check_size
+from job.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 PUBLIC_URL = "https://storage.googleapis.com"

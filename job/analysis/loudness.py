@@ -12,9 +12,10 @@ import av
 import av.filter
 import numpy as np
 
-from .truepeak import TruePeak
+from job.analysis.truepeak import TruePeak
 
-SAMPLE_RATE = 44100
+from job.pcm import SAMPLE_RATE
+
 
 
 def _number(value) -> float | None:

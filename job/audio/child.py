@@ -30,8 +30,8 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from . import audio
-from .errors import Interrupted, JobError
+from job.audio import decode as audio
+from job.errors import Interrupted, JobError
 
 # what the child may see of the parent's environment: nothing that grants access to anything
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME",
@@ -40,7 +40,7 @@ CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}   # no idle BL
 READ_BYTES_PER_S = 20e6      # the slowest read the budget allows for: a network volume
 MAX_ANSWER = 1 << 20         # a child's answer is a few hundred bytes; more is not read
 POLL_S = 0.05
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclasses.dataclass(frozen=True)

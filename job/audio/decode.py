@@ -9,7 +9,7 @@ truncated only on evidence (an exact declared length, or a read that breaks off)
 speak of "the original" and never carry a local path or FFmpeg's errno text. FFmpeg's
 libraries come from PyAV's wheels.
 
-The job runs this in a bounded child process of its own (job.decoder): a decoder that
+The job runs this in a bounded child process of its own (job.audio.child): a decoder that
 crashes, stalls or allocates without end on a hostile file fails that track, not the worker.
 """
 
@@ -22,11 +22,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-from . import headers
-from .errors import Interrupted, JobError
+from job.audio import signatures
+from job.pcm import CHANNELS, SAMPLE_RATE
+from job.errors import Interrupted, JobError
 
-SAMPLE_RATE = 44100
-CHANNELS = 2
 MAX_BAD_PACKETS = 8           # isolated glitches FFmpeg conceals; more means a corrupt file
 FRAME = 65536                 # samples per block written: numpy per block, not per codec frame
 MEMORY_EXCEEDED = "decode_memory_exceeded"
@@ -106,7 +105,7 @@ def _open(path: Path):
 
 
 def _unreadable(path: Path) -> JobError:
-    kind = headers.looks_like(path)
+    kind = signatures.looks_like(path)
     if kind:
         return JobError("corrupt_audio", f"the original starts like a {kind} file but FFmpeg "
                                          "cannot read it: it is cut off or damaged")
@@ -145,7 +144,7 @@ def declared_duration(container, stream) -> float | None:
 def check_declared_size(path: Path) -> None:
     """A WAV/RF64/Wave64/AIFF/ASF header states where its audio data ends; FFmpeg clamps a
     cut file to what is there, or conceals its partial last packet as a glitch."""
-    declared = headers.audio_end(path)
+    declared = signatures.audio_end(path)
     actual = path.stat().st_size
     if declared and actual < declared - 1:      # a missing pad byte is not a missing part
         raise JobError("truncated_audio", f"the original is cut off: its header says its "

@@ -15,7 +15,8 @@ import json
 
 import numpy as np
 
-SAMPLE_RATE = 44100
+from job.pcm import SAMPLE_RATE
+
 
 
 def to_int16(block: np.ndarray) -> np.ndarray:

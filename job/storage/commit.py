@@ -30,15 +30,14 @@ brings back the race on those names.
 """
 
 import datetime
-import json
 import logging
 import uuid
 
 from google.api_core import exceptions
 
-from . import manifest as manifests
-from .errors import JobError
-from .storage import MANIFEST
+from job import manifest as manifests
+from job.errors import JobError
+from job.storage.base import MANIFEST
 
 log = logging.getLogger(__name__)
 ROUNDS = 5              # takeovers of one object, or claims lost to racing writers, then retryable

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from .loudness import LoudnessMeter
-from .mp3 import Mp3Writer
-from .peaks import Peaks
+from job.analysis.loudness import LoudnessMeter
+from job.audio.mp3 import Mp3Writer
+from job.analysis.peaks import Peaks
+from job.pcm import CHANNELS, SAMPLE_RATE
 
 KNEE = 0.9
 
@@ -37,7 +38,7 @@ def soft_limit(block: np.ndarray) -> tuple[np.ndarray, int]:
 class SoundfileWriter:
     def __init__(self, path, fmt: str):
         subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-        self.file = soundfile.SoundFile(path, "w", 44100, 2, subtype=subtype,
+        self.file = soundfile.SoundFile(path, "w", SAMPLE_RATE, CHANNELS, subtype=subtype,
                                         format=fmt.upper())
 
     def write(self, block: np.ndarray) -> None:

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import Cancel, Interrupted, JobError
-from .model import auto_batch
-from .precision import bf16_copy
+from job.errors import Cancel, Interrupted, JobError
+from job.separation.model import auto_batch
+from job.separation.precision import bf16_copy
 
 OVERLAP = 0.25
 PARITY_DB = 35.0              # reduced precision is kept only this close to fp32 (SDR)

@@ -20,10 +20,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError
+from job.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .engine import Separator
+    from job.separation.engine import Separator
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ class ModelCache:
         with self._lock:
             if self._separator is None:
                 import torch
-                from .engine import Separator
-                from .precision import Verdicts, verdict_folders
+                from job.separation.engine import Separator
+                from job.separation.precision import Verdicts, verdict_folders
                 s, device = self.settings, self.device
                 model = load_model(s.model_name, s.model_dir, device)
                 cuda = device.type == "cuda"
