@@ -45,7 +45,7 @@ def part_parity(model_dir, audio):
     """SDR of our engine, configured as `stem-job run` configures it (env), vs the reference."""
     from job.config import load_settings
     from job.separation.model import ModelCache
-    separator = ModelCache(load_settings(model_dir=str(model_dir), device="cpu")).separator()
+    separator = ModelCache(load_settings(model_dir=str(model_dir), device="cpu")).engine()
     model = separator.model
     mix = decoded(audio)
     expected = reference_separation(model, mix).numpy()

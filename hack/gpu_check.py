@@ -79,7 +79,7 @@ def windows(size="full", device="cuda", precisions=PRECISIONS, batches=BATCHES):
     window, agreement with fp32; the per-window memory and the WINDOW_MB it calls for."""
     import numpy as np
     import torch
-    from job.separation.engine import Separator, agreement_db
+    from job.separation.engine import Engine, agreement_db
     from synthetic import build_model, music
     from test_engine_parity import separated
     cuda = device == "cuda"
@@ -99,7 +99,7 @@ def windows(size="full", device="cuda", precisions=PRECISIONS, batches=BATCHES):
             print(f"gpu-check: windows {precision}, {batch} per pass", file=sys.stderr, flush=True)
             if cuda:
                 torch.cuda.empty_cache()            # no earlier run's cached blocks counted
-            separator = Separator(model, torch.device(device), batch=batch, precision=precision)
+            separator = Engine(model, torch.device(device), batch=batch, precision=precision)
             first = separated(separator, mix)[1]          # cold: cuDNN picks its kernels
             reserved_first = torch.cuda.max_memory_reserved() / 2**20 if cuda else None
             sync()

@@ -233,7 +233,7 @@ def prefetch_model():
     setup_logging(settings.log_format)
     from job.separation.model import ModelCache
     try:
-        separator = ModelCache(settings).separator()
+        separator = ModelCache(settings).engine()
     except ConfigError as exc:
         runtime.fail_config(str(exc))
     click.echo(f"model {settings.model_name} ready: sources {', '.join(separator.sources)}")

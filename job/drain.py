@@ -28,7 +28,7 @@ LEASE_S = 60
 
 
 @dataclass
-class Delivery:
+class Pulled:
     """A pulled message and what it asks for: a valid request, or the failed result of a
     message that is not one."""
 
@@ -37,7 +37,7 @@ class Delivery:
     refusal: dict | None = None               # the failed result of an invalid message
 
     @classmethod
-    def parse(cls, received) -> "Delivery":
+    def parse(cls, received) -> "Pulled":
         data = received.message.data
         try:
             return cls(received, request=messages.parse_message(data))
@@ -54,7 +54,7 @@ class Drainer:
                                           settings.pubsub_subscription)
         self.publisher = runtime.results_publisher(settings)
         self.storage = runtime.make_storage(settings, restrict_inputs=True)
-        self.models = None
+        self.model_cache = None
         self.outcomes = []
         self.finishing = None                # ((release, track), thread) of the track finishing
         self.finish_error = None
@@ -64,9 +64,9 @@ class Drainer:
         # empty-queue job must exit in seconds
         from job.separation.model import ModelCache
         from job.pipeline import Job
-        if self.models is None:
-            self.models = ModelCache(self.settings)
-        return Job(self.settings, self.storage, self.models, self.cancel,
+        if self.model_cache is None:
+            self.model_cache = ModelCache(self.settings)
+        return Job(self.settings, self.storage, self.model_cache, self.cancel,
                    runtime.progress_reporter(self.settings, request), attempt=earlier)
 
     def fetch_ahead(self, current, later):
@@ -81,7 +81,7 @@ class Drainer:
                 return self.job(request, earlier).fetch(request, ahead=True)
         return None
 
-    def handle(self, delivery: Delivery, keeper: LeaseKeeper, fetch=None) -> None:
+    def handle(self, delivery: Pulled, keeper: LeaseKeeper, fetch=None) -> None:
         """Separate this message's track, then finish it (encoders' tail, upload, result, ack)
         in a thread of its own while the next message separates: the model never waits for
         them. One track finishes at a time, so results and acks keep the messages' order."""
@@ -141,8 +141,8 @@ class Drainer:
         self.outcomes.append(EXIT_OK)
 
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
-        deliveries = [Delivery.parse(received) for received in batch]
-        ahead = None                         # the TrackFetch of a later message, under way
+        deliveries = [Pulled.parse(received) for received in batch]
+        ahead = None                         # the Intake of a later message, under way
         try:
             for index, delivery in enumerate(deliveries):
                 if self.cancel.is_set():

@@ -295,10 +295,10 @@ def upload_slots(settings: Settings, folder: Path) -> int:
     return slots
 
 
-def create_app(settings: Settings, models: ModelCache | None = None, storage=None) -> FastAPI:
-    """The FastAPI app; `models` and `storage` default to the ones `run` would build."""
+def create_app(settings: Settings, model_cache: ModelCache | None = None, storage=None) -> FastAPI:
+    """The FastAPI app; `model_cache` and `storage` default to the ones `run` would build."""
     storage = storage or runtime.make_storage(settings)
-    models = models or ModelCache(settings)
+    model_cache = model_cache or ModelCache(settings)
     gate = Gate(settings.http_queue, upload_slots(settings, Path(tempfile.gettempdir())))
     # set on SIGTERM/SIGINT: the running separation stops at its next window (set, not
     # tripped: uvicorn's handler runs in the main thread, the separation in a worker)
@@ -306,8 +306,8 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(models.separator)     # load the model once, before serving
-        log.info("serving %s on %s (storage %s, queue %d)", settings.model_name, models.device,
+        await asyncio.to_thread(model_cache.engine)     # load the model once, before serving
+        log.info("serving %s on %s (storage %s, queue %d)", settings.model_name, model_cache.device,
                  settings.storage_mode, settings.http_queue)
         yield
 
@@ -329,8 +329,8 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
     @app.get("/health")
     async def health():
         return {"status": "ok", "processing_mode": "http", "storage_mode": settings.storage_mode,
-                "device": str(models.device), "model": settings.model_name,
-                "model_loaded": models.loaded, "in_flight": gate.in_flight,
+                "device": str(model_cache.device), "model": settings.model_name,
+                "model_loaded": model_cache.loaded, "in_flight": gate.in_flight,
                 "queue": settings.http_queue}
 
     @app.post("/separate/{release_id}/{track_id}")
@@ -368,7 +368,7 @@ def create_app(settings: Settings, models: ModelCache | None = None, storage=Non
                     log.info("client left %s/%s while queued: not separating", release_id,
                              track_id, extra=labels)
                     return error_response(GONE, **ids)
-                job = Job(settings, UploadedOriginal(storage, original), models, stopping)
+                job = Job(settings, UploadedOriginal(storage, original), model_cache, stopping)
                 result = await asyncio.to_thread(process, job_request, job, True)
                 if result["status"] == "completed" and not result.get("reused"):
                     gate.last_seconds = result["timings"].get("total")
@@ -442,14 +442,14 @@ def serve(settings: Settings) -> None:
     """Load the model (ConfigError before any port opens: the CLI exits 78), then run uvicorn
     on HTTP_HOST:PORT with our logging (log_config=None keeps the root handler). A port that
     cannot be bound (in use) exits 75: another instance or a retry may find it free."""
-    models = ModelCache(settings)
-    models.separator()
+    model_cache = ModelCache(settings)
+    model_cache.engine()
     if not settings.http_token and not is_loopback(settings.http_host):
         log.warning("UNAUTHENTICATED: serving on %s:%d without HTTP_TOKEN, so anyone who can "
                     "reach this port can start separations and overwrite any release's stems; "
                     "set HTTP_TOKEN, or HTTP_HOST=127.0.0.1 behind a proxy that authenticates",
                     settings.http_host, settings.http_port)
-    server = Server(uvicorn.Config(create_app(settings, models), host=settings.http_host,
+    server = Server(uvicorn.Config(create_app(settings, model_cache), host=settings.http_host,
                                    port=settings.http_port, log_config=None,
                                    timeout_graceful_shutdown=GRACE_S))
     server.run()

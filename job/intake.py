@@ -1,7 +1,7 @@
 """Everything a track needs before the model: locate the original, skip it if its set is already
 complete, download it, decode it.
 
-`TrackFetch` runs at once in the caller's thread, or (`ahead=True`) in a thread of its own so that
+`Intake` runs at once in the caller's thread, or (`ahead=True`) in a thread of its own so that
 a drain's next track downloads and decodes while the current one separates. A failure is kept and
 raised by `wait()` in the caller's thread, so it is reported like any other.
 """
@@ -25,7 +25,7 @@ CANCELLED_FETCH_WAIT_S = 3.0
 
 
 @dataclass
-class FetchedTrack:
+class Taken:
     """A located original and, unless its stems are already complete, its decoded audio."""
 
     original: Original
@@ -34,16 +34,16 @@ class FetchedTrack:
     scratch: Path | None = None                # the track's temp folder
 
 
-class TrackFetch:
+class Intake:
     """Locate, skip check, download and decode one track; its scratch folder lives until
     `close()`."""
 
     def __init__(self, request: JobRequest, storage: Storage, settings, cancel: Cancel,
-                 models=None, trusted: bool = False, ahead: bool = False,
+                 model_cache=None, trusted: bool = False, ahead: bool = False,
                  attempt: int | None = None):
         self.request, self.storage, self.settings = request, storage, settings
         self.attempt = attempt        # earlier tries of this track (job.audio.child.kill_is_final)
-        self.cancel, self.models, self.trusted, self.ahead = cancel, models, trusted, ahead
+        self.cancel, self.model_cache, self.trusted, self.ahead = cancel, model_cache, trusted, ahead
         self.timings: dict = {}
         self._scratch = contextlib.ExitStack()
         self._outcome = None
@@ -61,16 +61,16 @@ class TrackFetch:
         except BaseException as exc:   # re-raised by wait() in the caller's thread
             self._outcome = (None, exc)
 
-    def _fetch(self) -> FetchedTrack:
+    def _fetch(self) -> Taken:
         request, storage = self.request, self.storage
         with stage(self.timings, "locate"):
             original = storage.describe_original(request.original_uri, trusted=self.trusted)
             found = storage.read_manifest(request.release_id, request.track_id)
         if manifest.matches(found, original.identity, self.settings,
                             outputs_of(request, self.settings)):
-            return FetchedTrack(original, found)
-        if self.models is not None:
-            self.models.warm()         # the model loads while the original downloads
+            return Taken(original, found)
+        if self.model_cache is not None:
+            self.model_cache.warm()         # the model loads while the original downloads
         scratch = self._scratch.enter_context(storage.scratch())
         with stage(self.timings, "download"):
             local = storage.fetch_original(original, scratch)
@@ -81,9 +81,9 @@ class TrackFetch:
                                            attempt=self.attempt)
         log.info("job %s: %s decoded (%.1f s of audio)%s", request.job_id, request.original_uri,
                  decoded.duration_s, ", ahead of its turn" if self.ahead else "")
-        return FetchedTrack(original, found, decoded, scratch)
+        return Taken(original, found, decoded, scratch)
 
-    def wait(self) -> FetchedTrack:
+    def wait(self) -> Taken:
         if self._thread is not None:
             self._thread.join()
         fetched, error = self._outcome

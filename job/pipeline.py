@@ -20,12 +20,12 @@ from job.audio import decode as audio
 from job.config import Settings
 from job.audio.encode import MixMeter, open_encoders
 from job.errors import Cancel, ConfigError, Interrupted, JobError
-from job.intake import TrackFetch
+from job.intake import Intake
 from job.progress import Progress, stage
 from job.storage.base import Storage
 
 if TYPE_CHECKING:      # torch comes with these: the model's background load imports it
-    from job.separation.engine import Separator
+    from job.separation.engine import Engine
     from job.separation.model import ModelCache
 
 log = logging.getLogger(__name__)
@@ -37,24 +37,24 @@ class Job:
 
     settings: Settings
     storage: Storage
-    models: "ModelCache"
+    model_cache: "ModelCache"
     cancel: Cancel = field(default_factory=Cancel)
     on_progress: object = None        # callable(fraction) for progress events
     attempt: int | None = None        # earlier tries of this message (0: first); None: unknown
     last_attempt: bool = False        # Cloud Run's last attempt: no retry follows a failure
 
     def fetch(self, request: messages.JobRequest, trusted: bool = False,
-              ahead: bool = False) -> TrackFetch:
-        return TrackFetch(request, self.storage, self.settings, self.cancel,
-                          models=self.models, trusted=trusted, ahead=ahead,
+              ahead: bool = False) -> Intake:
+        return Intake(request, self.storage, self.settings, self.cancel,
+                          model_cache=self.model_cache, trusted=trusted, ahead=ahead,
                           attempt=self.attempt)
 
 
 def process(request: messages.JobRequest, job: Job, trusted: bool = False,
-            fetch: TrackFetch | None = None) -> dict:
+            fetch: Intake | None = None) -> dict:
     """Separate one track; the stem-results dict, completed or failed.
 
-    `fetch` is a TrackFetch started earlier (drain fetches the next track while this one
+    `fetch` is a Intake started earlier (drain fetches the next track while this one
     separates); without it the track is fetched here. timings["total"] is this call's wall
     time: a fetch done ahead, in the shadow of the previous track, shows only in its stages.
     """
@@ -62,7 +62,7 @@ def process(request: messages.JobRequest, job: Job, trusted: bool = False,
 
 
 def start(request: messages.JobRequest, job: Job, trusted: bool = False,
-          fetch: TrackFetch | None = None) -> "Finishing":
+          fetch: Intake | None = None) -> "Finishing":
     """Fetch and separate one track, and return what is left to do (the encoders' tail, the
     upload, the manifest) as a Finishing: the model is free once this returns, so a drain
     separates its next track while this one finishes in another thread."""
@@ -74,7 +74,7 @@ def start(request: messages.JobRequest, job: Job, trusted: bool = False,
 class Finishing:
     """One track between its separation and its result; `result()` does the rest, once."""
 
-    def __init__(self, request, job: Job, fetch: TrackFetch):
+    def __init__(self, request, job: Job, fetch: Intake):
         self.request, self.job, self.fetch = request, job, fetch
         self.timings = fetch.timings
         self.started = time.monotonic()
@@ -132,32 +132,32 @@ def labels(request: messages.JobRequest) -> dict:
             "trackId": request.track_id}
 
 
-def peak_memory_mb(models: "ModelCache") -> dict:
+def peak_memory_mb(model_cache: "ModelCache") -> dict:
     peak = {"peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if models.loaded and models.device.type == "cuda":     # never imports torch by itself
+    if model_cache.loaded and model_cache.device.type == "cuda":     # never imports torch by itself
         import torch
-        peak["peakGpuMemoryMb"] = round(torch.cuda.max_memory_allocated(models.device) / 2**20, 1)
+        peak["peakGpuMemoryMb"] = round(torch.cuda.max_memory_allocated(model_cache.device) / 2**20, 1)
     return peak
 
 
-def log_summary(request, result: dict, job: Job, fetch: TrackFetch) -> None:
+def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
     """One line per job with the figures of the result: log-based metrics chart these."""
     timings = result.get("timings", {})
     error = result.get("error") or {}
     fields = {"event": "job_summary", "outcome": result["status"], "jobId": request.job_id,
-              "model": job.settings.model_name, "device": str(job.models.device) if job.models.loaded else None,
+              "model": job.settings.model_name, "device": str(job.model_cache.device) if job.model_cache.loaded else None,
               "durationS": result.get("durationS"), "rtf": result.get("rtf"),
               "reused": result.get("reused", False), "timings": timings,
               "errorCode": error.get("code"), "retryable": error.get("retryable"),
               "fetchedAhead": fetch.ahead,
-              **peak_memory_mb(job.models)}
+              **peak_memory_mb(job.model_cache)}
     stages = " ".join(f"{k}={v}s" for k, v in timings.items())
     log.info("job %s %s%s: %s, audio %s s, rtf %s", request.job_id, result["status"],
              f" ({error.get('code')})" if error else "", stages, fields["durationS"],
              fields["rtf"], extra={"labels": labels(request), "json_fields": fields})
 
 
-def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
+def _process(request, job: Job, fetch: Intake, timings: dict) -> dict:
     s, storage = job.settings, job.storage
     outputs = messages.outputs_of(request, s)
     fetched = fetch.wait()
@@ -173,7 +173,7 @@ def _process(request, job: Job, fetch: TrackFetch, timings: dict) -> dict:
 
     decoded, scratch = fetched.decoded, fetched.scratch
     progress = Progress(request.job_id, job.on_progress)
-    separator = job.models.separator()
+    separator = job.model_cache.engine()
     finish_encoders = _separate(decoded, separator, scratch, s, job, progress, timings, outputs)
     return lambda: _store(request, job, fetched, separator, finish_encoders(), timings, outputs)
 
@@ -220,7 +220,7 @@ def pickers(sources, outputs) -> dict:
     return chosen
 
 
-def _separate(decoded, separator: "Separator", scratch, s: Settings, job: Job, progress, timings,
+def _separate(decoded, separator: "Engine", scratch, s: Settings, job: Job, progress, timings,
               outputs):
     """Run the engine, feeding each finished block to the concurrent encoders (and the input's
     own blocks to the mix's loudness meter). Returns a function that waits for the encoders'

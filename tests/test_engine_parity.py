@@ -8,7 +8,7 @@ import pytest
 import torch
 from demucs.apply import apply_model
 
-from job.separation.engine import Separator, bag_of, plan_streams
+from job.separation.engine import Engine, bag_of, plan_streams
 from job.errors import JobError
 from job.separation.model import load_model
 from synthetic import music
@@ -94,7 +94,7 @@ class SmallDevice(Wrapped):
 
 
 def ours(model, mix, batch=1, shifts=0, seed=0):
-    return separated(Separator(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed),
+    return separated(Engine(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed),
                      mix)[0]
 
 
@@ -151,7 +151,7 @@ def test_out_of_memory_halves_the_pass_and_keeps_the_output(model, long_mix, exp
     """A pass the device cannot hold is redone in halves; the smaller size is kept for later
     passes and later tracks, and the output is still the reference's."""
     device = SmallDevice(model.models[0], fp32=1)
-    separator = Separator(device, torch.device("cpu"), batch=2)
+    separator = Engine(device, torch.device("cpu"), batch=2)
     got, stats = separated(separator, long_mix)
     assert stats["oomHalvings"] == 1 and stats["batch"] == separator.batch == 1
     assert device.passes == [("fp32", 2)] + [("fp32", 1)] * 4
@@ -165,14 +165,14 @@ def test_out_of_memory_halves_the_pass_and_keeps_the_output(model, long_mix, exp
 
 def test_halving_goes_down_to_one_window(model, long_mix, expected_long):
     device = SmallDevice(model.models[0], fp32=1)
-    got, stats = separated(Separator(device, torch.device("cpu"), batch=4), long_mix)
+    got, stats = separated(Engine(device, torch.device("cpu"), batch=4), long_mix)
     assert stats["oomHalvings"] == 2 and stats["batch"] == 1
     assert [n for _, n in device.passes] == [4, 2, 1, 1, 1, 1]
     assert min(sdr(expected_long[i], got[i]) for i in range(6)) >= 60
 
 
 def test_out_of_memory_at_one_window_fails_the_track(model, long_mix):
-    separator = Separator(SmallDevice(model.models[0], fp32=0), torch.device("cpu"), batch=2)
+    separator = Engine(SmallDevice(model.models[0], fp32=0), torch.device("cpu"), batch=2)
     with pytest.raises(JobError) as failed:
         separated(separator, long_mix)
     assert failed.value.code == "device_out_of_memory" and failed.value.retryable

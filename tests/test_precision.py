@@ -14,7 +14,7 @@ import torch
 
 from conftest import last_json, run_job
 from job.separation import engine
-from job.separation.engine import Separator, agreement_db
+from job.separation.engine import Engine, agreement_db
 from job.errors import EXIT_OK
 from job.separation.model import (BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags,
                        cpu_kind, load_model)
@@ -56,7 +56,7 @@ def mix():
 
 @pytest.fixture(scope="module")
 def exact(small, mix):
-    return separated(Separator(small, torch.device("cpu")), mix)[0]
+    return separated(Engine(small, torch.device("cpu")), mix)[0]
 
 
 def test_cpu_flags_are_read_from_cpuinfo():
@@ -92,7 +92,7 @@ def test_auto_batch_follows_free_memory():
 
 
 def test_bf16_autocast_on_cpu_agrees_with_fp32(small, mix, exact):
-    separator = Separator(small, torch.device("cpu"), precision="bf16")
+    separator = Engine(small, torch.device("cpu"), precision="bf16")
     got, stats = separated(separator, mix)
     assert stats["fp32FallbackWindows"] == 0
     db = agreement_db(exact[None], got[None])
@@ -100,7 +100,7 @@ def test_bf16_autocast_on_cpu_agrees_with_fp32(small, mix, exact):
 
 
 def test_probe_keeps_bf16_when_it_agrees(small, mix, exact):
-    separator = Separator(small, torch.device("cpu"), precision="bf16", probe=True)
+    separator = Engine(small, torch.device("cpu"), precision="bf16", probe=True)
     got, _ = separated(separator, mix)
     assert separator.precision == "bf16" and separator.probe_db >= engine.PARITY_DB
     assert agreement_db(exact[None], got[None]) >= engine.PARITY_DB
@@ -108,7 +108,7 @@ def test_probe_keeps_bf16_when_it_agrees(small, mix, exact):
 
 def test_probe_falls_back_to_fp32_when_it_disagrees(small, mix, exact, monkeypatch):
     monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
-    separator = Separator(small, torch.device("cpu"), precision="bf16", probe=True)
+    separator = Engine(small, torch.device("cpu"), precision="bf16", probe=True)
     got, _ = separated(separator, mix)
     assert separator.precision == "fp32" and separator.probe_db < 1000
     np.testing.assert_array_equal(got, exact)                 # every window ran in fp32
@@ -118,7 +118,7 @@ def test_the_probe_compares_one_window_and_the_batch_runs_in_reduced_precision(s
     """A device that holds two windows per pass in bf16 holds one in fp32 (twice the memory
     per window): the probe's fp32 pass is one window, and nothing runs out of memory."""
     device = SmallDevice(small, fp32=1, reduced=2)
-    separator = Separator(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
+    separator = Engine(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
     got, stats = separated(separator, mix)
     assert separator.precision == "bf16" and stats["oomHalvings"] == 0
     assert device.passes == [("fp32", 1), ("reduced", 1), ("reduced", 1), ("reduced", 1)]
@@ -130,15 +130,15 @@ def test_silence_before_the_probe_runs_in_passes_sized_for_fp32(small, mix):
     precisions, the fp32 pass that does not fit is halved; with sizes per precision, they go
     in fp32-sized passes and nothing runs out of memory. The output is the same."""
     quiet = np.concatenate([np.zeros((2, 16 * 44100), np.float32), mix], 1)  # 2 silent windows
-    exact = separated(Separator(small, torch.device("cpu")), quiet)[0]
+    exact = separated(Engine(small, torch.device("cpu")), quiet)[0]
     device = SmallDevice(small, fp32=1, reduced=2)
-    one_size = Separator(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
+    one_size = Engine(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
     halved, stats = separated(one_size, quiet)
     assert stats["oomHalvings"] == 1 and one_size.batch_for("fp32") == 1
     assert device.passes[:3] == [("fp32", 2), ("fp32", 1), ("fp32", 1)]
     assert engine.PARITY_DB <= agreement_db(exact[None], halved[None]) < 100
     device.passes.clear()
-    sized = Separator(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
+    sized = Engine(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
                       precision="bf16", probe=True)
     got, stats = separated(sized, quiet)
     assert stats["oomHalvings"] == 0 and sized.precision == "bf16"
@@ -150,7 +150,7 @@ def test_silence_before_the_probe_runs_in_passes_sized_for_fp32(small, mix):
 def test_after_a_failed_probe_passes_are_sized_for_fp32(small, mix, exact, monkeypatch):
     monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
     device = SmallDevice(small, fp32=1, reduced=2)
-    separator = Separator(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
+    separator = Engine(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
                           precision="bf16", probe=True)
     got, stats = separated(separator, mix)
     assert separator.precision == "fp32" and stats["oomHalvings"] == 0 and stats["batch"] == 1
@@ -159,14 +159,14 @@ def test_after_a_failed_probe_passes_are_sized_for_fp32(small, mix, exact, monke
 
 
 def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
-    separator = Separator(NonFiniteWhenReduced(small), torch.device("cpu"), precision="bf16")
+    separator = Engine(NonFiniteWhenReduced(small), torch.device("cpu"), precision="bf16")
     got, stats = separated(separator, mix)
     windows = len(engine.plan_streams([small], mix.shape[1], 0, 0)[0].windows())
     assert stats["fp32FallbackWindows"] == separator.fallback_windows == windows   # every one
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, exact, atol=1e-5)
     # in fp32 the same model is finite: nothing is redone
-    assert separated(Separator(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1] \
+    assert separated(Engine(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1] \
         ["fp32FallbackWindows"] == 0
 
 
@@ -186,7 +186,7 @@ def test_bf16_copy_runs_the_blocks_in_bf16_and_leaves_the_model_alone(small):
 
 
 def probed(small, mix, folders, hardware="this cpu"):
-    separator = Separator(small, torch.device("cpu"), precision="bf16", probe=True,
+    separator = Engine(small, torch.device("cpu"), precision="bf16", probe=True,
                           verdicts=Verdicts(folders), hardware=hardware)
     return separator, separated(separator, mix)[0]
 
@@ -200,7 +200,7 @@ def test_a_recorded_verdict_replaces_the_fp32_check(small, mix, exact, tmp_path)
     again, got = probed(small, mix, [tmp_path])
     assert again.probe_recorded and again.probe_db == first.probe_db and not again.probe
     # every window in bf16, the first one too: no fp32 window was computed
-    unchecked = separated(Separator(small, torch.device("cpu"), precision="bf16"), mix)[0]
+    unchecked = separated(Engine(small, torch.device("cpu"), precision="bf16"), mix)[0]
     np.testing.assert_array_equal(got, unchecked)
     assert engine.PARITY_DB <= agreement_db(exact[None], got[None]) < 100
 

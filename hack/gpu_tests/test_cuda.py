@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_precision import NonFiniteWhenReduced, separated  # noqa: E402
 
 from job.separation import engine  # noqa: E402
-from job.separation.engine import Separator, agreement_db  # noqa: E402
+from job.separation.engine import Engine, agreement_db  # noqa: E402
 from job.errors import JobError  # noqa: E402
 from job.separation.model import WINDOW_MB, auto_batch  # noqa: E402
 from synthetic import build_model, music  # noqa: E402
@@ -39,12 +39,12 @@ def mix():
 
 @pytest.fixture(scope="module")
 def cpu_exact(small, mix):
-    return separated(Separator(build_model("small")[0], torch.device("cpu")), mix)[0]
+    return separated(Engine(build_model("small")[0], torch.device("cpu")), mix)[0]
 
 
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_fp32_on_cuda_matches_cpu(small, mix, cpu_exact, batch):
-    got, stats = separated(Separator(small, CUDA, batch=batch), mix)
+    got, stats = separated(Engine(small, CUDA, batch=batch), mix)
     assert (stats["fp32FallbackWindows"], stats["oomHalvings"]) == (0, 0)
     assert stats["devicePeakMb"] > 0
     assert agreement_db(cpu_exact[None], got[None]) >= 60
@@ -52,7 +52,7 @@ def test_fp32_on_cuda_matches_cpu(small, mix, cpu_exact, batch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_on_cuda_holds_parity(small, mix, cpu_exact, precision):
-    separator = Separator(small, CUDA, batch=3, precision=precision, probe=True)
+    separator = Engine(small, CUDA, batch=3, precision=precision, probe=True)
     got, _ = separated(separator, mix)
     assert separator.probe_db is not None
     assert agreement_db(cpu_exact[None], got[None]) >= engine.PARITY_DB
@@ -60,13 +60,13 @@ def test_reduced_precision_on_cuda_holds_parity(small, mix, cpu_exact, precision
 
 def test_pipelined_batches_equal_one_by_one(small, mix):
     """The asynchronous path (pinned buffers reused across batches) loses or mixes nothing."""
-    one = separated(Separator(small, CUDA, batch=1), mix)[0]
-    many = separated(Separator(small, CUDA, batch=2), mix)[0]
+    one = separated(Engine(small, CUDA, batch=1), mix)[0]
+    many = separated(Engine(small, CUDA, batch=2), mix)[0]
     assert agreement_db(one[None], many[None]) >= 60
 
 
 def test_non_finite_windows_fall_back_on_cuda(small, mix, cpu_exact):
-    separator = Separator(NonFiniteWhenReduced(small), CUDA, batch=2, precision="fp16")
+    separator = Engine(NonFiniteWhenReduced(small), CUDA, batch=2, precision="fp16")
     got, stats = separated(separator, mix)
     windows = len(engine.plan_streams([small], mix.shape[1], 0, 0)[0].windows())
     assert stats["fp32FallbackWindows"] == windows
@@ -87,9 +87,9 @@ def full():
 
 def test_peak_memory_is_measured_per_track(full, mix):
     """Each track reports its own peak: a batch-1 track after a batch-4 one reports less."""
-    separator = Separator(full, CUDA, batch=4)
+    separator = Engine(full, CUDA, batch=4)
     four = separated(separator, mix)[1]["devicePeakMb"]
-    one = separated(Separator(full, CUDA, batch=1), mix)[1]["devicePeakMb"]
+    one = separated(Engine(full, CUDA, batch=1), mix)[1]["devicePeakMb"]
     assert 0 < one < four
 
 
@@ -97,16 +97,16 @@ def test_the_allocators_own_out_of_memory_halves_the_pass(full, mix):
     """A device limited (by the caching allocator itself) to the memory of a 2-window pass:
     the 4-window pass raises torch.cuda.OutOfMemoryError for real, is redone in halves, and the
     output is what batch 1 gives."""
-    one, stats = separated(Separator(full, CUDA, batch=1), mix)
+    one, stats = separated(Engine(full, CUDA, batch=1), mix)
     peak_one = stats["devicePeakMb"]
-    peak_four = separated(Separator(full, CUDA, batch=4), mix)[1]["devicePeakMb"]
+    peak_four = separated(Engine(full, CUDA, batch=4), mix)[1]["devicePeakMb"]
     per_window = (peak_four - peak_one) / 3
     limit_mb = peak_one + 1.5 * per_window
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(limit_mb * 2**20 / total)
     try:
-        got, stats = separated(Separator(full, CUDA, batch=4), mix)
+        got, stats = separated(Engine(full, CUDA, batch=4), mix)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
@@ -122,7 +122,7 @@ def test_a_window_that_cannot_fit_fails_the_track(small, mix):
         (torch.cuda.memory_allocated() + 2**20) / total)       # the weights and 1 MB more
     try:
         with pytest.raises(JobError) as failed:
-            separated(Separator(small, CUDA, batch=2), mix)
+            separated(Engine(small, CUDA, batch=2), mix)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()

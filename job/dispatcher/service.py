@@ -18,7 +18,7 @@ from job.messages import failed_result, parse_message, salvage_ids, to_message
 from job.pubsub import Publisher, resource_path
 from job.retry import is_transient
 from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
-from job.dispatcher.envelope import Delivery
+from job.dispatcher.envelope import Pushed
 from job.dispatcher.executions import make_jobs_client, start_execution
 from job.dispatcher.settings import DispatcherSettings
 from job.dispatcher.sweep import SweepClients, Sweeper
@@ -94,7 +94,7 @@ class Dispatcher:
             clients = self._sweep_clients = self._sweep_clients or SweepClients()
         return Outcome(200, {"status": "swept", **Sweeper(self, clients).sweep()})
 
-    def dispatch(self, delivery: Delivery) -> Outcome:
+    def dispatch(self, delivery: Pushed) -> Outcome:
         try:
             request = parse_message(delivery.data)
         except JobError as error:
@@ -132,7 +132,7 @@ class Dispatcher:
                  delivery.message_id, delivery.transport)
         return Outcome(200, {"status": "started", "execution": execution, **ids})
 
-    def _refuse(self, delivery: Delivery, error: JobError) -> Outcome:
+    def _refuse(self, delivery: Pushed, error: JobError) -> Outcome:
         """A bad message is reported `failed` and acknowledged; if the report cannot be
         published, Pub/Sub must redeliver so that it is not lost."""
         try:

@@ -200,7 +200,7 @@ class Pending:
     event: object = None          # torch.cuda.Event, None when already complete
 
 
-class Separator:
+class Engine:
     """A loaded model and how to run it; `separate()` streams one track through it.
 
     `batch`: windows per forward pass, the same for every precision; a dict gives it per

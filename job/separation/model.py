@@ -1,6 +1,6 @@
 """The Demucs model: loaded by name or from a local folder, once per process, and kept.
 
-`ModelCache` owns the one loaded model and the `Separator` that runs it; `run` and `drain` start
+`ModelCache` owns the one loaded model and the `Engine` that runs it; `run` and `drain` start
 loading it in the background while the first track downloads and decodes. torch itself is
 imported by that background load (the first use of this module that needs it): its import is
 most of a process's start-up, and it then overlaps the download and the decode.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from job.errors import ConfigError
 
 if TYPE_CHECKING:
-    from job.separation.engine import Separator
+    from job.separation.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class ModelCache:
             self._device = pick_device("cuda")
         else:
             self._device = None           # "cpu" or "auto": decided when torch is imported
-        self._separator = None
+        self._engine = None
         self._lock = threading.Lock()
 
     @property
@@ -157,29 +157,29 @@ class ModelCache:
 
     @property
     def loaded(self) -> bool:
-        return self._separator is not None
+        return self._engine is not None
 
     def warm(self) -> None:
         """Start loading in the background (overlapping download and decode).
 
-        A failure is only logged here: `separator()` tries again and raises it where the job
+        A failure is only logged here: `engine()` tries again and raises it where the job
         reports errors."""
-        if self._separator is not None or self._lock.locked():
+        if self._engine is not None or self._lock.locked():
             return
 
         def load():
             try:
-                self.separator()
+                self.engine()
             except Exception as exc:
                 log.debug("background model load failed (retried on use): %s", exc)
         threading.Thread(target=load, name="model-load", daemon=True).start()
 
-    def separator(self) -> "Separator":
-        """The loaded model's Separator; ConfigError (ModelUnavailable) if it cannot load."""
+    def engine(self) -> "Engine":
+        """The loaded model's Engine; ConfigError (ModelUnavailable) if it cannot load."""
         with self._lock:
-            if self._separator is None:
+            if self._engine is None:
                 import torch
-                from job.separation.engine import Separator
+                from job.separation.engine import Engine
                 from job.separation.precision import Verdicts, verdict_folders
                 s, device = self.settings, self.device
                 model = load_model(s.model_name, s.model_dir, device)
@@ -191,11 +191,11 @@ class ModelCache:
                 if cuda:
                     torch.backends.cudnn.benchmark = True
                 # SEGMENT_BATCH=auto (0): sized per precision from the free memory
-                self._separator = Separator(model, device, s.segment_batch or None, precision,
+                self._engine = Engine(model, device, s.segment_batch or None, precision,
                                             s.shifts, s.seed, probe=probe,
                                             verdicts=Verdicts(verdict_folders(s.model_dir)),
                                             hardware=cpu_kind(cpuinfo))
                 log.info("model runs on %s in %s%s, %d window(s) per pass", device, precision,
                          " (checked against fp32 on the first window)" if probe else "",
-                         self._separator.batch)
-            return self._separator
+                         self._engine.batch)
+            return self._engine
