@@ -1,13 +1,28 @@
 """The manifest: written last beside the stems, it vouches that the set is complete and says
 which input, model and settings made it, so a redelivered message can be answered from it."""
 
+from __future__ import annotations
+
 import datetime
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from job import messages
-from job.audio import decode as audio
-from job.storage.base import sha256_of
+
+if TYPE_CHECKING:   # a type only: the manifest is below the steps that decode
+    from job.audio import decode as audio
 
 VERSION = 1
+
+
+def sha256_of(path: Path) -> str:
+    """The hex SHA-256 a manifest names each file by."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def key(found: dict) -> tuple:

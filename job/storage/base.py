@@ -7,7 +7,6 @@ makes sure that a manifest only ever names the set its own writer wrote.
 """
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -68,14 +67,6 @@ def check_size(size: int, max_bytes: int, uri: str) -> None:
     if size > max_bytes:
         raise JobError("input_too_large",
                        f"{uri} is {size} bytes, over the limit of {max_bytes} (MAX_INPUT_BYTES)")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write(target: Path, data: bytes | None = None, source: Path | None = None) -> None:

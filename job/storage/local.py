@@ -9,7 +9,8 @@ from pathlib import Path
 
 from job.errors import JobError
 from job.messages import check_id
-from job.storage.base import MANIFEST, Original, atomic_write, check_size, scratch, sha256_of
+from job.manifest import sha256_of
+from job.storage.base import MANIFEST, Original, atomic_write, check_size, scratch
 
 
 class LocalStorage:

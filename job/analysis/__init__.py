@@ -1,0 +1,1 @@
+"""What the encoders measure of each stem as it passes: waveform peaks, loudness, true peak."""
