@@ -27,11 +27,16 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_v
 
 def cpu_flags() -> dict:
     """The model name and the flags that decide the matrix-math paths (bf16 above all)."""
-    from job.separation.model import cpu_flags as flags_of, cpu_name, read_cpuinfo
+    from job.separation.model import cpu_flags as flags_of
+    from job.separation.model import cpu_name, read_cpuinfo
+
     text = read_cpuinfo()
     flags = flags_of(text)
-    return {"cpu_model": cpu_name(text), "cpus": os.cpu_count(),
-            "cpu_flags": sorted(f for f in CPU_FLAGS if f in flags)}
+    return {
+        "cpu_model": cpu_name(text),
+        "cpus": os.cpu_count(),
+        "cpu_flags": sorted(f for f in CPU_FLAGS if f in flags),
+    }
 
 
 def run_process(cmd, env=None, watch_for=None):
@@ -55,13 +60,17 @@ def run_process(cmd, env=None, watch_for=None):
 def measured_run(cmd, env, cpu_file: Path):
     """(wall s, first window s, CPU s by thread group, stdout) of one job process."""
     cpu_file.unlink(missing_ok=True)
-    wall, usage, first, stdout = run_process(cmd, dict(env, STEM_BENCH_THREAD_CPU=str(cpu_file)),
-                                             FIRST_WINDOW)
-    threads = [json.loads(line) for line in cpu_file.read_text().splitlines()] \
-        if cpu_file.exists() else []
+    wall, usage, first, stdout = run_process(
+        cmd, dict(env, STEM_BENCH_THREAD_CPU=str(cpu_file)), FIRST_WINDOW
+    )
+    threads = (
+        [json.loads(line) for line in cpu_file.read_text().splitlines()]
+        if cpu_file.exists()
+        else []
+    )
     groups = {}
     for thread in threads:
-        group = thread["name"].split("-")[0].split("_")[0]     # encode-drums -> encode
+        group = thread["name"].split("-")[0].split("_")[0]  # encode-drums -> encode
         groups[group] = groups.get(group, 0.0) + thread["cpu_s"]
     total = usage.ru_utime + usage.ru_stime
     groups["main_and_native"] = total - sum(groups.values())
@@ -78,15 +87,32 @@ def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, 
     """Alternated floor runs of each variant in `roots` ({label: (code tree, extra env)}); the
     median run each."""
     from synthetic import music, write_audio
+
     model = write_floor_model(work / "model-floor")
     song = write_audio(work / f"floor-{int(seconds)}s.mp3", music(seconds, seed=5))
     runs = {label: [] for label in roots}
     for number in range(repeat):
         for label, (root, extra) in roots.items():
-            env = code_env(base_env, root) | {"MODEL_DIR": str(model), "MP3_QUALITY": str(quality),
-                                              **extra}
-            cmd = [sys.executable, "-P", "-m", "job", "run", "--input", str(song), "--release-id",
-                   "floor", "--track-id", f"{label}{number}", "--output-dir", str(work / "out")]
+            env = code_env(base_env, root) | {
+                "MODEL_DIR": str(model),
+                "MP3_QUALITY": str(quality),
+                **extra,
+            }
+            cmd = [
+                sys.executable,
+                "-P",
+                "-m",
+                "job",
+                "run",
+                "--input",
+                str(song),
+                "--release-id",
+                "floor",
+                "--track-id",
+                f"{label}{number}",
+                "--output-dir",
+                str(work / "out"),
+            ]
             wall, first, cpu, out = measured_run(cmd, env, work / "thread-cpu.jsonl")
             result = json.loads(out.strip().splitlines()[-1])
             assert result["status"] == "completed", result
@@ -99,12 +125,16 @@ def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, 
         extra = roots[label][1]
         outputs = len(extra["OUTPUTS"].split(",")) if "OUTPUTS" in extra else 6
         figures[label] = {
-            "floor_s": round(wall, 3), "floor_rtf": round(seconds / wall, 2),
+            "floor_s": round(wall, 3),
+            "floor_rtf": round(seconds / wall, 2),
             "first_window_s": round(median(r[1] for r in found), 3),
             "floor_runs_s": [round(r[0], 3) for r in found],
-            "cpu_s": typical[2], "timings": typical[3],
+            "cpu_s": typical[2],
+            "timings": typical[3],
             "outputs": outputs,
-            "encoder_x_realtime_per_core": round(outputs * seconds / encoder_cpu, 1) if encoder_cpu else None,
+            "encoder_x_realtime_per_core": round(outputs * seconds / encoder_cpu, 1)
+            if encoder_cpu
+            else None,
             "floor_minus_encoders_s": round(wall - encoder_cpu / (os.cpu_count() or 1), 3),
         }
     return {"floor_input_s": seconds, "mp3_quality_asked": quality, "floor": figures}
@@ -113,15 +143,44 @@ def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, 
 # -- encoders: LAME's quality setting, speed against fidelity ---------------------------------
 def _bark_bands(rate: int, size: int):
     """FFT bin ranges of the 24 critical bands (Zwicker), for a per-band error measure."""
-    edges = [0, 100, 200, 300, 400, 510, 630, 770, 920, 1080, 1270, 1480, 1720, 2000, 2320, 2700,
-             3150, 3700, 4400, 5300, 6400, 7700, 9500, 12000, 15500, 20000]
+    edges = [
+        0,
+        100,
+        200,
+        300,
+        400,
+        510,
+        630,
+        770,
+        920,
+        1080,
+        1270,
+        1480,
+        1720,
+        2000,
+        2320,
+        2700,
+        3150,
+        3700,
+        4400,
+        5300,
+        6400,
+        7700,
+        9500,
+        12000,
+        15500,
+        20000,
+    ]
     freqs = np.fft.rfftfreq(size, 1 / rate)
-    return [(int(np.searchsorted(freqs, lo)), int(np.searchsorted(freqs, hi)))
-            for lo, hi in zip(edges[:-1], edges[1:])]
+    return [
+        (int(np.searchsorted(freqs, lo)), int(np.searchsorted(freqs, hi)))
+        for lo, hi in zip(edges[:-1], edges[1:], strict=False)
+    ]
 
 
-def band_noise_to_signal(reference: np.ndarray, decoded: np.ndarray, rate: int = 44100,
-                         size: int = 2048) -> dict:
+def band_noise_to_signal(
+    reference: np.ndarray, decoded: np.ndarray, rate: int = 44100, size: int = 2048
+) -> dict:
     """Coding noise against the signal per critical band, frame by frame (an NMR-style measure).
 
     Plain SNR is dominated by the loud low bands, where LAME at 320 kbps is nearly transparent;
@@ -133,15 +192,19 @@ def band_noise_to_signal(reference: np.ndarray, decoded: np.ndarray, rate: int =
     bands = _bark_bands(rate, size)
     ratios = []
     for start in range(0, reference.shape[-1] - size, size // 2):
-        ref = np.fft.rfft(reference[..., start:start + size] * window, axis=-1)
-        err = np.fft.rfft((decoded - reference)[..., start:start + size] * window, axis=-1)
+        ref = np.fft.rfft(reference[..., start : start + size] * window, axis=-1)
+        err = np.fft.rfft((decoded - reference)[..., start : start + size] * window, axis=-1)
         for lo, hi in bands:
             signal = float((np.abs(ref[..., lo:hi]) ** 2).sum())
-            if signal > 1e-9 * size:          # skip silent bands: no mask, nothing to hear
-                ratios.append(10 * np.log10(max(float((np.abs(err[..., lo:hi]) ** 2).sum()), 1e-20) / signal))
+            if signal > 1e-9 * size:  # skip silent bands: no mask, nothing to hear
+                ratios.append(
+                    10 * np.log10(max(float((np.abs(err[..., lo:hi]) ** 2).sum()), 1e-20) / signal)
+                )
     ratios = np.array(ratios)
-    return {"band_nsr_mean_db": round(float(ratios.mean()), 2),
-            "band_nsr_worst10_db": round(float(np.percentile(ratios, 90)), 2)}
+    return {
+        "band_nsr_mean_db": round(float(ratios.mean()), 2),
+        "band_nsr_worst10_db": round(float(np.percentile(ratios, 90)), 2),
+    }
 
 
 def encoders(seconds: float, qualities=range(10), bitrate: int = 320, repeat: int = 3) -> dict:
@@ -149,8 +212,10 @@ def encoders(seconds: float, qualities=range(10), bitrate: int = 320, repeat: in
     stem-like signal: the music-like mix itself, decoded back and aligned by the known delay."""
     import lameenc
     from synthetic import music
+
     from job.audio.mp3 import Mp3Writer
-    audio = music(seconds, seed=11) * 3.0            # ~-3 dBFS: a loud stem
+
+    audio = music(seconds, seed=11) * 3.0  # ~-3 dBFS: a loud stem
     audio = np.clip(audio, -1, 1).astype(np.float32)
     table = {}
     for quality in qualities:
@@ -164,24 +229,27 @@ def encoders(seconds: float, qualities=range(10), bitrate: int = 320, repeat: in
             pcm = np.round(audio.T * 32767.0).astype("<i2")
             started = time.thread_time()
             for block in range(0, len(pcm), 44100 * 6):
-                encoder.encode(pcm[block:block + 44100 * 6].tobytes())
+                encoder.encode(pcm[block : block + 44100 * 6].tobytes())
             encoder.flush()
             speeds.append(seconds / (time.thread_time() - started))
         path = Path(f"/tmp/bench-q{quality}-{os.getpid()}.mp3")
-        writer = Mp3Writer(path, bitrate, quality)        # gapless: decodes to the exact length
+        writer = Mp3Writer(path, bitrate, quality)  # gapless: decodes to the exact length
         writer.write(audio)
         writer.close()
         decoded = _decode(path)
         path.unlink()
         n = min(decoded.shape[-1], audio.shape[-1])
-        table[f"q{quality}"] = {"x_realtime_per_core": round(median(speeds), 1),
-                                **band_noise_to_signal(audio[:, :n], decoded[:, :n])}
+        table[f"q{quality}"] = {
+            "x_realtime_per_core": round(median(speeds), 1),
+            **band_noise_to_signal(audio[:, :n], decoded[:, :n]),
+        }
     return {"encoder_input_s": seconds, "encoder_bitrate_kbps": bitrate, "encoders": table}
 
 
 def _decode(path: Path) -> np.ndarray:
     """An MP3 decoded by FFmpeg (PyAV), trimmed by its Info frame like players do."""
     import av
+
     with av.open(str(path)) as container:
         frames = [frame.to_ndarray() for frame in container.decode(audio=0)]
     data = np.concatenate(frames, axis=-1)
@@ -189,25 +257,51 @@ def _decode(path: Path) -> np.ndarray:
 
 
 # -- a drain batch against the local stand-ins ----------------------------------------------
-def batch(work: Path, base_env: dict, job_root: Path, model_dir: Path, tracks: int,
-          seconds: float) -> dict:
+def batch(
+    work: Path, base_env: dict, job_root: Path, model_dir: Path, tracks: int, seconds: float
+) -> dict:
     """N tracks in one `drain` against the Pub/Sub and GCS emulators vs one `run` alone."""
-    from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket, ensure_subscription,
-                           ensure_topic)
+    from emulators import (
+        GcsEmulator,
+        PubSubEmulator,
+        ensure_bucket,
+        ensure_subscription,
+        ensure_topic,
+    )
     from synthetic import music, write_audio
+
     project = "stem-bench"
-    songs = [write_audio(work / f"batch{i}.mp3", music(seconds, seed=20 + i)) for i in range(tracks)]
+    songs = [
+        write_audio(work / f"batch{i}.mp3", music(seconds, seed=20 + i)) for i in range(tracks)
+    ]
     env = code_env(base_env, job_root) | {"MODEL_DIR": str(model_dir)}
     # as an image build does: the model checked, and a bf16 CPU's fp32 check recorded, so that
     # neither the run alone nor the drain pays for that check (job/precision.py)
     run_process([sys.executable, "-m", "job", "prefetch-model"], env)
     # alone: one track, process start to exit, from a local file
     wall_alone, first_alone, _, out = measured_run(
-        [sys.executable, "-m", "job", "run", "--input", str(songs[0]), "--release-id", "alone",
-         "--track-id", "t0", "--output-dir", str(work / "out")], env, work / "thread-cpu.jsonl")
+        [
+            sys.executable,
+            "-m",
+            "job",
+            "run",
+            "--input",
+            str(songs[0]),
+            "--release-id",
+            "alone",
+            "--track-id",
+            "t0",
+            "--output-dir",
+            str(work / "out"),
+        ],
+        env,
+        work / "thread-cpu.jsonl",
+    )
     alone = json.loads(out.strip().splitlines()[-1])
-    with PubSubEmulator(work / "pubsub", project).start() as pubsub, \
-            GcsEmulator(work / "gcs", in_memory=True).start() as gcs:
+    with (
+        PubSubEmulator(work / "pubsub", project).start() as pubsub,
+        GcsEmulator(work / "gcs", in_memory=True).start() as gcs,
+    ):
         storage = gcs.client(project)
         bucket = ensure_bucket(storage, "bench-bucket")
         topic = ensure_topic(pubsub.publisher, project, "work")
@@ -215,26 +309,56 @@ def batch(work: Path, base_env: dict, job_root: Path, model_dir: Path, tracks: i
         ensure_topic(pubsub.publisher, project, "results")
         for i, song in enumerate(songs):
             bucket.blob(f"originals/{song.name}").upload_from_filename(str(song))
-            pubsub.publisher.publish(topic, json.dumps({
-                "jobId": f"job{i}", "releaseId": "rel", "trackId": f"trk{i}", "artistId": "a",
-                "originalStemUri": f"gs://bench-bucket/originals/{song.name}",
-                "mimeType": "audio/mpeg"}).encode()).result(timeout=30)
-        drain_env = env | pubsub.env | gcs.env | {
-            "STORAGE_MODE": "gcs", "GCS_BUCKET": "bench-bucket", "PUBSUB_SUBSCRIPTION": "work-sub",
-            "PUBSUB_RESULTS_TOPIC": "results", "MAX_MESSAGES": str(tracks), "IDLE_TIMEOUT_S": "5"}
-        wall, first, cpu, _ = measured_run([sys.executable, "-m", "job", "drain"], drain_env,
-                                           work / "thread-cpu.jsonl")
-        done = [b for b in storage.list_blobs("bench-bucket", prefix="stems/") if
-                b.name.endswith("manifest.json")]
+            pubsub.publisher.publish(
+                topic,
+                json.dumps(
+                    {
+                        "jobId": f"job{i}",
+                        "releaseId": "rel",
+                        "trackId": f"trk{i}",
+                        "artistId": "a",
+                        "originalStemUri": f"gs://bench-bucket/originals/{song.name}",
+                        "mimeType": "audio/mpeg",
+                    }
+                ).encode(),
+            ).result(timeout=30)
+        drain_env = (
+            env
+            | pubsub.env
+            | gcs.env
+            | {
+                "STORAGE_MODE": "gcs",
+                "GCS_BUCKET": "bench-bucket",
+                "PUBSUB_SUBSCRIPTION": "work-sub",
+                "PUBSUB_RESULTS_TOPIC": "results",
+                "MAX_MESSAGES": str(tracks),
+                "IDLE_TIMEOUT_S": "5",
+            }
+        )
+        wall, first, cpu, _ = measured_run(
+            [sys.executable, "-m", "job", "drain"], drain_env, work / "thread-cpu.jsonl"
+        )
+        done = [
+            b
+            for b in storage.list_blobs("bench-bucket", prefix="stems/")
+            if b.name.endswith("manifest.json")
+        ]
         assert len(done) == tracks, f"{len(done)} of {tracks} tracks completed"
     # the drain's wall ends with an idle pull (IDLE_TIMEOUT_S) only when the queue runs dry
     # before MAX_MESSAGES; here it does not, so wall - first window is the tracks' time
     per_track = (wall - first) / tracks
-    return {"batch": {
-        "tracks": tracks, "track_s": seconds, "drain_wall_s": round(wall, 3),
-        "drain_first_window_s": round(first, 3), "per_track_in_batch_s": round(per_track, 3),
-        "alone_run_wall_s": round(wall_alone, 3), "alone_first_window_s": round(first_alone, 3),
-        "alone_separate_s": alone["timings"]["separate"],
-        "ratio_batch_per_track_to_separate": round(per_track / alone["timings"]["separate"], 3),
-        "ratio_batch_per_track_to_alone_run": round(per_track / wall_alone, 3),
-        "drain_cpu_s": cpu}}
+    return {
+        "batch": {
+            "tracks": tracks,
+            "track_s": seconds,
+            "drain_wall_s": round(wall, 3),
+            "drain_first_window_s": round(first, 3),
+            "per_track_in_batch_s": round(per_track, 3),
+            "alone_run_wall_s": round(wall_alone, 3),
+            "alone_first_window_s": round(first_alone, 3),
+            "alone_separate_s": alone["timings"]["separate"],
+            "ratio_batch_per_track_to_separate": round(per_track / alone["timings"]["separate"], 3),
+            "ratio_batch_per_track_to_alone_run": round(per_track / wall_alone, 3),
+            "drain_cpu_s": cpu,
+        }
+    }

@@ -17,10 +17,12 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from synthetic import music, write_model_folder  # noqa: E402
+
 from job.separation.engine import agreement_db  # noqa: E402
 from job.separation.model import cpu_flags, load_model  # noqa: E402
 from job.separation.precision import bf16_copy  # noqa: E402
-from synthetic import music, write_model_folder  # noqa: E402
+
 
 @contextmanager
 def mkldnn_bf32():
@@ -35,6 +37,7 @@ def mkldnn_bf32():
 
 def math_sdpa():
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     return sdpa_kernel(SDPBackend.MATH)
 
 
@@ -48,10 +51,10 @@ def main():
     if not (folder / "htdemucs_6s.yaml").exists():
         write_model_folder(folder, size="full")
     model = load_model("htdemucs_6s", str(folder)).models[0]
-    torch.backends.mha.set_fastpath_enabled(False)      # as the engine
+    torch.backends.mha.set_fastpath_enabled(False)  # as the engine
     blocks = bf16_copy(model)
     blocks_cl = bf16_copy(model).to(memory_format=torch.channels_last)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)    # noqa: E731
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     variants = {
         "fp32": (model, nullcontext),
         "autocast": (model, autocast),
@@ -78,7 +81,7 @@ def main():
             return (time.perf_counter() - start, time.process_time() - cpu), out.numpy()
 
     outputs, times, cpus = {}, {name: [] for name in variants}, {name: [] for name in variants}
-    for name in variants:                           # warm-up, and the output for parity
+    for name in variants:  # warm-up, and the output for parity
         outputs[name] = run(name)[1]
     for number in range(args.rounds):
         order = list(variants) if number % 2 == 0 else list(reversed(variants))
@@ -87,14 +90,18 @@ def main():
             times[name].append(wall)
             cpus[name].append(cpu)
         print(f"round {number + 1} done", flush=True)
-    print(f"{'variant':28} {'wall ms':>8} {'cpu ms':>8} {'ratio':>6} {'cpu ratio':>9} "
-          f"{'parity dB':>9}  wall runs ms")
+    print(
+        f"{'variant':28} {'wall ms':>8} {'cpu ms':>8} {'ratio':>6} {'cpu ratio':>9} "
+        f"{'parity dB':>9}  wall runs ms"
+    )
     for name in variants:
         ms, cpu = median(times[name]) * 1000, median(cpus[name]) * 1000
         ratio = cpu_ratio = "-"
         if "fp32" in variants:
-            ratio = f"{median(t / f for t, f in zip(times[name], times['fp32'])):.2f}"
-            cpu_ratio = f"{median(t / f for t, f in zip(cpus[name], cpus['fp32'])):.2f}"
+            ratio = f"{median(t / f for t, f in zip(times[name], times['fp32'], strict=False)):.2f}"
+            cpu_ratio = (
+                f"{median(t / f for t, f in zip(cpus[name], cpus['fp32'], strict=False)):.2f}"
+            )
         db = agreement_db(outputs["fp32"], outputs[name]) if "fp32" in outputs else float("nan")
         runs = " ".join(f"{t * 1000:.0f}" for t in times[name])
         print(f"{name:28} {ms:8.0f} {cpu:8.0f} {ratio:>6} {cpu_ratio:>9} {db:9.1f}  {runs}")

@@ -31,16 +31,22 @@ REPO = HACK.parent
 sys.path[:0] = [p for p in (str(HACK), str(REPO)) if p not in sys.path]
 
 import uvicorn  # noqa: E402
+from cloudrun_stand_in import CloudRunJobStandIn, Fault, job_env  # noqa: E402
+from emulators import (  # noqa: E402
+    GcsEmulator,
+    PubSubEmulator,
+    ensure_bucket,
+    ensure_subscription,
+    ensure_topic,
+    free_port,
+)
 from google.auth.credentials import AnonymousCredentials  # noqa: E402
 from google.cloud import run_v2  # noqa: E402
+from synthetic import music, write_audio, write_model_folder  # noqa: E402
 
-from cloudrun_stand_in import CloudRunJobStandIn, Fault, job_env  # noqa: E402
-from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
-                       ensure_subscription, ensure_topic, free_port)
 from job.dispatcher import DispatcherSettings, create_app  # noqa: E402
 from job.dispatcher.dedupe import GcsMarkers  # noqa: E402
 from job.dispatcher.sweep import SweepClients  # noqa: E402
-from synthetic import music, write_audio, write_model_folder  # noqa: E402
 
 PROJECT = "stem-faults"
 REGION = "europe-west4"
@@ -66,8 +72,9 @@ class Served:
     """An ASGI app on a free loopback port, from a thread."""
 
     def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        )
         threading.Thread(target=self.server.run, daemon=True).start()
         while not (self.server.started and self.server.servers):
             time.sleep(0.02)
@@ -88,36 +95,46 @@ class Results:
 
     def _read(self):
         while not self._stop.is_set():
-            reply = self.subscriber.pull(request={"subscription": self.path, "max_messages": 50},
-                                         timeout=5)
+            reply = self.subscriber.pull(
+                request={"subscription": self.path, "max_messages": 50}, timeout=5
+            )
             for received in reply.received_messages:
                 result = json.loads(received.message.data)
                 if result.get("status") in TERMINAL:
                     self.by_job[result.get("jobId")].append(result)
             if reply.received_messages:
-                self.subscriber.acknowledge(request={"subscription": self.path, "ack_ids": [
-                    r.ack_id for r in reply.received_messages]})
+                self.subscriber.acknowledge(
+                    request={
+                        "subscription": self.path,
+                        "ack_ids": [r.ack_id for r in reply.received_messages],
+                    }
+                )
 
     def close(self):
         self._stop.set()
 
 
 def rest(client_class, url):
-    return client_class(transport="rest", credentials=AnonymousCredentials(),
-                        client_options={"api_endpoint": url})
+    return client_class(
+        transport="rest", credentials=AnonymousCredentials(), client_options={"api_endpoint": url}
+    )
 
 
 def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None = None) -> dict:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="cloudrun-faults-"))
     started = time.monotonic()
-    with PubSubEmulator(workdir / "pubsub", PROJECT).start() as pubsub, \
-            GcsEmulator(workdir / "gcs", in_memory=True).start() as gcs:
+    with (
+        PubSubEmulator(workdir / "pubsub", PROJECT).start() as pubsub,
+        GcsEmulator(workdir / "gcs", in_memory=True).start() as gcs,
+    ):
         client = gcs.client(PROJECT)
         bucket = "stems-faults"
         ensure_bucket(client, bucket)
         results_topic = ensure_topic(pubsub.publisher, PROJECT, "stem-results")
-        results = Results(pubsub.subscriber, ensure_subscription(
-            pubsub.subscriber, PROJECT, "stem-results-read", results_topic))
+        results = Results(
+            pubsub.subscriber,
+            ensure_subscription(pubsub.subscriber, PROJECT, "stem-results-read", results_topic),
+        )
         model = write_model_folder(workdir / "model")
         good = workdir / "song.mp3"
         write_audio(good, music(4.0, seed=seed))
@@ -133,54 +150,100 @@ def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None =
             drawn[kind] += 1
             return fault
 
-        env = job_env({"PROCESSING_MODE": "job", "STORAGE_MODE": "gcs", "GCS_BUCKET": bucket,
-                       "PUBSUB_RESULTS_TOPIC": "stem-results", "MODEL_DIR": str(model),
-                       "DEVICE": "cpu", "MAX_RETRIES": "1", "RETRY_DEADLINE_S": "10",
-                       "LOG_FORMAT": "json", **pubsub.env, **gcs.env})
-        cloud_run = CloudRunJobStandIn(JOB, env, max_retries=1, task_timeout_s=600,
-                                       faults=faults, cwd=REPO)
-        settings = DispatcherSettings(project=PROJECT, region=REGION, results_topic="stem-results",
-                                      marker_bucket=bucket, stems_bucket=bucket,
-                                      api_deadline_s=10, claim_ttl_s=60)
-        dispatcher = Served(create_app(
-            settings, jobs_client=rest(run_v2.JobsClient, cloud_run.url),
-            publisher_client=pubsub.publisher, markers=GcsMarkers(bucket, client=client),
-            sweep_clients=SweepClients(rest(run_v2.ExecutionsClient, cloud_run.url),
-                                       rest(run_v2.TasksClient, cloud_run.url), client)))
+        env = job_env(
+            {
+                "PROCESSING_MODE": "job",
+                "STORAGE_MODE": "gcs",
+                "GCS_BUCKET": bucket,
+                "PUBSUB_RESULTS_TOPIC": "stem-results",
+                "MODEL_DIR": str(model),
+                "DEVICE": "cpu",
+                "MAX_RETRIES": "1",
+                "RETRY_DEADLINE_S": "10",
+                "LOG_FORMAT": "json",
+                **pubsub.env,
+                **gcs.env,
+            }
+        )
+        cloud_run = CloudRunJobStandIn(
+            JOB, env, max_retries=1, task_timeout_s=600, faults=faults, cwd=REPO
+        )
+        settings = DispatcherSettings(
+            project=PROJECT,
+            region=REGION,
+            results_topic="stem-results",
+            marker_bucket=bucket,
+            stems_bucket=bucket,
+            api_deadline_s=10,
+            claim_ttl_s=60,
+        )
+        dispatcher = Served(
+            create_app(
+                settings,
+                jobs_client=rest(run_v2.JobsClient, cloud_run.url),
+                publisher_client=pubsub.publisher,
+                markers=GcsMarkers(bucket, client=client),
+                sweep_clients=SweepClients(
+                    rest(run_v2.ExecutionsClient, cloud_run.url),
+                    rest(run_v2.TasksClient, cloud_run.url),
+                    client,
+                ),
+            )
+        )
         published, swept = {}, []
         try:
             for number in range(runs):
                 run_seed = seed * 1000 + number
                 rng = random.Random(run_seed)
                 topic = ensure_topic(pubsub.publisher, PROJECT, f"stem-separate-{run_seed}")
-                push = pubsub.subscriber.create_subscription(request={
-                    "name": pubsub.subscriber.subscription_path(PROJECT, f"dispatch-{run_seed}"),
-                    "topic": topic, "ack_deadline_seconds": 60,
-                    "push_config": {"push_endpoint": f"{dispatcher.url}/pubsub"}}).name
+                push = pubsub.subscriber.create_subscription(
+                    request={
+                        "name": pubsub.subscriber.subscription_path(
+                            PROJECT, f"dispatch-{run_seed}"
+                        ),
+                        "topic": topic,
+                        "ack_deadline_seconds": 60,
+                        "push_config": {"push_endpoint": f"{dispatcher.url}/pubsub"},
+                    }
+                ).name
                 for index in range(messages):
                     bad = rng.random() < 0.25
                     job_id = f"job_{run_seed}_{index}"
                     published[job_id] = "bad" if bad else "good"
-                    message = {"jobId": job_id, "releaseId": "rel_faults",
-                               "trackId": f"trk_{run_seed}_{index}", "mimeType": "audio/mpeg",
-                               "originalStemUri": f"gs://{bucket}/originals/"
-                                                  f"{'doc' if bad else 'song'}.mp3"}
+                    message = {
+                        "jobId": job_id,
+                        "releaseId": "rel_faults",
+                        "trackId": f"trk_{run_seed}_{index}",
+                        "mimeType": "audio/mpeg",
+                        "originalStemUri": f"gs://{bucket}/originals/"
+                        f"{'doc' if bad else 'song'}.mp3",
+                    }
                     pubsub.publisher.publish(topic, json.dumps(message).encode()).result(10)
                 if not cloud_run.wait(len(published), timeout_s=120 + 90 * messages):
                     raise TimeoutError(f"run {number}: executions did not end")
                 swept.append(dispatcher_sweep(dispatcher.url))
                 pubsub.subscriber.delete_subscription(request={"subscription": push})
-            time.sleep(3)                 # the last results reach the reading subscription
+            time.sleep(3)  # the last results reach the reading subscription
         finally:
             dispatcher.close()
             cloud_run.close()
             results.close()
-        return verdict(published, results.by_job, client.bucket(bucket), cloud_run, drawn,
-                       swept, runs, seed, time.monotonic() - started)
+        return verdict(
+            published,
+            results.by_job,
+            client.bucket(bucket),
+            cloud_run,
+            drawn,
+            swept,
+            runs,
+            seed,
+            time.monotonic() - started,
+        )
 
 
 def dispatcher_sweep(url: str) -> dict:
     import requests
+
     reply = requests.post(url + "/sweep", timeout=120)
     reply.raise_for_status()
     return reply.json()
@@ -192,8 +255,13 @@ def verdict(published, by_job, bucket, cloud_run, drawn, swept, runs, seed, seco
     for job_id, kind in published.items():
         got = by_job.get(job_id, [])
         if len(got) != 1:
-            violations.append({"jobId": job_id, "terminalResults": len(got),
-                               "statuses": [r["status"] for r in got]})
+            violations.append(
+                {
+                    "jobId": job_id,
+                    "terminalResults": len(got),
+                    "statuses": [r["status"] for r in got],
+                }
+            )
             continue
         result = got[0]
         code = (result.get("error") or {}).get("code")
@@ -209,13 +277,21 @@ def verdict(published, by_job, bucket, cloud_run, drawn, swept, runs, seed, seco
     for attempt in attempts:
         signal_ = attempt.term_signal
         exits[f"signal {signal_}" if signal_ else str(attempt.exit_code)] += 1
-    return {"ok": not violations and len(cloud_run.executions) == len(published),
-            "runs": runs, "seed": seed, "messages": len(published),
-            "executions": len(cloud_run.executions), "attempts": len(attempts),
-            "faults": dict(drawn), "exits": dict(exits),
-            "attemptSeconds": sorted(a.seconds for a in attempts), "outcomes": dict(outcomes),
-            "sweptPublished": sum(s.get("published", 0) for s in swept),
-            "violations": violations, "seconds": round(seconds, 1)}
+    return {
+        "ok": not violations and len(cloud_run.executions) == len(published),
+        "runs": runs,
+        "seed": seed,
+        "messages": len(published),
+        "executions": len(cloud_run.executions),
+        "attempts": len(attempts),
+        "faults": dict(drawn),
+        "exits": dict(exits),
+        "attemptSeconds": sorted(a.seconds for a in attempts),
+        "outcomes": dict(outcomes),
+        "sweptPublished": sum(s.get("published", 0) for s in swept),
+        "violations": violations,
+        "seconds": round(seconds, 1),
+    }
 
 
 def main(argv=None) -> int:

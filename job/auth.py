@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/health",)    # liveness probes carry no credentials; it reveals no data
+OPEN_PATHS = ("/health",)  # liveness probes carry no credentials; it reveals no data
 
 
 class Refused(Exception):
@@ -62,13 +62,19 @@ class Guard:
                 await run_in_threadpool(self.verify, Headers(scope=scope))
             except Refused as exc:
                 log.warning("refused %s %s: %s", scope["method"], scope["path"], exc)
-                response = JSONResponse(self.body("unauthorized", str(exc)), 401,
-                                        headers={"WWW-Authenticate": "Bearer"})
+                response = JSONResponse(
+                    self.body("unauthorized", str(exc)), 401, headers={"WWW-Authenticate": "Bearer"}
+                )
                 return await response(scope, receive, send)
             except Unavailable as exc:
-                log.warning("could not check the credentials of %s %s: %s", scope["method"],
-                            scope["path"], exc)
-                response = JSONResponse(self.body("auth_unavailable", str(exc)), 503,
-                                        headers={"Retry-After": "10"})
+                log.warning(
+                    "could not check the credentials of %s %s: %s",
+                    scope["method"],
+                    scope["path"],
+                    exc,
+                )
+                response = JSONResponse(
+                    self.body("auth_unavailable", str(exc)), 503, headers={"Retry-After": "10"}
+                )
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -9,8 +9,16 @@ import click
 
 from job import messages, runtime
 from job.config import ConfigError, load_settings, parse
-from job.errors import (EXIT_CONFIG, EXIT_OK, EXIT_RETRY, EXIT_UNPUBLISHED, Cancel, Interrupted,
-                     JobError, exit_code_for)
+from job.errors import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_RETRY,
+    EXIT_UNPUBLISHED,
+    Cancel,
+    Interrupted,
+    JobError,
+    exit_code_for,
+)
 from job.logs import setup_logging
 
 
@@ -24,6 +32,7 @@ def settings_or_exit(**overrides):
 def checked(variable: str):
     """A click callback validating a flag exactly as its env variable (config.parse); a bad
     value is a usage error (exit 2) naming the flag."""
+
     def callback(ctx, param, value):
         if value is None:
             return None
@@ -31,6 +40,7 @@ def checked(variable: str):
             return parse(variable, value)
         except ConfigError as exc:
             raise click.BadParameter(f"{exc} (flag for {variable})") from None
+
     return callback
 
 
@@ -51,26 +61,37 @@ def request_from(input_, release_id, track_id, artist_id, job_id, mime_type, mes
     if input_ is not None or release_id or track_id:
         if not (input_ and release_id and track_id):
             raise click.UsageError("--input, --release-id and --track-id go together")
-        return messages.make_request(release_id, track_id, input_, job_id, artist_id,
-                                     mime_type), True
+        return messages.make_request(
+            release_id, track_id, input_, job_id, artist_id, mime_type
+        ), True
     if env.get("JOB_MESSAGE"):
         return messages.parse_message(env["JOB_MESSAGE"]), False
     if env.get("ORIGINAL_STEM_URI") or env.get("RELEASE_ID") or env.get("TRACK_ID"):
         missing = [v for v in ("ORIGINAL_STEM_URI", "RELEASE_ID", "TRACK_ID") if not env.get(v)]
         if missing:
-            raise JobError("invalid_message", f"{', '.join(missing)} must be set with "
-                                              "ORIGINAL_STEM_URI/RELEASE_ID/TRACK_ID")
-        return messages.make_request(env["RELEASE_ID"], env["TRACK_ID"], env["ORIGINAL_STEM_URI"],
-                                     env.get("JOB_ID"), env.get("ARTIST_ID"),
-                                     env.get("MIME_TYPE")), False
-    raise click.UsageError("nothing to do: give --input/--release-id/--track-id or --message, "
-                           "or set JOB_MESSAGE or ORIGINAL_STEM_URI+RELEASE_ID+TRACK_ID")
+            raise JobError(
+                "invalid_message",
+                f"{', '.join(missing)} must be set with ORIGINAL_STEM_URI/RELEASE_ID/TRACK_ID",
+            )
+        return messages.make_request(
+            env["RELEASE_ID"],
+            env["TRACK_ID"],
+            env["ORIGINAL_STEM_URI"],
+            env.get("JOB_ID"),
+            env.get("ARTIST_ID"),
+            env.get("MIME_TYPE"),
+        ), False
+    raise click.UsageError(
+        "nothing to do: give --input/--release-id/--track-id or --message, "
+        "or set JOB_MESSAGE or ORIGINAL_STEM_URI+RELEASE_ID+TRACK_ID"
+    )
 
 
 def no_credentials(exc: BaseException):
     """JobError(no_credentials) when `exc` is about missing credentials, else None (imported
     here: google.auth is not for `--help` or a local run)."""
     from job.faults import no_credentials as classify
+
     return classify(exc)
 
 
@@ -89,30 +110,55 @@ def emit_result(result: dict) -> None:
 @click.option("--output-dir", callback=checked("OUTPUT_DIR"), help="Overrides OUTPUT_DIR.")
 @click.option("--model-dir", callback=checked("MODEL_DIR"), help="Overrides MODEL_DIR.")
 @click.option("--device", callback=checked("DEVICE"), help="Overrides DEVICE (auto, cpu, cuda).")
-@click.option("--format", "output_format", callback=checked("OUTPUT_FORMAT"),
-              help="Overrides OUTPUT_FORMAT (mp3, wav, flac).")
-@click.option("--outputs", callback=checked("OUTPUTS"),
-              help="Overrides OUTPUTS (comma-separated, e.g. vocals,instrumental).")
-def run(input_=None, release_id=None, track_id=None, artist_id=None, job_id=None,
-        mime_type=None, message=None, output_dir=None, model_dir=None, device=None,
-        output_format=None, outputs=None):
+@click.option(
+    "--format",
+    "output_format",
+    callback=checked("OUTPUT_FORMAT"),
+    help="Overrides OUTPUT_FORMAT (mp3, wav, flac).",
+)
+@click.option(
+    "--outputs",
+    callback=checked("OUTPUTS"),
+    help="Overrides OUTPUTS (comma-separated, e.g. vocals,instrumental).",
+)
+def run(
+    input_=None,
+    release_id=None,
+    track_id=None,
+    artist_id=None,
+    job_id=None,
+    mime_type=None,
+    message=None,
+    output_dir=None,
+    model_dir=None,
+    device=None,
+    output_format=None,
+    outputs=None,
+):
     """Separate one track; print the result JSON as the last line of stdout."""
     raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
     try:
-        settings = load_settings(output_dir=output_dir, model_dir=model_dir, device=device,
-                                 output_format=output_format,
-                                 outputs=None if outputs is None else ",".join(outputs))
-    except ConfigError as exc:      # nothing to publish with: the result is printed only
-        finish_run(None, messages.failed_result(messages.salvage_ids(raw),
-                                                JobError("config", str(exc))),
-                   runtime.Attempt.from_env(None))
+        settings = load_settings(
+            output_dir=output_dir,
+            model_dir=model_dir,
+            device=device,
+            output_format=output_format,
+            outputs=None if outputs is None else ",".join(outputs),
+        )
+    except ConfigError as exc:  # nothing to publish with: the result is printed only
+        finish_run(
+            None,
+            messages.failed_result(messages.salvage_ids(raw), JobError("config", str(exc))),
+            runtime.Attempt.from_env(None),
+        )
     setup_logging(settings.log_format)
     attempt = runtime.Attempt.from_env(settings)
     cancel = Cancel()
-    runtime.on_sigterm(cancel)      # before torch's import: a task timeout may come at once
+    runtime.on_sigterm(cancel)  # before torch's import: a task timeout may come at once
     try:
-        request, trusted = request_from(input_, release_id, track_id, artist_id, job_id,
-                                        mime_type, message)
+        request, trusted = request_from(
+            input_, release_id, track_id, artist_id, job_id, mime_type, message
+        )
     except JobError as error:
         finish_run(settings, messages.failed_result(messages.salvage_ids(raw), error), attempt)
     finish_run(settings, separate(settings, request, trusted, cancel, attempt), attempt)
@@ -124,16 +170,26 @@ def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
     ids = messages.request_ids(request)
     try:
         # imported once the request is valid: torch takes seconds, a bad request should not wait
-        from job.separation.model import ModelCache
         from job.pipeline import Job, process
+        from job.separation.model import ModelCache
+
         storage = runtime.make_storage(settings)
-        runtime.preflight(settings, storage, runtime.results_publisher(settings)
-                          if settings.gcp_project_id else None)
+        runtime.preflight(
+            settings,
+            storage,
+            runtime.results_publisher(settings) if settings.gcp_project_id else None,
+        )
         if cancel.is_set():
             raise Interrupted()
-        job = Job(settings, storage, ModelCache(settings), cancel,
-                  on_progress=runtime.progress_reporter(settings, request),
-                  attempt=attempt.earlier, last_attempt=attempt.last)
+        job = Job(
+            settings,
+            storage,
+            ModelCache(settings),
+            cancel,
+            on_progress=runtime.progress_reporter(settings, request),
+            attempt=attempt.earlier,
+            last_attempt=attempt.last,
+        )
         return process(request, job, trusted=trusted)
     except ConfigError as exc:
         return messages.failed_result(ids, JobError("config", str(exc)))
@@ -147,7 +203,7 @@ def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
         return messages.failed_result(ids, fault)
 
 
-def finish_run(settings, result: dict, attempt=runtime.Attempt()):
+def finish_run(settings, result: dict, attempt: runtime.Attempt | None = None):
     """Print the result; publish it when it is the message's final one and a project is set;
     exit with the code platforms read.
 
@@ -155,6 +211,7 @@ def finish_run(settings, result: dict, attempt=runtime.Attempt()):
     On Cloud Run a task whose final result was published and is not retryable exits 0: Cloud Run
     retries every other exit, and the retry would report the track a second time. A last attempt
     that could not publish exits 69, which the dispatcher's sweep reads as "no result"."""
+    attempt = attempt or runtime.Attempt()
     emit_result(result)
     error = JobError(**result["error"]) if result.get("error") else None
     code = exit_code_for(error)
@@ -181,13 +238,15 @@ def finish_run(settings, result: dict, attempt=runtime.Attempt()):
 
 @cli.command()
 @click.option("--max-messages", callback=checked("MAX_MESSAGES"), help="Overrides MAX_MESSAGES.")
-@click.option("--idle-timeout", callback=checked("IDLE_TIMEOUT_S"),
-              help="Overrides IDLE_TIMEOUT_S (seconds).")
+@click.option(
+    "--idle-timeout", callback=checked("IDLE_TIMEOUT_S"), help="Overrides IDLE_TIMEOUT_S (seconds)."
+)
 def drain(max_messages=None, idle_timeout=None):
     """Pull up to --max-messages from PUBSUB_SUBSCRIPTION and process them, then exit."""
     settings = settings_or_exit(max_messages=max_messages, idle_timeout_s=idle_timeout)
     setup_logging(settings.log_format)
-    from job.drain import drain as run_drain    # imports the Pub/Sub client: not for `run`
+    from job.drain import drain as run_drain  # imports the Pub/Sub client: not for `run`
+
     try:
         code = run_drain(settings)
     except ConfigError as exc:
@@ -197,7 +256,9 @@ def drain(max_messages=None, idle_timeout=None):
 
 def http_options(command):
     command = click.option("--port", callback=checked("PORT"), help="Overrides PORT.")(command)
-    return click.option("--host", callback=checked("HTTP_HOST"), help="Overrides HTTP_HOST.")(command)
+    return click.option("--host", callback=checked("HTTP_HOST"), help="Overrides HTTP_HOST.")(
+        command
+    )
 
 
 @cli.command()
@@ -206,7 +267,8 @@ def serve(host=None, port=None):
     """The original worker's HTTP API: POST /separate/{release_id}/{track_id}, GET /health."""
     settings = settings_or_exit(http_host=host, http_port=port)
     setup_logging(settings.log_format)
-    from job.http import serve as run_server     # FastAPI and uvicorn: only `serve` needs them
+    from job.http import serve as run_server  # FastAPI and uvicorn: only `serve` needs them
+
     try:
         run_server(settings)
     except ConfigError as exc:
@@ -219,7 +281,8 @@ def dispatch(host=None, port=None):
     """The Cloud Run dispatcher: Pub/Sub push or Eventarc in, one job execution per message."""
     settings = settings_or_exit(http_host=host, http_port=port)
     setup_logging(settings.log_format)
-    from job.dispatcher import serve as run_dispatcher    # Starlette and the Cloud Run client
+    from job.dispatcher import serve as run_dispatcher  # Starlette and the Cloud Run client
+
     try:
         run_dispatcher(host=host, port=port)
     except ConfigError as exc:
@@ -232,6 +295,7 @@ def prefetch_model():
     settings = settings_or_exit()
     setup_logging(settings.log_format)
     from job.separation.model import ModelCache
+
     try:
         separator = ModelCache(settings).engine()
     except ConfigError as exc:
@@ -239,12 +303,17 @@ def prefetch_model():
     click.echo(f"model {settings.model_name} ready: sources {', '.join(separator.sources)}")
     # reduced precision is checked against fp32 now, once, and the verdict recorded for runs
     from job.separation.precision import music
+
     db = separator.check(music(10.0))
     if db is not None:
-        verdict = "fp32 is used" if separator.precision == "fp32" else f"{separator.precision} is kept"
+        verdict = (
+            "fp32 is used" if separator.precision == "fp32" else f"{separator.precision} is kept"
+        )
         how = "found recorded" if separator.probe_recorded else "measured now"
-        click.echo(f"reduced precision agrees with fp32 to {db:.1f} dB on this "
-                   f"{separator.device.type} ({how}): {verdict}")
+        click.echo(
+            f"reduced precision agrees with fp32 to {db:.1f} dB on this "
+            f"{separator.device.type} ({how}): {verdict}"
+        )
 
 
 def main():
@@ -259,10 +328,10 @@ def main():
             sys.stderr.write(done.code + "\n")
     except Exception as exc:
         fault = no_credentials(exc)
-        if fault is not None:   # one line, no traceback: someone must set up the identity
+        if fault is not None:  # one line, no traceback: someone must set up the identity
             sys.stderr.write(f"stem-job: configuration error: {fault.message}\n")
             code = EXIT_CONFIG
-        else:                   # a bug, not a verdict on the input: a retry may help
+        else:  # a bug, not a verdict on the input: a retry may help
             traceback.print_exc()
             code = EXIT_RETRY
     runtime.exit_now(code)

@@ -20,7 +20,7 @@ class Settings:
     processing_mode: str = "pubsub"
     storage_mode: str = "local"
     gcs_bucket: str = ""
-    gcs_public: bool = False          # the stems bucket is public: shared caches may keep objects
+    gcs_public: bool = False  # the stems bucket is public: shared caches may keep objects
     output_dir: str = "/outputs"
     input_dir: str = ""
     gcp_project_id: str = ""
@@ -30,35 +30,35 @@ class Settings:
     model_dir: str = ""
     device: str = "auto"
     precision: str = "auto"
-    segment_batch: int = 0            # 0 = auto
+    segment_batch: int = 0  # 0 = auto
     shifts: int = 0
     seed: int = 0
     output_format: str = "mp3"
     mp3_bitrate: int = 320
-    mp3_quality: int = 5              # LAME algorithm quality, 0 best/slowest (README)
+    mp3_quality: int = 5  # LAME algorithm quality, 0 best/slowest (README)
     outputs: tuple = STEMS
     peaks_samples_per_pixel: int = 256
     peaks_bits: int = 8
     peaks_split_channels: bool = False
     silent_below_lu: float = 40.0
-    output_analysis: bool = True      # peaks and loudness; off only to measure their cost
+    output_analysis: bool = True  # peaks and loudness; off only to measure their cost
     max_input_bytes: int = 2 * 1024**3
     max_duration_s: float = 3 * 3600.0
-    decode_memory_mb: int = 1024      # the decoding child's RLIMIT_DATA (job.audio.child)
+    decode_memory_mb: int = 1024  # the decoding child's RLIMIT_DATA (job.audio.child)
     decode_time_base_s: float = 30.0
     decode_time_factor: float = 0.25  # decoding seconds allowed per second of audio
-    decode_kill_retries: int = 2      # tries after which a killed decoder is final
+    decode_kill_retries: int = 2  # tries after which a killed decoder is final
     allowed_input_buckets: tuple = ()
     max_messages: int = 1
     idle_timeout_s: float = 10.0
     retry_deadline_s: float = 60.0
-    max_retries: int = 3              # Cloud Run: the job's maxRetries (its default is 3)
+    max_retries: int = 3  # Cloud Run: the job's maxRetries (its default is 3)
     progress_events: bool = False
     log_format: str = "auto"
     http_host: str = "0.0.0.0"
     http_port: int = 8000
     http_queue: int = 4
-    http_token: str = field(default="", repr=False)   # a secret: never in a repr or a log
+    http_token: str = field(default="", repr=False)  # a secret: never in a repr or a log
 
     def allowed_buckets(self) -> tuple:
         if self.allowed_input_buckets:
@@ -106,8 +106,10 @@ def parse_bool(name, value):
 def parse_bitrate(name, value):
     match = _BITRATE.match(value.strip().lower()) or re.match(r"^(\d{2,3})$", value.strip())
     if not match or int(match.group(1)) not in MP3_BITRATES:
-        raise ConfigError(f"{name}={value!r} is invalid: use an MP3 bitrate such as 320k "
-                          f"({', '.join(f'{b}k' for b in MP3_BITRATES)})")
+        raise ConfigError(
+            f"{name}={value!r} is invalid: use an MP3 bitrate such as 320k "
+            f"({', '.join(f'{b}k' for b in MP3_BITRATES)})"
+        )
     return int(match.group(1))
 
 
@@ -123,7 +125,9 @@ def parse_batch(name, value):
 
 
 def parse_buckets(name, value):
-    buckets = tuple(b.strip().removeprefix("gs://").strip("/") for b in value.split(",") if b.strip())
+    buckets = tuple(
+        b.strip().removeprefix("gs://").strip("/") for b in value.split(",") if b.strip()
+    )
     for bucket in buckets:
         if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
             raise ConfigError(f"{name} holds {bucket!r}, which is not a bucket name")
@@ -134,8 +138,10 @@ def parse_text(name, value):
     return value.strip()
 
 
-_PUBSUB_NAME = re.compile(r"^(projects/[a-z][a-z0-9.:-]{4,61}/(topics|subscriptions)/)?"
-                          r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}$")
+_PUBSUB_NAME = re.compile(
+    r"^(projects/[a-z][a-z0-9.:-]{4,61}/(topics|subscriptions)/)?"
+    r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}$"
+)
 
 
 def parse_pubsub_name(name, value):
@@ -144,26 +150,33 @@ def parse_pubsub_name(name, value):
     pull or publish."""
     value = value.strip()
     if not _PUBSUB_NAME.match(value) or value.split("/")[-1].startswith("goog"):
-        raise ConfigError(f"{name}={value!r} is invalid: use a Pub/Sub name (3-255 letters, "
-                          "digits or -_.~+%, starting with a letter) or projects/P/…/NAME")
+        raise ConfigError(
+            f"{name}={value!r} is invalid: use a Pub/Sub name (3-255 letters, "
+            "digits or -_.~+%, starting with a letter) or projects/P/…/NAME"
+        )
     return value
 
 
-_TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]{16,}=*$")     # RFC 6750's token68, 16 or more
+_TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]{16,}=*$")  # RFC 6750's token68, 16 or more
 
 
 def parse_token(name, value):
     """A bearer secret: what a header can carry, and long enough not to be guessed."""
     value = value.strip()
     if not _TOKEN.match(value):
-        raise ConfigError(f"{name} is invalid: use at least 16 letters, digits or -._~+/ "
-                          "(e.g. the output of `openssl rand -hex 32`)")
+        raise ConfigError(
+            f"{name} is invalid: use at least 16 letters, digits or -._~+/ "
+            "(e.g. the output of `openssl rand -hex 32`)"
+        )
     return value
 
 
 # env variable -> (Settings field, parser)
 ENV = {
-    "PROCESSING_MODE": ("processing_mode", lambda n, v: parse_choice(n, v, ("job", "pubsub", "http"))),
+    "PROCESSING_MODE": (
+        "processing_mode",
+        lambda n, v: parse_choice(n, v, ("job", "pubsub", "http")),
+    ),
     "STORAGE_MODE": ("storage_mode", lambda n, v: parse_choice(n, v, ("local", "gcs"))),
     "GCS_BUCKET": ("gcs_bucket", lambda n, v: (parse_buckets(n, v) or ("",))[0]),
     "GCS_PUBLIC": ("gcs_public", parse_bool),
@@ -183,7 +196,10 @@ ENV = {
     "MP3_BITRATE": ("mp3_bitrate", parse_bitrate),
     "MP3_QUALITY": ("mp3_quality", lambda n, v: parse_int(n, v, 0, 9)),
     "OUTPUTS": ("outputs", parse_outputs),
-    "PEAKS_SAMPLES_PER_PIXEL": ("peaks_samples_per_pixel", lambda n, v: parse_int(n, v, 2, 1 << 20)),
+    "PEAKS_SAMPLES_PER_PIXEL": (
+        "peaks_samples_per_pixel",
+        lambda n, v: parse_int(n, v, 2, 1 << 20),
+    ),
     "PEAKS_BITS": ("peaks_bits", lambda n, v: int(parse_choice(n, v, ("8", "16")))),
     "PEAKS_SPLIT_CHANNELS": ("peaks_split_channels", parse_bool),
     "SILENT_BELOW_LU": ("silent_below_lu", lambda n, v: parse_float(n, v, 0, "LU")),
@@ -192,8 +208,10 @@ ENV = {
     "MAX_DURATION_S": ("max_duration_s", lambda n, v: parse_float(n, v, 0)),
     "DECODE_MEMORY_MB": ("decode_memory_mb", lambda n, v: parse_int(n, v, 64)),
     "DECODE_TIME_BASE_S": ("decode_time_base_s", lambda n, v: parse_float(n, v, 0)),
-    "DECODE_TIME_FACTOR": ("decode_time_factor", lambda n, v: parse_float(n, v, 0, "seconds "
-                                                                         "per second of audio")),
+    "DECODE_TIME_FACTOR": (
+        "decode_time_factor",
+        lambda n, v: parse_float(n, v, 0, "seconds per second of audio"),
+    ),
     "DECODE_KILL_RETRIES": ("decode_kill_retries", lambda n, v: parse_int(n, v, 0, 100)),
     "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", parse_buckets),
     "MAX_MESSAGES": ("max_messages", lambda n, v: parse_int(n, v, 1, 1000)),
@@ -221,13 +239,13 @@ def load_settings(environ=None, **overrides) -> Settings:
     flags) are validated like the env variable they stand for."""
     environ = os.environ if environ is None else environ
     values = {}
-    for env, (field, _) in ENV.items():
+    for env, (name, _) in ENV.items():
         raw = environ.get(env)
-        if raw is not None and (raw.strip() or field in ("gcs_bucket",)):
-            values[field] = parse(env, raw)
-    for field, raw in overrides.items():
+        if raw is not None and (raw.strip() or name in ("gcs_bucket",)):
+            values[name] = parse(env, raw)
+    for name, raw in overrides.items():
         if raw is not None:
-            values[field] = parse(FIELD_TO_ENV[field], raw)
+            values[name] = parse(FIELD_TO_ENV[name], raw)
     settings = replace(Settings(), **values)
     if settings.storage_mode == "gcs" and not settings.gcs_bucket:
         raise ConfigError("GCS_BUCKET is required when STORAGE_MODE=gcs")

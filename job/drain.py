@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from google.cloud import pubsub_v1
 
 from job import messages, runtime
-from job.errors import Cancel, ConfigError, EXIT_OK, EXIT_RETRY, JobError
-from job.pubsub import (LeaseKeeper, delivery_attempt, earlier_deliveries, pull,
-                     resource_path)
+from job.errors import EXIT_OK, EXIT_RETRY, Cancel, ConfigError, JobError
+from job.pubsub import LeaseKeeper, delivery_attempt, earlier_deliveries, pull, resource_path
 
 log = logging.getLogger(__name__)
 LEASE_S = 60
@@ -32,9 +31,9 @@ class Pulled:
     """A pulled message and what it asks for: a valid request, or the failed result of a
     message that is not one."""
 
-    received: object                          # pubsub ReceivedMessage
+    received: object  # pubsub ReceivedMessage
     request: messages.JobRequest | None = None
-    refusal: dict | None = None               # the failed result of an invalid message
+    refusal: dict | None = None  # the failed result of an invalid message
 
     @classmethod
     def parse(cls, received) -> "Pulled":
@@ -50,24 +49,32 @@ class Drainer:
         self.settings = settings
         self.cancel = Cancel()
         self.subscriber = pubsub_v1.SubscriberClient()
-        self.subscription = resource_path(settings.gcp_project_id, "subscriptions",
-                                          settings.pubsub_subscription)
+        self.subscription = resource_path(
+            settings.gcp_project_id, "subscriptions", settings.pubsub_subscription
+        )
         self.publisher = runtime.results_publisher(settings)
         self.storage = runtime.make_storage(settings, restrict_inputs=True)
         self.model_cache = None
         self.outcomes = []
-        self.finishing = None                # ((release, track), thread) of the track finishing
+        self.finishing = None  # ((release, track), thread) of the track finishing
         self.finish_error = None
 
     def job(self, request, earlier: int | None = None):
         # imported on the first message, not at start: torch costs seconds, and an
         # empty-queue job must exit in seconds
-        from job.separation.model import ModelCache
         from job.pipeline import Job
+        from job.separation.model import ModelCache
+
         if self.model_cache is None:
             self.model_cache = ModelCache(self.settings)
-        return Job(self.settings, self.storage, self.model_cache, self.cancel,
-                   runtime.progress_reporter(self.settings, request), attempt=earlier)
+        return Job(
+            self.settings,
+            self.storage,
+            self.model_cache,
+            self.cancel,
+            runtime.progress_reporter(self.settings, request),
+            attempt=earlier,
+        )
 
     def fetch_ahead(self, current, later):
         """Start downloading and decoding the next valid message's track (another track than
@@ -86,28 +93,37 @@ class Drainer:
         in a thread of its own while the next message separates: the model never waits for
         them. One track finishes at a time, so results and acks keep the messages' order."""
         received, request = delivery.received, delivery.request
-        log.info("message %s (delivery attempt %s)", received.message.message_id,
-                 delivery_attempt(received))
+        log.info(
+            "message %s (delivery attempt %s)",
+            received.message.message_id,
+            delivery_attempt(received),
+        )
         if request is None:
             self.settle()
             self.conclude(received, delivery.refusal, keeper)
             return
-        if self.finishing is not None and self.finishing[0] == (request.release_id,
-                                                                request.track_id):
-            self.settle()                  # the same track: its set must be complete first
-        from job.pipeline import start       # loaded with the model, see job()
-        finishing = start(request, self.job(request, earlier_deliveries(received)),
-                          fetch=fetch)
+        if self.finishing is not None and self.finishing[0] == (
+            request.release_id,
+            request.track_id,
+        ):
+            self.settle()  # the same track: its set must be complete first
+        from job.pipeline import start  # loaded with the model, see job()
+
+        finishing = start(request, self.job(request, earlier_deliveries(received)), fetch=fetch)
         self.settle()
-        thread = threading.Thread(target=self._finish, args=(finishing, received, keeper),
-                                  name=f"finish-{request.job_id}", daemon=True)
+        thread = threading.Thread(
+            target=self._finish,
+            args=(finishing, received, keeper),
+            name=f"finish-{request.job_id}",
+            daemon=True,
+        )
         self.finishing = ((request.release_id, request.track_id), thread)
         thread.start()
 
     def _finish(self, finishing, received, keeper) -> None:
         try:
             self.conclude(received, finishing.result(), keeper)
-        except BaseException as exc:      # raised in the main thread by settle()
+        except BaseException as exc:  # raised in the main thread by settle()
             self.finish_error = exc
 
     def settle(self) -> None:
@@ -128,11 +144,14 @@ class Drainer:
             try:
                 self.publisher.publish_result(result)
             except JobError as publish_error:
-                log.error("result of %s not published, returning the message: %s",
-                          result.get("jobId"), publish_error.message)
+                log.error(
+                    "result of %s not published, returning the message: %s",
+                    result.get("jobId"),
+                    publish_error.message,
+                )
                 failure = publish_error
         if failure is not None:
-            keeper.nack(received)            # not finished: another job takes it at once
+            keeper.nack(received)  # not finished: another job takes it at once
             self.outcomes.append(EXIT_RETRY)
             if failure.is_config:
                 raise ConfigError(failure.message)
@@ -142,7 +161,7 @@ class Drainer:
 
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
         deliveries = [Pulled.parse(received) for received in batch]
-        ahead = None                         # the Intake of a later message, under way
+        ahead = None  # the Intake of a later message, under way
         try:
             for index, delivery in enumerate(deliveries):
                 if self.cancel.is_set():
@@ -151,13 +170,13 @@ class Drainer:
                 if ahead is not None and ahead.request is delivery.request:
                     fetch, ahead = ahead, None
                 if delivery.request is not None and ahead is None:
-                    ahead = self.fetch_ahead(delivery.request, deliveries[index + 1:])
+                    ahead = self.fetch_ahead(delivery.request, deliveries[index + 1 :])
                 self.handle(delivery, keeper, fetch)
         finally:
             try:
-                self.settle()                # the last track's result, before the lease ends
+                self.settle()  # the last track's result, before the lease ends
             finally:
-                if ahead is not None:        # SIGTERM or config error: drop its scratch
+                if ahead is not None:  # SIGTERM or config error: drop its scratch
                     ahead.close()
 
     def run(self) -> int:
@@ -165,8 +184,12 @@ class Drainer:
         runtime.preflight(self.settings, self.storage, self.publisher)
         with LeaseKeeper(self.subscriber, self.subscription, LEASE_S) as keeper:
             while len(self.outcomes) < wanted and not self.cancel.is_set():
-                batch = pull(self.subscriber, self.subscription, wanted - len(self.outcomes),
-                             self.settings.idle_timeout_s)
+                batch = pull(
+                    self.subscriber,
+                    self.subscription,
+                    wanted - len(self.outcomes),
+                    self.settings.idle_timeout_s,
+                )
                 if not batch:
                     break
                 keeper.hold(batch)
@@ -187,7 +210,7 @@ def drain(settings) -> int:
     runtime.on_sigterm(drainer.cancel)
     try:
         return drainer.run()
-    except JobError as error:     # Pub/Sub unreachable, or a setting or role of ours is wrong
+    except JobError as error:  # Pub/Sub unreachable, or a setting or role of ours is wrong
         if error.is_config:
             raise ConfigError(error.message) from error
         log.error("drain stopped: %s (%s)", error.message, error.code)

@@ -11,11 +11,11 @@ import threading
 from dataclasses import dataclass
 
 EXIT_OK = 0
-EXIT_USAGE = 2          # click's code for a bad invocation
-EXIT_BAD_INPUT = 65     # reported, not worth a retry (sysexits EX_DATAERR)
-EXIT_RETRY = 75         # reported, a retry may help (sysexits EX_TEMPFAIL)
-EXIT_CONFIG = 78        # invalid configuration (sysexits EX_CONFIG)
-EXIT_UNPUBLISHED = 69   # Cloud Run's last attempt could not publish its result (EX_UNAVAILABLE)
+EXIT_USAGE = 2  # click's code for a bad invocation
+EXIT_BAD_INPUT = 65  # reported, not worth a retry (sysexits EX_DATAERR)
+EXIT_RETRY = 75  # reported, a retry may help (sysexits EX_TEMPFAIL)
+EXIT_CONFIG = 78  # invalid configuration (sysexits EX_CONFIG)
+EXIT_UNPUBLISHED = 69  # Cloud Run's last attempt could not publish its result (EX_UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Code:
     """What one error code means. `retryable`: a redelivery of the same message may succeed
     (for configuration codes, once someone fixes the setting); `exit`: the process's exit code
     when this ends it; `http`: the status `serve` answers with."""
+
     retryable: bool
     exit: int
     http: int

@@ -24,15 +24,19 @@ def no_credentials(exc: BaseException) -> JobError | None:
         if isinstance(cause, NO_CREDENTIALS) and not is_transient(cause):
             text = str(cause).strip()
             first = text.splitlines()[0] if text else type(cause).__name__
-            return JobError("no_credentials", "no usable Google credentials (application-default "
-                            "credentials, GOOGLE_APPLICATION_CREDENTIALS or the metadata server): "
-                            f"{first[:300]}")
+            return JobError(
+                "no_credentials",
+                "no usable Google credentials (application-default "
+                "credentials, GOOGLE_APPLICATION_CREDENTIALS or the metadata server): "
+                f"{first[:300]}",
+            )
         cause = cause.__cause__ or cause.__context__
     return None
 
 
-def storage_fault(exc: Exception, what: str, *, original: bool, bucket: str,
-                  deadline_s: float) -> JobError | None:
+def storage_fault(
+    exc: Exception, what: str, *, original: bool, bucket: str, deadline_s: float
+) -> JobError | None:
     """The JobError for a failed Cloud Storage call, or None when `exc` is no cloud fault
     (a bug: the caller lets it propagate)."""
     if (missing := no_credentials(exc)) is not None:
@@ -44,15 +48,20 @@ def storage_fault(exc: Exception, what: str, *, original: bool, bucket: str,
     if isinstance(exc, DENIED):
         if original:
             return JobError("input_forbidden", f"{what}: access denied ({exc.code}): {exc.message}")
-        return JobError("permission_denied",
-                        f"{what}: access denied ({exc.code}): {exc.message} (GCS_BUCKET={bucket}: "
-                        "the job's identity needs roles/storage.objectUser on stems/)")
+        return JobError(
+            "permission_denied",
+            f"{what}: access denied ({exc.code}): {exc.message} (GCS_BUCKET={bucket}: "
+            "the job's identity needs roles/storage.objectUser on stems/)",
+        )
     if is_transient(exc):
-        return JobError("storage_unavailable", f"{what}: Cloud Storage still failing after "
-                        f"retrying for {deadline_s:g} s: {exc}")
+        return JobError(
+            "storage_unavailable",
+            f"{what}: Cloud Storage still failing after retrying for {deadline_s:g} s: {exc}",
+        )
     if isinstance(exc, exceptions.GoogleAPICallError):
-        return JobError("input_error" if original else "storage_error",
-                        f"{what}: {exc.code} {exc.message}")
+        return JobError(
+            "input_error" if original else "storage_error", f"{what}: {exc.code} {exc.message}"
+        )
     return None
 
 
@@ -61,10 +70,14 @@ def publish_fault(exc: Exception, topic: str) -> JobError:
     if (missing := no_credentials(exc)) is not None:
         return missing
     if isinstance(exc, exceptions.NotFound):
-        return JobError("results_topic_not_found",
-                        f"PUBSUB_RESULTS_TOPIC: {topic} does not exist: {exc.message}")
+        return JobError(
+            "results_topic_not_found",
+            f"PUBSUB_RESULTS_TOPIC: {topic} does not exist: {exc.message}",
+        )
     if isinstance(exc, DENIED):
-        return JobError("results_topic_forbidden",
-                        f"PUBSUB_RESULTS_TOPIC: publishing to {topic} is denied ({exc.code}): "
-                        f"{exc.message} (the job's identity needs roles/pubsub.publisher)")
+        return JobError(
+            "results_topic_forbidden",
+            f"PUBSUB_RESULTS_TOPIC: publishing to {topic} is denied ({exc.code}): "
+            f"{exc.message} (the job's identity needs roles/pubsub.publisher)",
+        )
     return JobError("publish_failed", f"publishing to {topic} failed: {exc}")

@@ -66,24 +66,25 @@ from starlette.requests import ClientDisconnect
 from job import messages, runtime
 from job.auth import Guard, SharedToken
 from job.config import Settings
-from job.errors import EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError
-from job.errors import http_status_for
-from job.separation.model import ModelCache
+from job.errors import EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError, http_status_for
 from job.pipeline import Job, process
+from job.separation.model import ModelCache
 from job.storage.base import Original
 
 log = logging.getLogger(__name__)
 
 FILE_FIELD = "file"
-MULTIPART_SLACK = 64 * 1024        # room for boundaries, part headers and small extra fields
-MAX_PARTS = 16                     # the file and a few form fields; more is not an upload
-MAX_PART_HEADERS = 8               # Content-Disposition, Content-Type, and room for others
-MAX_PART_HEADER_BYTES = 8192       # one header line: a long filename, percent-encoded
+MULTIPART_SLACK = 64 * 1024  # room for boundaries, part headers and small extra fields
+MAX_PARTS = 16  # the file and a few form fields; more is not an upload
+MAX_PART_HEADERS = 8  # Content-Disposition, Content-Type, and room for others
+MAX_PART_HEADER_BYTES = 8192  # one header line: a long filename, percent-encoded
 DEFAULT_RETRY_AFTER_S = 30
-GRACE_S = 8        # after SIGTERM, responses get this long (Cloud Run kills at 10 s, GKE at 15 s)
-GONE = JobError("upload_incomplete", "the client disconnected")   # nobody reads this answer
-HOW_TO_SEND = (f"send the audio as multipart/form-data in the field '{FILE_FIELD}', e.g. "
-               f"curl -F {FILE_FIELD}=@song.mp3 http://HOST/separate/RELEASE_ID/TRACK_ID")
+GRACE_S = 8  # after SIGTERM, responses get this long (Cloud Run kills at 10 s, GKE at 15 s)
+GONE = JobError("upload_incomplete", "the client disconnected")  # nobody reads this answer
+HOW_TO_SEND = (
+    f"send the audio as multipart/form-data in the field '{FILE_FIELD}', e.g. "
+    f"curl -F {FILE_FIELD}=@song.mp3 http://HOST/separate/RELEASE_ID/TRACK_ID"
+)
 
 
 def http_status(error: JobError) -> int:
@@ -133,17 +134,26 @@ class FileReceiver:
         self._headers, self._field, self._value = {}, b"", b""
 
     def callbacks(self) -> dict:
-        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end, "on_end": self.on_end}
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
+        }
 
     def on_part_begin(self):
         self._headers, self._in_file = {}, False
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise JobError("bad_multipart", f"the request holds more than {MAX_PARTS} parts: "
-                                            "send one audio file (and at most a few fields)")
+            raise JobError(
+                "bad_multipart",
+                f"the request holds more than {MAX_PARTS} parts: "
+                "send one audio file (and at most a few fields)",
+            )
 
     def on_header_field(self, data, start, end):
         self._field += data[start:end]
@@ -158,18 +168,22 @@ class FileReceiver:
     def on_headers_finished(self):
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         if b"filename" not in options and options.get(b"name") != FILE_FIELD.encode():
-            return                                   # a plain form field: ignored
+            return  # a plain form field: ignored
         if self.path is not None:
-            raise JobError("bad_multipart", "the request holds more than one file: "
-                                            "send exactly one audio file per request")
+            raise JobError(
+                "bad_multipart",
+                "the request holds more than one file: send exactly one audio file per request",
+            )
         mime = self._headers.get(b"content-type", b"").decode("latin-1")
         try:
-            self.mime = messages.check_mime_type(mime)   # 415 before a byte of it is stored
+            self.mime = messages.check_mime_type(mime)  # 415 before a byte of it is stored
         except JobError:
-            raise JobError("unsupported_media_type",
-                           f"the file is sent as {mime[:100]!r}, not an audio type we decode "
-                           "(mp3, wav, flac, ogg/opus, m4a/aac): send it with its audio/* "
-                           "type, application/octet-stream, or no type") from None
+            raise JobError(
+                "unsupported_media_type",
+                f"the file is sent as {mime[:100]!r}, not an audio type we decode "
+                "(mp3, wav, flac, ogg/opus, m4a/aac): send it with its audio/* "
+                "type, application/octet-stream, or no type",
+            ) from None
         # No suffix from the client's filename: given `.mp3`, FFmpeg takes any junk for mp3.
         self.path = self.folder / "original"
         self.handle = open(self.path, "wb")
@@ -180,8 +194,11 @@ class FileReceiver:
             return
         self.size += end - start
         if self.size > self.limit:
-            raise JobError("input_too_large", f"the file is over the limit of {self.limit} bytes "
-                                              "(MAX_INPUT_BYTES): send a smaller file")
+            raise JobError(
+                "input_too_large",
+                f"the file is over the limit of {self.limit} bytes "
+                "(MAX_INPUT_BYTES): send a smaller file",
+            )
         chunk = data[start:end]
         self.handle.write(chunk)
         self.digest.update(chunk)
@@ -204,24 +221,33 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> FileRece
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
-        raise JobError("bad_multipart",
-                       f"the multipart Content-Type has no boundary: {HOW_TO_SEND}")
+        raise JobError(
+            "bad_multipart", f"the multipart Content-Type has no boundary: {HOW_TO_SEND}"
+        )
     receiver = FileReceiver(folder, limit)
-    parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=MAX_PART_HEADERS,
-                             max_header_size=MAX_PART_HEADER_BYTES)
+    parser = MultipartParser(
+        boundary,
+        receiver.callbacks(),
+        max_header_count=MAX_PART_HEADERS,
+        max_header_size=MAX_PART_HEADER_BYTES,
+    )
     try:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
-        raise JobError("bad_multipart", f"the multipart body is malformed ({exc}): {HOW_TO_SEND}")
+        raise JobError(
+            "bad_multipart", f"the multipart body is malformed ({exc}): {HOW_TO_SEND}"
+        ) from None
     finally:
         receiver.close()
     if receiver.path is None:
         raise JobError("no_file", f"the request holds no file: {HOW_TO_SEND}")
     if not (receiver.complete and receiver.ended):
-        raise JobError("upload_incomplete", "the upload ended before the multipart body did: "
-                                            "send the whole file again")
+        raise JobError(
+            "upload_incomplete",
+            "the upload ended before the multipart body did: send the whole file again",
+        )
     if receiver.size == 0:
         raise JobError("empty_input", "the uploaded file is empty (0 bytes): send the audio itself")
     return receiver
@@ -229,11 +255,19 @@ async def receive_upload(request: Request, folder: Path, limit: int) -> FileRece
 
 def success_body(result: dict) -> dict:
     """The original worker's response, then our extras (added, never renamed)."""
-    return {"status": "success", "release_id": result["releaseId"], "track_id": result["trackId"],
-            "stems": result["stems"], "job_id": result["jobId"], "model": result.get("model"),
-            "duration_s": result.get("durationS"), "reused": result.get("reused"),
-            "device": result.get("device"), "timings": result.get("timings"),
-            "outputs": result.get("outputs")}
+    return {
+        "status": "success",
+        "release_id": result["releaseId"],
+        "track_id": result["trackId"],
+        "stems": result["stems"],
+        "job_id": result["jobId"],
+        "model": result.get("model"),
+        "duration_s": result.get("durationS"),
+        "reused": result.get("reused"),
+        "device": result.get("device"),
+        "timings": result.get("timings"),
+        "outputs": result.get("outputs"),
+    }
 
 
 class Gate:
@@ -286,12 +320,19 @@ def upload_slots(settings: Settings, folder: Path) -> int:
     free = shutil.disk_usage(folder).free
     slots = min(wanted, free // settings.max_input_bytes)
     if slots < 1:
-        raise ConfigError(f"MAX_INPUT_BYTES={settings.max_input_bytes} is more than the "
-                          f"{free} bytes free in the upload folder {folder} (TMPDIR): lower "
-                          "it or give the folder more room")
+        raise ConfigError(
+            f"MAX_INPUT_BYTES={settings.max_input_bytes} is more than the "
+            f"{free} bytes free in the upload folder {folder} (TMPDIR): lower "
+            "it or give the folder more room"
+        )
     if slots < wanted:
-        log.warning("the upload folder %s has room for %d upload(s) of MAX_INPUT_BYTES, not "
-                    "%d (1 + HTTP_QUEUE): the others wait", folder, slots, wanted)
+        log.warning(
+            "the upload folder %s has room for %d upload(s) of MAX_INPUT_BYTES, not "
+            "%d (1 + HTTP_QUEUE): the others wait",
+            folder,
+            slots,
+            wanted,
+        )
     return slots
 
 
@@ -306,9 +347,14 @@ def create_app(settings: Settings, model_cache: ModelCache | None = None, storag
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(model_cache.engine)     # load the model once, before serving
-        log.info("serving %s on %s (storage %s, queue %d)", settings.model_name, model_cache.device,
-                 settings.storage_mode, settings.http_queue)
+        await asyncio.to_thread(model_cache.engine)  # load the model once, before serving
+        log.info(
+            "serving %s on %s (storage %s, queue %d)",
+            settings.model_name,
+            model_cache.device,
+            settings.storage_mode,
+            settings.http_queue,
+        )
         yield
 
     app = FastAPI(title="stem-job", lifespan=lifespan)
@@ -319,19 +365,29 @@ def create_app(settings: Settings, model_cache: ModelCache | None = None, storag
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        message = f"{exc.detail}: this server offers POST /separate/{{release_id}}/{{track_id}} " \
-                  "and GET /health"
+        message = (
+            f"{exc.detail}: this server offers POST /separate/{{release_id}}/{{track_id}} "
+            "and GET /health"
+        )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"status": "failed", "error": {"code": code, "message": message,
-                                                           "retryable": False}},
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"status": "failed", "error": {"code": code, "message": message, "retryable": False}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "processing_mode": "http", "storage_mode": settings.storage_mode,
-                "device": str(model_cache.device), "model": settings.model_name,
-                "model_loaded": model_cache.loaded, "in_flight": gate.in_flight,
-                "queue": settings.http_queue}
+        return {
+            "status": "ok",
+            "processing_mode": "http",
+            "storage_mode": settings.storage_mode,
+            "device": str(model_cache.device),
+            "model": settings.model_name,
+            "model_loaded": model_cache.loaded,
+            "in_flight": gate.in_flight,
+            "queue": settings.http_queue,
+        }
 
     @app.post("/separate/{release_id}/{track_id}")
     async def separate(release_id: str, track_id: str, request: Request):
@@ -346,35 +402,53 @@ def create_app(settings: Settings, model_cache: ModelCache | None = None, storag
         except JobError as error:
             return error_response(error, **ids)
         if not gate.admit():
-            return error_response(JobError(
-                "busy", f"a separation is running and {settings.http_queue} more request(s) wait "
-                        "(HTTP_QUEUE): retry after the number of seconds in Retry-After",
-                retryable=True), gate.retry_after(), **ids)
+            return error_response(
+                JobError(
+                    "busy",
+                    f"a separation is running and {settings.http_queue} more request(s) wait "
+                    "(HTTP_QUEUE): retry after the number of seconds in Retry-After",
+                    retryable=True,
+                ),
+                gate.retry_after(),
+                **ids,
+            )
         labels = {"labels": {"releaseId": release_id, "trackId": track_id}}
         folder = Path(tempfile.mkdtemp(prefix="stem-upload-"))
         slot = gate.disk_slot()
         try:
-            await slot.acquire()       # room on disk for one more upload, or wait for it
+            await slot.acquire()  # room on disk for one more upload, or wait for it
             upload = await receive_upload(request, folder, settings.max_input_bytes)
-            job_request = messages.make_request(release_id, track_id, str(upload.path),
-                                                mime_type=upload.mime, outputs=outputs)
-            original = Original(str(upload.path), upload.size,
-                                {"upload": "http", "size": upload.size,
-                                 "sha256": upload.digest.hexdigest()}, upload.path)
+            job_request = messages.make_request(
+                release_id, track_id, str(upload.path), mime_type=upload.mime, outputs=outputs
+            )
+            original = Original(
+                str(upload.path),
+                upload.size,
+                {"upload": "http", "size": upload.size, "sha256": upload.digest.hexdigest()},
+                upload.path,
+            )
             async with gate.lock:
                 if stopping.is_set():
                     raise Interrupted("the server is shutting down: send the file again later")
                 if await request.is_disconnected():
-                    log.info("client left %s/%s while queued: not separating", release_id,
-                             track_id, extra=labels)
+                    log.info(
+                        "client left %s/%s while queued: not separating",
+                        release_id,
+                        track_id,
+                        extra=labels,
+                    )
                     return error_response(GONE, **ids)
                 job = Job(settings, UploadedOriginal(storage, original), model_cache, stopping)
                 result = await asyncio.to_thread(process, job_request, job, True)
                 if result["status"] == "completed" and not result.get("reused"):
                     gate.last_seconds = result["timings"].get("total")
         except ClientDisconnect:
-            log.info("client disconnected during the upload for %s/%s: nothing written",
-                     release_id, track_id, extra=labels)
+            log.info(
+                "client disconnected during the upload for %s/%s: nothing written",
+                release_id,
+                track_id,
+                extra=labels,
+            )
             return error_response(GONE, **ids)
         except JobError as error:
             return error_response(error, gate.retry_after(), **ids)
@@ -396,20 +470,30 @@ def check_request_headers(request: Request, limit: int) -> None:
     if not content_type and declared in (None, "0") and "transfer-encoding" not in request.headers:
         raise JobError("no_file", f"the request has no body: {HOW_TO_SEND}")
     if parse_options_header(content_type)[0] != b"multipart/form-data":
-        raise JobError("unsupported_media_type",
-                       f"the request is {content_type[:100] or 'without a Content-Type'}, "
-                       f"not multipart/form-data: {HOW_TO_SEND}")
+        raise JobError(
+            "unsupported_media_type",
+            f"the request is {content_type[:100] or 'without a Content-Type'}, "
+            f"not multipart/form-data: {HOW_TO_SEND}",
+        )
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
-        raise JobError("input_too_large", f"the request declares {declared} bytes, over the limit "
-                                          f"of {limit} bytes for the file (MAX_INPUT_BYTES): "
-                                          "send a smaller file")
+        raise JobError(
+            "input_too_large",
+            f"the request declares {declared} bytes, over the limit "
+            f"of {limit} bytes for the file (MAX_INPUT_BYTES): "
+            "send a smaller file",
+        )
 
 
 def auth_error(code: str, message: str) -> dict:
     """A refused request's JSON, in the shape of every other error here."""
-    return {"status": "failed", "error": {
-        "code": code, "message": f"{message}: send Authorization: Bearer <HTTP_TOKEN>",
-        "retryable": False}}
+    return {
+        "status": "failed",
+        "error": {
+            "code": code,
+            "message": f"{message}: send Authorization: Bearer <HTTP_TOKEN>",
+            "retryable": False,
+        },
+    }
 
 
 def is_loopback(host: str) -> bool:
@@ -424,8 +508,11 @@ def is_loopback(host: str) -> bool:
 
 def messages_error(result: dict) -> JobError:
     error = result.get("error") or {}
-    return JobError(error.get("code", "internal_error"), error.get("message", "separation failed"),
-                    error.get("retryable", True))
+    return JobError(
+        error.get("code", "internal_error"),
+        error.get("message", "separation failed"),
+        error.get("retryable", True),
+    )
 
 
 class Server(uvicorn.Server):
@@ -445,13 +532,22 @@ def serve(settings: Settings) -> None:
     model_cache = ModelCache(settings)
     model_cache.engine()
     if not settings.http_token and not is_loopback(settings.http_host):
-        log.warning("UNAUTHENTICATED: serving on %s:%d without HTTP_TOKEN, so anyone who can "
-                    "reach this port can start separations and overwrite any release's stems; "
-                    "set HTTP_TOKEN, or HTTP_HOST=127.0.0.1 behind a proxy that authenticates",
-                    settings.http_host, settings.http_port)
-    server = Server(uvicorn.Config(create_app(settings, model_cache), host=settings.http_host,
-                                   port=settings.http_port, log_config=None,
-                                   timeout_graceful_shutdown=GRACE_S))
+        log.warning(
+            "UNAUTHENTICATED: serving on %s:%d without HTTP_TOKEN, so anyone who can "
+            "reach this port can start separations and overwrite any release's stems; "
+            "set HTTP_TOKEN, or HTTP_HOST=127.0.0.1 behind a proxy that authenticates",
+            settings.http_host,
+            settings.http_port,
+        )
+    server = Server(
+        uvicorn.Config(
+            create_app(settings, model_cache),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            timeout_graceful_shutdown=GRACE_S,
+        )
+    )
     server.run()
     if not server.started:
         sys.exit(EXIT_RETRY)

@@ -29,28 +29,42 @@ class Taken:
     """A located original and, unless its stems are already complete, its decoded audio."""
 
     original: Original
-    manifest: dict | None                      # the manifest found when locating
+    manifest: dict | None  # the manifest found when locating
     decoded: audio.DecodedAudio | None = None  # None: the set is complete, nothing to separate
-    scratch: Path | None = None                # the track's temp folder
+    scratch: Path | None = None  # the track's temp folder
 
 
 class Intake:
     """Locate, skip check, download and decode one track; its scratch folder lives until
     `close()`."""
 
-    def __init__(self, request: JobRequest, storage: Storage, settings, cancel: Cancel,
-                 model_cache=None, trusted: bool = False, ahead: bool = False,
-                 attempt: int | None = None):
+    def __init__(
+        self,
+        request: JobRequest,
+        storage: Storage,
+        settings,
+        cancel: Cancel,
+        model_cache=None,
+        trusted: bool = False,
+        ahead: bool = False,
+        attempt: int | None = None,
+    ):
         self.request, self.storage, self.settings = request, storage, settings
-        self.attempt = attempt        # earlier tries of this track (job.audio.child.kill_is_final)
-        self.cancel, self.model_cache, self.trusted, self.ahead = cancel, model_cache, trusted, ahead
+        self.attempt = attempt  # earlier tries of this track (job.audio.child.kill_is_final)
+        self.cancel, self.model_cache, self.trusted, self.ahead = (
+            cancel,
+            model_cache,
+            trusted,
+            ahead,
+        )
         self.timings: dict = {}
         self._scratch = contextlib.ExitStack()
         self._outcome = None
         self._thread = None
         if ahead:
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name=f"fetch-{request.job_id}")
+            self._thread = threading.Thread(
+                target=self._run, daemon=True, name=f"fetch-{request.job_id}"
+            )
             self._thread.start()
         else:
             self._run()
@@ -58,7 +72,7 @@ class Intake:
     def _run(self):
         try:
             self._outcome = (self._fetch(), None)
-        except BaseException as exc:   # re-raised by wait() in the caller's thread
+        except BaseException as exc:  # re-raised by wait() in the caller's thread
             self._outcome = (None, exc)
 
     def _fetch(self) -> Taken:
@@ -66,21 +80,31 @@ class Intake:
         with stage(self.timings, "locate"):
             original = storage.describe_original(request.original_uri, trusted=self.trusted)
             found = storage.read_manifest(request.release_id, request.track_id)
-        if manifest.matches(found, original.identity, self.settings,
-                            outputs_of(request, self.settings)):
+        if manifest.matches(
+            found, original.identity, self.settings, outputs_of(request, self.settings)
+        ):
             return Taken(original, found)
         if self.model_cache is not None:
-            self.model_cache.warm()         # the model loads while the original downloads
+            self.model_cache.warm()  # the model loads while the original downloads
         scratch = self._scratch.enter_context(storage.scratch())
         with stage(self.timings, "download"):
             local = storage.fetch_original(original, scratch)
         with stage(self.timings, "decode"):
-            decoded = decoder.decode_aside(local, scratch / "mix.f32",
-                                           self.settings.max_duration_s, cancel=self.cancel,
-                                           limits=decoder.Limits.of(self.settings),
-                                           attempt=self.attempt)
-        log.info("job %s: %s decoded (%.1f s of audio)%s", request.job_id, request.original_uri,
-                 decoded.duration_s, ", ahead of its turn" if self.ahead else "")
+            decoded = decoder.decode_aside(
+                local,
+                scratch / "mix.f32",
+                self.settings.max_duration_s,
+                cancel=self.cancel,
+                limits=decoder.Limits.of(self.settings),
+                attempt=self.attempt,
+            )
+        log.info(
+            "job %s: %s decoded (%.1f s of audio)%s",
+            request.job_id,
+            request.original_uri,
+            decoded.duration_s,
+            ", ahead of its turn" if self.ahead else "",
+        )
         return Taken(original, found, decoded, scratch)
 
     def wait(self) -> Taken:
@@ -99,7 +123,8 @@ class Intake:
         if self._thread is not None:
             self._thread.join(CANCELLED_FETCH_WAIT_S if self.cancel.is_set() else None)
             if self._thread.is_alive():
-                log.warning("job %s: fetch still running at shutdown, left behind",
-                            self.request.job_id)
+                log.warning(
+                    "job %s: fetch still running at shutdown, left behind", self.request.job_id
+                )
                 return
         self._scratch.close()

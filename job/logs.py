@@ -23,10 +23,17 @@ def choose_format(wanted: str = "auto", stream=sys.stderr) -> str:
 
 def platform_labels() -> dict:
     """Which execution/pod produced a line (Cloud Run job execution and task, k8s pod)."""
-    return {key: os.environ[var] for key, var in (
-        ("execution", "CLOUD_RUN_EXECUTION"), ("task", "CLOUD_RUN_TASK_INDEX"),
-        ("attempt", "CLOUD_RUN_TASK_ATTEMPT"), ("pod", "POD_NAME"), ("host", "HOSTNAME"))
-        if os.environ.get(var)}
+    return {
+        key: os.environ[var]
+        for key, var in (
+            ("execution", "CLOUD_RUN_EXECUTION"),
+            ("task", "CLOUD_RUN_TASK_INDEX"),
+            ("attempt", "CLOUD_RUN_TASK_ATTEMPT"),
+            ("pod", "POD_NAME"),
+            ("host", "HOSTNAME"),
+        )
+        if os.environ.get(var)
+    }
 
 
 def setup_logging(wanted: str = "auto", level: int = logging.INFO) -> str:
@@ -36,11 +43,15 @@ def setup_logging(wanted: str = "auto", level: int = logging.INFO) -> str:
         # imported here: a terminal run should not pay for google.cloud.logging's import
         import google.cloud.logging_v2
         from google.cloud.logging_v2.handlers import StructuredLogHandler
+
         # the library's one-off "instrumentation" line says nothing about the job (and would
         # print twice, through its own logger and the root handler)
         google.cloud.logging_v2._instrumentation_emitted = True
-        handler = StructuredLogHandler(stream=sys.stderr, labels=platform_labels(),
-                                       project_id=os.environ.get("GCP_PROJECT_ID") or None)
+        handler = StructuredLogHandler(
+            stream=sys.stderr,
+            labels=platform_labels(),
+            project_id=os.environ.get("GCP_PROJECT_ID") or None,
+        )
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -17,14 +17,18 @@ LIBRARY = "tcmalloc_minimal"
 
 def use_tcmalloc() -> None:
     preload = os.environ.get("LD_PRELOAD", "")
-    if os.environ.get("STEM_JOB_MALLOC", "tcmalloc") == "system" or "tcmalloc" in preload \
-            or os.environ.get("_STEM_JOB_REEXEC"):
+    if (
+        os.environ.get("STEM_JOB_MALLOC", "tcmalloc") == "system"
+        or "tcmalloc" in preload
+        or os.environ.get("_STEM_JOB_REEXEC")
+    ):
         return
-    library = ctypes.util.find_library(LIBRARY)      # e.g. libtcmalloc_minimal.so.4 (ldconfig)
+    library = ctypes.util.find_library(LIBRARY)  # e.g. libtcmalloc_minimal.so.4 (ldconfig)
     if not library:
         return
-    env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [library, preload])),
-               _STEM_JOB_REEXEC="1")
+    env = dict(
+        os.environ, LD_PRELOAD=" ".join(filter(None, [library, preload])), _STEM_JOB_REEXEC="1"
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

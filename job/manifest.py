@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from job import messages
 
-if TYPE_CHECKING:   # a type only: the manifest is below the steps that decode
+if TYPE_CHECKING:  # a type only: the manifest is below the steps that decode
     from job.audio import decode as audio
 
 VERSION = 1
@@ -29,9 +29,15 @@ def key(found: dict) -> tuple:
     """What decides whether two sets are interchangeable: the input, the model, the format and
     the bitrate (settings that change the bytes), which outputs were asked for, and which the
     set holds (a manifest from before outputs could be chosen holds the six stems)."""
-    return (found.get("version"), found.get("input"), found.get("model"), found.get("format"),
-            found.get("bitrate"), tuple(found.get("outputs", messages.STEMS)),
-            frozenset(found.get("stems") or {}))
+    return (
+        found.get("version"),
+        found.get("input"),
+        found.get("model"),
+        found.get("format"),
+        found.get("bitrate"),
+        tuple(found.get("outputs", messages.STEMS)),
+        frozenset(found.get("stems") or {}),
+    )
 
 
 def bitrate(settings) -> str | None:
@@ -42,8 +48,14 @@ def matches(manifest: dict | None, identity: dict, settings, outputs) -> bool:
     """Whether `manifest` is a complete set of `outputs` for this exact input and these
     settings."""
     return bool(manifest) and key(manifest) == (
-        VERSION, identity, settings.model_name, settings.output_format, bitrate(settings),
-        tuple(outputs), frozenset(outputs))
+        VERSION,
+        identity,
+        settings.model_name,
+        settings.output_format,
+        bitrate(settings),
+        tuple(outputs),
+        frozenset(outputs),
+    )
 
 
 def same_request(found: dict | None, built: dict) -> bool:
@@ -59,8 +71,10 @@ def urls(manifest: dict) -> dict:
 def summary(manifest: dict) -> dict:
     """{output: {url, peaks, loudnessLufs, truePeakDbtp, silent}}: the result's `outputs` field
     (None where the set was made without them)."""
-    return {name: {"url": entry["url"], **{key: entry.get(key) for key in ANALYSIS}}
-            for name, entry in manifest["stems"].items()}
+    return {
+        name: {"url": entry["url"], **{key: entry.get(key) for key in ANALYSIS}}
+        for name, entry in manifest["stems"].items()
+    }
 
 
 ANALYSIS = ("peaks", "loudnessLufs", "truePeakDbtp", "silent")
@@ -76,43 +90,71 @@ def is_silent(loudness: float | None, mix: float | None, below_lu: float) -> boo
 
 def source(request: messages.JobRequest, decoded: audio.DecodedAudio) -> dict:
     """What the original turned out to be (the content decides, not its name or mimeType)."""
-    return {"container": decoded.container, "codec": decoded.codec,
-            "sampleRate": decoded.source_rate, "channels": decoded.source_channels,
-            "streamIndex": decoded.stream_index, "audioStreams": decoded.audio_streams,
-            "nonFiniteSamples": decoded.non_finite, "declaredMimeType": request.mime_type}
+    return {
+        "container": decoded.container,
+        "codec": decoded.codec,
+        "sampleRate": decoded.source_rate,
+        "channels": decoded.source_channels,
+        "streamIndex": decoded.stream_index,
+        "audioStreams": decoded.audio_streams,
+        "nonFiniteSamples": decoded.non_finite,
+        "declaredMimeType": request.mime_type,
+    }
 
 
 def entry(path, url: str, figures: dict, peaks_url, mix: dict | None, settings) -> dict:
     """One output's manifest entry: where it is, what it holds, and how loud it is."""
-    found = {"url": url, "file": path.name, "bytes": path.stat().st_size,
-             "sha256": sha256_of(path), **figures}
+    found = {
+        "url": url,
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_of(path),
+        **figures,
+    }
     if peaks_url is not None:
         found["peaks"] = peaks_url
-        found["silent"] = is_silent(figures.get("loudnessLufs"), (mix or {}).get("loudnessLufs"),
-                                    settings.silent_below_lu)
+        found["silent"] = is_silent(
+            figures.get("loudnessLufs"), (mix or {}).get("loudnessLufs"), settings.silent_below_lu
+        )
     return found
 
 
-def build(request: messages.JobRequest, settings, identity: dict, decoded: audio.DecodedAudio,
-          outputs, files: dict, urls: dict, stats: dict, mix: dict | None,
-          engine: dict | None = None) -> dict:
+def build(
+    request: messages.JobRequest,
+    settings,
+    identity: dict,
+    decoded: audio.DecodedAudio,
+    outputs,
+    files: dict,
+    urls: dict,
+    stats: dict,
+    mix: dict | None,
+    engine: dict | None = None,
+) -> dict:
     """The manifest of a set just written: `files` {output or "OUTPUT.peaks": local file},
     `urls` the same keys to urls, `stats` {output: encoder figures}, `mix` the input's
     loudness figures (None without analysis), `engine` how the model ran (device, precision,
     the reduced-precision probe's agreement with fp32, windows redone in fp32)."""
     built = {
-        "version": VERSION, "jobId": request.job_id,
-        "releaseId": request.release_id, "trackId": request.track_id,
-        "artistId": request.artist_id, "model": settings.model_name,
+        "version": VERSION,
+        "jobId": request.job_id,
+        "releaseId": request.release_id,
+        "trackId": request.track_id,
+        "artistId": request.artist_id,
+        "model": settings.model_name,
         "format": settings.output_format,
         "bitrate": bitrate(settings),
-        "input": identity, "source": source(request, decoded),
+        "input": identity,
+        "source": source(request, decoded),
         "durationS": round(decoded.duration_s, 3),
-        "createdAt": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "createdAt": datetime.datetime.now(datetime.UTC).isoformat(),
         "outputs": list(outputs),
-        "stems": {name: entry(files[name], urls[name], stats[name], urls.get(f"{name}.peaks"),
-                              mix, settings)
-                  for name in outputs},
+        "stems": {
+            name: entry(
+                files[name], urls[name], stats[name], urls.get(f"{name}.peaks"), mix, settings
+            )
+            for name in outputs
+        },
     }
     if engine is not None:
         built["engine"] = engine

@@ -22,10 +22,17 @@ MAX_MESSAGE_BYTES = 64 * 1024
 # Types an original may be declared as, beyond any audio/* or video/* (a music video's
 # audio is separated too). The content decides what it is; a declared type is refused only
 # when it names something that is not media at all (a document, an image, text).
-AUDIO_MIME_TYPES = frozenset({
-    "application/ogg", "application/mp4", "application/x-matroska", "application/vnd.rn-realmedia",
-    "application/octet-stream", "binary/octet-stream", "application/x-binary",
-})
+AUDIO_MIME_TYPES = frozenset(
+    {
+        "application/ogg",
+        "application/mp4",
+        "application/x-matroska",
+        "application/vnd.rn-realmedia",
+        "application/octet-stream",
+        "binary/octet-stream",
+        "application/x-binary",
+    }
+)
 MEDIA_TYPE_PREFIXES = ("audio/", "video/")
 
 
@@ -39,26 +46,34 @@ class JobRequest:
     original_uri: str
     artist_id: str | None = None
     mime_type: str | None = None
-    outputs: tuple | None = None      # None: the OUTPUTS setting decides
+    outputs: tuple | None = None  # None: the OUTPUTS setting decides
 
 
 def check_outputs(value, name: str = "outputs") -> tuple:
     """A list of output names to a tuple in OUTPUTS order; JobError `invalid_outputs` naming
     what is wrong, since the names come from the outside."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise JobError("invalid_outputs", f"{name} must be a non-empty list of output names "
-                                          f"({', '.join(OUTPUTS)})")
+        raise JobError(
+            "invalid_outputs",
+            f"{name} must be a non-empty list of output names ({', '.join(OUTPUTS)})",
+        )
     names = []
     for item in value:
         if not isinstance(item, str):
-            raise JobError("invalid_outputs", f"{name} holds {type(item).__name__} {item!r:.40}: "
-                                              f"use output names ({', '.join(OUTPUTS)})")
+            raise JobError(
+                "invalid_outputs",
+                f"{name} holds {type(item).__name__} {item!r:.40}: "
+                f"use output names ({', '.join(OUTPUTS)})",
+            )
         names.append(item.strip().lower())
     unknown = [item for item in names if item not in OUTPUTS]
     if unknown:
-        raise JobError("invalid_outputs", f"{name} names unknown output(s) "
-                                          f"{', '.join(repr(u[:40]) for u in unknown[:5])}: "
-                                          f"use any of {', '.join(OUTPUTS)}")
+        raise JobError(
+            "invalid_outputs",
+            f"{name} names unknown output(s) "
+            f"{', '.join(repr(u[:40]) for u in unknown[:5])}: "
+            f"use any of {', '.join(OUTPUTS)}",
+        )
     return tuple(output for output in OUTPUTS if output in names)
 
 
@@ -87,14 +102,17 @@ def check_mime_type(mime_type) -> str | None:
         raise JobError("invalid_message", "mimeType must be a string")
     base = mime_type.split(";", 1)[0].strip().lower()
     if base not in AUDIO_MIME_TYPES and not base.startswith(MEDIA_TYPE_PREFIXES):
-        raise JobError("unsupported_media_type",
-                       f"mimeType {mime_type[:100]!r} names something that is not audio; "
-                       "send the audio file (any audio/* or video/* type is accepted)")
+        raise JobError(
+            "unsupported_media_type",
+            f"mimeType {mime_type[:100]!r} names something that is not audio; "
+            "send the audio file (any audio/* or video/* type is accepted)",
+        )
     return base
 
 
-def make_request(release_id, track_id, original_uri, job_id=None, artist_id=None,
-                 mime_type=None, outputs=None) -> JobRequest:
+def make_request(
+    release_id, track_id, original_uri, job_id=None, artist_id=None, mime_type=None, outputs=None
+) -> JobRequest:
     """Validate the fields of one request, whatever they came from (message, flags, env)."""
     release_id = check_id("releaseId", release_id)
     track_id = check_id("trackId", track_id)
@@ -109,18 +127,29 @@ def make_request(release_id, track_id, original_uri, job_id=None, artist_id=None
         raise JobError("invalid_message", "originalStemUri must be a non-empty string")
     if len(original_uri) > 2048 or "\x00" in original_uri:
         raise JobError("invalid_uri", "originalStemUri is too long or contains a NUL byte")
-    return JobRequest(job_id, release_id, track_id, original_uri.strip(), artist_id,
-                      check_mime_type(mime_type),
-                      None if outputs is None else check_outputs(outputs))
+    return JobRequest(
+        job_id,
+        release_id,
+        track_id,
+        original_uri.strip(),
+        artist_id,
+        check_mime_type(mime_type),
+        None if outputs is None else check_outputs(outputs),
+    )
 
 
 def to_message(request: JobRequest) -> dict:
     """The stem-separate JSON object for `request`, the inverse of parse_message; optional
     fields the request lacks are left out rather than sent as null."""
-    message = {"jobId": request.job_id, "releaseId": request.release_id,
-               "artistId": request.artist_id, "trackId": request.track_id,
-               "originalStemUri": request.original_uri, "mimeType": request.mime_type,
-               "outputs": None if request.outputs is None else list(request.outputs)}
+    message = {
+        "jobId": request.job_id,
+        "releaseId": request.release_id,
+        "artistId": request.artist_id,
+        "trackId": request.track_id,
+        "originalStemUri": request.original_uri,
+        "mimeType": request.mime_type,
+        "outputs": None if request.outputs is None else list(request.outputs),
+    }
     return {key: value for key, value in message.items() if value is not None}
 
 
@@ -137,11 +166,13 @@ def decode_payload(data: bytes | str) -> dict:
         try:
             text = base64.b64decode(text, validate=True).strip()
         except (binascii.Error, ValueError):
-            raise JobError("invalid_message", "message is neither JSON nor base64-encoded JSON")
+            raise JobError(
+                "invalid_message", "message is neither JSON nor base64-encoded JSON"
+            ) from None
     try:
         payload = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobError("invalid_message", f"message is not valid JSON: {exc}")
+        raise JobError("invalid_message", f"message is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise JobError("invalid_message", "message must be a JSON object")
     return payload
@@ -153,9 +184,15 @@ def parse_message(data: bytes | str) -> JobRequest:
     missing = [k for k in ("releaseId", "trackId", "originalStemUri") if k not in payload]
     if missing:
         raise JobError("invalid_message", f"message lacks required field(s): {', '.join(missing)}")
-    return make_request(payload["releaseId"], payload["trackId"], payload["originalStemUri"],
-                        payload.get("jobId"), payload.get("artistId"), payload.get("mimeType"),
-                        payload.get("outputs"))
+    return make_request(
+        payload["releaseId"],
+        payload["trackId"],
+        payload["originalStemUri"],
+        payload.get("jobId"),
+        payload.get("artistId"),
+        payload.get("mimeType"),
+        payload.get("outputs"),
+    )
 
 
 def salvage_ids(data) -> dict:
@@ -164,23 +201,43 @@ def salvage_ids(data) -> dict:
         payload = decode_payload(data) if not isinstance(data, dict) else data
     except JobError:
         return {}
-    return {key: payload[key] for key in ("jobId", "releaseId", "trackId", "artistId")
-            if isinstance(payload.get(key), str) and ID_PATTERN.match(payload[key])}
+    return {
+        key: payload[key]
+        for key in ("jobId", "releaseId", "trackId", "artistId")
+        if isinstance(payload.get(key), str) and ID_PATTERN.match(payload[key])
+    }
 
 
 def completed_result(request: JobRequest, stems: dict, **extra) -> dict:
-    return {"jobId": request.job_id, "releaseId": request.release_id,
-            "trackId": request.track_id, "artistId": request.artist_id,
-            "status": "completed", "stems": stems, **extra}
+    return {
+        "jobId": request.job_id,
+        "releaseId": request.release_id,
+        "trackId": request.track_id,
+        "artistId": request.artist_id,
+        "status": "completed",
+        "stems": stems,
+        **extra,
+    }
 
 
 def failed_result(ids: dict, error: JobError, **extra) -> dict:
     """`ids` holds jobId/releaseId/trackId/artistId as far as they are known."""
-    return {"jobId": ids.get("jobId"), "releaseId": ids.get("releaseId"),
-            "trackId": ids.get("trackId"), "artistId": ids.get("artistId"),
-            "status": "failed", "stems": {}, "error": error.as_dict(), **extra}
+    return {
+        "jobId": ids.get("jobId"),
+        "releaseId": ids.get("releaseId"),
+        "trackId": ids.get("trackId"),
+        "artistId": ids.get("artistId"),
+        "status": "failed",
+        "stems": {},
+        "error": error.as_dict(),
+        **extra,
+    }
 
 
 def request_ids(request: JobRequest) -> dict:
-    return {"jobId": request.job_id, "releaseId": request.release_id,
-            "trackId": request.track_id, "artistId": request.artist_id}
+    return {
+        "jobId": request.job_id,
+        "releaseId": request.release_id,
+        "trackId": request.track_id,
+        "artistId": request.artist_id,
+    }

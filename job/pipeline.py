@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 
 from job import manifest, messages
 from job.audio import decode as audio
-from job.config import Settings
 from job.audio.encode import MixMeter, open_encoders
+from job.config import Settings
 from job.errors import Cancel, ConfigError, Interrupted, JobError
 from job.intake import Intake
 from job.progress import Progress, stage
 from job.storage.base import Storage
 
-if TYPE_CHECKING:      # torch comes with these: the model's background load imports it
+if TYPE_CHECKING:  # torch comes with these: the model's background load imports it
     from job.separation.engine import Engine
     from job.separation.model import ModelCache
 
@@ -39,19 +39,28 @@ class Job:
     storage: Storage
     model_cache: "ModelCache"
     cancel: Cancel = field(default_factory=Cancel)
-    on_progress: object = None        # callable(fraction) for progress events
-    attempt: int | None = None        # earlier tries of this message (0: first); None: unknown
-    last_attempt: bool = False        # Cloud Run's last attempt: no retry follows a failure
+    on_progress: object = None  # callable(fraction) for progress events
+    attempt: int | None = None  # earlier tries of this message (0: first); None: unknown
+    last_attempt: bool = False  # Cloud Run's last attempt: no retry follows a failure
 
-    def fetch(self, request: messages.JobRequest, trusted: bool = False,
-              ahead: bool = False) -> Intake:
-        return Intake(request, self.storage, self.settings, self.cancel,
-                          model_cache=self.model_cache, trusted=trusted, ahead=ahead,
-                          attempt=self.attempt)
+    def fetch(
+        self, request: messages.JobRequest, trusted: bool = False, ahead: bool = False
+    ) -> Intake:
+        return Intake(
+            request,
+            self.storage,
+            self.settings,
+            self.cancel,
+            model_cache=self.model_cache,
+            trusted=trusted,
+            ahead=ahead,
+            attempt=self.attempt,
+        )
 
 
-def process(request: messages.JobRequest, job: Job, trusted: bool = False,
-            fetch: Intake | None = None) -> dict:
+def process(
+    request: messages.JobRequest, job: Job, trusted: bool = False, fetch: Intake | None = None
+) -> dict:
     """Separate one track; the stem-results dict, completed or failed.
 
     `fetch` is a Intake started earlier (drain fetches the next track while this one
@@ -61,8 +70,9 @@ def process(request: messages.JobRequest, job: Job, trusted: bool = False,
     return start(request, job, trusted, fetch).result()
 
 
-def start(request: messages.JobRequest, job: Job, trusted: bool = False,
-          fetch: Intake | None = None) -> "Finishing":
+def start(
+    request: messages.JobRequest, job: Job, trusted: bool = False, fetch: Intake | None = None
+) -> "Finishing":
     """Fetch and separate one track, and return what is left to do (the encoders' tail, the
     upload, the manifest) as a Finishing: the model is free once this returns, so a drain
     separates its next track while this one finishes in another thread."""
@@ -78,7 +88,7 @@ class Finishing:
         self.request, self.job, self.fetch = request, job, fetch
         self.timings = fetch.timings
         self.started = time.monotonic()
-        self.rest = None           # the remaining step; None once there is none
+        self.rest = None  # the remaining step; None once there is none
         self.outcome = None
 
     def step(self, work) -> None:
@@ -92,24 +102,34 @@ class Finishing:
             else:
                 self.outcome = done
         except JobError as error:
-            log.warning("job %s failed: %s (%s)", self.request.job_id, error.message, error.code,
-                        extra={"labels": labels(self.request)})
+            log.warning(
+                "job %s failed: %s (%s)",
+                self.request.job_id,
+                error.message,
+                error.code,
+                extra={"labels": labels(self.request)},
+            )
             self._failed(error)
         except ConfigError:
             raise
         except Exception as exc:  # a fault we did not foresee: report it, a retry may help
-            log.exception("job %s failed unexpectedly", self.request.job_id,
-                          extra={"labels": labels(self.request)})
-            self._failed(JobError("internal_error", f"{type(exc).__name__}: {exc}",
-                                  retryable=True))
+            log.exception(
+                "job %s failed unexpectedly",
+                self.request.job_id,
+                extra={"labels": labels(self.request)},
+            )
+            self._failed(JobError("internal_error", f"{type(exc).__name__}: {exc}", retryable=True))
         finally:
-            if self.rest is None:      # the result is known, or nothing more will run
+            if self.rest is None:  # the result is known, or nothing more will run
                 self.close()
 
     def _failed(self, error: JobError) -> None:
-        self.outcome = messages.failed_result(messages.request_ids(self.request), error,
-                                              model=self.job.settings.model_name,
-                                              timings=self.timings)
+        self.outcome = messages.failed_result(
+            messages.request_ids(self.request),
+            error,
+            model=self.job.settings.model_name,
+            timings=self.timings,
+        )
 
     def close(self) -> None:
         if self.fetch is None:
@@ -128,15 +148,17 @@ class Finishing:
 
 
 def labels(request: messages.JobRequest) -> dict:
-    return {"jobId": request.job_id, "releaseId": request.release_id,
-            "trackId": request.track_id}
+    return {"jobId": request.job_id, "releaseId": request.release_id, "trackId": request.track_id}
 
 
 def peak_memory_mb(model_cache: "ModelCache") -> dict:
     peak = {"peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if model_cache.loaded and model_cache.device.type == "cuda":     # never imports torch by itself
+    if model_cache.loaded and model_cache.device.type == "cuda":  # never imports torch by itself
         import torch
-        peak["peakGpuMemoryMb"] = round(torch.cuda.max_memory_allocated(model_cache.device) / 2**20, 1)
+
+        peak["peakGpuMemoryMb"] = round(
+            torch.cuda.max_memory_allocated(model_cache.device) / 2**20, 1
+        )
     return peak
 
 
@@ -144,17 +166,32 @@ def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
     """One line per job with the figures of the result: log-based metrics chart these."""
     timings = result.get("timings", {})
     error = result.get("error") or {}
-    fields = {"event": "job_summary", "outcome": result["status"], "jobId": request.job_id,
-              "model": job.settings.model_name, "device": str(job.model_cache.device) if job.model_cache.loaded else None,
-              "durationS": result.get("durationS"), "rtf": result.get("rtf"),
-              "reused": result.get("reused", False), "timings": timings,
-              "errorCode": error.get("code"), "retryable": error.get("retryable"),
-              "fetchedAhead": fetch.ahead,
-              **peak_memory_mb(job.model_cache)}
+    fields = {
+        "event": "job_summary",
+        "outcome": result["status"],
+        "jobId": request.job_id,
+        "model": job.settings.model_name,
+        "device": str(job.model_cache.device) if job.model_cache.loaded else None,
+        "durationS": result.get("durationS"),
+        "rtf": result.get("rtf"),
+        "reused": result.get("reused", False),
+        "timings": timings,
+        "errorCode": error.get("code"),
+        "retryable": error.get("retryable"),
+        "fetchedAhead": fetch.ahead,
+        **peak_memory_mb(job.model_cache),
+    }
     stages = " ".join(f"{k}={v}s" for k, v in timings.items())
-    log.info("job %s %s%s: %s, audio %s s, rtf %s", request.job_id, result["status"],
-             f" ({error.get('code')})" if error else "", stages, fields["durationS"],
-             fields["rtf"], extra={"labels": labels(request), "json_fields": fields})
+    log.info(
+        "job %s %s%s: %s, audio %s s, rtf %s",
+        request.job_id,
+        result["status"],
+        f" ({error.get('code')})" if error else "",
+        stages,
+        fields["durationS"],
+        fields["rtf"],
+        extra={"labels": labels(request), "json_fields": fields},
+    )
 
 
 def _process(request, job: Job, fetch: Intake, timings: dict) -> dict:
@@ -167,8 +204,9 @@ def _process(request, job: Job, fetch: Intake, timings: dict) -> dict:
         with stage(timings, "locate"):
             found = storage.read_manifest(request.release_id, request.track_id)
     if manifest.matches(found, fetched.original.identity, s, outputs):
-        log.info("job %s: outputs already complete for this input, not separating again",
-                 request.job_id)
+        log.info(
+            "job %s: outputs already complete for this input, not separating again", request.job_id
+        )
         return reused(request, found, s, timings)
 
     decoded, scratch = fetched.decoded, fetched.scratch
@@ -189,30 +227,55 @@ def _store(request, job: Job, fetched, separator, encoded, timings, outputs) -> 
     with stage(timings, "upload"):
         with storage.commit(request.release_id, request.track_id) as commit:
             urls = commit.write_stems(files)
-            built = manifest.build(request, s, fetched.original.identity, decoded, outputs,
-                                   files, urls, stats, mix, engine)
+            built = manifest.build(
+                request,
+                s,
+                fetched.original.identity,
+                decoded,
+                outputs,
+                files,
+                urls,
+                stats,
+                mix,
+                engine,
+            )
             standing = commit.write_manifest(built)
     if standing is not built:
         return reused(request, standing, s, timings)
     duration = decoded.duration_s
     return messages.completed_result(
-        request, manifest.urls(built), outputs=manifest.summary(built), model=s.model_name,
-        durationS=round(duration, 3), reused=False, device=str(separator.device), timings=timings,
-        rtf=round(duration / max(timings.get("separate", 0) + timings.get("decode", 0), 1e-6), 2))
+        request,
+        manifest.urls(built),
+        outputs=manifest.summary(built),
+        model=s.model_name,
+        durationS=round(duration, 3),
+        reused=False,
+        device=str(separator.device),
+        timings=timings,
+        rtf=round(duration / max(timings.get("separate", 0) + timings.get("decode", 0), 1e-6), 2),
+    )
 
 
 def reused(request, found: dict, s: Settings, timings) -> dict:
     """The completed result of a set already stored, which this call did not write."""
     return messages.completed_result(
-        request, manifest.urls(found), outputs=manifest.summary(found), model=s.model_name,
-        reused=True, durationS=found.get("durationS"), timings=timings)
+        request,
+        manifest.urls(found),
+        outputs=manifest.summary(found),
+        model=s.model_name,
+        reused=True,
+        durationS=found.get("durationS"),
+        timings=timings,
+    )
 
 
 def pickers(sources, outputs) -> dict:
     """{output: function(block) -> (2, n) float32}: a stem of the engine's (sources, 2, n)
     block, or the instrumental, the float sum of the non-vocal stems before any limiting."""
+
     def stem(index):
         return lambda block: block[index]
+
     parts = [sources.index(part) for part in messages.INSTRUMENTAL_PARTS]
     chosen = {name: stem(sources.index(name)) for name in outputs if name in messages.STEMS}
     if "instrumental" in outputs:
@@ -220,8 +283,9 @@ def pickers(sources, outputs) -> dict:
     return chosen
 
 
-def _separate(decoded, separator: "Engine", scratch, s: Settings, job: Job, progress, timings,
-              outputs):
+def _separate(
+    decoded, separator: "Engine", scratch, s: Settings, job: Job, progress, timings, outputs
+):
     """Run the engine, feeding each finished block to the concurrent encoders (and the input's
     own blocks to the mix's loudness meter). Returns a function that waits for the encoders'
     tail and returns the files to upload ({output: audio, "OUTPUT.peaks": peaks}), each
@@ -232,6 +296,7 @@ def _separate(decoded, separator: "Engine", scratch, s: Settings, job: Job, prog
     mix_reader = audio.RawReader(decoded) if s.output_analysis else None
     workers = dict(encoders, **({"mix": MixMeter()} if mix_reader else {}))
     try:
+
         def emit(start, block):
             for name, encoder in encoders.items():
                 encoder.put(picks[name](block))
@@ -239,32 +304,44 @@ def _separate(decoded, separator: "Engine", scratch, s: Settings, job: Job, prog
                 workers["mix"].put(mix_reader.read(start, start + block.shape[-1]))
 
         with stage(timings, "separate"):
-            figures = separator.separate(reader.read, decoded.length, decoded.mean, decoded.std,
-                                         emit, progress=progress.update, cancel=job.cancel)
+            figures = separator.separate(
+                reader.read,
+                decoded.length,
+                decoded.mean,
+                decoded.std,
+                emit,
+                progress=progress.update,
+                cancel=job.cancel,
+            )
     except BaseException:
-        _wait_for_encoders(workers, timings)        # the separation's error is the one reported
+        _wait_for_encoders(workers, timings)  # the separation's error is the one reported
         raise
     finally:
         reader.close()
         if mix_reader is not None:
             mix_reader.close()
         progress.close()
-    probe = separator.probe_db      # None: not probed; -inf (not JSON): reduced was not finite
-    engine = {"device": str(separator.device), "precision": separator.precision,
-              "probeDb": round(probe, 2) if probe is not None and math.isfinite(probe) else None,
-              **figures}               # read now: the separator moves on to the next track
+    probe = separator.probe_db  # None: not probed; -inf (not JSON): reduced was not finite
+    engine = {
+        "device": str(separator.device),
+        "precision": separator.precision,
+        "probeDb": round(probe, 2) if probe is not None and math.isfinite(probe) else None,
+        **figures,
+    }  # read now: the separator moves on to the next track
 
     def encoded():
         stats, errors = _wait_for_encoders(workers, timings)
         if errors:
-            raise JobError("encode_failed", f"encoding an output failed: {errors[0]}",
-                           retryable=True)
+            raise JobError(
+                "encode_failed", f"encoding an output failed: {errors[0]}", retryable=True
+            )
         files = {}
         for name, encoder in encoders.items():
             files[name] = encoder.path
             if encoder.peaks_path is not None:
                 files[f"{name}.peaks"] = encoder.peaks_path
         return files, stats, stats.pop("mix", None), engine
+
     return encoded
 
 

@@ -16,9 +16,18 @@ class Progress:
         self.label = label
         self.callback = callback
         self.min_interval_s = min_interval_s
-        self.bar = tqdm(total=100, desc=label, unit="%", leave=False, file=stream,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| ETA {remaining}") \
-            if stream.isatty() else None
+        self.bar = (
+            tqdm(
+                total=100,
+                desc=label,
+                unit="%",
+                leave=False,
+                file=stream,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| ETA {remaining}",
+            )
+            if stream.isatty()
+            else None
+        )
         self.logged = 0
         self.last_callback = 0.0
 

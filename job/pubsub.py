@@ -29,8 +29,9 @@ def resource_path(project: str, kind: str, name: str) -> str:
 class Publisher:
     """Publishes JSON messages to one topic, retrying transient faults for a bounded time."""
 
-    def __init__(self, client, topic_path: str, deadline_s: float = 60.0,
-                 attempt_timeout_s: float = 20.0):
+    def __init__(
+        self, client, topic_path: str, deadline_s: float = 60.0, attempt_timeout_s: float = 20.0
+    ):
         self.client = client
         self.topic_path = topic_path
         self.deadline_s = deadline_s
@@ -44,9 +45,11 @@ class Publisher:
         attributes = {k: str(v) for k, v in (attributes or {}).items() if v is not None}
 
         def attempt():
-            future = self.client.publish(self.topic_path, data, retry=None,
-                                         timeout=self.attempt_timeout_s, **attributes)
+            future = self.client.publish(
+                self.topic_path, data, retry=None, timeout=self.attempt_timeout_s, **attributes
+            )
             return future.result(timeout=self.attempt_timeout_s + 5)
+
         try:
             return bounded(self.deadline_s, is_transient)(attempt)
         except Exception as exc:
@@ -65,7 +68,7 @@ class Publisher:
         except Exception as exc:
             if (missing := no_credentials(exc)) is not None:
                 raise missing from exc
-            log.info("results topic not checked: %s", exc)    # a fault of the moment
+            log.info("results topic not checked: %s", exc)  # a fault of the moment
 
     def publish_result(self, result: dict) -> str:
         """A stem-results message; attributes jobId and status let consumers filter."""
@@ -76,7 +79,8 @@ def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float
     """Up to `max_messages` received messages, or [] when none arrives within `timeout_s`.
 
     One pull may return fewer than are waiting; call again to top a batch up. Transient faults
-    are retried until the deadline; if no pull succeeded at all by then, JobError(pubsub_unavailable)
+    are retried until the deadline; if no pull succeeded at all by then,
+    JobError(pubsub_unavailable)
     says so rather than passing an unreachable service off as an empty queue.
     """
     deadline = time.monotonic() + timeout_s
@@ -85,9 +89,11 @@ def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float
         try:
             response = subscriber.pull(
                 request={"subscription": subscription_path, "max_messages": max_messages},
-                timeout=max(1.0, min(remaining, 30.0)), retry=None)
+                timeout=max(1.0, min(remaining, 30.0)),
+                retry=None,
+            )
         except exceptions.DeadlineExceeded:
-            failure = None      # the server held the pull open and nothing came
+            failure = None  # the server held the pull open and nothing came
             continue
         except Exception as exc:
             if is_transient(exc):
@@ -97,17 +103,20 @@ def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float
             if (missing := no_credentials(exc)) is not None:
                 raise missing from exc
             if isinstance(exc, exceptions.GoogleAPICallError):
-                raise JobError("pubsub_error", f"PUBSUB_SUBSCRIPTION: pulling from "
-                               f"{subscription_path} failed: {exc}") from exc
+                raise JobError(
+                    "pubsub_error",
+                    f"PUBSUB_SUBSCRIPTION: pulling from {subscription_path} failed: {exc}",
+                ) from exc
             raise
         failure = None
         if response.received_messages:
             return list(response.received_messages)
-        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))   # an immediate empty answer
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))  # an immediate empty answer
     if failure is not None:
-        raise JobError("pubsub_unavailable",
-                       f"pulling from {subscription_path} failed for {timeout_s:g} s: {failure}"
-                       ) from failure
+        raise JobError(
+            "pubsub_unavailable",
+            f"pulling from {subscription_path} failed for {timeout_s:g} s: {failure}",
+        ) from failure
     return []
 
 
@@ -128,14 +137,15 @@ class LeaseKeeper:
     each is acked or nacked. Use as a context manager: leaving it nacks whatever is still held,
     so an unfinished message goes straight back to the queue."""
 
-    def __init__(self, subscriber, subscription_path: str, deadline_s: int = 60,
-                 call_deadline_s: float = 5.0):
+    def __init__(
+        self, subscriber, subscription_path: str, deadline_s: int = 60, call_deadline_s: float = 5.0
+    ):
         self.subscriber = subscriber
         self.subscription_path = subscription_path
         self.deadline_s = max(10, min(600, int(deadline_s)))
         self.call_deadline_s = call_deadline_s
-        self._held = {}                  # ack_id -> received message
-        self._lock = threading.RLock()   # guards _held; re-entrant in case of a signal handler
+        self._held = {}  # ack_id -> received message
+        self._lock = threading.RLock()  # guards _held; re-entrant in case of a signal handler
         # A nack must not be overtaken by an extension of the same message sent just before it
         # (that would lease it again instead of returning it): the two take turns.
         self._deadlines = threading.RLock()
@@ -159,8 +169,11 @@ class LeaseKeeper:
 
     def ack(self, message) -> None:
         self._release([message.ack_id])
-        self._send(f"acknowledging {message.message.message_id}", self.subscriber.acknowledge,
-                   {"subscription": self.subscription_path, "ack_ids": [message.ack_id]})
+        self._send(
+            f"acknowledging {message.message.message_id}",
+            self.subscriber.acknowledge,
+            {"subscription": self.subscription_path, "ack_ids": [message.ack_id]},
+        )
 
     def nack(self, message) -> None:
         """Back to the queue at once (ack deadline 0), for another job to take."""
@@ -198,15 +211,21 @@ class LeaseKeeper:
 
     def _modify(self, ack_ids, seconds: int) -> None:
         if ack_ids:
-            self._send(f"setting the ack deadline of {len(ack_ids)} message(s) to {seconds} s",
-                       self.subscriber.modify_ack_deadline,
-                       {"subscription": self.subscription_path, "ack_ids": ack_ids,
-                        "ack_deadline_seconds": seconds})
+            self._send(
+                f"setting the ack deadline of {len(ack_ids)} message(s) to {seconds} s",
+                self.subscriber.modify_ack_deadline,
+                {
+                    "subscription": self.subscription_path,
+                    "ack_ids": ack_ids,
+                    "ack_deadline_seconds": seconds,
+                },
+            )
 
     def _send(self, what: str, method, request: dict) -> None:
         try:
             bounded(self.call_deadline_s, is_transient)(
-                method, request=request, timeout=self.call_deadline_s, retry=None)
+                method, request=request, timeout=self.call_deadline_s, retry=None
+            )
         except Exception as exc:
             # At-least-once delivery makes this safe to survive: the message comes back later.
             raise JobError("pubsub_unavailable", f"{what} failed: {exc}") from exc

@@ -17,14 +17,26 @@ from google.cloud.storage.exceptions import DataCorruption
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # gRPC status classes of the same kind (Unknown has no HTTP code; Aborted shares 409 with
 # Conflict, which is a real refusal, so classes decide here, not codes).
-TRANSIENT_API_ERRORS = (exceptions.Aborted, exceptions.DeadlineExceeded,
-                        exceptions.ResourceExhausted, exceptions.ServiceUnavailable,
-                        exceptions.InternalServerError, exceptions.Unknown)
+TRANSIENT_API_ERRORS = (
+    exceptions.Aborted,
+    exceptions.DeadlineExceeded,
+    exceptions.ResourceExhausted,
+    exceptions.ServiceUnavailable,
+    exceptions.InternalServerError,
+    exceptions.Unknown,
+)
 # The request may never have reached the service, or its answer was cut or corrupted.
-TRANSIENT_TRANSPORT_ERRORS = (requests.ConnectionError, requests.Timeout,
-                              requests.exceptions.ChunkedEncodingError,
-                              urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError,
-                              TransportError, ConnectionError, TimeoutError, DataCorruption)
+TRANSIENT_TRANSPORT_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    TransportError,
+    ConnectionError,
+    TimeoutError,
+    DataCorruption,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -36,8 +48,9 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_TRANSPORT_ERRORS)
 
 
-def bounded(deadline_s: float, transient=is_transient,
-            max_attempts: int | None = None) -> tenacity.Retrying:
+def bounded(
+    deadline_s: float, transient=is_transient, max_attempts: int | None = None
+) -> tenacity.Retrying:
     """Retry while `transient(exception)`, for at most about `deadline_s` seconds (and at most
     `max_attempts` tries when given: a caller with a quota to respect), then re-raise the
     last exception."""
@@ -46,7 +59,9 @@ def bounded(deadline_s: float, transient=is_transient,
         stop = stop | tenacity.stop_after_attempt(max_attempts)
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(transient),
-        wait=tenacity.wait_random_exponential(multiplier=0.25,
-                                              max=max(0.5, min(10.0, deadline_s / 4))),
+        wait=tenacity.wait_random_exponential(
+            multiplier=0.25, max=max(0.5, min(10.0, deadline_s / 4))
+        ),
         stop=stop,
-        reraise=True)
+        reraise=True,
+    )

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def fail_config(message: str):
     """Invalid configuration or an unloadable model: one line naming the variable, exit 78."""
-    one_line = " ".join(str(message).split())     # a cloud error's text may hold newlines
+    one_line = " ".join(str(message).split())  # a cloud error's text may hold newlines
     sys.stderr.write(f"stem-job: configuration error: {one_line}\n")
     sys.exit(EXIT_CONFIG)
 
@@ -37,6 +37,7 @@ class Attempt:
     `earlier` counts the tries before this one (0 on the first), as Job.attempt and the
     decoder's kill check do; None when unknown.
     """
+
     earlier: int | None = None
     last: bool = False
     cloud_run: bool = False
@@ -64,28 +65,39 @@ def preflight(settings, storage, publisher=None) -> None:
 
 def _check_bucket(bucket) -> None:
     from job.faults import DENIED, storage_fault
+
     try:
         bucket.reload(timeout=10.0, retry=None)
     except DENIED:
         return
     except Exception as exc:
-        fault = storage_fault(exc, f"reading gs://{bucket.name}", original=False,
-                              bucket=bucket.name, deadline_s=0)
+        fault = storage_fault(
+            exc, f"reading gs://{bucket.name}", original=False, bucket=bucket.name, deadline_s=0
+        )
         if fault is not None and fault.is_config:
             raise fault from exc
-        log.info("stems bucket not checked: %s", exc)      # a fault of the moment
+        log.info("stems bucket not checked: %s", exc)  # a fault of the moment
 
 
 def make_storage(settings, restrict_inputs: bool = False) -> Storage:
     """The STORAGE_MODE backend; `restrict_inputs` confines local originals to INPUT_DIR."""
     if settings.storage_mode == "gcs":
         from job.storage.gcs import GcsStorage
-        return GcsStorage(settings.gcs_bucket, settings.allowed_buckets(), settings.max_input_bytes,
-                          project=settings.gcp_project_id or None,
-                          retry_deadline_s=settings.retry_deadline_s,
-                          public=settings.gcs_public)
-    return LocalStorage(settings.output_dir, settings.input_dir, settings.max_input_bytes,
-                        restrict_inputs=restrict_inputs)
+
+        return GcsStorage(
+            settings.gcs_bucket,
+            settings.allowed_buckets(),
+            settings.max_input_bytes,
+            project=settings.gcp_project_id or None,
+            retry_deadline_s=settings.retry_deadline_s,
+            public=settings.gcs_public,
+        )
+    return LocalStorage(
+        settings.output_dir,
+        settings.input_dir,
+        settings.max_input_bytes,
+        restrict_inputs=restrict_inputs,
+    )
 
 
 def results_publisher(settings, deadline_s: float | None = None):
@@ -93,6 +105,7 @@ def results_publisher(settings, deadline_s: float | None = None):
     from google.cloud import pubsub_v1
 
     from job.pubsub import Publisher, resource_path
+
     deadline_s = settings.retry_deadline_s if deadline_s is None else deadline_s
     topic = resource_path(settings.gcp_project_id, "topics", settings.pubsub_results_topic)
     return Publisher(pubsub_v1.PublisherClient(), topic, deadline_s=deadline_s)
@@ -106,20 +119,28 @@ def progress_reporter(settings, request):
 
     def report(fraction):
         try:
-            publisher.publish({**messages.request_ids(request), "status": "processing",
-                               "progress": round(fraction, 3)},
-                              {"jobId": request.job_id, "status": "processing"})
+            publisher.publish(
+                {
+                    **messages.request_ids(request),
+                    "status": "processing",
+                    "progress": round(fraction, 3),
+                },
+                {"jobId": request.job_id, "status": "processing"},
+            )
         except JobError as error:
             log.warning("progress event not published: %s", error.message)
+
     return report
 
 
 def on_sigterm(cancel: Cancel) -> None:
     """SIGTERM (spot preemption, Cloud Run stop) trips `cancel`: the forward pass under way is
     aborted, the track is reported retryable and its set is left without a manifest."""
+
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         cancel.trip()
+
     signal.signal(signal.SIGTERM, handler)
 
 

@@ -36,19 +36,41 @@ def song(tmp_path_factory, mix) -> Path:
 
 
 def job_env(model_dir, output_dir, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JOB_MESSAGE", "ORIGINAL_STEM_URI", "RELEASE_ID", "TRACK_ID",
-                        "INPUT_DIR", "STORAGE_MODE", "PROCESSING_MODE")}
-    env.update(MODEL_DIR=str(model_dir), OUTPUT_DIR=str(output_dir), DEVICE="cpu",
-               LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "JOB_MESSAGE",
+            "ORIGINAL_STEM_URI",
+            "RELEASE_ID",
+            "TRACK_ID",
+            "INPUT_DIR",
+            "STORAGE_MODE",
+            "PROCESSING_MODE",
+        )
+    }
+    env.update(
+        MODEL_DIR=str(model_dir),
+        OUTPUT_DIR=str(output_dir),
+        DEVICE="cpu",
+        LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def run_job(args, env, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     """`stem-job ARGS` as a subprocess (python -m job, so no PATH assumptions)."""
-    return subprocess.run([sys.executable, "-m", "job", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def last_json(stdout: str) -> dict:

@@ -25,8 +25,8 @@ class PreconditionProxy:
 
     def __init__(self, upstream_port: int):
         self.upstream = ("127.0.0.1", upstream_port)
-        self.sessions = {}                 # upload_id -> (bucket, object, generation)
-        self.writes = threading.Lock()     # one write at a time, check and commit together
+        self.sessions = {}  # upload_id -> (bucket, object, generation)
+        self.writes = threading.Lock()  # one write at a time, check and commit together
         self.refused = 0
         self.drop_reply_to = None
         proxy = self
@@ -75,13 +75,22 @@ class PreconditionProxy:
                 bucket, name, expected = session
                 if self.generation(bucket, name) != expected:
                     self.refused += 1
-                    return self.answer(handler, 412, {"error": {
-                        "code": 412, "message": "At least one of the pre-conditions you "
-                        "specified did not hold.", "errors": [{"reason": "conditionNotMet"}]}})
+                    return self.answer(
+                        handler,
+                        412,
+                        {
+                            "error": {
+                                "code": 412,
+                                "message": "At least one of the pre-conditions you "
+                                "specified did not hold.",
+                                "errors": [{"reason": "conditionNotMet"}],
+                            }
+                        },
+                    )
             if self.drop_reply_to and self.drop_reply_to in body:
                 self.drop_reply_to = None
                 self.request(handler.command, handler.path, body, handler.headers)
-                handler.close_connection = True       # committed, never answered
+                handler.close_connection = True  # committed, never answered
                 return
             self.forward(handler, body)
 
@@ -112,16 +121,21 @@ class PreconditionProxy:
     def request(self, method: str, path: str, body: bytes, headers) -> tuple:
         connection = http.client.HTTPConnection(*self.upstream, timeout=30)
         try:
-            connection.request(method, path, body=body, headers={
-                k: v for k, v in dict(headers).items() if k.lower() not in HOP_HEADERS})
+            connection.request(
+                method,
+                path,
+                body=body,
+                headers={k: v for k, v in dict(headers).items() if k.lower() not in HOP_HEADERS},
+            )
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
             connection.close()
 
     def answer(self, handler, status: int, payload: dict) -> None:
-        self.reply(handler, status, {"Content-Type": "application/json"},
-                   json.dumps(payload).encode())
+        self.reply(
+            handler, status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
+        )
 
     @staticmethod
     def reply(handler, status: int, headers: dict, data: bytes) -> None:

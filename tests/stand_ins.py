@@ -16,11 +16,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
-from emulators import (GcsEmulator, PubSubEmulator, ensure_bucket,  # noqa: E402
-                      ensure_subscription, ensure_topic)
+from emulators import GcsEmulator, PubSubEmulator, ensure_bucket, ensure_subscription, ensure_topic  # noqa: E402
 
-__all__ = ["pubsub_emulator", "gcs_emulator", "unique_name", "make_topic", "make_subscription",
-           "bucket", "Subscription"]
+__all__ = [
+    "pubsub_emulator",
+    "gcs_emulator",
+    "unique_name",
+    "make_topic",
+    "make_subscription",
+    "bucket",
+    "Subscription",
+]
 
 PROJECT = "stem-test"
 
@@ -47,13 +53,14 @@ def unique_name(request):
 
     def make(prefix: str) -> str:
         return f"{prefix}-{test}-{uuid.uuid4().hex[:8]}".strip("-")[:63]
+
     return make
 
 
 @dataclass(frozen=True)
 class Subscription:
-    topic: str                       # full topic path
-    path: str                        # full subscription path
+    topic: str  # full topic path
+    path: str  # full subscription path
     dead_letter_topic: str | None = None
 
 
@@ -61,6 +68,7 @@ class Subscription:
 def make_topic(pubsub_emulator, unique_name):
     def make(prefix: str = "topic") -> str:
         return ensure_topic(pubsub_emulator.publisher, PROJECT, unique_name(prefix))
+
     return make
 
 
@@ -68,13 +76,26 @@ def make_topic(pubsub_emulator, unique_name):
 def make_subscription(pubsub_emulator, unique_name, make_topic):
     """make_subscription(topic=None, ack_deadline_s=10, dead_letter=False, max_delivery_attempts=5)
     -> Subscription on a new topic (or the given one), with a dead-letter topic when asked."""
-    def make(topic: str | None = None, ack_deadline_s: int = 10, dead_letter: bool = False,
-             max_delivery_attempts: int = 5) -> Subscription:
+
+    def make(
+        topic: str | None = None,
+        ack_deadline_s: int = 10,
+        dead_letter: bool = False,
+        max_delivery_attempts: int = 5,
+    ) -> Subscription:
         topic = topic or make_topic()
         dead = make_topic("dead") if dead_letter else None
-        path = ensure_subscription(pubsub_emulator.subscriber, PROJECT, unique_name("sub"), topic,
-                                   ack_deadline_s, dead, max_delivery_attempts)
+        path = ensure_subscription(
+            pubsub_emulator.subscriber,
+            PROJECT,
+            unique_name("sub"),
+            topic,
+            ack_deadline_s,
+            dead,
+            max_delivery_attempts,
+        )
         return Subscription(topic, path, dead)
+
     return make
 
 

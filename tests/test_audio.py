@@ -7,22 +7,31 @@ import time
 from pathlib import Path
 
 import av
+import corpus
 import numpy as np
 import pytest
 import soundfile
-
-import corpus
-from job.audio.decode import RawReader, decode_to_file
-from job.audio.child import CHILD_ENV, PASSED_ENV, Limits, decode_aside
-from job.errors import Cancel, Interrupted, JobError
-from job.audio.encode import StemEncoder, soft_limit
 from synthetic import music, write_audio, write_long_silence
 
+from job.audio.child import CHILD_ENV, PASSED_ENV, Limits, decode_aside
+from job.audio.decode import RawReader, decode_to_file
+from job.audio.encode import StemEncoder, soft_limit
+from job.errors import Cancel, Interrupted, JobError
 
-@pytest.mark.parametrize("suffix, rate, channels", [
-    ("mp3", 44100, 2), ("wav", 22050, 2), ("flac", 48000, 1), ("ogg", 24000, 2),
-    ("opus", 48000, 2), ("m4a", 44100, 2), ("flac", 44100, 6), ("wav", 96000, 1),
-])
+
+@pytest.mark.parametrize(
+    "suffix, rate, channels",
+    [
+        ("mp3", 44100, 2),
+        ("wav", 22050, 2),
+        ("flac", 48000, 1),
+        ("ogg", 24000, 2),
+        ("opus", 48000, 2),
+        ("m4a", 44100, 2),
+        ("flac", 44100, 6),
+        ("wav", 96000, 1),
+    ],
+)
 def test_decodes_to_44k1_stereo_float32(tmp_path, suffix, rate, channels):
     seconds = 3.0
     original = music(seconds, seed=4, rate=rate)
@@ -30,10 +39,13 @@ def test_decodes_to_44k1_stereo_float32(tmp_path, suffix, rate, channels):
     decoded = decode_to_file(path, tmp_path / "mix.f32", max_duration_s=60)
     # encoders add priming/padding (AAC, Opus): allow 50 ms
     assert abs(decoded.length - seconds * 44100) < 0.05 * 44100
-    assert (decoded.source_rate, decoded.source_channels) == (48000 if suffix in ("opus", "ogg") else rate, channels)
+    assert (decoded.source_rate, decoded.source_channels) == (
+        48000 if suffix in ("opus", "ogg") else rate,
+        channels,
+    )
     data = RawReader(decoded).read(0, decoded.length)
     assert data.shape == (2, decoded.length) and data.dtype == np.float32
-    assert 0.02 < np.sqrt((data ** 2).mean()) < 0.5
+    assert 0.02 < np.sqrt((data**2).mean()) < 0.5
     mono = data.mean(0)
     assert decoded.mean == pytest.approx(mono.mean(), abs=1e-6)
     assert decoded.std == pytest.approx(mono.std(ddof=1), rel=1e-4)
@@ -52,16 +64,16 @@ def test_reader_pads_with_zeros_outside_the_track(tmp_path):
 
 
 def test_mp3_stem_is_gapless_and_aligned(tmp_path):
-    source = music(4.0, seed=5) * 2          # peaks near 0.5
+    source = music(4.0, seed=5) * 2  # peaks near 0.5
     encoder = StemEncoder(tmp_path / "vocals.mp3", "mp3", 320)
     for start in range(0, source.shape[1], 10_000):
-        encoder.put(source[:, start:start + 10_000])
+        encoder.put(source[:, start : start + 10_000])
     stats = encoder.finish()
     with av.open(str(tmp_path / "vocals.mp3")) as container:
         decoded = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], 1)
         assert container.streams.audio[0].bit_rate == 320_000
     assert decoded.shape == source.shape, "exact length: encoder delay and padding trimmed"
-    error = ((decoded - source) ** 2).sum() / (source ** 2).sum()
+    error = ((decoded - source) ** 2).sum() / (source**2).sum()
     assert 10 * np.log10(1 / error) > 20, "stem must be sample-aligned with its source"
     assert stats["samples"] == source.shape[1] and stats["limitedSamples"] == 0
 
@@ -76,12 +88,17 @@ def test_soft_limit_bends_only_overs_and_stays_under_full_scale():
 
 @pytest.mark.parametrize("fmt, subtype", [("wav", "FLOAT"), ("flac", "PCM_24")])
 def test_wav_and_flac_outputs(tmp_path, fmt, subtype):
-    source = music(1.0, seed=6) * 5              # loud: overs only limited in FLAC
+    source = music(1.0, seed=6) * 5  # loud: overs only limited in FLAC
     encoder = StemEncoder(tmp_path / f"drums.{fmt}", fmt)
     encoder.put(source)
     encoder.finish()
     info = soundfile.info(tmp_path / f"drums.{fmt}")
-    assert (info.samplerate, info.channels, info.frames, info.subtype) == (44100, 2, source.shape[1], subtype)
+    assert (info.samplerate, info.channels, info.frames, info.subtype) == (
+        44100,
+        2,
+        source.shape[1],
+        subtype,
+    )
     data, _ = soundfile.read(tmp_path / f"drums.{fmt}", dtype="float32")
     assert (np.abs(data).max() > 1.0) == (fmt == "wav")
 
@@ -97,7 +114,10 @@ def decoder_child(timeout=20.0) -> int:
                 cmdline = (entry / "cmdline").read_bytes()
             except (OSError, ValueError):
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"job.audio.child" in cmdline:
+            if (
+                int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid()
+                and b"job.audio.child" in cmdline
+            ):
                 return int(entry.name)
         time.sleep(0.002)
     raise AssertionError("no decoding child appeared")
@@ -112,6 +132,7 @@ def in_background(work):
             outcome["value"] = work()
         except Exception as exc:
             outcome["error"] = exc
+
     thread = threading.Thread(target=run)
     thread.start()
     return thread, outcome
@@ -136,16 +157,22 @@ def test_the_decode_aside_raises_the_childs_job_error(tmp_path):
     assert error.value.code == "not_audio" and not error.value.retryable
 
 
-@pytest.mark.parametrize("sig, attempt, code, retryable", [
-    (signal.SIGSEGV, None, "corrupt_audio", False),
-    (signal.SIGKILL, None, "decode_killed", True),          # the platform does not count
-    (signal.SIGKILL, Limits().kill_retries - 1, "decode_killed", True),
-    (signal.SIGKILL, Limits().kill_retries, "decode_killed", False)])   # the budget is spent
-def test_a_decoder_that_dies_fails_the_track_not_the_worker(tmp_path, sig, attempt, code,
-                                                            retryable):
+@pytest.mark.parametrize(
+    "sig, attempt, code, retryable",
+    [
+        (signal.SIGSEGV, None, "corrupt_audio", False),
+        (signal.SIGKILL, None, "decode_killed", True),  # the platform does not count
+        (signal.SIGKILL, Limits().kill_retries - 1, "decode_killed", True),
+        (signal.SIGKILL, Limits().kill_retries, "decode_killed", False),
+    ],
+)  # the budget is spent
+def test_a_decoder_that_dies_fails_the_track_not_the_worker(
+    tmp_path, sig, attempt, code, retryable
+):
     path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
     thread, outcome = in_background(
-        lambda: decode_aside(path, tmp_path / "mix.f32", 600, attempt=attempt))
+        lambda: decode_aside(path, tmp_path / "mix.f32", 600, attempt=attempt)
+    )
     os.kill(decoder_child(), sig)
     thread.join()
     error = outcome["error"]
@@ -161,7 +188,8 @@ def test_sigterm_stops_the_decode_aside_at_once(tmp_path):
     path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
     cancel = Cancel()
     thread, outcome = in_background(
-        lambda: decode_aside(path, tmp_path / "mix.f32", 600, cancel=cancel))
+        lambda: decode_aside(path, tmp_path / "mix.f32", 600, cancel=cancel)
+    )
     child = decoder_child()
     cancel.set()
     thread.join(5.0)
@@ -169,8 +197,7 @@ def test_sigterm_stops_the_decode_aside_at_once(tmp_path):
     assert not Path(f"/proc/{child}").exists(), "the child is killed and reaped"
 
 
-def test_a_file_that_makes_the_decoder_allocate_without_bound_fails_on_the_memory_limit(
-        tmp_path):
+def test_a_file_that_makes_the_decoder_allocate_without_bound_fails_on_the_memory_limit(tmp_path):
     path = corpus.bomb_at_1_hz(tmp_path / "bomb.flac")
     assert path.stat().st_size < 20_000
     with pytest.raises(JobError) as caught:
@@ -181,8 +208,8 @@ def test_a_file_that_makes_the_decoder_allocate_without_bound_fails_on_the_memor
 
 
 def test_a_decode_past_its_time_budget_is_stopped_with_its_own_code(tmp_path):
-    path = write_long_silence(tmp_path / "a.flac", 600)       # seconds of work, a few KB
-    limits = Limits(time_base_s=0.1, time_factor=0.0005)    # a budget of under half a second
+    path = write_long_silence(tmp_path / "a.flac", 600)  # seconds of work, a few KB
+    limits = Limits(time_base_s=0.1, time_factor=0.0005)  # a budget of under half a second
     with pytest.raises(JobError) as caught:
         decode_aside(path, tmp_path / "mix.f32", 3600, limits=limits)
     assert caught.value.code == "decode_timeout" and not caught.value.retryable
@@ -200,22 +227,25 @@ def test_the_time_budget_follows_the_size_and_the_declared_duration():
 
 
 def test_the_decoder_sees_no_credentials_and_no_inherited_files(tmp_path, monkeypatch):
-    secrets = {"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json"),
-               "GOOGLE_CLOUD_PROJECT": "p", "CLOUDSDK_AUTH_ACCESS_TOKEN": "t",
-               "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1", "HTTP_TOKEN": "t",
-               "AWS_SECRET_ACCESS_KEY": "k"}
+    secrets = {
+        "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json"),
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "CLOUDSDK_AUTH_ACCESS_TOKEN": "t",
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
+        "HTTP_TOKEN": "t",
+        "AWS_SECRET_ACCESS_KEY": "k",
+    }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     path = write_audio(tmp_path / "a.flac", music(60.0, seed=3))
-    kept = open(tmp_path / "key.json", "w")          # a file the parent holds open ...
-    os.set_inheritable(kept.fileno(), True)          # ... even one marked inheritable
+    kept = open(tmp_path / "key.json", "w")  # a file the parent holds open ...
+    os.set_inheritable(kept.fileno(), True)  # ... even one marked inheritable
     cancel = Cancel()
-    thread, _ = in_background(lambda: decode_aside(path, tmp_path / "mix.f32", 600,
-                                                   cancel=cancel))
+    thread, _ = in_background(lambda: decode_aside(path, tmp_path / "mix.f32", 600, cancel=cancel))
     try:
         child = decoder_child()
         deadline = time.monotonic() + 20
-        while not (tmp_path / "mix.f32").exists():     # the child is decoding: its files open
+        while not (tmp_path / "mix.f32").exists():  # the child is decoding: its files open
             assert time.monotonic() < deadline
             time.sleep(0.01)
         environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")

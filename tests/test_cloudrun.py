@@ -47,14 +47,20 @@ from cloudrun_stand_in import JsonServer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CLOUDRUN = REPO / "cloudrun"
 # Fixtures pubsub_emulator, gcs_emulator and unique_name come from tests/stand_ins.py (conftest).
-PROJECT = "stem-test"                     # the Pub/Sub emulator's project (tests/stand_ins.py)
+PROJECT = "stem-test"  # the Pub/Sub emulator's project (tests/stand_ins.py)
 EXAMPLE = {"PROJECT_ID": "my-project", "REGION": "us-central1", "BUCKET_NAME": "my-stems"}
-GOOD = {"jobId": "sep_rel_1_trk_1", "releaseId": "rel_1", "artistId": "art_1", "trackId": "trk_1",
-        "originalStemUri": "gs://my-stems/originals/song.mp3", "mimeType": "audio/mpeg"}
+GOOD = {
+    "jobId": "sep_rel_1_trk_1",
+    "releaseId": "rel_1",
+    "artistId": "art_1",
+    "trackId": "trk_1",
+    "originalStemUri": "gs://my-stems/originals/song.mp3",
+    "mimeType": "audio/mpeg",
+}
 
 
 # -- gcloud's own view of the YAML and the commands ------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gcloud_sdk() -> Path:
     gcloud = shutil.which("gcloud")
     assert gcloud, "gcloud (Google Cloud CLI) is needed: it also runs the Pub/Sub emulator"
@@ -82,17 +88,26 @@ class RunAdminStandIn:
         path = folder / f"{kind}.yaml"
         path.write_text(text)
         before = len(self.created)
-        env = {**os.environ, "CLOUDSDK_CONFIG": str(folder / "gcloud"),
-               "CLOUDSDK_CORE_PROJECT": "my-project", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
-               "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
-               "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
-               "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
-               "CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN": "http://run.test/",
-               "CLOUDSDK_PROXY_TYPE": "http", "CLOUDSDK_PROXY_ADDRESS": "127.0.0.1",
-               "CLOUDSDK_PROXY_PORT": str(self.http.port)}
-        out = subprocess.run(["gcloud", "run", kind, "replace", str(path),
-                              "--region=us-central1", "--async"],
-                             env=env, capture_output=True, text=True, timeout=120)
+        env = {
+            **os.environ,
+            "CLOUDSDK_CONFIG": str(folder / "gcloud"),
+            "CLOUDSDK_CORE_PROJECT": "my-project",
+            "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+            "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+            "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
+            "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
+            "CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN": "http://run.test/",
+            "CLOUDSDK_PROXY_TYPE": "http",
+            "CLOUDSDK_PROXY_ADDRESS": "127.0.0.1",
+            "CLOUDSDK_PROXY_PORT": str(self.http.port),
+        }
+        out = subprocess.run(
+            ["gcloud", "run", kind, "replace", str(path), "--region=us-central1", "--async"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return out.returncode, out.stderr, self.created[before:]
 
 
@@ -118,7 +133,7 @@ def gcloud_refuses(run_admin, kind: str, text: str, folder: Path) -> str:
     return stderr
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gcloud_tree() -> dict:
     path = gcloud_sdk() / "data" / "cli" / "gcloud_completions.py"
     spec = importlib.util.spec_from_file_location("gcloud_completions", path)
@@ -143,7 +158,7 @@ def gcloud_invocations(text: str) -> list:
         for i, token in enumerate(tokens):
             if token == "gcloud":
                 command = []
-                for word in tokens[i + 1:]:
+                for word in tokens[i + 1 :]:
                     if word and set(word) <= set("();<>|&"):
                         break
                     command.append(word)
@@ -167,8 +182,10 @@ def check_gcloud_command(tokens: list) -> list:
         flag = word.split("=", 1)[0]
         known = set(node["flags"]) | set(tree["flags"])
         if flag not in known and flag.replace("--no-", "--", 1) not in known:
-            problems.append(f"gcloud {' '.join(t for t in tokens if not t.startswith('-'))[:60]}"
-                            f": unknown flag {flag}")
+            problems.append(
+                f"gcloud {' '.join(t for t in tokens if not t.startswith('-'))[:60]}"
+                f": unknown flag {flag}"
+            )
     return problems
 
 
@@ -189,19 +206,21 @@ def env_of(container: dict) -> dict:
 
 # -- job.yaml, dispatcher.yaml, setup.sh -----------------------------------------------------------
 def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
-    job = gcloud_creates(run_admin, "jobs", filled((CLOUDRUN / "job.yaml").read_text()),
-                         tmp_path)
+    job = gcloud_creates(run_admin, "jobs", filled((CLOUDRUN / "job.yaml").read_text()), tmp_path)
     bogus = load_yaml("job.yaml")
     bogus["spec"]["template"]["spec"]["bogus"] = 1
-    assert "Job.spec.template.spec.bogus" in gcloud_refuses(run_admin, "jobs",
-                                                            yaml.safe_dump(bogus), tmp_path)
+    assert "Job.spec.template.spec.bogus" in gcloud_refuses(
+        run_admin, "jobs", yaml.safe_dump(bogus), tmp_path
+    )
     assert job["apiVersion"] == "run.googleapis.com/v1" and job["kind"] == "Job"
     assert job["metadata"]["name"] == "stem-job"
     execution = job["spec"]["template"]["spec"]
     assert execution["taskCount"] == 1
     task = execution["template"]["spec"]
     assert task["nodeSelector"] == {"run.googleapis.com/accelerator": "nvidia-l4"}
-    assert 0 < int(task["timeoutSeconds"]) <= 3600, "GPU tasks run at most 1 hour"  # int64: a string
+    assert 0 < int(task["timeoutSeconds"]) <= 3600, (
+        "GPU tasks run at most 1 hour"
+    )  # int64: a string
     assert 0 <= task["maxRetries"] <= 10
     assert task["serviceAccountName"] == "stem-job@my-project.iam.gserviceaccount.com"
     [container] = task["containers"]
@@ -214,20 +233,25 @@ def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
     env = env_of(container)
     assert set(env) <= set(ENV)
     settings = load_settings(env)
-    assert (settings.processing_mode, settings.storage_mode, settings.device) == \
-        ("job", "gcs", "cuda")
+    assert (settings.processing_mode, settings.storage_mode, settings.device) == (
+        "job",
+        "gcs",
+        "cuda",
+    )
     assert settings.gcp_project_id == "my-project" and settings.gcs_bucket == "my-stems"
     # the job knows its retry budget: its last attempt reports a retryable failure
     assert settings.max_retries == task["maxRetries"], "MAX_RETRIES must equal maxRetries"
 
 
 def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
-    service = gcloud_creates(run_admin, "services",
-                             filled((CLOUDRUN / "dispatcher.yaml").read_text()), tmp_path)
+    service = gcloud_creates(
+        run_admin, "services", filled((CLOUDRUN / "dispatcher.yaml").read_text()), tmp_path
+    )
     wrong = load_yaml("dispatcher.yaml")
     wrong["spec"]["template"]["spec"]["containerConcurrency"] = "many"
-    assert "containerConcurrency" in gcloud_refuses(run_admin, "services",
-                                                    yaml.safe_dump(wrong), tmp_path)
+    assert "containerConcurrency" in gcloud_refuses(
+        run_admin, "services", yaml.safe_dump(wrong), tmp_path
+    )
     job = load_yaml("job.yaml")
     assert service["metadata"]["annotations"]["run.googleapis.com/ingress"] == "internal"
     spec = service["spec"]["template"]["spec"]
@@ -237,9 +261,11 @@ def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
     env = env_of(container)
     assert set(env) <= set(ENV) | set(DISPATCHER_ENV)
     settings = load_dispatcher_settings(env)
-    assert settings.job_name == (f"projects/my-project/locations/"
-                                 f"{job['metadata']['labels']['cloud.googleapis.com/location']}"
-                                 f"/jobs/{job['metadata']['name']}")
+    assert settings.job_name == (
+        f"projects/my-project/locations/"
+        f"{job['metadata']['labels']['cloud.googleapis.com/location']}"
+        f"/jobs/{job['metadata']['name']}"
+    )
     assert settings.marker_bucket == "my-stems" and settings.marker_prefix == "dispatch/"
     assert settings.stems_bucket == "my-stems", "the sweep reads manifests in the stems bucket"
     # The request timeout covers the dispatcher's Cloud Run API budget.
@@ -255,8 +281,9 @@ def test_setup_sh_substitutes_whole_words_only():
     for expression in expressions:
         args += ["-e", re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], expression)]
     for name in ("job.yaml", "dispatcher.yaml"):
-        out = subprocess.run(["sed", *args, str(CLOUDRUN / name)], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["sed", *args, str(CLOUDRUN / name)], capture_output=True, text=True, check=True
+        ).stdout
         assert yaml.safe_load(out) == load_yaml(name)
         assert "CLOUD_RUN_REGION" in out or name == "job.yaml"
 
@@ -266,16 +293,32 @@ def test_setup_sh_is_valid_bash_with_known_gcloud_commands():
     subprocess.run(["bash", "-n", str(CLOUDRUN / "setup.sh")], check=True)
     commands = gcloud_invocations(script)
     verbs = {" ".join(c[:3]) for c in commands}
-    for needed in ("pubsub topics create", "pubsub subscriptions create", "run jobs replace",
-                   "run services replace", "eventarc triggers create",
-                   "run jobs add-iam-policy-binding", "run services add-iam-policy-binding"):
+    for needed in (
+        "pubsub topics create",
+        "pubsub subscriptions create",
+        "run jobs replace",
+        "run services replace",
+        "eventarc triggers create",
+        "run jobs add-iam-policy-binding",
+        "run services add-iam-policy-binding",
+    ):
         assert needed in verbs, needed
     problems = [p for command in commands for p in check_gcloud_command(command)]
     assert not problems, "\n".join(problems)
-    push = next(c for c in commands if c[:3] == ["pubsub", "subscriptions", "create"]
-                and any(w.startswith("--push-endpoint") for w in c))
-    for flag in ("--push-auth-service-account", "--dead-letter-topic", "--max-delivery-attempts",
-                 "--min-retry-delay", "--max-retry-delay", "--ack-deadline"):
+    push = next(
+        c
+        for c in commands
+        if c[:3] == ["pubsub", "subscriptions", "create"]
+        and any(w.startswith("--push-endpoint") for w in c)
+    )
+    for flag in (
+        "--push-auth-service-account",
+        "--dead-letter-topic",
+        "--max-delivery-attempts",
+        "--min-retry-delay",
+        "--max-retry-delay",
+        "--ack-deadline",
+    ):
         assert any(w.startswith(flag) for w in push), flag
     assert "--role=roles/run.jobsExecutorWithOverrides" in script
 
@@ -284,16 +327,21 @@ def test_setup_sh_prefix_conditions_are_valid_iam_conditions():
     """The conditional bucket roles: objects under the prefix and listings of it, nothing else."""
     script = (CLOUDRUN / "setup.sh").read_text()
     function = re.search(r"^prefix_condition\(\) \{.*?^\}$", script, re.S | re.M).group(0)
-    out = subprocess.run(["bash", "-c", f'{function}\ncat "$(prefix_condition stems/ t)"'],
-                         env={"BUCKET_NAME": "my-stems", "PATH": os.environ["PATH"]},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", f'{function}\ncat "$(prefix_condition stems/ t)"'],
+        env={"BUCKET_NAME": "my-stems", "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     condition = json.loads(out)
     assert condition["title"] == "t"
     assert condition["expression"] == (
         'resource.name.startsWith("projects/_/buckets/my-stems/objects/stems/") || '
-        'api.getAttribute("storage.googleapis.com/objectListPrefix", "").startsWith("stems/")')
-    assert "--condition-from-file=\"$(prefix_condition stems/" in script
-    assert "--condition-from-file=\"$(prefix_condition dispatch/" in script
+        'api.getAttribute("storage.googleapis.com/objectListPrefix", "").startsWith("stems/")'
+    )
+    assert '--condition-from-file="$(prefix_condition stems/' in script
+    assert '--condition-from-file="$(prefix_condition dispatch/' in script
 
 
 def test_docs_gcloud_commands_exist():
@@ -323,26 +371,35 @@ class FakeCloudRunApi:
             return self.script.pop(0)
         n = len(self.requests)
         job = url.path.split("/v2/")[1].split(":")[0]
-        return 200, {"name": f"{job.rsplit('/jobs/', 1)[0]}/operations/op-{n}",
-                     "metadata": {"@type": EXECUTION_TYPE,
-                                  "name": f"{job}/executions/stem-job-{n:05d}"}}
+        return 200, {
+            "name": f"{job.rsplit('/jobs/', 1)[0]}/operations/op-{n}",
+            "metadata": {"@type": EXECUTION_TYPE, "name": f"{job}/executions/stem-job-{n:05d}"},
+        }
 
     def fail(self, status: int, code: str, times: int = 1):
         for _ in range(times):
-            self.script.append((status, {"error": {"code": status, "status": code,
-                                                   "message": f"{code} (scripted)"}}))
+            self.script.append(
+                (
+                    status,
+                    {"error": {"code": status, "status": code, "message": f"{code} (scripted)"}},
+                )
+            )
 
     def client(self) -> run_v2.JobsClient:
-        return run_v2.JobsClient(transport="rest", credentials=AnonymousCredentials(),
-                                 client_options={"api_endpoint": self.http.url})
+        return run_v2.JobsClient(
+            transport="rest",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.http.url},
+        )
 
 
 class Uvicorn:
     """An ASGI app served on a free loopback port from a thread."""
 
     def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -370,15 +427,17 @@ def results(pubsub_emulator, unique_name):
     publisher, subscriber = pubsub_emulator.publisher, pubsub_emulator.subscriber
     topic = publisher.create_topic(name=publisher.topic_path(PROJECT, unique_name("results"))).name
     sub = subscriber.create_subscription(
-        name=subscriber.subscription_path(PROJECT, unique_name("read")), topic=topic).name
+        name=subscriber.subscription_path(PROJECT, unique_name("read")), topic=topic
+    ).name
 
     def read(expected: int = 1, timeout_s: float = 10.0) -> list:
         messages, deadline = [], time.monotonic() + timeout_s
         while len(messages) < expected and time.monotonic() < deadline:
             reply = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
             if reply.received_messages:
-                subscriber.acknowledge(subscription=sub,
-                                       ack_ids=[m.ack_id for m in reply.received_messages])
+                subscriber.acknowledge(
+                    subscription=sub, ack_ids=[m.ack_id for m in reply.received_messages]
+                )
             messages += [m.message for m in reply.received_messages]
         return messages
 
@@ -387,8 +446,14 @@ def results(pubsub_emulator, unique_name):
 
 
 def settings_for(results_topic: str, **overrides) -> DispatcherSettings:
-    values = dict(project=PROJECT, region="europe-west4", job="stem-job",
-                  results_topic=results_topic, api_attempts=4, api_deadline_s=10)
+    values = {
+        "project": PROJECT,
+        "region": "europe-west4",
+        "job": "stem-job",
+        "results_topic": results_topic,
+        "api_attempts": 4,
+        "api_deadline_s": 10,
+    }
     values.update(overrides)
     return DispatcherSettings(**values)
 
@@ -399,10 +464,12 @@ def dispatcher(cloud_run, results, pubsub_emulator):
     servers = []
 
     def start(markers=None, **overrides):
-        app = create_app(settings_for(**{"results_topic": results.topic, **overrides}),
-                         jobs_client=cloud_run.client(),
-                         publisher_client=pubsub_emulator.publisher,
-                         markers=markers if markers is not None else MemoryMarkers())
+        app = create_app(
+            settings_for(**{"results_topic": results.topic, **overrides}),
+            jobs_client=cloud_run.client(),
+            publisher_client=pubsub_emulator.publisher,
+            markers=markers if markers is not None else MemoryMarkers(),
+        )
         servers.append(Uvicorn(app))
         return servers[-1].url
 
@@ -418,11 +485,18 @@ def b64(payload) -> str:
 
 
 def push_body(payload, message_id="1001", **message):
-    return {"message": {"data": b64(payload), "messageId": message_id, "message_id": message_id,
-                        "attributes": {"origin": "backend"},
-                        "publishTime": "2026-01-01T00:00:00Z", **message},
-            "subscription": f"projects/{PROJECT}/subscriptions/stem-separate-dispatch",
-            "deliveryAttempt": 1}
+    return {
+        "message": {
+            "data": b64(payload),
+            "messageId": message_id,
+            "message_id": message_id,
+            "attributes": {"origin": "backend"},
+            "publishTime": "2026-01-01T00:00:00Z",
+            **message,
+        },
+        "subscription": f"projects/{PROJECT}/subscriptions/stem-separate-dispatch",
+        "deliveryAttempt": 1,
+    }
 
 
 def post_push(url, payload, message_id="1001"):
@@ -432,22 +506,34 @@ def post_push(url, payload, message_id="1001"):
 def post_eventarc_binary(url, payload, message_id="2002"):
     body = push_body(payload, message_id)
     del body["deliveryAttempt"]
-    headers = {"ce-id": message_id, "ce-specversion": "1.0",
-               "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
-               "ce-source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/stem-separate",
-               "ce-time": "2026-01-01T00:00:00Z", "content-type": "application/json"}
+    headers = {
+        "ce-id": message_id,
+        "ce-specversion": "1.0",
+        "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+        "ce-source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/stem-separate",
+        "ce-time": "2026-01-01T00:00:00Z",
+        "content-type": "application/json",
+    }
     return requests.post(url + "/", data=json.dumps(body), headers=headers, timeout=30)
 
 
 def post_eventarc_structured(url, payload, message_id="3003"):
     body = push_body(payload, message_id)
     del body["deliveryAttempt"]
-    event = {"specversion": "1.0", "id": message_id,
-             "type": "google.cloud.pubsub.topic.v1.messagePublished",
-             "source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/stem-separate",
-             "datacontenttype": "application/json", "data": body}
-    return requests.post(url + "/", data=json.dumps(event), timeout=30,
-                         headers={"content-type": "application/cloudevents+json; charset=utf-8"})
+    event = {
+        "specversion": "1.0",
+        "id": message_id,
+        "type": "google.cloud.pubsub.topic.v1.messagePublished",
+        "source": f"//pubsub.googleapis.com/projects/{PROJECT}/topics/stem-separate",
+        "datacontenttype": "application/json",
+        "data": body,
+    }
+    return requests.post(
+        url + "/",
+        data=json.dumps(event),
+        timeout=30,
+        headers={"content-type": "application/cloudevents+json; charset=utf-8"},
+    )
 
 
 def run_request_env(request) -> dict:
@@ -459,8 +545,11 @@ JOB_PATH = f"/v2/projects/{PROJECT}/locations/europe-west4/jobs/stem-job:run"
 
 
 # -- the dispatcher ------------------------------------------------------------------------------
-@pytest.mark.parametrize("post", [post_push, post_eventarc_binary, post_eventarc_structured],
-                         ids=["pubsub-push", "eventarc-binary", "eventarc-structured"])
+@pytest.mark.parametrize(
+    "post",
+    [post_push, post_eventarc_binary, post_eventarc_structured],
+    ids=["pubsub-push", "eventarc-binary", "eventarc-structured"],
+)
 def test_a_good_message_starts_one_execution(dispatcher, cloud_run, results, post):
     url = dispatcher()
     reply = post(url, GOOD, message_id="4711")
@@ -474,6 +563,7 @@ def test_a_good_message_starts_one_execution(dispatcher, cloud_run, results, pos
     assert env["PUBSUB_MESSAGE_ID"] == "4711"
     # The job reads JOB_MESSAGE with the same parser.
     from job.messages import parse_message
+
     assert parse_message(env["JOB_MESSAGE"]).job_id == GOOD["jobId"]
 
 
@@ -502,8 +592,9 @@ def test_a_redelivered_message_starts_nothing_more(dispatcher, cloud_run):
     assert len(cloud_run.requests) == 2
 
 
-def test_a_delivery_in_flight_is_retried_later_and_a_stale_claim_is_taken_over(dispatcher,
-                                                                                cloud_run):
+def test_a_delivery_in_flight_is_retried_later_and_a_stale_claim_is_taken_over(
+    dispatcher, cloud_run
+):
     markers = MemoryMarkers()
     url = dispatcher(markers=markers, claim_ttl_s=60)
     markers.create("777", {"state": "claimed", "claimedAt": time.time()})
@@ -517,14 +608,19 @@ def test_a_delivery_in_flight_is_retried_later_and_a_stale_claim_is_taken_over(d
     assert markers.read("777")[0]["state"] == "started"
 
 
-@pytest.mark.parametrize("payload, code, job_id", [
-    ({**GOOD, "releaseId": "../etc"}, "invalid_id", "sep_rel_1_trk_1"),
-    ({"jobId": "j1", "trackId": "t1"}, "invalid_message", "j1"),
-    ({**GOOD, "mimeType": "application/pdf"}, "unsupported_media_type", "sep_rel_1_trk_1"),
-    (b"\xff\x00not json", "invalid_message", None),
-], ids=["bad-id", "missing-fields", "not-audio", "not-json"])
-def test_a_bad_message_is_reported_failed_and_not_retried(dispatcher, cloud_run, results,
-                                                          payload, code, job_id):
+@pytest.mark.parametrize(
+    "payload, code, job_id",
+    [
+        ({**GOOD, "releaseId": "../etc"}, "invalid_id", "sep_rel_1_trk_1"),
+        ({"jobId": "j1", "trackId": "t1"}, "invalid_message", "j1"),
+        ({**GOOD, "mimeType": "application/pdf"}, "unsupported_media_type", "sep_rel_1_trk_1"),
+        (b"\xff\x00not json", "invalid_message", None),
+    ],
+    ids=["bad-id", "missing-fields", "not-audio", "not-json"],
+)
+def test_a_bad_message_is_reported_failed_and_not_retried(
+    dispatcher, cloud_run, results, payload, code, job_id
+):
     url = dispatcher()
     reply = post_push(url, payload, message_id="888")
     assert reply.status_code == 200, "a 2xx so Pub/Sub does not redeliver it"
@@ -546,12 +642,18 @@ def test_unreadable_requests_are_refused(dispatcher, cloud_run):
     body = push_body(GOOD)
     body["message"]["data"] = "%%% not base64 %%%"
     assert requests.post(url + "/", json=body, timeout=10).status_code == 400
-    wrong_type = requests.post(url + "/", json=push_body(GOOD), timeout=10, headers={
-        "ce-id": "1", "ce-type": "google.cloud.storage.object.v1.finalized"})
+    wrong_type = requests.post(
+        url + "/",
+        json=push_body(GOOD),
+        timeout=10,
+        headers={"ce-id": "1", "ce-type": "google.cloud.storage.object.v1.finalized"},
+    )
     assert wrong_type.status_code == 400
     assert cloud_run.requests == []
-    assert requests.get(url + "/health", timeout=10).json()["job"] == \
-        f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
+    assert (
+        requests.get(url + "/health", timeout=10).json()["job"]
+        == f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
+    )
 
 
 def test_quota_and_transient_errors_are_retried(dispatcher, cloud_run):
@@ -564,8 +666,7 @@ def test_quota_and_transient_errors_are_retried(dispatcher, cloud_run):
     assert {r["path"] for r in cloud_run.requests} == {JOB_PATH}
 
 
-def test_persistent_quota_errors_ask_pubsub_to_retry_and_release_the_claim(dispatcher,
-                                                                           cloud_run):
+def test_persistent_quota_errors_ask_pubsub_to_retry_and_release_the_claim(dispatcher, cloud_run):
     url = dispatcher(api_attempts=3)
     cloud_run.fail(429, "RESOURCE_EXHAUSTED", times=3)
     reply = post_push(url, GOOD, message_id="999")
@@ -592,29 +693,39 @@ def test_results_topic_unavailable_asks_for_a_retry(dispatcher, cloud_run):
 
 # -- settings -------------------------------------------------------------------------------------
 def test_dispatcher_settings_from_env():
-    env = {"GCP_PROJECT_ID": "p1", "CLOUD_RUN_REGION": "us-central1", "GCS_BUCKET": "stems-b",
-           "CLOUD_RUN_JOB": "some-execution-of-another-job"}    # Cloud Run sets it in jobs
+    env = {
+        "GCP_PROJECT_ID": "p1",
+        "CLOUD_RUN_REGION": "us-central1",
+        "GCS_BUCKET": "stems-b",
+        "CLOUD_RUN_JOB": "some-execution-of-another-job",
+    }  # Cloud Run sets it in jobs
     settings = load_dispatcher_settings(env)
     assert settings.job_name == "projects/p1/locations/us-central1/jobs/stem-job"
     assert settings.marker_bucket == "stems-b" and settings.results_topic == "stem-results"
     assert load_dispatcher_settings({**env, "DISPATCH_JOB_NAME": "stems-l4"}).job == "stems-l4"
     assert load_dispatcher_settings({**env, "DISPATCH_MARKER_PREFIX": "/d"}).marker_prefix == "d/"
     # HTTP_HOST and PORT are job.config's: one default, and a flag is validated like the env.
-    assert (settings.host, settings.port) == (load_settings(env).http_host,
-                                              load_settings(env).http_port)
+    assert (settings.host, settings.port) == (
+        load_settings(env).http_host,
+        load_settings(env).http_port,
+    )
     assert load_dispatcher_settings({**env, "PORT": "8080"}).port == 8080
     assert load_dispatcher_settings(env, http_port="9090").port == 9090
     from job.errors import ConfigError
+
     for variable, bad in (
-            ("GCP_PROJECT_ID", {"CLOUD_RUN_REGION": "us-central1"}),
-            ("CLOUD_RUN_REGION", {"GCP_PROJECT_ID": "p1"}),
-            ("DISPATCH_JOB_NAME", {**env, "DISPATCH_JOB_NAME": "Bad_Name"}),
-            ("DISPATCH_API_ATTEMPTS", {**env, "DISPATCH_API_ATTEMPTS": "0"}),
-            ("DISPATCH_CLAIM_TTL_S", {**env, "DISPATCH_CLAIM_TTL_S": "soon"}),
-            ("PORT", {**env, "PORT": "0"}),
-            ("DISPATCH_MARKER_BUCKET", {**env, "DISPATCH_MARKER_BUCKET": "Not A Bucket"}),
-            ("DISPATCH_CLAIM_TTL_S", {**env, "DISPATCH_CLAIM_TTL_S": "40",
-                                      "DISPATCH_API_DEADLINE_S": "30"})):
+        ("GCP_PROJECT_ID", {"CLOUD_RUN_REGION": "us-central1"}),
+        ("CLOUD_RUN_REGION", {"GCP_PROJECT_ID": "p1"}),
+        ("DISPATCH_JOB_NAME", {**env, "DISPATCH_JOB_NAME": "Bad_Name"}),
+        ("DISPATCH_API_ATTEMPTS", {**env, "DISPATCH_API_ATTEMPTS": "0"}),
+        ("DISPATCH_CLAIM_TTL_S", {**env, "DISPATCH_CLAIM_TTL_S": "soon"}),
+        ("PORT", {**env, "PORT": "0"}),
+        ("DISPATCH_MARKER_BUCKET", {**env, "DISPATCH_MARKER_BUCKET": "Not A Bucket"}),
+        (
+            "DISPATCH_CLAIM_TTL_S",
+            {**env, "DISPATCH_CLAIM_TTL_S": "40", "DISPATCH_API_DEADLINE_S": "30"},
+        ),
+    ):
         with pytest.raises(ConfigError, match=variable):
             load_dispatcher_settings(bad)
     with pytest.raises(ConfigError, match="PORT"):
@@ -622,10 +733,14 @@ def test_dispatcher_settings_from_env():
 
 
 def test_envelope_parsing_keeps_the_message_id_and_attempt():
-    delivery = parse_envelope({"content-type": "application/json"},
-                              json.dumps(push_body(GOOD, "42")).encode())
-    assert (delivery.message_id, delivery.delivery_attempt, delivery.transport) == \
-        ("42", 1, "pubsub-push")
+    delivery = parse_envelope(
+        {"content-type": "application/json"}, json.dumps(push_body(GOOD, "42")).encode()
+    )
+    assert (delivery.message_id, delivery.delivery_attempt, delivery.transport) == (
+        "42",
+        1,
+        "pubsub-push",
+    )
     assert json.loads(delivery.data) == GOOD and delivery.attributes == {"origin": "backend"}
     assert marker_key("42") == "42"
     assert re.fullmatch(r"h-[0-9a-f]{64}", marker_key("a/b"))
@@ -635,9 +750,25 @@ def test_every_job_package_is_shipped(tmp_path):
     """The wheel the images install holds every module of the package, subpackages included
     (job.dispatcher), built by the real build backend."""
     import zipfile
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=120)
-    wheel, = tmp_path.glob("stem_job-*.whl")
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = tmp_path.glob("stem_job-*.whl")
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     sources = {str(path.relative_to(REPO)) for path in (REPO / "job").rglob("*.py")}
     assert "job/dispatcher/app.py" in sources and shipped == sources
@@ -668,7 +799,7 @@ class PreconditionGcs:
         self.http = JsonServer(self._answer)
 
     def _answer(self, method, url, body):
-        if method == "GET":     # the client reads the bucket's metadata before some writes
+        if method == "GET":  # the client reads the bucket's metadata before some writes
             return 200, {"kind": "storage#bucket", "name": url.path.rsplit("/", 1)[1]}
         self.seen.append((method, url.path, parse_qs(url.query), body))
         return 412, {"error": {"code": 412, "message": "conditionNotMet"}}
@@ -677,10 +808,13 @@ class PreconditionGcs:
 def test_gcs_markers_use_generation_preconditions():
     gcs = PreconditionGcs()
     try:
-        client = storage.Client(project=PROJECT, credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": gcs.http.url})
+        client = storage.Client(
+            project=PROJECT,
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": gcs.http.url},
+        )
         markers = GcsMarkers("b", "dispatch/", client=client)
-        assert markers.create("123", {"state": "claimed"}) is None     # exists: not ours
+        assert markers.create("123", {"state": "claimed"}) is None  # exists: not ours
         assert markers.replace("123", {"state": "started"}, 17) is None
         assert markers.delete("123", 17) is False
         (create_method, create_path, create_query, create_body), replace, delete = gcs.seen
@@ -693,22 +827,36 @@ def test_gcs_markers_use_generation_preconditions():
         gcs.http.close()
 
 
-# -- no usable credentials --------------------------------------------------------------------------
+# -- no usable credentials ----------------------------------------------------------------------
 def test_dispatch_without_credentials_is_one_line_and_exit_78(tmp_path):
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NO_GCE_CHECK": "True",
-           "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
-           "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "GCP_PROJECT_ID": "p1",
-           "CLOUD_RUN_REGION": "us-central1", "GCS_BUCKET": "stems-b", "PORT": "9",
-           "LOG_FORMAT": "text"}
-    proc = subprocess.run([sys.executable, "-m", "job", "dispatch"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+        "GCP_PROJECT_ID": "p1",
+        "CLOUD_RUN_REGION": "us-central1",
+        "GCS_BUCKET": "stems-b",
+        "PORT": "9",
+        "LOG_FORMAT": "text",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "dispatch"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 78, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    [line] = [l for l in proc.stderr.splitlines() if l.startswith("stem-job:")]
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("stem-job:")]
     assert "credentials" in line
 
 
-# -- the whole Cloud Run path under faults ------------------------------------------------------------
+# -- the whole Cloud Run path under faults -------------------------------------------------------
 def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_path):
     """A slice of hack/cloudrun-faults: Pub/Sub push -> the dispatcher -> the Cloud Run job
     stand-in running `stem-job run` tasks (maxRetries 1), then the sweep. Seed 33's first run
@@ -717,6 +865,7 @@ def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_pa
     hold whatever it is (test_the_sweep_reports_... covers the sweep's cases one by one)."""
     sys.path.insert(0, str(REPO / "hack"))
     from cloudrun_faults import run
+
     verdict = run(runs=1, seed=33, messages=2, workdir=tmp_path)
     assert verdict["ok"], json.dumps(verdict, indent=2)
     assert (verdict["messages"], verdict["executions"]) == (2, 2)
@@ -725,41 +874,59 @@ def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_pa
 
 
 def test_the_sweep_reports_a_killed_execution_once_and_a_complete_set_as_completed(
-        pubsub_emulator, gcs_emulator, results, unique_name, model_dir, song, tmp_path):
+    pubsub_emulator, gcs_emulator, results, unique_name, model_dir, song, tmp_path
+):
     """Two executions whose task is SIGKILLed on its last attempt: one track's set was complete
     before the kill (its manifest exists), the other's was not. The sweep publishes `completed`
     and `execution_lost`, once: a second sweep finds nothing open."""
-    from conftest import job_env, last_json, run_job
     from cloudrun_stand_in import CloudRunJobStandIn
+    from conftest import job_env, last_json, run_job
+
     from job.dispatcher.sweep import SweepClients
+
     client = gcs_emulator.client(PROJECT)
     bucket = client.create_bucket(unique_name("sweep")).name
     client.bucket(bucket).blob("originals/song.mp3").upload_from_filename(str(song))
-    done = {**GOOD, "jobId": "job_done", "trackId": "trk_done",
-            "originalStemUri": f"gs://{bucket}/originals/song.mp3"}
+    done = {
+        **GOOD,
+        "jobId": "job_done",
+        "trackId": "trk_done",
+        "originalStemUri": f"gs://{bucket}/originals/song.mp3",
+    }
     lost = {**done, "jobId": "job_lost", "trackId": "trk_lost"}
-    env = job_env(model_dir, tmp_path / "unused", STORAGE_MODE="gcs", GCS_BUCKET=bucket,
-                  **gcs_emulator.env)
-    finished = run_job(["run", "--message", json.dumps(done)], env)     # the set of trk_done
+    env = job_env(
+        model_dir, tmp_path / "unused", STORAGE_MODE="gcs", GCS_BUCKET=bucket, **gcs_emulator.env
+    )
+    finished = run_job(["run", "--message", json.dumps(done)], env)  # the set of trk_done
     assert finished.returncode == 0 and last_json(finished.stdout)["status"] == "completed"
     killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
     job = f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
     cloud_run = CloudRunJobStandIn(job, {}, max_retries=1, argv=killed)
-    rest = dict(transport="rest", credentials=AnonymousCredentials(),
-                client_options={"api_endpoint": cloud_run.url})
-    app = create_app(settings_for(results.topic, marker_bucket=bucket, stems_bucket=bucket),
-                     jobs_client=run_v2.JobsClient(**rest),
-                     publisher_client=pubsub_emulator.publisher,
-                     markers=GcsMarkers(bucket, client=client),
-                     sweep_clients=SweepClients(run_v2.ExecutionsClient(**rest),
-                                                run_v2.TasksClient(**rest), client))
+    rest = {
+        "transport": "rest",
+        "credentials": AnonymousCredentials(),
+        "client_options": {"api_endpoint": cloud_run.url},
+    }
+    app = create_app(
+        settings_for(results.topic, marker_bucket=bucket, stems_bucket=bucket),
+        jobs_client=run_v2.JobsClient(**rest),
+        publisher_client=pubsub_emulator.publisher,
+        markers=GcsMarkers(bucket, client=client),
+        sweep_clients=SweepClients(
+            run_v2.ExecutionsClient(**rest), run_v2.TasksClient(**rest), client
+        ),
+    )
     server = Uvicorn(app)
     try:
         for number, message in enumerate((done, lost)):
-            assert post_push(server.url, message, message_id=f"77{number}").json()["status"] == "started"
+            assert (
+                post_push(server.url, message, message_id=f"77{number}").json()["status"]
+                == "started"
+            )
         assert cloud_run.wait(2, timeout_s=60)
-        assert all([a.term_signal for a in e.attempts] == [9, 9]
-                   for e in cloud_run.executions.values()), "both attempts killed"
+        assert all(
+            [a.term_signal for a in e.attempts] == [9, 9] for e in cloud_run.executions.values()
+        ), "both attempts killed"
         reply = requests.post(server.url + "/sweep", timeout=60).json()
         assert (reply["open"], reply["published"]) == (2, 2), reply
         published = {json.loads(m.data)["jobId"]: json.loads(m.data) for m in results(2)}

@@ -3,14 +3,14 @@ outputs, a re-upload of the original among them, one killed between its stems an
 manifest. A manifest only ever names one whole set that matches its own request, and a
 `completed` writer was answered with such a set."""
 
+import commit_race  # hack/commit_race.py (tests/stand_ins.py puts hack/ on sys.path)
 import pytest
-
-import commit_race   # hack/commit_race.py (tests/stand_ins.py puts hack/ on sys.path)
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_racing_writers_leave_one_whole_set_for_its_own_request(gcs_emulator, bucket, seed,
-                                                                 tmp_path):
+def test_racing_writers_leave_one_whole_set_for_its_own_request(
+    gcs_emulator, bucket, seed, tmp_path
+):
     objects = gcs_emulator.client().bucket(bucket)
     result = commit_race.race(gcs_emulator.url, objects, seed, writers=5, folder=tmp_path)
     assert result["problems"] == [], result

@@ -21,17 +21,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from google.auth import crypt, jwt
+from test_cloudrun import (
+    GOOD,
+    Uvicorn,
+    cloud_run,  # noqa: F401  (the Cloud Run API stand-in, a fixture)
+    push_body,
+    settings_for,
+)
 
 from job.dispatcher import create_app, load_dispatcher_settings
 from job.dispatcher.auth import PushTokens
 from job.dispatcher.dedupe import MemoryMarkers
 from job.errors import ConfigError
-from test_cloudrun import GOOD, Uvicorn, push_body, settings_for
-from test_cloudrun import cloud_run  # noqa: F401  (the Cloud Run API stand-in, a fixture)
 
 AUDIENCE = "https://stem-dispatch-abc123-uc.a.run.app"
 PUSHER = "stem-push@my-project.iam.gserviceaccount.com"
-SCHEDULER = "stem-sweep@my-project.iam.gserviceaccount.com"     # a second caller allowed in
+SCHEDULER = "stem-sweep@my-project.iam.gserviceaccount.com"  # a second caller allowed in
 KEY_ID = "test-key-1"
 
 
@@ -40,26 +45,39 @@ class SigningKey:
 
     def __init__(self, key_id=KEY_ID):
         self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = self.private.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption())
+        pem = self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         self.signer = crypt.RSASigner.from_string(pem, key_id)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-signer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(self.private.public_key()).serial_number(1)
-                .not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .sign(self.private, hashes.SHA256()))
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.private.public_key())
+            .serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(self.private, hashes.SHA256())
+        )
         self.certificate = cert.public_bytes(serialization.Encoding.PEM).decode()
 
     def token(self, **claims) -> str:
         now = int(time.time())
-        payload = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now,
-                   "exp": now + 3600, "sub": "112233", "email": PUSHER, "email_verified": True,
-                   **claims}
-        return jwt.encode(self.signer, {k: v for k, v in payload.items() if v is not None}
-                          ).decode()
+        payload = {
+            "iss": "https://accounts.google.com",
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now + 3600,
+            "sub": "112233",
+            "email": PUSHER,
+            "email_verified": True,
+            **claims,
+        }
+        return jwt.encode(self.signer, {k: v for k, v in payload.items() if v is not None}).decode()
 
 
 class CertificateServer:
@@ -111,10 +129,14 @@ def dispatcher(cloud_run):
     servers = []
 
     def start(certs_url, service_accounts=(PUSHER,)):
-        app = create_app(settings_for("stem-results", push_audience=AUDIENCE,
-                                      push_service_accounts=service_accounts),
-                         jobs_client=cloud_run.client(), markers=MemoryMarkers(),
-                         push_tokens=PushTokens(AUDIENCE, service_accounts, certs_url))
+        app = create_app(
+            settings_for(
+                "stem-results", push_audience=AUDIENCE, push_service_accounts=service_accounts
+            ),
+            jobs_client=cloud_run.client(),
+            markers=MemoryMarkers(),
+            push_tokens=PushTokens(AUDIENCE, service_accounts, certs_url),
+        )
         servers.append(Uvicorn(app))
         return servers[-1].url
 
@@ -125,8 +147,7 @@ def dispatcher(cloud_run):
 
 def push(url, token=None, message_id="5001", path="/pubsub", scheme="Bearer"):
     headers = {"Authorization": f"{scheme} {token}"} if token else {}
-    return requests.post(url + path, json=push_body(GOOD, message_id), headers=headers,
-                         timeout=30)
+    return requests.post(url + path, json=push_body(GOOD, message_id), headers=headers, timeout=30)
 
 
 def refused(reply, hint):
@@ -151,7 +172,7 @@ def test_a_valid_push_token_starts_one_execution(dispatcher, certificates, cloud
 
 
 def forged(key):
-    return SigningKey(KEY_ID).token()             # same key id, someone else's key
+    return SigningKey(KEY_ID).token()  # same key id, someone else's key
 
 
 def tampered(key):
@@ -166,14 +187,18 @@ def tampered(key):
 BAD_TOKENS = {
     "forged": (forged, "signature"),
     "tampered": (tampered, "signature"),
-    "expired": (lambda key: key.token(iat=int(time.time()) - 7200,
-                                      exp=int(time.time()) - 3600), "expired"),
+    "expired": (
+        lambda key: key.token(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600),
+        "expired",
+    ),
     "not yet valid": (lambda key: key.token(iat=int(time.time()) + 600), "early"),
     "wrong audience": (lambda key: key.token(aud="https://someone-else.example"), "audience"),
     "no audience": (lambda key: key.token(aud=None), "audience"),
     "not Google's issuer": (lambda key: key.token(iss="https://evil.example"), "issued by"),
-    "another service account": (lambda key: key.token(email="other@p.iam.gserviceaccount.com"),
-                                "PUSH_SERVICE_ACCOUNT"),
+    "another service account": (
+        lambda key: key.token(email="other@p.iam.gserviceaccount.com"),
+        "PUSH_SERVICE_ACCOUNT",
+    ),
     "unverified email": (lambda key: key.token(email_verified=False), "PUSH_SERVICE_ACCOUNT"),
     "unknown key id": (lambda key: SigningKey("rotated-away").token(), "not found"),
     "not a JWT": (lambda key: "not-a-token", "not valid"),
@@ -199,13 +224,18 @@ def test_every_route_but_health_is_guarded(dispatcher, certificates, cloud_run, 
     refused(push(url, path="/"), "Authorization")
     refused(requests.post(url + "/sweep", timeout=10), "Authorization")
     refused(requests.post(url + "/added-later", timeout=10), "Authorization")
-    assert requests.post(url + "/added-later", timeout=10,
-                         headers={"Authorization": f"Bearer {key.token()}"}).status_code == 404
+    assert (
+        requests.post(
+            url + "/added-later", timeout=10, headers={"Authorization": f"Bearer {key.token()}"}
+        ).status_code
+        == 404
+    )
     assert cloud_run.requests == []
 
 
 def test_without_a_service_account_any_google_signed_token_for_the_audience_passes(
-        dispatcher, certificates, cloud_run, key):
+    dispatcher, certificates, cloud_run, key
+):
     url = dispatcher(certificates.url, service_accounts=())
     reply = push(url, key.token(email="scheduler@p.iam.gserviceaccount.com"))
     assert reply.status_code == 200, reply.text
@@ -226,12 +256,14 @@ def test_certificates_out_of_reach_ask_for_a_retry(dispatcher, cloud_run, key):
 def test_push_settings_from_env():
     env = {"GCP_PROJECT_ID": "p1", "CLOUD_RUN_REGION": "us-central1"}
     assert load_dispatcher_settings(env).push_audience == ""
-    settings = load_dispatcher_settings({**env, "PUSH_AUDIENCE": AUDIENCE,
-                                         "PUSH_SERVICE_ACCOUNT": f"{PUSHER}, {SCHEDULER}"})
+    settings = load_dispatcher_settings(
+        {**env, "PUSH_AUDIENCE": AUDIENCE, "PUSH_SERVICE_ACCOUNT": f"{PUSHER}, {SCHEDULER}"}
+    )
     assert settings.push_audience == AUDIENCE
     assert settings.push_service_accounts == (PUSHER, SCHEDULER)
     with pytest.raises(ConfigError, match="PUSH_SERVICE_ACCOUNT"):
-        load_dispatcher_settings({**env, "PUSH_AUDIENCE": AUDIENCE,
-                                  "PUSH_SERVICE_ACCOUNT": "not an email"})
+        load_dispatcher_settings(
+            {**env, "PUSH_AUDIENCE": AUDIENCE, "PUSH_SERVICE_ACCOUNT": "not an email"}
+        )
     with pytest.raises(ConfigError, match="PUSH_AUDIENCE"):
         load_dispatcher_settings({**env, "PUSH_SERVICE_ACCOUNT": PUSHER})

@@ -1,15 +1,15 @@
 """Dockerfile.gpu, checked without a Docker engine.
 
-What can be checked by reading: torch comes from a wheel index at requirements-torch.txt's pin and
-the rest from requirements.lock, hashes checked; the ENTRYPOINT is the console script pyproject.toml declares and
-the venv holding it is on PATH; the final stage inherits no build tools; torch's CUDA build
-matches the base image and stays on CUDA 12 (the L4 driver is 535, CUDA 12.2); the model is
-fetched at build time and the runtime is offline; the user is not root; dependency layers come
-before the source; builds need no frontend image and take a proxy's CA bundle only as a build
-secret; the model is baked from the hub or from a folder. Whether `prefetch-model` caches into the
-folder the runtime reads is tested with the model code, against a local hub cache; the built image
-itself is run by hack/image-test (CI), which needs a Docker engine.
-"""
+What can be checked by reading: torch comes from a wheel index at requirements-torch.txt's pin
+and the rest from requirements.lock, hashes checked; the ENTRYPOINT is the console script
+pyproject.toml declares and the venv holding it is on PATH; the final stage inherits no build
+tools; torch's CUDA build matches the base image and stays on CUDA 12 (the L4 driver is 535,
+CUDA 12.2); the model is fetched at build time and the runtime is offline; the user is not root;
+dependency layers come before the source; builds need no frontend image and take a proxy's CA
+bundle only as a build secret; the model is baked from the hub or from a folder. Whether
+`prefetch-model` caches into the folder the runtime reads is tested with the model code, against
+a local hub cache; the built image itself is run by hack/image-test (CI), which needs a Docker
+engine."""
 
 import json
 import re
@@ -31,7 +31,7 @@ def instructions(text: str) -> list:
         if not current and (not stripped or stripped.startswith("#")):
             continue
         if current and stripped.startswith("#"):
-            continue                      # a comment inside a continued instruction
+            continue  # a comment inside a continued instruction
         if stripped.endswith("\\"):
             current += stripped[:-1] + " "
             continue
@@ -113,8 +113,12 @@ def lineage(dockerfile, stage):
 
 
 def run_commands(stage) -> list:
-    return [command for keyword, args in stage["steps"] if keyword == "RUN"
-            for command in shell_commands(args)]
+    return [
+        command
+        for keyword, args in stage["steps"]
+        if keyword == "RUN"
+        for command in shell_commands(args)
+    ]
 
 
 def test_dependencies_come_from_the_lock_and_torch_from_its_index(dockerfile):
@@ -127,10 +131,15 @@ def test_dependencies_come_from_the_lock_and_torch_from_its_index(dockerfile):
     assert "requirements-torch.txt" in " ".join(commands) and '"$spec"' in torch_step
     assert "pip install --require-hashes --no-deps -r requirements.lock" in commands
     assert any(c.startswith("pip wheel --no-deps") and c.endswith(" .") for c in commands)
-    assert any(c.startswith("pip install --no-deps /wheels/") for c in
-               map(normalize, run_commands(named(dockerfile, "runtime"))))
-    assert any(c.startswith("stem-job prefetch-model") for stage in stages(dockerfile)
-               for c in run_commands(stage))
+    assert any(
+        c.startswith("pip install --no-deps /wheels/")
+        for c in map(normalize, run_commands(named(dockerfile, "runtime")))
+    )
+    assert any(
+        c.startswith("stem-job prefetch-model")
+        for stage in stages(dockerfile)
+        for c in run_commands(stage)
+    )
     docs = normalize(DOCS.read_text())
     # Both image variants' build commands are documented.
     defaults = arg_defaults(dockerfile)
@@ -144,16 +153,20 @@ def test_entrypoint_is_the_console_script_on_path(dockerfile, pyproject):
     last = final(dockerfile)
     entry = [args for keyword, args in last["steps"] if keyword == "ENTRYPOINT"]
     assert len(entry) == 1
-    argv = json.loads(entry[0])                # exec form: a JSON list
+    argv = json.loads(entry[0])  # exec form: a JSON list
     assert argv == ["stem-job"] and argv[0] in pyproject["project"]["scripts"]
-    venv = [c.split()[-1] for s in stages(dockerfile) for c in run_commands(s)
-            if c.startswith("python3 -m venv")]
+    venv = [
+        c.split()[-1]
+        for s in stages(dockerfile)
+        for c in run_commands(s)
+        if c.startswith("python3 -m venv")
+    ]
     assert venv == ["/opt/venv"]
-    envs = " ".join(args for s in lineage(dockerfile, last) for k, args in s["steps"]
-                    if k == "ENV")
+    envs = " ".join(args for s in lineage(dockerfile, last) for k, args in s["steps"] if k == "ENV")
     assert re.search(r"PATH=/opt/venv/bin:", envs), "the venv's bin must lead PATH"
-    copies = [args for s in lineage(dockerfile, last) for keyword, args in s["steps"]
-              if keyword == "COPY"]
+    copies = [
+        args for s in lineage(dockerfile, last) for keyword, args in s["steps"] if keyword == "COPY"
+    ]
     assert any(re.match(r"--from=builder /opt/venv /opt/venv$", c) for c in copies)
 
 
@@ -172,8 +185,12 @@ def test_final_stage_has_no_build_tools(dockerfile):
                     words = command.split(" install ", 1)[1].split()
                     runtime |= {w for w in words if not w.startswith("-") and "$" not in w}
                     runtime |= chosen if any("$" in w for w in words) else set()
-    assert runtime == {"python3", "ca-certificates", "libtcmalloc-minimal4",
-                       "libtcmalloc-minimal4t64"}, f"runtime packages: {runtime}"
+    assert runtime == {
+        "python3",
+        "ca-certificates",
+        "libtcmalloc-minimal4",
+        "libtcmalloc-minimal4t64",
+    }, f"runtime packages: {runtime}"
     envs = " ".join(args for s in chain for k, args in s["steps"] if k == "ENV")
     assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in envs, "the job runs under tcmalloc"
     for stage in chain[:-1]:
@@ -183,8 +200,7 @@ def test_final_stage_has_no_build_tools(dockerfile):
 
 def test_cuda_build_matches_the_base_and_the_l4_driver(dockerfile):
     defaults = arg_defaults(dockerfile)
-    base = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu(\d+\.\d+)$",
-                    defaults["BASE_IMAGE"])
+    base = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu(\d+\.\d+)$", defaults["BASE_IMAGE"])
     assert base, defaults["BASE_IMAGE"]
     index = re.match(r"https://download\.pytorch\.org/whl/cu(\d\d)(\d)$", defaults["TORCH_INDEX"])
     assert index, defaults["TORCH_INDEX"]
@@ -210,7 +226,9 @@ def test_model_is_baked_at_build_time_and_runs_offline(dockerfile):
     # Non-root, numeric (so Kubernetes' runAsNonRoot can verify it), before the model is baked
     # so the cache belongs to the user that reads it.
     assert re.match(r"^[1-9]\d*:[1-9]\d*$", user) and keywords[-2:] == ["USER", "WORKDIR"]
-    hf_home = re.search(r"HF_HOME=(\S+)", " ".join(a for k, a in runtime["steps"] if k == "ENV")).group(1)
+    hf_home = re.search(
+        r"HF_HOME=(\S+)", " ".join(a for k, a in runtime["steps"] if k == "ENV")
+    ).group(1)
     created = " ".join(run_commands(runtime))
     assert f"mkdir -p {hf_home}" in created and "chown stem:stem " + hf_home in created
     for source in ("hub", "folder"):
@@ -228,15 +246,22 @@ def test_builds_need_no_registry_but_the_base_and_keep_the_ca_out(dockerfile):
     assert not re.search(r"^#\s*syntax=", dockerfile, re.MULTILINE | re.IGNORECASE)
     for stage in stages(dockerfile):
         for keyword, args in stage["steps"]:
-            assert not (keyword in ("COPY", "ADD", "ENV", "ARG") and re.search(r"ca_bundle|CERT", args))
+            assert not (
+                keyword in ("COPY", "ADD", "ENV", "ARG") and re.search(r"ca_bundle|CERT", args)
+            )
             if keyword != "RUN":
                 continue
-            online = re.search(r"apt-get \S* ?update|pip (install|wheel) --no-cache-dir (?!--no-deps)"
-                               r"|stem-job prefetch-model", args)
+            online = re.search(
+                r"apt-get \S* ?update|pip (install|wheel) --no-cache-dir (?!--no-deps)"
+                r"|stem-job prefetch-model",
+                args,
+            )
             if online and "MODEL_DIR" not in " ".join(a for k, a in stage["steps"] if k == "ENV"):
-                assert re.match(r"--mount=type=secret,id=ca_bundle\S* --mount=type=bind,"
-                                r"source=hack/docker-build-env,target=/build-env +\. /build-env ",
-                                args), args
+                assert re.match(
+                    r"--mount=type=secret,id=ca_bundle\S* --mount=type=bind,"
+                    r"source=hack/docker-build-env,target=/build-env +\. /build-env ",
+                    args,
+                ), args
     helper = (REPO / "hack" / "docker-build-env").read_text()
     assert "/run/secrets/ca_bundle" in helper and "Acquire::https::CAInfo" in helper
 
@@ -256,9 +281,14 @@ def test_layers_change_least_often_first(dockerfile, pyproject):
     assert order[:3] == ["torch", "lock", "dependencies"] and set(order[3:]) == {"source"}
     # Exactly what pyproject.toml packages goes into the image, beside the two pins.
     copied = {args.split()[0] for keyword, args in builder["steps"] if keyword == "COPY"}
-    assert copied == {"wheel[s]", "requirements-torch.txt", "requirements.lock", "pyproject.toml",
-                      pyproject["project"]["readme"],
-                      *pyproject["tool"]["setuptools"]["packages"]["find"]["include"]} - {"job.*"}
+    assert copied == {
+        "wheel[s]",
+        "requirements-torch.txt",
+        "requirements.lock",
+        "pyproject.toml",
+        pyproject["project"]["readme"],
+        *pyproject["tool"]["setuptools"]["packages"]["find"]["include"],
+    } - {"job.*"}
 
 
 def pattern_regex(pattern: str) -> str:
@@ -295,25 +325,43 @@ def ignored(path: str, patterns: list) -> bool:
 def test_dockerignore_keeps_the_context_to_what_the_build_copies():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    for kept in ("pyproject.toml", "requirements.lock", "requirements-torch.txt", "README.md", "job/cli.py", "job/dispatcher.py",
-                 "hack/docker-build-env", "wheels/torch-2.13.0-cp311.whl", "model/htdemucs_6s.yaml"):
+    for kept in (
+        "pyproject.toml",
+        "requirements.lock",
+        "requirements-torch.txt",
+        "README.md",
+        "job/cli.py",
+        "job/dispatcher.py",
+        "hack/docker-build-env",
+        "wheels/torch-2.13.0-cp311.whl",
+        "model/htdemucs_6s.yaml",
+    ):
         assert not ignored(kept, patterns), kept
-    for dropped in (".git/HEAD", ".venv/bin/python", "tests/test_dockerfile.py", "k8s/base/x",
-                    "docs/deployment.md", "job/__pycache__/cli.cpython-311.pyc", "outputs/a.mp3",
-                    "hack/test", "compose.yaml"):
+    for dropped in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "tests/test_dockerfile.py",
+        "k8s/base/x",
+        "docs/deployment.md",
+        "job/__pycache__/cli.cpython-311.pyc",
+        "outputs/a.mp3",
+        "hack/test",
+        "compose.yaml",
+    ):
         assert ignored(dropped, patterns), dropped
 
 
 def test_compose_serves_by_default_and_has_the_pubsub_profile_and_gpu_overlay():
     """compose.yaml as a reader runs it (hack/image-test brings `serve` up for real)."""
     import yaml
+
     compose = yaml.safe_load((REPO / "compose.yaml").read_text())
     services = compose["services"]
     default = [name for name, s in services.items() if not s.get("profiles")]
     assert default == ["serve"]
     serve = services["serve"]
     assert serve["command"] == ["serve"] and serve["environment"]["STORAGE_MODE"] == "local"
-    [port] = serve["ports"]        # as Compose reads it with nothing set: the defaults
+    [port] = serve["ports"]  # as Compose reads it with nothing set: the defaults
     host, published, target = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", port).split(":")
     assert host == "127.0.0.1", "published on every interface of the host"
     assert (published, target) == ("8000", "8000")

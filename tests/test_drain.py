@@ -8,16 +8,18 @@ import sys
 import time
 
 import pytest
-
 from conftest import job_env, last_json, run_job
+from stand_ins import PROJECT
+from synthetic import music, write_audio
+
 from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_OK, EXIT_RETRY
 from job.messages import STEMS
-from synthetic import music, write_audio
-from stand_ins import PROJECT
 
 
 @pytest.fixture
-def cloud(pubsub_emulator, gcs_emulator, bucket, make_topic, make_subscription, model_dir, tmp_path):
+def cloud(
+    pubsub_emulator, gcs_emulator, bucket, make_topic, make_subscription, model_dir, tmp_path
+):
     """A bucket, a work subscription, a results topic with a pull subscription, and the env."""
     work = make_subscription(ack_deadline_s=10)
     results_topic = make_topic("results")
@@ -25,14 +27,22 @@ def cloud(pubsub_emulator, gcs_emulator, bucket, make_topic, make_subscription, 
 
     class Cloud:
         pass
+
     cloud = Cloud()
     cloud.bucket, cloud.work, cloud.results = bucket, work, results
     cloud.storage = gcs_emulator.client(PROJECT)
-    cloud.env = job_env(model_dir, tmp_path / "unused", STORAGE_MODE="gcs", GCS_BUCKET=bucket,
-                        PUBSUB_SUBSCRIPTION=work.path.rsplit("/", 1)[1],
-                        PUBSUB_RESULTS_TOPIC=results_topic.rsplit("/", 1)[1],
-                        IDLE_TIMEOUT_S="3", RETRY_DEADLINE_S="20",
-                        **pubsub_emulator.env, **gcs_emulator.env)
+    cloud.env = job_env(
+        model_dir,
+        tmp_path / "unused",
+        STORAGE_MODE="gcs",
+        GCS_BUCKET=bucket,
+        PUBSUB_SUBSCRIPTION=work.path.rsplit("/", 1)[1],
+        PUBSUB_RESULTS_TOPIC=results_topic.rsplit("/", 1)[1],
+        IDLE_TIMEOUT_S="3",
+        RETRY_DEADLINE_S="20",
+        **pubsub_emulator.env,
+        **gcs_emulator.env,
+    )
 
     def upload(name, data: bytes):
         cloud.storage.bucket(bucket).blob(name).upload_from_string(data)
@@ -46,29 +56,45 @@ def cloud(pubsub_emulator, gcs_emulator, bucket, make_topic, make_subscription, 
         got, deadline = [], time.monotonic() + timeout
         while len(got) < expected and time.monotonic() < deadline:
             response = pubsub_emulator.subscriber.pull(
-                request={"subscription": results.path, "max_messages": 50}, timeout=5)
+                request={"subscription": results.path, "max_messages": 50}, timeout=5
+            )
             for received in response.received_messages:
                 got.append((json.loads(received.message.data), dict(received.message.attributes)))
             if response.received_messages:
-                pubsub_emulator.subscriber.acknowledge(request={
-                    "subscription": results.path,
-                    "ack_ids": [r.ack_id for r in response.received_messages]})
+                pubsub_emulator.subscriber.acknowledge(
+                    request={
+                        "subscription": results.path,
+                        "ack_ids": [r.ack_id for r in response.received_messages],
+                    }
+                )
         return got
 
     def queue_is_empty():
         response = pubsub_emulator.subscriber.pull(
-            request={"subscription": work.path, "max_messages": 10}, timeout=5)
+            request={"subscription": work.path, "max_messages": 10}, timeout=5
+        )
         return not response.received_messages
 
-    cloud.upload, cloud.publish, cloud.results_now, cloud.queue_is_empty = \
-        upload, publish, results_now, queue_is_empty
+    cloud.upload, cloud.publish, cloud.results_now, cloud.queue_is_empty = (
+        upload,
+        publish,
+        results_now,
+        queue_is_empty,
+    )
     cloud.subscriber = pubsub_emulator.subscriber
     return cloud
 
 
 def message(cloud, uri, track="trk_1", **extra):
-    return {"jobId": f"job_{track}", "releaseId": "rel_1", "artistId": "art_1", "trackId": track,
-            "originalStemUri": uri, "mimeType": "audio/mpeg", **extra}
+    return {
+        "jobId": f"job_{track}",
+        "releaseId": "rel_1",
+        "artistId": "art_1",
+        "trackId": track,
+        "originalStemUri": uri,
+        "mimeType": "audio/mpeg",
+        **extra,
+    }
 
 
 def stems_in_bucket(cloud, track):
@@ -83,7 +109,9 @@ def test_empty_subscription_exits_zero_without_touching_the_model(cloud, tmp_pat
     assert proc.returncode == EXIT_OK, proc.stderr
 
 
-@pytest.mark.parametrize("variable, value", [("MODEL_DIR", "/nonexistent/model"), ("DEVICE", "cuda")])
+@pytest.mark.parametrize(
+    "variable, value", [("MODEL_DIR", "/nonexistent/model"), ("DEVICE", "cuda")]
+)
 def test_configuration_error_exits_78_and_returns_the_message(cloud, song, variable, value):
     uri = cloud.upload("originals/cfg.mp3", song.read_bytes())
     cloud.publish(message(cloud, uri, "trk_cfg"))
@@ -99,14 +127,19 @@ def test_configuration_error_exits_78_and_returns_the_message(cloud, song, varia
 def test_batch_of_good_and_bad_messages(cloud, song):
     good = cloud.upload("originals/good.mp3", song.read_bytes())
     pdf = cloud.upload("originals/doc.mp3", b"%PDF-1.4 not audio" * 100)
-    long_one = cloud.upload("originals/long.flac",
-                            write_audio(song.parent / "long.flac", music(14.0)).read_bytes())
+    long_one = cloud.upload(
+        "originals/long.flac", write_audio(song.parent / "long.flac", music(14.0)).read_bytes()
+    )
     batch = [
         (message(cloud, good, "trk_good"), "completed", None),
         (b"{not json", "failed", "invalid_message"),
         (message(cloud, good, "../etc"), "failed", "invalid_id"),
         (message(cloud, "gs://someone-elses-bucket/x.mp3", "trk_b"), "failed", "input_not_allowed"),
-        (message(cloud, f"gs://{cloud.bucket}/originals/missing.mp3", "trk_m"), "failed", "input_not_found"),
+        (
+            message(cloud, f"gs://{cloud.bucket}/originals/missing.mp3", "trk_m"),
+            "failed",
+            "input_not_found",
+        ),
         (message(cloud, pdf, "trk_pdf"), "failed", "not_audio"),
         (message(cloud, long_one, "trk_long"), "failed", "too_long"),
         ({"releaseId": "rel_1", "trackId": "t_x"}, "failed", "invalid_message"),
@@ -118,24 +151,29 @@ def test_batch_of_good_and_bad_messages(cloud, song):
     # every message was concluded and acked: the Job did its work, whatever the results
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
     results = cloud.results_now(len(batch))
-    assert sorted((r["status"], (r.get("error") or {}).get("code")) for r, _ in results) == \
-        sorted((status, code) for _, status, code in batch)
+    assert sorted((r["status"], (r.get("error") or {}).get("code")) for r, _ in results) == sorted(
+        (status, code) for _, status, code in batch
+    )
     for result, attributes in results:
         assert attributes["status"] == result["status"]
         if result["jobId"]:
             assert attributes["jobId"] == result["jobId"]
     completed = next(r for r, _ in results if r["status"] == "completed")
-    assert completed["stems"] == {s: f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/{s}.mp3"
-                                  for s in STEMS}
-    assert stems_in_bucket(cloud, "trk_good") == {f"stems/rel_1/trk_good/{s}{ext}" for s in STEMS
-                                                 for ext in (".mp3", ".peaks.json")} | \
-        {"stems/rel_1/trk_good/manifest.json"}
+    assert completed["stems"] == {
+        s: f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/{s}.mp3"
+        for s in STEMS
+    }
+    assert stems_in_bucket(cloud, "trk_good") == {
+        f"stems/rel_1/trk_good/{s}{ext}" for s in STEMS for ext in (".mp3", ".peaks.json")
+    } | {"stems/rel_1/trk_good/manifest.json"}
     blob = cloud.storage.bucket(cloud.bucket).get_blob("stems/rel_1/trk_good/vocals.mp3")
     assert blob.content_type == "audio/mpeg"
     peaks = cloud.storage.bucket(cloud.bucket).get_blob("stems/rel_1/trk_good/vocals.peaks.json")
     assert peaks.content_type == "application/json"
-    assert completed["outputs"]["vocals"]["peaks"] == \
-        f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/vocals.peaks.json"
+    assert (
+        completed["outputs"]["vocals"]["peaks"]
+        == f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/vocals.peaks.json"
+    )
     assert cloud.queue_is_empty(), "every message, good or bad, must be acked"
 
 
@@ -151,22 +189,33 @@ def test_duplicate_message_reuses_the_completed_set(cloud, song):
     assert "separate" in first["timings"] and "separate" not in second["timings"]
     assert "download" not in second["timings"], "a complete set is answered from its manifest"
     # a changed input (new generation) is separated again
-    uri = cloud.upload("originals/dup.mp3", write_audio(song.parent / "other.mp3", music(5, seed=9)).read_bytes())
+    uri = cloud.upload(
+        "originals/dup.mp3", write_audio(song.parent / "other.mp3", music(5, seed=9)).read_bytes()
+    )
     cloud.publish(message(cloud, uri, "trk_dup"))
     assert run_job(["drain"], cloud.env).returncode == EXIT_OK
-    (third, _), = cloud.results_now(1)
+    ((third, _),) = cloud.results_now(1)
     assert third["reused"] is False and abs(third["durationS"] - 5.0) < 0.1
 
 
 def test_next_track_is_fetched_and_separated_while_the_current_one_finishes(cloud, tmp_path):
-    first = cloud.upload("originals/a.flac", write_audio(tmp_path / "a.flac", music(20, seed=6)).read_bytes())
-    second = cloud.upload("originals/b.mp3", write_audio(tmp_path / "b.mp3", music(6, seed=7)).read_bytes())
+    first = cloud.upload(
+        "originals/a.flac", write_audio(tmp_path / "a.flac", music(20, seed=6)).read_bytes()
+    )
+    second = cloud.upload(
+        "originals/b.mp3", write_audio(tmp_path / "b.mp3", music(6, seed=7)).read_bytes()
+    )
     cloud.publish(message(cloud, first, "trk_a"))
     cloud.publish(message(cloud, second, "trk_b"))
     proc = run_job(["drain", "--max-messages", "2"], cloud.env)
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
-    events = [e for e in map(json.loads, filter(lambda l: l.startswith("{"), proc.stderr.splitlines()))
-              if e.get("event") in ("job_summary", "first_window")]
+    events = [
+        e
+        for e in map(
+            json.loads, filter(lambda text: text.startswith("{"), proc.stderr.splitlines())
+        )
+        if e.get("event") in ("job_summary", "first_window")
+    ]
     summaries = {e["jobId"]: e for e in events if e["event"] == "job_summary"}
     assert summaries["job_trk_a"]["fetchedAhead"] is False
     assert summaries["job_trk_b"]["fetchedAhead"] is True, "fetched while trk_a separated"
@@ -177,19 +226,28 @@ def test_next_track_is_fetched_and_separated_while_the_current_one_finishes(clou
     results = [r for r, _ in cloud.results_now(2)]
     assert [r["trackId"] for r in results] == ["trk_a", "trk_b"], "results keep the messages' order"
     results = {r["trackId"]: r for r in results}
-    assert {t: r["status"] for t, r in results.items()} == {"trk_a": "completed", "trk_b": "completed"}
+    assert {t: r["status"] for t, r in results.items()} == {
+        "trk_a": "completed",
+        "trk_b": "completed",
+    }
     assert abs(results["trk_b"]["durationS"] - 6.0) < 0.1
-    assert stems_in_bucket(cloud, "trk_b") == {f"stems/rel_1/trk_b/{s}{ext}" for s in STEMS
-                                                 for ext in (".mp3", ".peaks.json")} | \
-        {"stems/rel_1/trk_b/manifest.json"}
+    assert stems_in_bucket(cloud, "trk_b") == {
+        f"stems/rel_1/trk_b/{s}{ext}" for s in STEMS for ext in (".mp3", ".peaks.json")
+    } | {"stems/rel_1/trk_b/manifest.json"}
 
 
 def test_sigterm_nacks_and_leaves_no_manifest(cloud, tmp_path):
-    uri = cloud.upload("originals/long.flac",
-                       write_audio(tmp_path / "long.flac", music(60, seed=4)).read_bytes())
+    uri = cloud.upload(
+        "originals/long.flac", write_audio(tmp_path / "long.flac", music(60, seed=4)).read_bytes()
+    )
     cloud.publish(message(cloud, uri, "trk_term"))
-    proc = subprocess.Popen([sys.executable, "-m", "job", "drain"], env=cloud.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "drain"],
+        env=cloud.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         if "separated" in line or "first window" in line:
             break
@@ -205,28 +263,38 @@ def test_sigterm_nacks_and_leaves_no_manifest(cloud, tmp_path):
 
 
 def test_storage_outage_mid_run_is_survived(cloud, gcs_emulator, tmp_path):
-    uri = cloud.upload("originals/outage.flac",
-                       write_audio(tmp_path / "o.flac", music(25, seed=5)).read_bytes())
+    uri = cloud.upload(
+        "originals/outage.flac", write_audio(tmp_path / "o.flac", music(25, seed=5)).read_bytes()
+    )
     cloud.publish(message(cloud, uri, "trk_outage"))
-    proc = subprocess.Popen([sys.executable, "-m", "job", "drain"], env=cloud.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "drain"],
+        env=cloud.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         if "first window" in line:
             break
     gcs_emulator.kill()
-    time.sleep(8)            # down while the separation finishes and the upload starts retrying
+    time.sleep(8)  # down while the separation finishes and the upload starts retrying
     gcs_emulator.restart()
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_OK, stderr[-3000:]
-    (result, _), = cloud.results_now(1)
+    ((result, _),) = cloud.results_now(1)
     assert result["status"] == "completed"
     assert "stems/rel_1/trk_outage/manifest.json" in stems_in_bucket(cloud, "trk_outage")
 
 
 def test_run_publishes_its_result_and_progress_events(cloud, song):
     uri = cloud.upload("originals/run.mp3", song.read_bytes())
-    env = cloud.env | {"JOB_MESSAGE": base64.b64encode(json.dumps(message(cloud, uri, "trk_run")).encode()).decode(),
-                       "PROGRESS_EVENTS": "true"}
+    env = cloud.env | {
+        "JOB_MESSAGE": base64.b64encode(
+            json.dumps(message(cloud, uri, "trk_run")).encode()
+        ).decode(),
+        "PROGRESS_EVENTS": "true",
+    }
     proc = run_job(["run"], env)
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
     printed = last_json(proc.stdout)
@@ -234,13 +302,15 @@ def test_run_publishes_its_result_and_progress_events(cloud, song):
     finals = [r for r, a in published if a["status"] == "completed"]
     progress = [r for r, a in published if a["status"] == "processing"]
     assert finals == [printed]
-    assert progress and all(0 <= p["progress"] <= 1 and p["jobId"] == "job_trk_run" for p in progress)
+    assert progress and all(
+        0 <= p["progress"] <= 1 and p["jobId"] == "job_trk_run" for p in progress
+    )
 
 
 def test_bad_message_in_run_is_published_as_failed(cloud):
     proc = run_job(["run"], cloud.env | {"JOB_MESSAGE": "%%%"})
     assert proc.returncode == EXIT_BAD_INPUT
-    (result, attributes), = cloud.results_now(1)
+    ((result, attributes),) = cloud.results_now(1)
     assert result["status"] == attributes["status"] == "failed"
     assert result["error"]["code"] == "invalid_message"
 
@@ -269,9 +339,13 @@ def test_a_stems_bucket_gone_mid_batch_nacks_and_stops(cloud, song, gcs_emulator
     cloud.storage.bucket(originals).blob("gone.mp3").upload_from_string(song.read_bytes())
     for track in ("trk_gone1", "trk_gone2"):
         cloud.publish(message(cloud, f"gs://{originals}/gone.mp3", track))
-    proc = subprocess.Popen([sys.executable, "-m", "job", "drain", "--max-messages", "2"],
-                            env=cloud.env | {"ALLOWED_INPUT_BUCKETS": originals},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "drain", "--max-messages", "2"],
+        env=cloud.env | {"ALLOWED_INPUT_BUCKETS": originals},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         if "first window" in line:
             break
@@ -280,7 +354,9 @@ def test_a_stems_bucket_gone_mid_batch_nacks_and_stops(cloud, song, gcs_emulator
     cloud.storage.bucket(cloud.bucket).delete()
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_CONFIG, stderr[-3000:]
-    assert any(f"GCS_BUCKET={cloud.bucket}" in line for line in config_lines(stderr)), stderr[-3000:]
+    assert any(f"GCS_BUCKET={cloud.bucket}" in line for line in config_lines(stderr)), stderr[
+        -3000:
+    ]
     assert cloud.results_now(1, timeout=3) == []
     assert not cloud.queue_is_empty(), "both messages must be back on the queue"
 
@@ -296,10 +372,18 @@ def test_a_missing_results_topic_keeps_the_message_and_names_the_variable(cloud,
 
 
 def test_no_credentials_is_one_line_and_exit_78(cloud, tmp_path):
-    env = {k: v for k, v in cloud.env.items()
-           if k not in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")}
-    env |= {"HOME": str(tmp_path), "NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9",
-            "GCE_METADATA_IP": "127.0.0.1:9", "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+    env = {
+        k: v
+        for k, v in cloud.env.items()
+        if k not in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")
+    }
+    env |= {
+        "HOME": str(tmp_path),
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+    }
     env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     for command in (["drain"], ["run", "--message", json.dumps(message(cloud, "gs://b/x.mp3"))]):
         proc = run_job(command, env, timeout=120)
@@ -312,8 +396,13 @@ def test_no_credentials_is_one_line_and_exit_78(cloud, tmp_path):
 # -- Cloud Run: the job knows its retry budget ---------------------------------------------------
 def cloud_run_task(cloud, attempt: int, **extra) -> dict:
     """The env Cloud Run gives attempt `attempt` (0-based) of a job with maxRetries 1."""
-    return cloud.env | {"CLOUD_RUN_TASK_ATTEMPT": str(attempt), "CLOUD_RUN_TASK_INDEX": "0",
-                        "CLOUD_RUN_EXECUTION": "stem-job-abc12", "MAX_RETRIES": "1", **extra}
+    return cloud.env | {
+        "CLOUD_RUN_TASK_ATTEMPT": str(attempt),
+        "CLOUD_RUN_TASK_INDEX": "0",
+        "CLOUD_RUN_EXECUTION": "stem-job-abc12",
+        "MAX_RETRIES": "1",
+        **extra,
+    }
 
 
 def job_message(cloud, uri, track) -> str:
@@ -322,15 +411,18 @@ def job_message(cloud, uri, track) -> str:
 
 def test_a_storage_outage_is_reported_on_the_last_attempt_only(cloud, song):
     uri = cloud.upload("originals/out.mp3", song.read_bytes())
-    outage = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "RETRY_DEADLINE_S": "2",
-              "JOB_MESSAGE": job_message(cloud, uri, "trk_out")}
+    outage = {
+        "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9",
+        "RETRY_DEADLINE_S": "2",
+        "JOB_MESSAGE": job_message(cloud, uri, "trk_out"),
+    }
     first = run_job(["run"], cloud_run_task(cloud, 0, **outage))
     assert first.returncode == EXIT_RETRY, first.stderr[-3000:]
     assert last_json(first.stdout)["error"]["code"] == "storage_unavailable"
     assert cloud.results_now(1, timeout=3) == [], "a retry comes: nothing is final yet"
     last = run_job(["run"], cloud_run_task(cloud, 1, **outage))
     assert last.returncode == EXIT_RETRY, last.stderr[-3000:]
-    (published, attributes), = cloud.results_now(1)
+    ((published, attributes),) = cloud.results_now(1)
     assert published == last_json(last.stdout) and attributes["status"] == "failed"
     assert published["error"]["code"] == "storage_unavailable"
     assert published["error"]["retryable"] is True
@@ -338,8 +430,12 @@ def test_a_storage_outage_is_reported_on_the_last_attempt_only(cloud, song):
 
 def test_a_configuration_error_on_the_last_attempt_is_printed_and_published(cloud, song, tmp_path):
     uri = cloud.upload("originals/cfg.mp3", song.read_bytes())
-    env = cloud_run_task(cloud, 1, MODEL_DIR=str(tmp_path / "no-model"),
-                         JOB_MESSAGE=job_message(cloud, uri, "trk_cfgrun"))
+    env = cloud_run_task(
+        cloud,
+        1,
+        MODEL_DIR=str(tmp_path / "no-model"),
+        JOB_MESSAGE=job_message(cloud, uri, "trk_cfgrun"),
+    )
     proc = run_job(["run"], env)
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
     printed = last_json(proc.stdout)
@@ -347,21 +443,33 @@ def test_a_configuration_error_on_the_last_attempt_is_printed_and_published(clou
     assert printed["jobId"] == "job_trk_cfgrun" and printed["error"]["retryable"] is True
     [line] = config_lines(proc.stderr)
     assert "MODEL_DIR" in line
-    (published, _), = cloud.results_now(1)
+    ((published, _),) = cloud.results_now(1)
     assert published == printed
     # docker run / GKE (no Cloud Run variables): printed, not published, exit 78 as before
-    proc = run_job(["run"], cloud.env | {"MODEL_DIR": str(tmp_path / "no-model"),
-                                         "JOB_MESSAGE": job_message(cloud, uri, "trk_cfgrun")})
+    proc = run_job(
+        ["run"],
+        cloud.env
+        | {
+            "MODEL_DIR": str(tmp_path / "no-model"),
+            "JOB_MESSAGE": job_message(cloud, uri, "trk_cfgrun"),
+        },
+    )
     assert proc.returncode == EXIT_CONFIG and last_json(proc.stdout)["error"]["code"] == "config"
     assert cloud.results_now(1, timeout=3) == []
 
 
 def test_sigterm_on_the_last_attempt_is_reported_inside_the_grace(cloud, tmp_path):
-    uri = cloud.upload("originals/term.flac",
-                       write_audio(tmp_path / "term.flac", music(60, seed=4)).read_bytes())
+    uri = cloud.upload(
+        "originals/term.flac", write_audio(tmp_path / "term.flac", music(60, seed=4)).read_bytes()
+    )
     env = cloud_run_task(cloud, 1, JOB_MESSAGE=job_message(cloud, uri, "trk_lastterm"))
-    proc = subprocess.Popen([sys.executable, "-m", "job", "run"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         if "first window" in line:
             break
@@ -369,8 +477,8 @@ def test_sigterm_on_the_last_attempt_is_reported_inside_the_grace(cloud, tmp_pat
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=30)
     elapsed = time.monotonic() - sent
-    assert proc.returncode == EXIT_RETRY and elapsed < 10     # Cloud Run SIGKILLs at 10 s
-    (published, _), = cloud.results_now(1)
+    assert proc.returncode == EXIT_RETRY and elapsed < 10  # Cloud Run SIGKILLs at 10 s
+    ((published, _),) = cloud.results_now(1)
     assert published == last_json(stdout)
     assert published["error"]["code"] == "interrupted" and published["error"]["retryable"]
     assert "stems/rel_1/trk_lastterm/manifest.json" not in stems_in_bucket(cloud, "trk_lastterm")
@@ -378,10 +486,12 @@ def test_sigterm_on_the_last_attempt_is_reported_inside_the_grace(cloud, tmp_pat
 
 def test_bad_input_on_cloud_run_is_reported_once_and_not_retried(cloud):
     pdf = cloud.upload("originals/cr.mp3", b"%PDF-1.4 not audio" * 100)
-    proc = run_job(["run"], cloud_run_task(cloud, 0, JOB_MESSAGE=job_message(cloud, pdf, "trk_crb")))
+    proc = run_job(
+        ["run"], cloud_run_task(cloud, 0, JOB_MESSAGE=job_message(cloud, pdf, "trk_crb"))
+    )
     # Cloud Run retries every non-zero exit: the retry would report the track a second time
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
-    (published, _), = cloud.results_now(1)
+    ((published, _),) = cloud.results_now(1)
     assert published["error"]["code"] == "not_audio" and published["error"]["retryable"] is False
 
 
@@ -390,16 +500,25 @@ def test_sigterm_while_a_track_finishes_nacks_both(cloud, tmp_path):
     upload, manifest and result run in the finishing thread: the forward pass is aborted, the
     finishing track stops before its manifest, both messages go back to the queue at once and
     neither reports anything (docs/deployment.md has the measured time)."""
-    first = cloud.upload("originals/fa.flac", write_audio(tmp_path / "fa.flac", music(20, seed=6)).read_bytes())
-    second = cloud.upload("originals/fb.flac", write_audio(tmp_path / "fb.flac", music(60, seed=7)).read_bytes())
+    first = cloud.upload(
+        "originals/fa.flac", write_audio(tmp_path / "fa.flac", music(20, seed=6)).read_bytes()
+    )
+    second = cloud.upload(
+        "originals/fb.flac", write_audio(tmp_path / "fb.flac", music(60, seed=7)).read_bytes()
+    )
     cloud.publish(message(cloud, first, "trk_fa"))
     cloud.publish(message(cloud, second, "trk_fb"))
-    proc = subprocess.Popen([sys.executable, "-m", "job", "drain", "--max-messages", "2"],
-                            env=cloud.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "drain", "--max-messages", "2"],
+        env=cloud.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     windows = 0
     for line in proc.stderr:
         windows += "first window" in line or '"first_window"' in line
-        if windows == 2:            # trk_fb entered the model: trk_fa is finishing
+        if windows == 2:  # trk_fb entered the model: trk_fa is finishing
             break
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -412,6 +531,7 @@ def test_sigterm_while_a_track_finishes_nacks_both(cloud, tmp_path):
     back, deadline = set(), time.monotonic() + 20
     while len(back) < 2 and time.monotonic() < deadline:
         response = cloud.subscriber.pull(
-            request={"subscription": cloud.work.path, "max_messages": 10}, timeout=5)
+            request={"subscription": cloud.work.path, "max_messages": 10}, timeout=5
+        )
         back |= {json.loads(r.message.data)["trackId"] for r in response.received_messages}
     assert back == {"trk_fa", "trk_fb"}, "both messages must be back on the queue"

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 from demucs.apply import apply_model
-
-from job.separation.engine import Engine, bag_of, plan_streams
-from job.errors import JobError
-from job.separation.model import load_model
 from synthetic import music
+
+from job.errors import JobError
+from job.separation.engine import Engine, bag_of, plan_streams
+from job.separation.model import load_model
 
 
 def sdr(reference, estimate):
     noise = ((reference - estimate) ** 2).sum()
-    return float("inf") if noise == 0 else 10 * np.log10((reference ** 2).sum() / noise)
+    return float("inf") if noise == 0 else 10 * np.log10((reference**2).sum() / noise)
 
 
 def reference(model, mix, shifts=0):
@@ -37,17 +37,18 @@ def separated(separator, mix):
     def read(start, stop):
         block = np.zeros((2, stop - start), np.float32)
         lo, hi = max(start, 0), min(stop, mix.shape[1])
-        block[:, lo - start:hi - start] = mix[:, lo:hi]
+        block[:, lo - start : hi - start] = mix[:, lo:hi]
         return block
 
     def emit(start, block):
         assert start == position[0], "blocks must arrive in order, without gaps"
-        out[..., start:start + block.shape[-1]] = block
+        out[..., start : start + block.shape[-1]] = block
         position[0] += block.shape[-1]
 
     mono = mix.mean(0)
-    stats = separator.separate(read, mix.shape[1], float(mono.mean()), float(mono.std(ddof=1)),
-                               emit)
+    stats = separator.separate(
+        read, mix.shape[1], float(mono.mean()), float(mono.std(ddof=1)), emit
+    )
     assert position[0] == mix.shape[1]
     return out, stats
 
@@ -63,8 +64,9 @@ class Wrapped(torch.nn.Module):
 
     def reduced(self, mix) -> bool:
         """Whether this pass runs in reduced precision (autocast, or the CPU's bf16 copy)."""
-        return any(p.dtype != torch.float32 for p in self.parameters()) or \
-            torch.is_autocast_enabled(mix.device.type)
+        return any(
+            p.dtype != torch.float32 for p in self.parameters()
+        ) or torch.is_autocast_enabled(mix.device.type)
 
 
 class Passes(list):
@@ -89,13 +91,15 @@ class SmallDevice(Wrapped):
         if len(mix) > self.holds[precision]:
             raise torch.cuda.OutOfMemoryError(
                 f"CUDA out of memory: {len(mix)} windows in {precision}, the device holds "
-                f"{self.holds[precision]}")
+                f"{self.holds[precision]}"
+            )
         return self.inner(mix)
 
 
 def ours(model, mix, batch=1, shifts=0, seed=0):
-    return separated(Engine(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed),
-                     mix)[0]
+    return separated(
+        Engine(model, torch.device("cpu"), batch=batch, shifts=shifts, seed=seed), mix
+    )[0]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,7 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def long_mix():
-    return music(21.3, seed=2)     # 4 windows, the last one partial
+    return music(21.3, seed=2)  # 4 windows, the last one partial
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -157,7 +161,7 @@ def test_out_of_memory_halves_the_pass_and_keeps_the_output(model, long_mix, exp
     assert device.passes == [("fp32", 2)] + [("fp32", 1)] * 4
     for index, name in enumerate(model.sources):
         assert sdr(expected_long[index], got[index]) >= 60, name
-    device.passes.clear()                          # the next track: no pass fails again
+    device.passes.clear()  # the next track: no pass fails again
     again, stats = separated(separator, long_mix)
     assert stats["oomHalvings"] == 0 and device.passes == [("fp32", 1)] * 4
     np.testing.assert_array_equal(again, got)

@@ -4,8 +4,16 @@ the registry's."""
 import re
 from pathlib import Path
 
-from job.errors import (CODES, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_RETRY, Interrupted, JobError,
-                        exit_code_for, http_status_for)
+from job.errors import (
+    CODES,
+    EXIT_BAD_INPUT,
+    EXIT_CONFIG,
+    EXIT_RETRY,
+    Interrupted,
+    JobError,
+    exit_code_for,
+    http_status_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RAISED = re.compile(r'JobError\(\s*"([a-z_]+)"')
@@ -15,7 +23,7 @@ CONSTANT = re.compile(r'^([A-Z][A-Z_]+) = "([a-z_]+)"', re.MULTILINE)
 
 def codes_in_source() -> set:
     """Every code a JobError is made with: a literal, or a module constant holding one."""
-    found = {"interrupted"}                     # Interrupted() is JobError("interrupted")
+    found = {"interrupted"}  # Interrupted() is JobError("interrupted")
     for path in (REPO / "job").rglob("*.py"):
         text = path.read_text()
         constants = dict(CONSTANT.findall(text))
@@ -32,12 +40,14 @@ def test_every_code_raised_in_the_job_is_registered():
 
 def test_the_readme_table_is_the_registry():
     text = (REPO / "README.md").read_text()
-    section = text[text.index("### Error codes"):]
-    rows = re.findall(r"^\| `([a-z_]+)` \| (\d+) \| (yes|no) \| (\d{3}) \| (.+) \|$", section,
-                      re.MULTILINE)
-    assert [(code, int(exit), retry == "yes", int(http), meaning)
-            for code, exit, retry, http, meaning in rows] == \
-        [(code, c.exit, c.retryable, c.http, c.meaning) for code, c in CODES.items()]
+    section = text[text.index("### Error codes") :]
+    rows = re.findall(
+        r"^\| `([a-z_]+)` \| (\d+) \| (yes|no) \| (\d{3}) \| (.+) \|$", section, re.MULTILINE
+    )
+    assert [
+        (code, int(exit), retry == "yes", int(http), meaning)
+        for code, exit, retry, http, meaning in rows
+    ] == [(code, c.exit, c.retryable, c.http, c.meaning) for code, c in CODES.items()]
 
 
 def test_a_code_decides_retry_exit_and_status():

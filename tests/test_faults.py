@@ -29,9 +29,13 @@ class RefusingGcs:
         def answer(method, url, body):
             self.paths.append((method, url.path + (f"?{url.query}" if url.query else "")))
             return status, error
+
         self.http = JsonServer(answer)
-        self.client = storage.Client(project="p", credentials=AnonymousCredentials(),
-                                     client_options={"api_endpoint": self.http.url})
+        self.client = storage.Client(
+            project="p",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.http.url},
+        )
 
     def close(self):
         self.http.close()
@@ -39,8 +43,9 @@ class RefusingGcs:
 
 @pytest.fixture
 def denied():
-    gcs = RefusingGcs(403, "stem-job@p.iam.gserviceaccount.com does not have "
-                           "storage.objects.create access")
+    gcs = RefusingGcs(
+        403, "stem-job@p.iam.gserviceaccount.com does not have storage.objects.create access"
+    )
     yield gcs
     gcs.close()
 
@@ -72,8 +77,8 @@ def test_the_start_check_skips_a_bucket_it_may_not_read_and_refuses_a_missing_on
     settings = load_settings({"STORAGE_MODE": "gcs", "GCS_BUCKET": "stems-b"})
     forbidden = RefusingGcs(403, "no storage.buckets.get")
     try:
-        runtime.preflight(settings, storage_for(forbidden))      # may write, may not read: fine
-        [(method, path)] = forbidden.paths                        # one metadata call
+        runtime.preflight(settings, storage_for(forbidden))  # may write, may not read: fine
+        [(method, path)] = forbidden.paths  # one metadata call
         assert method == "GET" and path.startswith("/storage/v1/b/stems-b?")
     finally:
         forbidden.close()

@@ -5,8 +5,8 @@ import pytest
 
 from job import manifest as manifests
 from job.errors import JobError
-from job.storage.gcs import GcsStorage
 from job.messages import STEMS
+from job.storage.gcs import GcsStorage
 
 ORIGINAL = "uploads/rel/song.flac"
 
@@ -24,8 +24,9 @@ def objects(client, bucket):
 @pytest.fixture
 def writers(client, bucket):
     """writers() -> a new GcsStorage: one per job, as two workers would have."""
-    return lambda **kw: GcsStorage(bucket, (bucket,), 1_000_000, client=client,
-                                   retry_deadline_s=5, **kw)
+    return lambda **kw: GcsStorage(
+        bucket, (bucket,), 1_000_000, client=client, retry_deadline_s=5, **kw
+    )
 
 
 @pytest.fixture
@@ -46,15 +47,24 @@ def files_of(tmp_path, job: str, outputs=STEMS) -> dict:
 
 
 def body(job: str, identity: dict, outputs=STEMS) -> dict:
-    return {"version": manifests.VERSION, "jobId": job, "input": identity, "model": "htdemucs_6s",
-            "format": "mp3", "bitrate": "320k", "outputs": list(outputs),
-            "stems": {name: {"url": f"u/{name}", "file": f"{name}.mp3"} for name in outputs}}
+    return {
+        "version": manifests.VERSION,
+        "jobId": job,
+        "input": identity,
+        "model": "htdemucs_6s",
+        "format": "mp3",
+        "bitrate": "320k",
+        "outputs": list(outputs),
+        "stems": {name: {"url": f"u/{name}", "file": f"{name}.mp3"} for name in outputs},
+    }
 
 
 def written_by(objects, found: dict) -> set:
     """The jobs whose bytes the objects a manifest names hold right now."""
-    return {objects.blob(name).download_as_bytes().split(b":")[0].decode()
-            for name in found["objectGenerations"]}
+    return {
+        objects.blob(name).download_as_bytes().split(b":")[0].decode()
+        for name in found["objectGenerations"]
+    }
 
 
 def test_a_set_round_trips_with_private_objects_by_default(writers, objects, identity, tmp_path):
@@ -63,8 +73,9 @@ def test_a_set_round_trips_with_private_objects_by_default(writers, objects, ide
         urls = commit.write_stems(files_of(tmp_path, "a"))
         assert store.read_manifest("rel", "trk") is None, "no manifest until written last"
         standing = commit.write_manifest(body("a", identity))
-    assert urls["vocals"] == \
-        f"https://storage.googleapis.com/{objects.name}/stems/rel/trk/vocals.mp3"
+    assert (
+        urls["vocals"] == f"https://storage.googleapis.com/{objects.name}/stems/rel/trk/vocals.mp3"
+    )
     assert standing["jobId"] == "a"
     found = store.read_manifest("rel", "trk")
     assert found["jobId"] == "a" and written_by(objects, found) == {"a"}
@@ -92,14 +103,15 @@ def test_claiming_a_track_stops_its_old_set_being_vouched_for(writers, identity,
     with writers().commit("rel", "trk"):
         assert store.read_manifest("rel", "trk") is None
     assert store.read_manifest("rel", "trk") is None, "a claim left behind is not a set"
-    with writers().commit("rel", "trk") as commit:      # and the next writer takes it over
+    with writers().commit("rel", "trk") as commit:  # and the next writer takes it over
         commit.write_stems(files_of(tmp_path, "c"))
         commit.write_manifest(body("c", identity))
     assert store.read_manifest("rel", "trk")["jobId"] == "c"
 
 
 def test_a_stalled_writer_finds_the_same_request_completed_and_reports_that_set(
-        writers, objects, identity, tmp_path):
+    writers, objects, identity, tmp_path
+):
     """A job stalls between its stems and its manifest; its redelivered message completes the
     set on another worker. The stalled job resumes: that set stands, untouched, and is the one
     it reports."""
@@ -115,7 +127,8 @@ def test_a_stalled_writer_finds_the_same_request_completed_and_reports_that_set(
 
 
 def test_a_six_stem_request_is_not_completed_by_a_set_of_other_outputs(
-        writers, objects, identity, tmp_path):
+    writers, objects, identity, tmp_path
+):
     """The set that stands must be one for the same request: a vocals-only set completed
     meanwhile does not answer a six-stem request (and stays as it is)."""
     six = writers().commit("rel", "trk").__enter__()
@@ -130,10 +143,12 @@ def test_a_six_stem_request_is_not_completed_by_a_set_of_other_outputs(
     assert found["outputs"] == ["vocals"] and written_by(objects, found) == {"voc"}
 
 
-@pytest.mark.parametrize("difference", [{"format": "flac"}, {"model": "htdemucs"},
-                                        {"bitrate": "128k"}])
-def test_a_set_made_with_other_settings_does_not_stand_for_ours(writers, identity, tmp_path,
-                                                                difference):
+@pytest.mark.parametrize(
+    "difference", [{"format": "flac"}, {"model": "htdemucs"}, {"bitrate": "128k"}]
+)
+def test_a_set_made_with_other_settings_does_not_stand_for_ours(
+    writers, identity, tmp_path, difference
+):
     ours = writers().commit("rel", "trk").__enter__()
     ours.write_stems(files_of(tmp_path, "a"))
     with writers().commit("rel", "trk") as commit:
@@ -145,7 +160,8 @@ def test_a_set_made_with_other_settings_does_not_stand_for_ours(writers, identit
 
 
 def test_a_stale_writers_late_stem_cannot_replace_a_newer_complete_set(
-        writers, objects, identity, tmp_path):
+    writers, objects, identity, tmp_path
+):
     """The window the old list-then-compare check left: a writer that lost its claim uploads
     one more stem after the newer writer completed. Its upload is refused (412) and the
     newer set stays whole."""
@@ -162,13 +178,14 @@ def test_a_stale_writers_late_stem_cannot_replace_a_newer_complete_set(
 
 
 def test_a_stem_an_older_writer_slipped_in_is_taken_over_while_the_claim_stands(
-        writers, objects, identity, tmp_path):
+    writers, objects, identity, tmp_path
+):
     """An older writer's in-flight upload lands after the newer writer read the generations
     but before it uploaded that stem: the newer writer's upload gets a 412, reads the new
     generation, still holds the claim, and uploads over it."""
     store = writers()
     commit = store.commit("rel", "trk").__enter__()
-    objects.blob("stems/rel/trk/bass.mp3").upload_from_string(b"old:bass")   # the late upload
+    objects.blob("stems/rel/trk/bass.mp3").upload_from_string(b"old:bass")  # the late upload
     commit.write_stems(files_of(tmp_path, "new"))
     commit.write_manifest(body("new", identity))
     found = store.read_manifest("rel", "trk")
@@ -184,8 +201,9 @@ def test_an_object_replaced_after_the_manifest_voids_it(writers, objects, identi
     assert store.read_manifest("rel", "trk") is None
 
 
-def test_a_set_made_from_a_replaced_original_is_not_vouched_for(writers, objects, identity,
-                                                                tmp_path):
+def test_a_set_made_from_a_replaced_original_is_not_vouched_for(
+    writers, objects, identity, tmp_path
+):
     store = writers()
     commit = store.commit("rel", "trk").__enter__()
     commit.write_stems(files_of(tmp_path, "a"))
@@ -202,14 +220,19 @@ def proxied(gcs_emulator, bucket):
     resumable uploads (fake-gcs-server ignores it there)."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
-
     from precondition_proxy import PreconditionProxy
+
     proxy = PreconditionProxy(gcs_emulator.port)
-    client = storage.Client(project="stem-test", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": proxy.url})
+    client = storage.Client(
+        project="stem-test",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": proxy.url},
+    )
     try:
-        yield proxy, lambda: GcsStorage(bucket, (bucket,), 1_000_000, client=client,
-                                        retry_deadline_s=5)
+        yield (
+            proxy,
+            lambda: GcsStorage(bucket, (bucket,), 1_000_000, client=client, retry_deadline_s=5),
+        )
     finally:
         proxy.close()
 
@@ -223,14 +246,14 @@ def test_a_stale_writers_late_large_stem_is_refused_too(proxied, objects, identi
         commit.write_manifest(body("new", identity))
     late = tmp_path / "late" / "drums.mp3"
     late.parent.mkdir()
-    late.write_bytes(b"old:drums" * (1 << 20))         # 9 MiB: a resumable upload
+    late.write_bytes(b"old:drums" * (1 << 20))  # 9 MiB: a resumable upload
     with pytest.raises(JobError) as raised:
         stale.write_stems({"drums": late})
     assert raised.value.code == "concurrent_write" and proxy.refused == 1
     found = writers().read_manifest("rel", "trk")
     assert found["jobId"] == "new" and written_by(objects, found) == {"new"}
-    big = tmp_path / "big" / "bass.mp3"                # and a large stem of a claim that
-    big.parent.mkdir()                                 # stands goes up as usual
+    big = tmp_path / "big" / "bass.mp3"  # and a large stem of a claim that
+    big.parent.mkdir()  # stands goes up as usual
     big.write_bytes(b"next:bass" * (1 << 20))
     with writers().commit("rel", "trk") as commit:
         commit.write_stems({"bass": big})
@@ -238,8 +261,9 @@ def test_a_stale_writers_late_large_stem_is_refused_too(proxied, objects, identi
     assert objects.blob("stems/rel/trk/bass.mp3").download_as_bytes() == big.read_bytes()
 
 
-def test_a_manifest_committed_whose_answer_was_lost_counts_as_written(proxied, objects,
-                                                                       identity, tmp_path):
+def test_a_manifest_committed_whose_answer_was_lost_counts_as_written(
+    proxied, objects, identity, tmp_path
+):
     """The connection drops after the manifest was stored: the retry meets its own write as a
     412, and the writer's token in the stored manifest tells it the write was its own."""
     proxy, writers = proxied

@@ -11,10 +11,10 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from job.errors import JobError
-from job.storage.gcs import GcsStorage, parse_gs_uri
 from job.messages import STEMS
+from job.storage.gcs import GcsStorage, parse_gs_uri
 
-AUDIO = bytes(range(256)) * 400           # 100 KiB standing in for an original
+AUDIO = bytes(range(256)) * 400  # 100 KiB standing in for an original
 
 
 @pytest.fixture
@@ -42,8 +42,7 @@ def stem_files(tmp_path):
     return files
 
 
-def test_describe_reads_metadata_and_fetch_downloads_that_generation(store, original_uri,
-                                                                     tmp_path):
+def test_describe_reads_metadata_and_fetch_downloads_that_generation(store, original_uri, tmp_path):
     original = store.describe_original(original_uri)
     assert original.size == len(AUDIO)
     assert set(original.identity) == {"uri", "generation", "crc32c", "md5", "size"}
@@ -53,11 +52,22 @@ def test_describe_reads_metadata_and_fetch_downloads_that_generation(store, orig
     assert path.read_bytes() == AUDIO
 
 
-@pytest.mark.parametrize("uri", [
-    "gs://", "gs://{b}", "gs://{b}/", "/local/file.mp3", "http://{b}/x.mp3", "gs://UPPER/x.mp3",
-    "gs://{b}/a\x00b.mp3", "gs://{b}/line\nbreak.mp3", "gs://{b}/../x.mp3", "gs://{b}/a/./x.mp3",
-    "gs://{b}/" + "x" * 1025,
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "gs://",
+        "gs://{b}",
+        "gs://{b}/",
+        "/local/file.mp3",
+        "http://{b}/x.mp3",
+        "gs://UPPER/x.mp3",
+        "gs://{b}/a\x00b.mp3",
+        "gs://{b}/line\nbreak.mp3",
+        "gs://{b}/../x.mp3",
+        "gs://{b}/a/./x.mp3",
+        "gs://{b}/" + "x" * 1025,
+    ],
+)
 def test_malformed_uris_are_refused(store, bucket, uri):
     with pytest.raises(JobError) as caught:
         store.describe_original(uri.format(b=bucket))
@@ -90,8 +100,9 @@ def test_too_large_is_refused_from_metadata(client, bucket, original_uri):
     assert caught.value.code == "input_too_large" and not caught.value.retryable
 
 
-def test_an_original_replaced_after_describe_is_not_taken_for_it(store, client, bucket,
-                                                                 original_uri, tmp_path):
+def test_an_original_replaced_after_describe_is_not_taken_for_it(
+    store, client, bucket, original_uri, tmp_path
+):
     original = store.describe_original(original_uri)
     client.bucket(bucket).blob("uploads/rel/track one.mp3").upload_from_string(AUDIO[::-1])
     with pytest.raises(JobError) as caught:
@@ -121,6 +132,7 @@ def test_uploads_ride_out_an_outage(client, bucket, stem_files, storage_outage):
     def write():
         with store.commit("rel", "trk") as commit:
             result.update(urls=commit.write_stems(stem_files))
+
     worker = threading.Thread(target=write)
     worker.start()
     time.sleep(2)
@@ -128,12 +140,15 @@ def test_uploads_ride_out_an_outage(client, bucket, stem_files, storage_outage):
     storage_outage.start()
     worker.join(30)
     assert len(result["urls"]) == 6
-    assert client.bucket(bucket).blob("stems/rel/trk/piano.mp3").download_as_bytes() \
+    assert (
+        client.bucket(bucket).blob("stems/rel/trk/piano.mp3").download_as_bytes()
         == stem_files["piano"].read_bytes()
+    )
 
 
-def test_an_outage_past_the_deadline_is_retryable(client, bucket, original_uri, storage_outage,
-                                                  tmp_path):
+def test_an_outage_past_the_deadline_is_retryable(
+    client, bucket, original_uri, storage_outage, tmp_path
+):
     store = GcsStorage(bucket, (bucket,), 1_000_000, client=client, retry_deadline_s=2)
     started = time.monotonic()
     with pytest.raises(JobError) as caught:
@@ -175,8 +190,9 @@ class CuttingProxy:
     def _serve(self, downstream):
         with downstream, socket.create_connection(("127.0.0.1", self.upstream_port)) as upstream:
             # one request per connection: the stand-in would otherwise keep it open for more
-            request = re.sub(rb"(?im)^connection:[^\r\n]*", b"Connection: close",
-                             downstream.recv(65536), count=1)
+            request = re.sub(
+                rb"(?im)^connection:[^\r\n]*", b"Connection: close", downstream.recv(65536), count=1
+            )
             self.requests.append(request.decode("latin-1"))
             budget = None
             if "alt=media" in self.requests[-1].split("\r\n")[0]:
@@ -185,7 +201,7 @@ class CuttingProxy:
             sent = 0
             while chunk := upstream.recv(65536):
                 if budget is not None and sent + len(chunk) > budget:
-                    downstream.sendall(chunk[:budget - sent])
+                    downstream.sendall(chunk[: budget - sent])
                     return
                 downstream.sendall(chunk)
                 sent += len(chunk)
@@ -195,12 +211,15 @@ class CuttingProxy:
 
 
 def test_a_download_cut_short_resumes_where_it_stopped(gcs_emulator, client, bucket, tmp_path):
-    payload = bytes(range(256)) * 4096          # 1 MiB
+    payload = bytes(range(256)) * 4096  # 1 MiB
     client.bucket(bucket).blob("big.wav").upload_from_string(payload)
     proxy = CuttingProxy(gcs_emulator.port, cut_after=300_000)
     try:
-        via_proxy = storage.Client(project="stem-test", credentials=AnonymousCredentials(),
-                                   client_options={"api_endpoint": proxy.url})
+        via_proxy = storage.Client(
+            project="stem-test",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": proxy.url},
+        )
         store = GcsStorage(bucket, (bucket,), 2_000_000, client=via_proxy, retry_deadline_s=10)
         original = store.describe_original(f"gs://{bucket}/big.wav")
         path = store.fetch_original(original, tmp_path)

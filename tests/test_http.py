@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import job_env, run_job
-from job.messages import STEMS
-from synthetic import music, write_audio
 from stand_ins import PROJECT
+from synthetic import music, write_audio
 
-SMALL_LIMIT = 200_000          # MAX_INPUT_BYTES of the `small` server
+from job.messages import STEMS
+
+SMALL_LIMIT = 200_000  # MAX_INPUT_BYTES of the `small` server
 BOUNDARY = "stemjobtestboundary"
-JUNK = b"{\"not\": \"audio\"}\n" * 6000     # FFmpeg sniffs some texts as audio (e.g. AMR); not this
-TOKEN = "test-token-0123456789abcdef"   # HTTP_TOKEN of the `guarded` server
-UNAUTHENTICATED = "UNAUTHENTICATED"       # the start-up warning without HTTP_TOKEN
+JUNK = b'{"not": "audio"}\n' * 6000  # FFmpeg sniffs some texts as audio (e.g. AMR); not this
+TOKEN = "test-token-0123456789abcdef"  # HTTP_TOKEN of the `guarded` server
+UNAUTHENTICATED = "UNAUTHENTICATED"  # the start-up warning without HTTP_TOKEN
 
 
 @dataclass
@@ -63,11 +63,20 @@ def free_port() -> int:
 def launch(model_dir, folder: Path, **extra) -> Server:
     port = free_port()
     (folder / "tmp").mkdir(parents=True)
-    env = job_env(model_dir, folder / "outputs", PORT=port, TMPDIR=folder / "tmp",
-                  **{"HTTP_HOST": "127.0.0.1", **extra})
+    env = job_env(
+        model_dir,
+        folder / "outputs",
+        PORT=port,
+        TMPDIR=folder / "tmp",
+        **{"HTTP_HOST": "127.0.0.1", **extra},
+    )
     log = folder / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "job", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+    )
     return Server(f"http://127.0.0.1:{port}", folder / "outputs", folder / "tmp", log, proc)
 
 
@@ -86,11 +95,24 @@ def wait_ready(server: Server, timeout=90.0):
 
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
-    started = {"main": launch(model_dir, tmp_path_factory.mktemp("main"), HTTP_QUEUE=1),
-               "small": launch(model_dir, tmp_path_factory.mktemp("small"), HTTP_QUEUE=0,
-                               MAX_INPUT_BYTES=SMALL_LIMIT, MAX_DURATION_S=2, HTTP_HOST="0.0.0.0"),
-               "guarded": launch(model_dir, tmp_path_factory.mktemp("guarded"), HTTP_QUEUE=0,
-                                 HTTP_TOKEN=TOKEN, HTTP_HOST="0.0.0.0")}
+    started = {
+        "main": launch(model_dir, tmp_path_factory.mktemp("main"), HTTP_QUEUE=1),
+        "small": launch(
+            model_dir,
+            tmp_path_factory.mktemp("small"),
+            HTTP_QUEUE=0,
+            MAX_INPUT_BYTES=SMALL_LIMIT,
+            MAX_DURATION_S=2,
+            HTTP_HOST="0.0.0.0",
+        ),
+        "guarded": launch(
+            model_dir,
+            tmp_path_factory.mktemp("guarded"),
+            HTTP_QUEUE=0,
+            HTTP_TOKEN=TOKEN,
+            HTTP_HOST="0.0.0.0",
+        ),
+    }
     try:
         for server in started.values():
             wait_ready(server)
@@ -133,13 +155,15 @@ def upload(data: bytes, name="song.mp3", mime="audio/mpeg"):
 
 def multipart_chunks(data: bytes, hold: threading.Event | None = None, chunk=64 * 1024):
     """A multipart body as a generator (sent chunked); with `hold`, pauses halfway."""
-    yield (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n"
-           "Content-Type: audio/mpeg\r\n\r\n").encode()
+    yield (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"\r\n'
+        "Content-Type: audio/mpeg\r\n\r\n"
+    ).encode()
     for start in range(0, len(data), chunk):
         if hold is not None and start >= len(data) // 2:
             assert hold.wait(60)
             hold = None
-        yield data[start:start + chunk]
+        yield data[start : start + chunk]
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
@@ -147,7 +171,8 @@ def read_response(sock) -> str:
     """One whole HTTP response from a raw socket (headers, then Content-Length bytes)."""
     data = b""
     while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
-            data.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
+        data.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]
+    ):
         more = sock.recv(65536)
         assert more, f"connection closed after {data!r}"
         data += more
@@ -171,11 +196,15 @@ def nothing_written(server: Server, release, track):
 
 # -- the original API ----------------------------------------------------------------------
 
+
 def test_health(main):
     health = main.health()
     assert health["status"] == "ok" and health["processing_mode"] == "http"
-    assert (health["storage_mode"], health["device"], health["model"]) == \
-        ("local", "cpu", "htdemucs_6s")
+    assert (health["storage_mode"], health["device"], health["model"]) == (
+        "local",
+        "cpu",
+        "htdemucs_6s",
+    )
     assert health["model_loaded"] is True
 
 
@@ -184,8 +213,11 @@ def test_good_upload_answers_the_original_json_and_writes_the_set(main, clip):
     assert response.status_code == 200, response.text
     body = response.json()
     assert {k: body[k] for k in ("status", "release_id", "track_id", "stems")} == {
-        "status": "success", "release_id": "rel_1", "track_id": "trk_1",
-        "stems": {stem: f"rel_1/trk_1/{stem}.mp3" for stem in STEMS}}
+        "status": "success",
+        "release_id": "rel_1",
+        "track_id": "trk_1",
+        "stems": {stem: f"rel_1/trk_1/{stem}.mp3" for stem in STEMS},
+    }
     folder = main.outputs / "rel_1" / "trk_1"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["stems"]) == set(STEMS)
@@ -210,10 +242,16 @@ def test_good_upload_answers_the_original_json_and_writes_the_set(main, clip):
 def test_outputs_query_chooses_what_is_written(main, clip):
     response = main.post("/separate/rel_k/trk_k?outputs=vocals,instrumental", files=upload(clip))
     assert response.status_code == 200, response.text
-    assert set(response.json()["stems"]) == set(response.json()["outputs"]) == \
-        {"vocals", "instrumental"}
+    assert (
+        set(response.json()["stems"])
+        == set(response.json()["outputs"])
+        == {"vocals", "instrumental"}
+    )
     folder = main.outputs / "rel_k" / "trk_k"
-    assert json.loads((folder / "manifest.json").read_text())["outputs"] == ["vocals", "instrumental"]
+    assert json.loads((folder / "manifest.json").read_text())["outputs"] == [
+        "vocals",
+        "instrumental",
+    ]
     bad = main.post("/separate/rel_k/trk_k?outputs=vocals,kazoo", files=upload(clip))
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_outputs"
     assert "'kazoo'" in bad.json()["error"]["message"]
@@ -221,8 +259,7 @@ def test_outputs_query_chooses_what_is_written(main, clip):
 
 def test_gcs_mode_uploads_the_set_to_the_bucket(model_dir, gcs_emulator, bucket, tmp_path, clip):
     """STORAGE_MODE=gcs: the upload is still a local file; stems and manifest go to the bucket."""
-    server = launch(model_dir, tmp_path, STORAGE_MODE="gcs", GCS_BUCKET=bucket,
-                    **gcs_emulator.env)
+    server = launch(model_dir, tmp_path, STORAGE_MODE="gcs", GCS_BUCKET=bucket, **gcs_emulator.env)
     try:
         wait_ready(server)
         assert server.health()["storage_mode"] == "gcs"
@@ -230,14 +267,16 @@ def test_gcs_mode_uploads_the_set_to_the_bucket(model_dir, gcs_emulator, bucket,
         assert response.status_code == 200, response.text
         assert response.json()["stems"] == {
             stem: f"https://storage.googleapis.com/{bucket}/stems/rel_g/trk_g/{stem}.mp3"
-            for stem in STEMS}
+            for stem in STEMS
+        }
         client = gcs_emulator.client(PROJECT)
         names = {blob.name for blob in client.list_blobs(bucket, prefix="stems/rel_g/trk_g/")}
-        assert names == {f"stems/rel_g/trk_g/{stem}{ext}" for stem in STEMS
-                         for ext in (".mp3", ".peaks.json")} | \
-            {"stems/rel_g/trk_g/manifest.json"}
-        manifest = json.loads(client.bucket(bucket).blob("stems/rel_g/trk_g/manifest.json")
-                              .download_as_bytes())
+        assert names == {
+            f"stems/rel_g/trk_g/{stem}{ext}" for stem in STEMS for ext in (".mp3", ".peaks.json")
+        } | {"stems/rel_g/trk_g/manifest.json"}
+        manifest = json.loads(
+            client.bucket(bucket).blob("stems/rel_g/trk_g/manifest.json").download_as_bytes()
+        )
         assert manifest["input"]["sha256"] == hashlib.sha256(clip).hexdigest()
         assert not list(server.tmp.iterdir())
     finally:
@@ -247,8 +286,11 @@ def test_gcs_mode_uploads_the_set_to_the_bucket(model_dir, gcs_emulator, bucket,
 
 # -- bad requests --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/separate/rel.1/trk_1", "/separate/rel_1/trk%20x",
-                                  "/separate/" + "r" * 129 + "/trk_1"])
+
+@pytest.mark.parametrize(
+    "path",
+    ["/separate/rel.1/trk_1", "/separate/rel_1/trk%20x", "/separate/" + "r" * 129 + "/trk_1"],
+)
 def test_bad_ids(main, clip, path):
     body = error_of(main.post(path, files=upload(clip)), 422, "invalid_id")
     assert "[A-Za-z0-9_-]" in body["error"]["message"]
@@ -268,17 +310,26 @@ def test_empty_file(main):
 def test_not_audio_and_truncated(main, tmp_path, clip):
     error_of(main.post("/separate/rel_2/trk_1", files=upload(JUNK)), 422, "not_audio")
     wav = write_audio(tmp_path / "clip.wav", music(3.0, seed=3)).read_bytes()
-    error_of(main.post("/separate/rel_2/trk_1", files=upload(wav[:len(wav) // 2], "a.wav",
-                                                             "audio/wav")), 422, "truncated_audio")
+    error_of(
+        main.post(
+            "/separate/rel_2/trk_1", files=upload(wav[: len(wav) // 2], "a.wav", "audio/wav")
+        ),
+        422,
+        "truncated_audio",
+    )
     nothing_written(main, "rel_2", "trk_1")
 
 
 def test_unsupported_types(main, clip):
-    body = error_of(main.post("/separate/rel_2/trk_1", files=upload(clip, "a.txt", "text/plain")),
-                    415, "unsupported_media_type")
+    body = error_of(
+        main.post("/separate/rel_2/trk_1", files=upload(clip, "a.txt", "text/plain")),
+        415,
+        "unsupported_media_type",
+    )
     assert "text/plain" in body["error"]["message"]
-    error_of(main.post("/separate/rel_2/trk_1", json={"file": "song.mp3"}), 415,
-             "unsupported_media_type")
+    error_of(
+        main.post("/separate/rel_2/trk_1", json={"file": "song.mp3"}), 415, "unsupported_media_type"
+    )
     nothing_written(main, "rel_2", "trk_1")
 
 
@@ -289,9 +340,13 @@ def test_unknown_route_is_json(main):
 def answer_before_the_body(server: Server, path: str, length: int) -> str:
     """The answer to an upload's headers alone (`Expect: 100-continue`, no body sent)."""
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), 10) as sock:
-        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\n"
-                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                      f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+            ).encode()
+        )
         return read_response(sock)
 
 
@@ -301,12 +356,21 @@ def test_too_large(small):
     assert head.startswith("HTTP/1.1 413"), head
     assert "input_too_large" in head and "MAX_INPUT_BYTES" in head
     # a plain client that sends it all anyway still reads the 413
-    error_of(small.post("/separate/rel_3/trk_1", files=upload(os.urandom(SMALL_LIMIT + 100_000))),
-             413, "input_too_large")
+    error_of(
+        small.post("/separate/rel_3/trk_1", files=upload(os.urandom(SMALL_LIMIT + 100_000))),
+        413,
+        "input_too_large",
+    )
     # no declared size (chunked): the upload stops at the first byte over the limit
-    body = error_of(small.post("/separate/rel_3/trk_1", headers=MULTIPART,
-                               data=multipart_chunks(os.urandom(SMALL_LIMIT + 1))),
-                    413, "input_too_large")
+    body = error_of(
+        small.post(
+            "/separate/rel_3/trk_1",
+            headers=MULTIPART,
+            data=multipart_chunks(os.urandom(SMALL_LIMIT + 1)),
+        ),
+        413,
+        "input_too_large",
+    )
     assert str(SMALL_LIMIT) in body["error"]["message"]
     nothing_written(small, "rel_3", "trk_1")
     assert not list(small.tmp.iterdir())
@@ -320,6 +384,7 @@ def test_too_long(small, clip):
 
 # -- one at a time, bounded queue ----------------------------------------------------------
 
+
 def post_in_thread(server, path, **kwargs):
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("r", server.post(path, **kwargs)))
@@ -329,8 +394,9 @@ def post_in_thread(server, path, **kwargs):
 
 def test_busy_with_no_queue_answers_503_with_retry_after(small):
     hold = threading.Event()
-    thread, box = post_in_thread(small, "/separate/rel_4/trk_1", headers=MULTIPART,
-                                 data=multipart_chunks(JUNK, hold))
+    thread, box = post_in_thread(
+        small, "/separate/rel_4/trk_1", headers=MULTIPART, data=multipart_chunks(JUNK, hold)
+    )
     try:
         small.wait_in_flight(1)
         busy = small.post("/separate/rel_4/trk_2", files=upload(b"x" * 1000))
@@ -339,14 +405,15 @@ def test_busy_with_no_queue_answers_503_with_retry_after(small):
     finally:
         hold.set()
         thread.join(60)
-    error_of(box["r"], 422, "not_audio")          # the held request went through afterwards
+    error_of(box["r"], 422, "not_audio")  # the held request went through afterwards
     assert small.health()["in_flight"] == 0
 
 
 def test_queue_waits_in_order_then_refuses(main, clip):
     hold = threading.Event()
-    first, first_box = post_in_thread(main, "/separate/rel_5/trk_1", headers=MULTIPART,
-                                      data=multipart_chunks(clip, hold))
+    first, first_box = post_in_thread(
+        main, "/separate/rel_5/trk_1", headers=MULTIPART, data=multipart_chunks(clip, hold)
+    )
     second = second_box = None
     try:
         main.wait_in_flight(1)
@@ -369,15 +436,22 @@ def test_queue_waits_in_order_then_refuses(main, clip):
 
 # -- disconnects ---------------------------------------------------------------------------
 
+
 def test_client_disconnect_mid_upload_leaves_nothing(main, clip):
-    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
-            "filename=\"a.mp3\"\r\nContent-Type: audio/mpeg\r\n\r\n").encode()
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+        'filename="a.mp3"\r\nContent-Type: audio/mpeg\r\n\r\n'
+    ).encode()
     port = int(main.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), 10) as sock:
-        sock.sendall((f"POST /separate/rel_6/trk_1 HTTP/1.1\r\nHost: x\r\n"
-                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                      f"Content-Length: {len(head) + 10 * len(clip)}\r\n\r\n").encode())
-        sock.sendall(head + clip[:len(clip) // 2])
+        sock.sendall(
+            (
+                f"POST /separate/rel_6/trk_1 HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                f"Content-Length: {len(head) + 10 * len(clip)}\r\n\r\n"
+            ).encode()
+        )
+        sock.sendall(head + clip[: len(clip) // 2])
         main.wait_in_flight(1)
     main.wait_in_flight(0)
     assert not (main.outputs / "rel_6").exists()
@@ -389,8 +463,9 @@ def test_client_disconnect_mid_upload_leaves_nothing(main, clip):
 def test_server_logs_are_json_lines(main):
     lines = [line for line in main.log.read_text().splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]
-    assert any(e["logging.googleapis.com/labels"]["python_logger"] == "uvicorn.access"
-               for e in entries)
+    assert any(
+        e["logging.googleapis.com/labels"]["python_logger"] == "uvicorn.access" for e in entries
+    )
     assert all("severity" in e and "message" in e for e in entries)
 
 
@@ -411,8 +486,9 @@ def test_sigterm_answers_in_flight_requests_503_and_exits(doomed):
     after that is refused as `interrupted`, to be retried."""
     small = doomed
     hold = threading.Event()
-    thread, box = post_in_thread(small, "/separate/rel_7/trk_1", headers=MULTIPART,
-                                 data=multipart_chunks(JUNK, hold))
+    thread, box = post_in_thread(
+        small, "/separate/rel_7/trk_1", headers=MULTIPART, data=multipart_chunks(JUNK, hold)
+    )
     try:
         small.wait_in_flight(1)
         small.proc.terminate()
@@ -428,16 +504,25 @@ def test_sigterm_answers_in_flight_requests_503_and_exits(doomed):
 
 # -- HTTP_TOKEN ----------------------------------------------------------------------------
 
+
 def bearer(token):
     return {"Authorization": f"Bearer {token}"}
 
 
 def test_without_the_token_nothing_but_health_answers(guarded, clip):
     assert guarded.health()["status"] == "ok", "probes need no token"
-    for headers in ({}, bearer("test-token-0123456789abcdeX"), bearer(""),
-                    {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}):
-        body = error_of(guarded.post("/separate/rel_a/trk_1", files=upload(clip),
-                                     headers=headers), 401, "unauthorized")
+    for headers in (
+        {},
+        bearer("test-token-0123456789abcdeX"),
+        bearer(""),
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+    ):
+        body = error_of(
+            guarded.post("/separate/rel_a/trk_1", files=upload(clip), headers=headers),
+            401,
+            "unauthorized",
+        )
         assert "Authorization: Bearer" in body["error"]["message"]
         assert TOKEN not in json.dumps(body)
     for path in ("/docs", "/openapi.json", "/separate", "/nowhere"):
@@ -456,10 +541,14 @@ def test_a_refused_upload_is_never_asked_for(guarded):
     assert "100 Continue" not in head and "unauthorized" in head
     # with the token, the same upload is asked for
     with socket.create_connection(("127.0.0.1", int(guarded.url.rsplit(":", 1)[1])), 10) as sock:
-        sock.sendall((f"POST /separate/rel_a/trk_2 HTTP/1.1\r\nHost: x\r\n"
-                      f"Authorization: Bearer {TOKEN}\r\nContent-Length: 10\r\n"
-                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                      "Expect: 100-continue\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"POST /separate/rel_a/trk_2 HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {TOKEN}\r\nContent-Length: 10\r\n"
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                "Expect: 100-continue\r\n\r\n"
+            ).encode()
+        )
         assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
 
 
@@ -468,15 +557,19 @@ def test_with_the_token_the_original_api_works(guarded, clip):
     assert response.status_code == 200, response.text
     assert response.json()["stems"] == {stem: f"rel_a/trk_3/{stem}.mp3" for stem in STEMS}
     assert (guarded.outputs / "rel_a" / "trk_3" / "manifest.json").exists()
-    error_of(guarded.post("/separate/rel_a/trk_3", files=upload(b""), headers=bearer(TOKEN)),
-             400, "empty_input")
+    error_of(
+        guarded.post("/separate/rel_a/trk_3", files=upload(b""), headers=bearer(TOKEN)),
+        400,
+        "empty_input",
+    )
 
 
 def test_an_open_port_is_said_loudly_once(main, small, guarded):
     """Without HTTP_TOKEN on every interface: one warning at start; on loopback or with a
     token: none."""
-    warnings = [json.loads(line) for line in small.log.read_text().splitlines()
-                if UNAUTHENTICATED in line]
+    warnings = [
+        json.loads(line) for line in small.log.read_text().splitlines() if UNAUTHENTICATED in line
+    ]
     assert len(warnings) == 1 and warnings[0]["severity"] == "WARNING", warnings
     assert "HTTP_TOKEN" in warnings[0]["message"] and "0.0.0.0" in warnings[0]["message"]
     assert UNAUTHENTICATED not in main.log.read_text()

@@ -32,10 +32,12 @@ KEDA_CRDS = REPO.parent / "shared" / "reference" / "keda-crds"
 K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())
 
 KUSTOMIZATIONS = sorted(
-    path.parent for path in K8S.rglob("kustomization.yaml")
-    if yaml.safe_load(path.read_text()).get("kind", "Kustomization") == "Kustomization")
+    path.parent
+    for path in K8S.rglob("kustomization.yaml")
+    if yaml.safe_load(path.read_text()).get("kind", "Kustomization") == "Kustomization"
+)
 COMPONENTS = sorted(path.parent for path in (K8S / "components").glob("*/kustomization.yaml"))
-EXAMPLE = K8S / "overlays" / "example"         # what an operator copies and fills in
+EXAMPLE = K8S / "overlays" / "example"  # what an operator copies and fills in
 GPU_VARIANTS = {"base", "spot", "gcp-pubsub", "example"}
 PLACEHOLDERS = {"PROJECT_ID", "REGION", "BUCKET_NAME"}
 
@@ -43,20 +45,24 @@ PLACEHOLDERS = {"PROJECT_ID", "REGION", "BUCKET_NAME"}
 def render(directory: Path) -> list:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (with its built-in kustomize) is needed to render k8s/"
-    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, f"kubectl kustomize {directory} failed:\n{out.stderr}"
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rendered(directory: Path) -> tuple:
     return tuple(render(directory))
 
 
 # What an operator puts in for the placeholders (docs/deployment.md).
-EXAMPLE_VALUES = {"PROJECT_ID": "my-project", "REGION": "us-central1",
-                  "BUCKET_NAME": "my-stems-bucket"}
+EXAMPLE_VALUES = {
+    "PROJECT_ID": "my-project",
+    "REGION": "us-central1",
+    "BUCKET_NAME": "my-stems-bucket",
+}
 
 
 def filled_in(data: dict) -> dict:
@@ -64,6 +70,7 @@ def filled_in(data: dict) -> dict:
         for placeholder, example in EXAMPLE_VALUES.items():
             value = value.replace(placeholder, example)
         return value
+
     return {key: fill(value) for key, value in data.items()}
 
 
@@ -82,12 +89,15 @@ def quantity(text: str) -> int:
 
 def scratch_bytes(settings) -> float:
     """Disk a job needs for the longest track its settings admit: the original, the decoded
-    float32 mix and the six encoded stems (job/fetch.py and job/pipeline.py write all three to scratch)."""
+    float32 mix and the six encoded stems (job/intake.py and job/pipeline.py write all three to
+    scratch)."""
     seconds = settings.max_duration_s
     mix = seconds * audio.SAMPLE_RATE * audio.CHANNELS * 4
-    per_stem = {"mp3": settings.mp3_bitrate * 1000 / 8,
-                "wav": audio.SAMPLE_RATE * audio.CHANNELS * 4,
-                "flac": audio.SAMPLE_RATE * audio.CHANNELS * 3}[settings.output_format]
+    per_stem = {
+        "mp3": settings.mp3_bitrate * 1000 / 8,
+        "wav": audio.SAMPLE_RATE * audio.CHANNELS * 4,
+        "flac": audio.SAMPLE_RATE * audio.CHANNELS * 3,
+    }[settings.output_format]
     return settings.max_input_bytes + mix + seconds * len(messages.STEMS) * per_stem
 
 
@@ -133,7 +143,7 @@ def strict_schema(node):
     return node
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def keda_schemas() -> dict:
     assert KEDA_CRDS.is_dir(), f"KEDA CRDs not found at {KEDA_CRDS} (shared/ beside the clone)"
     schemas = {}
@@ -142,7 +152,7 @@ def keda_schemas() -> dict:
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
             schema = strict_schema(version["schema"]["openAPIV3Schema"])
-            schema["properties"]["metadata"] = {"type": "object"}   # ObjectMeta: checked apart
+            schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked apart
             schemas[(f"{group}/{version['name']}", kind)] = schema
     return schemas
 
@@ -150,10 +160,13 @@ def keda_schemas() -> dict:
 def validate_keda(obj):
     key = (obj["apiVersion"], obj["kind"])
     assert key in keda_schemas(), f"no KEDA CRD for {key}"
-    errors_ = sorted(jsonschema.Draft7Validator(keda_schemas()[key]).iter_errors(obj),
-                     key=lambda e: list(e.absolute_path))
-    assert not errors_, "\n".join(f"{obj['kind']} {'.'.join(map(str, e.absolute_path))}: "
-                                  f"{e.message}" for e in errors_)
+    errors_ = sorted(
+        jsonschema.Draft7Validator(keda_schemas()[key]).iter_errors(obj),
+        key=lambda e: list(e.absolute_path),
+    )
+    assert not errors_, "\n".join(
+        f"{obj['kind']} {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors_
+    )
 
 
 def validate_core(obj):
@@ -161,15 +174,20 @@ def validate_core(obj):
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{obj['kind']}/{obj['metadata'].get('name')} invalid for Kubernetes "
-                        f"{version}: {exc}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata'].get('name')} invalid for Kubernetes "
+                f"{version}: {exc}"
+            )
 
 
 def scaledjob_as_job(scaled_job) -> dict:
     """The Job KEDA will create from jobTargetRef, so the Kubernetes schema checks it too."""
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": scaled_job["metadata"]["name"], "namespace": "stem-job"},
-            "spec": scaled_job["spec"]["jobTargetRef"]}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": scaled_job["metadata"]["name"], "namespace": "stem-job"},
+        "spec": scaled_job["spec"]["jobTargetRef"],
+    }
 
 
 def pod_spec(objects):
@@ -193,8 +211,13 @@ def test_the_expected_kustomizations_exist():
 def test_every_object_is_schema_valid(directory):
     objects = rendered(directory)
     kinds = sorted(obj["kind"] for obj in objects)
-    assert kinds == ["ConfigMap", "Namespace", "ScaledJob", "ServiceAccount",
-                     "TriggerAuthentication"]
+    assert kinds == [
+        "ConfigMap",
+        "Namespace",
+        "ScaledJob",
+        "ServiceAccount",
+        "TriggerAuthentication",
+    ]
     for obj in objects:
         if obj["apiVersion"].startswith("keda.sh/"):
             validate_keda(obj)
@@ -208,10 +231,16 @@ def test_every_object_is_schema_valid(directory):
 
 def test_all_components_compose(tmp_path):
     """An operator may stack components (e.g. CPU on Spot with the gcp-pubsub trigger)."""
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "base", tmp_path)],   # kustomize wants relative
-        "components": [os.path.relpath(c, tmp_path) for c in COMPONENTS]}))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "base", tmp_path)],  # kustomize wants relative
+                "components": [os.path.relpath(c, tmp_path) for c in COMPONENTS],
+            }
+        )
+    )
     objects = render(tmp_path)
     for obj in objects:
         (validate_keda if obj["apiVersion"].startswith("keda.sh/") else validate_core)(obj)
@@ -245,8 +274,9 @@ def test_job_runs_drain_one_message_and_fails_fast_on_bad_input(directory):
     assert set(on_exit["values"]) == {errors.EXIT_USAGE, errors.EXIT_BAD_INPUT, errors.EXIT_CONFIG}
     assert errors.EXIT_RETRY not in on_exit["values"] and errors.EXIT_OK not in on_exit["values"]
     ignore = [r for r in rules if r["action"] == "Ignore"]
-    assert ignore == [{"action": "Ignore",
-                       "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    assert ignore == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ]
     assert job["podReplacementPolicy"] == "Failed"
 
 
@@ -256,8 +286,10 @@ def test_identity_and_environment(directory):
     account = one(objects, "ServiceAccount")
     spec, main = pod_spec(objects), container(objects)
     assert spec["serviceAccountName"] == account["metadata"]["name"]
-    assert re.match(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[A-Za-z0-9_-]+\.iam\.gserviceaccount\.com$",
-                    account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"])
+    assert re.match(
+        r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[A-Za-z0-9_-]+\.iam\.gserviceaccount\.com$",
+        account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"],
+    )
     assert not any("secret" in str(source).lower() for source in main.get("envFrom", []))
 
     config = one(objects, "ConfigMap")
@@ -373,8 +405,9 @@ def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory
         assert meta["value"] == "1"
     else:
         assert trigger["type"] == "prometheus"
-        assert meta["serverAddress"] == (f"https://monitoring.googleapis.com/v1/projects/"
-                                         f"{project}/location/global/prometheus")
+        assert meta["serverAddress"] == (
+            f"https://monitoring.googleapis.com/v1/projects/{project}/location/global/prometheus"
+        )
         assert "pubsub_googleapis_com:subscription_num_undelivered_messages" in meta["query"]
         assert f'subscription_id="{subscription}"' in meta["query"]
         assert meta["threshold"] == "1"
@@ -394,8 +427,10 @@ def test_a_copy_of_the_example_fills_in_every_component(tmp_path):
     """docs/deployment.md's walkthrough: copy overlays/example, enable components after
     `values`, render. Every placeholder is gone, the trigger names the operator's project and
     components/cpu still picks the :cpu tag of the operator's image."""
-    copy = copy_of_example(tmp_path, lambda copy: ["values"] + [
-        os.path.relpath(component, copy) for component in COMPONENTS])
+    copy = copy_of_example(
+        tmp_path,
+        lambda copy: ["values"] + [os.path.relpath(component, copy) for component in COMPONENTS],
+    )
     objects = render(copy)
     assert placeholders_in(objects) == set()
     data = one(objects, "ConfigMap")["data"]
@@ -405,7 +440,8 @@ def test_a_copy_of_the_example_fills_in_every_component(tmp_path):
     assert account["iam.gke.io/gcp-service-account"].endswith(f"@{project}.iam.gserviceaccount.com")
     [trigger] = one(objects, "ScaledJob")["spec"]["triggers"]
     assert trigger["metadata"]["subscriptionName"] == (
-        f"projects/{project}/subscriptions/{data['PUBSUB_SUBSCRIPTION']}")
+        f"projects/{project}/subscriptions/{data['PUBSUB_SUBSCRIPTION']}"
+    )
     image = container(objects)["image"]
     assert image.startswith(f"us-central1-docker.pkg.dev/{project}/") and image.endswith(":cpu")
     assert load_settings(data).device == "cpu"
@@ -413,8 +449,13 @@ def test_a_copy_of_the_example_fills_in_every_component(tmp_path):
 
 def test_values_listed_after_a_trigger_component_fails_to_render(tmp_path):
     """Out of order, kustomize must refuse rather than deploy a trigger with a placeholder."""
-    copy = copy_of_example(tmp_path, lambda copy: [
-        os.path.relpath(K8S / "components" / "gcp-pubsub", copy), "values"])
-    out = subprocess.run([shutil.which("kubectl"), "kustomize", str(copy)], capture_output=True,
-                         text=True, timeout=60)
+    copy = copy_of_example(
+        tmp_path, lambda copy: [os.path.relpath(K8S / "components" / "gcp-pubsub", copy), "values"]
+    )
+    out = subprocess.run(
+        [shutil.which("kubectl"), "kustomize", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "unable to find field" in out.stderr

@@ -1,8 +1,8 @@
 """Local storage never writes outside OUTPUT_DIR and never shows an incomplete set."""
 
 import json
-import os
 import multiprocessing
+import os
 import random
 import signal
 import subprocess
@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import job_env
+from synthetic import music, write_audio
+
 from job.errors import EXIT_RETRY, JobError
 from job.messages import STEMS
 from job.storage.local import LocalStorage
-from synthetic import music, write_audio
 
 
 def test_ids_cannot_leave_output_dir(tmp_path):
@@ -57,11 +57,26 @@ def test_symlinked_stem_file_is_replaced_not_followed(tmp_path):
 def test_sigterm_mid_separation_leaves_no_manifest_and_exits_75(model_dir, tmp_path):
     song = write_audio(tmp_path / "long.flac", music(60.0, seed=8))
     env = job_env(model_dir, tmp_path / "out", LOG_FORMAT="json")
-    proc = subprocess.Popen([sys.executable, "-m", "job", "run", "--input", str(song),
-                             "--release-id", "rel_1", "--track-id", "trk_1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "job",
+            "run",
+            "--input",
+            str(song),
+            "--release-id",
+            "rel_1",
+            "--track-id",
+            "trk_1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    for line in proc.stderr:          # wait until separation is under way
+    for line in proc.stderr:  # wait until separation is under way
         if "separated" in line or time.monotonic() > deadline:
             break
     sent = time.monotonic()
@@ -90,7 +105,7 @@ def write_set(output_dir, job: str, seed: int, kill: bool = False) -> None:
         files[name].write_bytes(f"{job}:{name}".encode() * 2000)
     with storage.commit("rel", "trk") as commit:
         with open(Path(output_dir).parent / "turns", "a") as turns:
-            turns.write(job + "\n")          # the order in which writers got their turn
+            turns.write(job + "\n")  # the order in which writers got their turn
         for name in STEMS:
             commit.write_stems({name: files[name]})
             time.sleep(pause(0, 0.004))
@@ -108,8 +123,10 @@ def test_local_writers_racing_for_one_track_leave_one_whole_set(tmp_path, seed):
     output.mkdir()
     jobs = [f"job{n}" for n in range(4)]
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=write_set, args=(output, job, seed * 10 + n, n == 1))
-               for n, job in enumerate(jobs)]
+    workers = [
+        context.Process(target=write_set, args=(output, job, seed * 10 + n, n == 1))
+        for n, job in enumerate(jobs)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -122,8 +139,9 @@ def test_local_writers_racing_for_one_track_leave_one_whole_set(tmp_path, seed):
         return
     assert found is not None and found["jobId"] == last
     folder = output / "rel" / "trk"
-    assert {(folder / f"{n}.mp3").read_bytes().split(b":")[0].decode() for n in STEMS} \
-        == {found["jobId"]}
+    assert {(folder / f"{n}.mp3").read_bytes().split(b":")[0].decode() for n in STEMS} == {
+        found["jobId"]
+    }
 
 
 def test_a_file_changed_after_the_manifest_voids_the_local_set(tmp_path):

@@ -36,8 +36,13 @@ def locked(name: str) -> dict:
 
 
 RUNTIME, TEST = locked("requirements.lock"), locked("requirements-test.lock")
-TORCH_PIN = Requirement(next(line for line in (REPO / "requirements-torch.txt").read_text()
-                             .splitlines() if line.startswith("torch")))
+TORCH_PIN = Requirement(
+    next(
+        line
+        for line in (REPO / "requirements-torch.txt").read_text().splitlines()
+        if line.startswith("torch")
+    )
+)
 
 
 def declared(extra: str | None = None) -> list:
@@ -47,16 +52,20 @@ def declared(extra: str | None = None) -> list:
     return [Requirement(r) for r in found]
 
 
-@pytest.mark.parametrize("lock, extra", [(RUNTIME, None), (TEST, "test")],
-                         ids=["requirements.lock", "requirements-test.lock"])
+@pytest.mark.parametrize(
+    "lock, extra",
+    [(RUNTIME, None), (TEST, "test")],
+    ids=["requirements.lock", "requirements-test.lock"],
+)
 def test_every_declared_dependency_is_locked_at_a_version_it_admits(lock, extra):
     for requirement in declared(extra):
         name = canonicalize_name(requirement.name)
         if name == "torch":
             continue
         assert name in lock, f"{requirement} is not locked: run hack/lock"
-        assert requirement.specifier.contains(lock[name][0], prereleases=True), \
+        assert requirement.specifier.contains(lock[name][0], prereleases=True), (
             f"{requirement}: the lock has {lock[name][0]} (run hack/lock)"
+        )
     assert all(hashes for _, hashes in lock.values()), "every pin carries its hashes"
 
 

@@ -17,14 +17,22 @@ say("before", reexecuted=bool(os.environ.get("_STEM_JOB_REEXEC")))
 use_tcmalloc()
 say("after", tcmalloc=any("tcmalloc" in line for line in open("/proc/self/maps")))
 """
-ARGS = ["--input", "a song.mp3", ""]         # a space and an empty argument must survive
+ARGS = ["--input", "a song.mp3", ""]  # a space and an empty argument must survive
 
 
 def probe(**env):
-    environ = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "STEM_JOB_MALLOC",
-                                                               "_STEM_JOB_REEXEC")}
-    proc = subprocess.Popen([sys.executable, "-c", PROBE, *ARGS], env=environ | env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LD_PRELOAD", "STEM_JOB_MALLOC", "_STEM_JOB_REEXEC")
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROBE, *ARGS],
+        env=environ | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
@@ -41,7 +49,7 @@ def test_reexecs_under_tcmalloc_when_installed_keeping_pid_and_arguments():
     # one process throughout: the parent's child PID, in the first image and the re-executed one
     assert {line["pid"] for line in lines} == {pid}
     assert all(line["argv"] == ARGS for line in lines)
-    assert [line["reexecuted"] for line in before] == [False, True][:len(before)]
+    assert [line["reexecuted"] for line in before] == [False, True][: len(before)]
 
 
 def test_system_malloc_on_request():

@@ -9,22 +9,29 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-
 from conftest import last_json, run_job
-from job.audio.encode import MixMeter, StemEncoder
+from synthetic import SOURCES, music, write_model_folder
+
 from job.analysis.loudness import LoudnessMeter
+from job.analysis.peaks import Peaks
+from job.audio.encode import MixMeter, StemEncoder
 from job.manifest import is_silent
 from job.messages import INSTRUMENTAL_PARTS, OUTPUTS, STEMS
-from job.analysis.peaks import Peaks
-from synthetic import SOURCES, music, write_model_folder
 
 RATE = 44100
 
 # The JSON format as doc/DataFormat.md of bbc/audiowaveform describes version 2.
 PEAKS_SCHEMA = {
     "type": "object",
-    "required": ["version", "channels", "sample_rate", "samples_per_pixel", "bits", "length",
-                 "data"],
+    "required": [
+        "version",
+        "channels",
+        "sample_rate",
+        "samples_per_pixel",
+        "bits",
+        "length",
+        "data",
+    ],
     "properties": {
         "version": {"const": 2},
         "channels": {"type": "integer", "minimum": 1},
@@ -44,7 +51,7 @@ def reference_peaks(samples: np.ndarray, samples_per_pixel: int, bits: int, spli
     out, count = [], 0
     low, high = [32767] * channels, [-32768] * channels
     for left, right in samples.tolist():
-        values = [left, right] if split else [int((left + right) / 2)]   # C division truncates
+        values = [left, right] if split else [int((left + right) / 2)]  # C division truncates
         for c, value in enumerate(values):
             low[c], high[c] = min(low[c], value), max(high[c], value)
         count += 1
@@ -83,8 +90,10 @@ def read(folder, name):
     return audio.astype(np.float64)
 
 
-@pytest.mark.parametrize("samples_per_pixel, bits, split", [
-    (256, 8, False), (512, 16, True), (37, 8, True), (2, 16, False)])
+@pytest.mark.parametrize(
+    "samples_per_pixel, bits, split",
+    [(256, 8, False), (512, 16, True), (37, 8, True), (2, 16, False)],
+)
 def test_peaks_streamed_in_odd_blocks_are_audiowaveforms(samples_per_pixel, bits, split):
     """Blocks that end mid-pixel, a signal past full scale and one in the last 16-bit steps:
     the pairs are those of the reference algorithm on the whole stream at once."""
@@ -93,13 +102,16 @@ def test_peaks_streamed_in_odd_blocks_are_audiowaveforms(samples_per_pixel, bits
     signal = np.concatenate([np.clip(music(0.3, seed=6) * 9, -1.3, 1.3), faint], axis=1)
     signal = signal.astype(np.float32)
     peaks = Peaks(samples_per_pixel, bits, split)
-    for start, size in zip(np.r_[0, np.cumsum([1, 255, 3000, 7])], [1, 255, 3000, 7, 10 ** 6]):
-        peaks.add(signal[:, start:start + size])
+    for start, size in zip(
+        np.r_[0, np.cumsum([1, 255, 3000, 7])], [1, 255, 3000, 7, 10**6], strict=False
+    ):
+        peaks.add(signal[:, start : start + size])
     samples = np.rint(np.clip(signal, -1, 1) * 32767).astype(np.int16).T
     assert peaks.result()["data"] == reference_peaks(samples, samples_per_pixel, bits, split)
 
 
 # -- loudness against EBU Tech 3341's test signals (1 kHz stereo sines) ---------------------
+
 
 def sine(db: float, seconds: float) -> np.ndarray:
     t = np.arange(int(seconds * RATE)) / RATE
@@ -109,17 +121,20 @@ def sine(db: float, seconds: float) -> np.ndarray:
 
 def measure(signal: np.ndarray, block: int = 12345) -> dict:
     meter = LoudnessMeter()
-    for start in range(0, signal.shape[1], block):       # odd blocks: streaming, not one call
-        meter.add(signal[:, start:start + block])
+    for start in range(0, signal.shape[1], block):  # odd blocks: streaming, not one call
+        meter.add(signal[:, start : start + block])
     return meter.result()
 
 
-@pytest.mark.parametrize("parts, expected", [
-    ([(-23, 20)], -23.0),                                         # Tech 3341 case 1
-    ([(-33, 20)], -33.0),                                         # case 2
-    ([(-36, 10), (-23, 60), (-36, 10)], -23.0),                   # case 3: relative gate
-    ([(-72, 10), (-36, 10), (-23, 60), (-36, 10), (-72, 10)], -23.0),   # case 4: both gates
-])
+@pytest.mark.parametrize(
+    "parts, expected",
+    [
+        ([(-23, 20)], -23.0),  # Tech 3341 case 1
+        ([(-33, 20)], -33.0),  # case 2
+        ([(-36, 10), (-23, 60), (-36, 10)], -23.0),  # case 3: relative gate
+        ([(-72, 10), (-36, 10), (-23, 60), (-36, 10), (-72, 10)], -23.0),  # case 4: both gates
+    ],
+)
 def test_integrated_loudness_of_ebu_3341_signals(parts, expected):
     signal = np.concatenate([sine(db, seconds) for db, seconds in parts], axis=1)
     found = measure(signal)
@@ -139,11 +154,14 @@ def test_true_peak_is_between_the_samples():
 
 
 def test_digital_silence_has_no_loudness():
-    assert measure(np.zeros((2, 5 * RATE), np.float32)) == \
-        {"loudnessLufs": None, "truePeakDbtp": None}
+    assert measure(np.zeros((2, 5 * RATE), np.float32)) == {
+        "loudnessLufs": None,
+        "truePeakDbtp": None,
+    }
 
 
 # -- the silent flag through the real encoders --------------------------------------------
+
 
 def test_silent_flag_from_real_encoders(tmp_path):
     """Blocks of a mix go through the MP3 encoders and meters as in a job: an output that is
@@ -152,13 +170,19 @@ def test_silent_flag_from_real_encoders(tmp_path):
     model's random weights cannot leave an instrument out; the end-to-end test below makes a
     model that does.)"""
     mix = music(12.0, seed=3)
-    levels = {"drums": 1.0, "bass": 10 ** (-20 / 20), "piano": 10 ** (-42 / 20),
-              "other": 10 ** (-60 / 20), "guitar": 0.0}
-    encoders = {name: StemEncoder(tmp_path / f"{name}.mp3", "mp3", 320, 3, Peaks())
-                for name in levels}
+    levels = {
+        "drums": 1.0,
+        "bass": 10 ** (-20 / 20),
+        "piano": 10 ** (-42 / 20),
+        "other": 10 ** (-60 / 20),
+        "guitar": 0.0,
+    }
+    encoders = {
+        name: StemEncoder(tmp_path / f"{name}.mp3", "mp3", 320, 3, Peaks()) for name in levels
+    }
     meter = MixMeter()
     for start in range(0, mix.shape[1], 4 * RATE):
-        block = mix[:, start:start + 4 * RATE]
+        block = mix[:, start : start + 4 * RATE]
         meter.put(block)
         for name, gain in levels.items():
             encoders[name].put(block * gain)
@@ -169,8 +193,10 @@ def test_silent_flag_from_real_encoders(tmp_path):
     assert abs(figures["drums"]["loudnessLufs"] - mix_figures["loudnessLufs"]) < 0.1
     assert abs(figures["bass"]["loudnessLufs"] - (mix_figures["loudnessLufs"] - 20)) < 0.1
     assert abs(figures["piano"]["loudnessLufs"] - (mix_figures["loudnessLufs"] - 42)) < 0.3
-    flags = {name: is_silent(f["loudnessLufs"], mix_figures["loudnessLufs"], 40.0)
-             for name, f in figures.items()}
+    flags = {
+        name: is_silent(f["loudnessLufs"], mix_figures["loudnessLufs"], 40.0)
+        for name, f in figures.items()
+    }
     assert flags == {"drums": False, "bass": False, "piano": True, "other": True, "guitar": True}
     for name in levels:
         assert (tmp_path / f"{name}.peaks.json").exists()
@@ -178,18 +204,35 @@ def test_silent_flag_from_real_encoders(tmp_path):
 
 # -- end to end ------------------------------------------------------------------------------
 
+
 def test_all_seven_outputs_instrumental_identity_and_peaks(song, job_env_for, tmp_path):
     """Float WAV output: the instrumental is the sum of the five other stems as the engine made
     them, so instrumental + vocals is the sum of all six to float32 precision."""
-    env = job_env_for(OUTPUT_FORMAT="wav", PEAKS_SPLIT_CHANNELS="true", PEAKS_BITS="16",
-                      PEAKS_SAMPLES_PER_PIXEL="512")
-    proc = run_job(["run", "--input", str(song), "--release-id", "rel_o", "--track-id", "trk_7",
-                    "--outputs", ",".join(reversed(OUTPUTS))], env)
+    env = job_env_for(
+        OUTPUT_FORMAT="wav",
+        PEAKS_SPLIT_CHANNELS="true",
+        PEAKS_BITS="16",
+        PEAKS_SAMPLES_PER_PIXEL="512",
+    )
+    proc = run_job(
+        [
+            "run",
+            "--input",
+            str(song),
+            "--release-id",
+            "rel_o",
+            "--track-id",
+            "trk_7",
+            "--outputs",
+            ",".join(reversed(OUTPUTS)),
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json(proc.stdout)
     folder = tmp_path / "outputs" / "rel_o" / "trk_7"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["outputs"] == list(OUTPUTS)            # in canonical order
+    assert manifest["outputs"] == list(OUTPUTS)  # in canonical order
     assert set(result["stems"]) == set(result["outputs"]) == set(manifest["stems"]) == set(OUTPUTS)
 
     stems = {name: read(folder, name) for name in STEMS}
@@ -197,12 +240,16 @@ def test_all_seven_outputs_instrumental_identity_and_peaks(song, job_env_for, tm
     parts = sum(stems[name] for name in INSTRUMENTAL_PARTS)
     scale = np.abs(parts).max()
     assert np.abs(instrumental - parts).max() <= 8 * np.finfo(np.float32).eps * scale
-    assert np.abs(instrumental + stems["vocals"] - sum(stems.values())).max() <= \
-        8 * np.finfo(np.float32).eps * scale
+    assert (
+        np.abs(instrumental + stems["vocals"] - sum(stems.values())).max()
+        <= 8 * np.finfo(np.float32).eps * scale
+    )
 
     for name in OUTPUTS:
         entry = manifest["stems"][name]
-        assert entry["peaks"] == result["outputs"][name]["peaks"] == f"rel_o/trk_7/{name}.peaks.json"
+        assert (
+            entry["peaks"] == result["outputs"][name]["peaks"] == f"rel_o/trk_7/{name}.peaks.json"
+        )
         check_peaks(folder / f"{name}.peaks.json", folder / f"{name}.wav", 512, 16, True)
         assert entry["loudnessLufs"] == result["outputs"][name]["loudnessLufs"]
         assert -70 < entry["loudnessLufs"] < 0 and entry["truePeakDbtp"] < 20
@@ -211,9 +258,14 @@ def test_all_seven_outputs_instrumental_identity_and_peaks(song, job_env_for, tm
 
 
 def test_karaoke_message_writes_two_outputs_and_skip_check_compares_outputs(
-        song, job_env_for, tmp_path):
-    karaoke = {"releaseId": "rel_k", "trackId": "trk_k", "originalStemUri": str(song),
-               "outputs": ["instrumental", "vocals"]}
+    song, job_env_for, tmp_path
+):
+    karaoke = {
+        "releaseId": "rel_k",
+        "trackId": "trk_k",
+        "originalStemUri": str(song),
+        "outputs": ["instrumental", "vocals"],
+    }
     folder = tmp_path / "outputs" / "rel_k" / "trk_k"
 
     def run(message, **env):
@@ -223,8 +275,12 @@ def test_karaoke_message_writes_two_outputs_and_skip_check_compares_outputs(
 
     result, manifest = run(karaoke)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "instrumental.mp3", "instrumental.peaks.json", "manifest.json", "vocals.mp3",
-        "vocals.peaks.json"]
+        "instrumental.mp3",
+        "instrumental.peaks.json",
+        "manifest.json",
+        "vocals.mp3",
+        "vocals.peaks.json",
+    ]
     assert set(result["stems"]) == set(result["outputs"]) == {"vocals", "instrumental"}
     assert manifest["outputs"] == ["vocals", "instrumental"] and not result["reused"]
     for name in ("vocals", "instrumental"):
@@ -243,18 +299,28 @@ def test_karaoke_message_writes_two_outputs_and_skip_check_compares_outputs(
     assert six["reused"] is False and set(six["stems"]) == set(STEMS)
     assert manifest["outputs"] == list(STEMS)
     # env OUTPUTS asks for the karaoke pair again: the six-stem manifest lacks the instrumental
-    pair, manifest = run({k: v for k, v in karaoke.items() if k != "outputs"},
-                         OUTPUTS="vocals,instrumental")
+    pair, manifest = run(
+        {k: v for k, v in karaoke.items() if k != "outputs"}, OUTPUTS="vocals,instrumental"
+    )
     assert pair["reused"] is False and manifest["outputs"] == ["vocals", "instrumental"]
 
 
-@pytest.mark.parametrize("outputs, needle", [
-    (["vocals", "kazoo"], "'kazoo'"), ([], "non-empty"), ("vocals", "non-empty list"),
-    ([3], "int"),
-])
+@pytest.mark.parametrize(
+    "outputs, needle",
+    [
+        (["vocals", "kazoo"], "'kazoo'"),
+        ([], "non-empty"),
+        ("vocals", "non-empty list"),
+        ([3], "int"),
+    ],
+)
 def test_bad_outputs_in_a_message_are_bad_input(song, job_env_for, tmp_path, outputs, needle):
-    message = {"releaseId": "rel_b", "trackId": "trk_b", "originalStemUri": str(song),
-               "outputs": outputs}
+    message = {
+        "releaseId": "rel_b",
+        "trackId": "trk_b",
+        "originalStemUri": str(song),
+        "outputs": outputs,
+    }
     proc = run_job(["run", "--message", json.dumps(message)], job_env_for())
     assert proc.returncode == 65, proc.stderr
     error = last_json(proc.stdout)["error"]
@@ -263,11 +329,15 @@ def test_bad_outputs_in_a_message_are_bad_input(song, job_env_for, tmp_path, out
 
 
 def test_bad_outputs_setting_is_a_config_error(song, job_env_for):
-    proc = run_job(["run", "--input", str(song), "--release-id", "r", "--track-id", "t"],
-                   job_env_for(OUTPUTS="vocals,karaoke"))
+    proc = run_job(
+        ["run", "--input", str(song), "--release-id", "r", "--track-id", "t"],
+        job_env_for(OUTPUTS="vocals,karaoke"),
+    )
     assert proc.returncode == 78 and "OUTPUTS" in proc.stderr and "'karaoke'" in proc.stderr
-    proc = run_job(["run", "--input", str(song), "--release-id", "r", "--track-id", "t",
-                    "--outputs", "drumz"], job_env_for())
+    proc = run_job(
+        ["run", "--input", str(song), "--release-id", "r", "--track-id", "t", "--outputs", "drumz"],
+        job_env_for(),
+    )
     assert proc.returncode == 2 and "drumz" in proc.stderr
 
 
@@ -282,26 +352,28 @@ def pianoless_model(tmp_path_factory):
     piano = SOURCES.index("piano")
     state = package["state"]
     last = max(int(key.split(".")[1]) for key in state if key.startswith("decoder."))
-    for branch, width in (("decoder", 4), ("tdecoder", 2)):    # freq: 2 ch x re/im; time: 2 ch
+    for branch, width in (("decoder", 4), ("tdecoder", 2)):  # freq: 2 ch x re/im; time: 2 ch
         for kind in ("weight", "bias"):
             tensor = state[f"{branch}.{last}.conv_tr.{kind}"]
             if kind == "weight":
-                tensor[:, piano * width:(piano + 1) * width] = 0
+                tensor[:, piano * width : (piano + 1) * width] = 0
             else:
-                tensor[piano * width:(piano + 1) * width] = 0
+                tensor[piano * width : (piano + 1) * width] = 0
     torch.save(package, path)
     return folder
 
 
 def test_stem_of_an_absent_instrument_is_flagged_silent(song, pianoless_model, tmp_path):
     from conftest import job_env
+
     env = job_env(pianoless_model, tmp_path / "outputs")
-    proc = run_job(["run", "--input", str(song), "--release-id", "rel_s", "--track-id", "trk_s"],
-                   env)
+    proc = run_job(
+        ["run", "--input", str(song), "--release-id", "rel_s", "--track-id", "trk_s"], env
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json(proc.stdout)
     manifest = json.loads((tmp_path / "outputs" / "rel_s" / "trk_s" / "manifest.json").read_text())
     flags = {name: entry["silent"] for name, entry in result["outputs"].items()}
     assert flags == {name: name == "piano" for name in STEMS}
     assert manifest["stems"]["piano"]["silent"] is True
-    assert (tmp_path / "outputs" / "rel_s" / "trk_s" / "piano.mp3").exists()   # flagged, kept
+    assert (tmp_path / "outputs" / "rel_s" / "trk_s" / "piano.mp3").exists()  # flagged, kept

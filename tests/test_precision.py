@@ -11,16 +11,23 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import last_json, run_job
-from job.separation import engine
-from job.separation.engine import Engine, agreement_db
-from job.errors import EXIT_OK
-from job.separation.model import (BF16_CPU_FLAGS, MAX_BATCH, auto_batch, choose_precision, cpu_flags,
-                       cpu_kind, load_model)
-from job.separation.precision import Verdicts, bf16_copy
 from synthetic import music, write_audio, write_model_folder
 from test_engine_parity import SmallDevice, Wrapped, separated
+
+from job.errors import EXIT_OK
+from job.separation import engine
+from job.separation.engine import Engine, agreement_db
+from job.separation.model import (
+    BF16_CPU_FLAGS,
+    MAX_BATCH,
+    auto_batch,
+    choose_precision,
+    cpu_flags,
+    cpu_kind,
+    load_model,
+)
+from job.separation.precision import Verdicts, bf16_copy
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -51,7 +58,7 @@ def small(model_dir):
 
 @pytest.fixture(scope="module")
 def mix():
-    return music(12.0, seed=4)          # three windows, the last one partial
+    return music(12.0, seed=4)  # three windows, the last one partial
 
 
 @pytest.fixture(scope="module")
@@ -63,31 +70,35 @@ def test_cpu_flags_are_read_from_cpuinfo():
     flags = cpu_flags(CPUINFO)
     assert {"avx512_bf16", "avx512f", "avx2"} <= flags
     assert cpu_flags("processor\t: 0\n") == set()
-    assert isinstance(cpu_flags(), set)          # this host's, whatever it has
+    assert isinstance(cpu_flags(), set)  # this host's, whatever it has
 
 
 @pytest.mark.parametrize("flag", BF16_CPU_FLAGS)
 def test_auto_picks_bf16_only_on_cpus_with_bf16_instructions(flag):
     assert choose_precision("auto", "cpu", {"avx2", flag}) == ("bf16", True)
-    assert choose_precision("auto", "cpu", cpu_flags(CPUINFO.replace("avx512_bf16", "avx2"))) \
-        == ("fp32", False)
+    assert choose_precision("auto", "cpu", cpu_flags(CPUINFO.replace("avx512_bf16", "avx2"))) == (
+        "fp32",
+        False,
+    )
     assert choose_precision("auto", "cpu", set()) == ("fp32", False)
 
 
 def test_auto_on_cuda_and_explicit_choices():
     assert choose_precision("auto", "cuda", set(), cuda_bf16=True) == ("bf16", True)
     assert choose_precision("auto", "cuda", set(), cuda_bf16=False) == ("fp16", True)
-    for wanted in ("fp32", "bf16", "fp16"):       # asked for: used as is, not probed
+    for wanted in ("fp32", "bf16", "fp16"):  # asked for: used as is, not probed
         assert choose_precision(wanted, "cpu", cpu_flags(CPUINFO)) == (wanted, False)
 
 
 def test_auto_batch_follows_free_memory():
-    cuda, gib = torch.device("cuda"), 2**30          # a device object needs no GPU
+    cuda, gib = torch.device("cuda"), 2**30  # a device object needs no GPU
     assert auto_batch(torch.device("cpu")) == 1
     assert auto_batch(cuda, "fp32", free_bytes=gib) == 1
     sizes = [auto_batch(cuda, "fp32", free_bytes=n * gib) for n in (4, 8, 16, 24)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    assert auto_batch(cuda, "bf16", free_bytes=8 * gib) > auto_batch(cuda, "fp32", free_bytes=8 * gib)
+    assert auto_batch(cuda, "bf16", free_bytes=8 * gib) > auto_batch(
+        cuda, "fp32", free_bytes=8 * gib
+    )
     assert auto_batch(cuda, "fp32", free_bytes=1000 * gib) == MAX_BATCH
 
 
@@ -96,7 +107,7 @@ def test_bf16_autocast_on_cpu_agrees_with_fp32(small, mix, exact):
     got, stats = separated(separator, mix)
     assert stats["fp32FallbackWindows"] == 0
     db = agreement_db(exact[None], got[None])
-    assert engine.PARITY_DB <= db < 100, db          # close to fp32, and really not fp32
+    assert engine.PARITY_DB <= db < 100, db  # close to fp32, and really not fp32
 
 
 def test_probe_keeps_bf16_when_it_agrees(small, mix, exact):
@@ -107,11 +118,11 @@ def test_probe_keeps_bf16_when_it_agrees(small, mix, exact):
 
 
 def test_probe_falls_back_to_fp32_when_it_disagrees(small, mix, exact, monkeypatch):
-    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
+    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)  # no reduced precision can pass
     separator = Engine(small, torch.device("cpu"), precision="bf16", probe=True)
     got, _ = separated(separator, mix)
     assert separator.precision == "fp32" and separator.probe_db < 1000
-    np.testing.assert_array_equal(got, exact)                 # every window ran in fp32
+    np.testing.assert_array_equal(got, exact)  # every window ran in fp32
 
 
 def test_the_probe_compares_one_window_and_the_batch_runs_in_reduced_precision(small, mix, exact):
@@ -138,8 +149,9 @@ def test_silence_before_the_probe_runs_in_passes_sized_for_fp32(small, mix):
     assert device.passes[:3] == [("fp32", 2), ("fp32", 1), ("fp32", 1)]
     assert engine.PARITY_DB <= agreement_db(exact[None], halved[None]) < 100
     device.passes.clear()
-    sized = Engine(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
-                      precision="bf16", probe=True)
+    sized = Engine(
+        device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2}, precision="bf16", probe=True
+    )
     got, stats = separated(sized, quiet)
     assert stats["oomHalvings"] == 0 and sized.precision == "bf16"
     assert device.passes[:4] == [("fp32", 1), ("fp32", 1), ("fp32", 1), ("reduced", 1)]
@@ -148,10 +160,11 @@ def test_silence_before_the_probe_runs_in_passes_sized_for_fp32(small, mix):
 
 
 def test_after_a_failed_probe_passes_are_sized_for_fp32(small, mix, exact, monkeypatch):
-    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
+    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)  # no reduced precision can pass
     device = SmallDevice(small, fp32=1, reduced=2)
-    separator = Engine(device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2},
-                          precision="bf16", probe=True)
+    separator = Engine(
+        device, torch.device("cpu"), batch={"fp32": 1, "bf16": 2}, precision="bf16", probe=True
+    )
     got, stats = separated(separator, mix)
     assert separator.precision == "fp32" and stats["oomHalvings"] == 0 and stats["batch"] == 1
     assert device.passes == [("fp32", 1), ("reduced", 1), ("fp32", 1), ("fp32", 1)]
@@ -162,19 +175,23 @@ def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
     separator = Engine(NonFiniteWhenReduced(small), torch.device("cpu"), precision="bf16")
     got, stats = separated(separator, mix)
     windows = len(engine.plan_streams([small], mix.shape[1], 0, 0)[0].windows())
-    assert stats["fp32FallbackWindows"] == separator.fallback_windows == windows   # every one
+    assert stats["fp32FallbackWindows"] == separator.fallback_windows == windows  # every one
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, exact, atol=1e-5)
     # in fp32 the same model is finite: nothing is redone
-    assert separated(Engine(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1] \
-        ["fp32FallbackWindows"] == 0
+    assert (
+        separated(Engine(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1][
+            "fp32FallbackWindows"
+        ]
+        == 0
+    )
 
 
 def test_cpu_kind_names_the_model_and_its_flags():
     kind = cpu_kind(CPUINFO)
     assert kind.startswith("AMD EPYC ") and kind == cpu_kind(CPUINFO)
-    assert cpu_kind(CPUINFO.replace("avx512_bf16", "avx2")) != kind    # other flags, other kind
-    assert cpu_kind("").startswith("unknown ") and cpu_kind()           # this host's, whatever it is
+    assert cpu_kind(CPUINFO.replace("avx512_bf16", "avx2")) != kind  # other flags, other kind
+    assert cpu_kind("").startswith("unknown ") and cpu_kind()  # this host's, whatever it is
 
 
 def test_bf16_copy_runs_the_blocks_in_bf16_and_leaves_the_model_alone(small):
@@ -182,12 +199,18 @@ def test_bf16_copy_runs_the_blocks_in_bf16_and_leaves_the_model_alone(small):
     assert {p.dtype for p in copy.encoder.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in copy.crosstransformer.layers.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in small.parameters()} == {torch.float32}
-    assert bf16_copy(torch.nn.Conv1d(2, 2, 3)) is None         # no such blocks: autocast instead
+    assert bf16_copy(torch.nn.Conv1d(2, 2, 3)) is None  # no such blocks: autocast instead
 
 
 def probed(small, mix, folders, hardware="this cpu"):
-    separator = Engine(small, torch.device("cpu"), precision="bf16", probe=True,
-                          verdicts=Verdicts(folders), hardware=hardware)
+    separator = Engine(
+        small,
+        torch.device("cpu"),
+        precision="bf16",
+        probe=True,
+        verdicts=Verdicts(folders),
+        hardware=hardware,
+    )
     return separator, separated(separator, mix)[0]
 
 
@@ -206,7 +229,7 @@ def test_a_recorded_verdict_replaces_the_fp32_check(small, mix, exact, tmp_path)
 
 
 def test_a_recorded_failure_means_fp32_from_the_start(small, mix, exact, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)          # no reduced precision can pass
+    monkeypatch.setattr(engine, "PARITY_DB", 1000.0)  # no reduced precision can pass
     probed(small, mix, [tmp_path])
     again, got = probed(small, mix, [tmp_path])
     assert again.probe_recorded and again.precision == "fp32"
@@ -216,7 +239,7 @@ def test_a_recorded_failure_means_fp32_from_the_start(small, mix, exact, tmp_pat
 def test_a_verdict_for_other_weights_or_another_cpu_is_not_used(small, mix, tmp_path):
     probed(small, mix, [tmp_path])
     other_cpu, _ = probed(small, mix, [tmp_path], hardware="another cpu")
-    assert not other_cpu.probe_recorded and other_cpu.probe_db is not None   # checked again
+    assert not other_cpu.probe_recorded and other_cpu.probe_db is not None  # checked again
     other = load_model("htdemucs_6s", str(write_model_folder(tmp_path / "seed1", seed=1))).models[0]
     other_weights, _ = probed(other, mix, [tmp_path])
     assert not other_weights.probe_recorded
@@ -227,8 +250,10 @@ def test_unwritable_folders_only_mean_checking_again(small, mix, exact, tmp_path
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     separator, got = probed(small, mix, [blocked / "verdicts", tmp_path / "cache"])
-    assert separator.probe_db >= engine.PARITY_DB                 # the track ran, checked
-    assert len(list((tmp_path / "cache").glob("precision-check-*.json"))) == 1   # the next one took it
+    assert separator.probe_db >= engine.PARITY_DB  # the track ran, checked
+    assert (
+        len(list((tmp_path / "cache").glob("precision-check-*.json"))) == 1
+    )  # the next one took it
     alone, got = probed(small, mix, [blocked / "verdicts"])
     assert not alone.probe_recorded and alone.probe_db >= engine.PARITY_DB
     assert agreement_db(exact[None], got[None]) >= engine.PARITY_DB
@@ -236,7 +261,7 @@ def test_unwritable_folders_only_mean_checking_again(small, mix, exact, tmp_path
 
 def test_prefetch_records_the_verdict_that_runs_then_use(job_env_for, tmp_path, mix):
     """On a bf16 CPU the image build's check is what later runs rely on; elsewhere, fp32 as is."""
-    folder = write_model_folder(tmp_path / "model")          # its own folder: nothing recorded yet
+    folder = write_model_folder(tmp_path / "model")  # its own folder: nothing recorded yet
     song = write_audio(tmp_path / "song.wav", mix)
     env = job_env_for(MODEL_DIR=folder, XDG_CACHE_HOME=tmp_path / "cache")
     built = run_job(["prefetch-model"], env)
@@ -246,7 +271,7 @@ def test_prefetch_records_the_verdict_that_runs_then_use(job_env_for, tmp_path, 
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
     assert last_json(proc.stdout)["status"] == "completed"
     ran = json.loads((tmp_path / "outputs" / "r" / "t" / "manifest.json").read_text())["engine"]
-    assert (ran["oomHalvings"], ran["batch"], ran["devicePeakMb"]) == (0, 1, None)   # CPU
+    assert (ran["oomHalvings"], ran["batch"], ran["devicePeakMb"]) == (0, 1, None)  # CPU
     if choose_precision("auto", "cpu", cpu_flags())[1]:
         assert len(recorded) == 1 and "measured now" in built.stdout
         db = json.loads(recorded[0].read_text())["db"]

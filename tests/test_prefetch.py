@@ -8,11 +8,11 @@ in demucs' safetensors format, so the real `get_model("htdemucs_6s")` path reads
 
 import json
 
-from safetensors.torch import save_file
-
 from conftest import last_json, run_job
-from job.errors import EXIT_CONFIG, EXIT_OK
+from safetensors.torch import save_file
 from synthetic import build_model
+
+from job.errors import EXIT_CONFIG, EXIT_OK
 
 
 def hub_cache(home):
@@ -23,12 +23,19 @@ def hub_cache(home):
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    encoded = {k: ({"_type": "fraction", "numerator": v.numerator, "denominator": v.denominator}
-                   if k == "segment" else v) for k, v in kwargs.items()}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(snapshot / "synthetic.safetensors"),
-              metadata={"klass": "demucs.htdemucs.HTDemucs", "args": "[]",
-                        "kwargs": json.dumps(encoded)})
+    encoded = {
+        k: (
+            {"_type": "fraction", "numerator": v.numerator, "denominator": v.denominator}
+            if k == "segment"
+            else v
+        )
+        for k, v in kwargs.items()
+    }
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(snapshot / "synthetic.safetensors"),
+        metadata={"klass": "demucs.htdemucs.HTDemucs", "args": "[]", "kwargs": json.dumps(encoded)},
+    )
     (snapshot / "htdemucs_6s.yaml").write_text("models: ['synthetic']\n")
     return home
 
@@ -49,12 +56,19 @@ def test_prefetch_then_run_offline_from_the_hub_cache(job_env_for, tmp_path, son
     assert last_json(proc.stdout)["status"] == "completed"
 
 
-def test_uncached_model_offline_is_one_line_naming_model_dir_and_prefetch(job_env_for, tmp_path, song):
+def test_uncached_model_offline_is_one_line_naming_model_dir_and_prefetch(
+    job_env_for, tmp_path, song
+):
     (tmp_path / "empty").mkdir()
     env = offline_env(job_env_for, tmp_path / "empty")
-    for args in (["prefetch-model"], ["run", "--input", str(song), "--release-id", "r", "--track-id", "t"]):
+    for args in (
+        ["prefetch-model"],
+        ["run", "--input", str(song), "--release-id", "r", "--track-id", "t"],
+    ):
         proc = run_job(args, env)
         assert proc.returncode == EXIT_CONFIG
-        lines = [l for l in proc.stderr.strip().splitlines() if "error" in l.lower()]
-        assert len(lines) == 1 and "MODEL_DIR" in lines[0] and "prefetch-model" in lines[0], proc.stderr
+        lines = [x for x in proc.stderr.strip().splitlines() if "error" in x.lower()]
+        assert len(lines) == 1 and "MODEL_DIR" in lines[0] and "prefetch-model" in lines[0], (
+            proc.stderr
+        )
         assert "Traceback" not in proc.stderr

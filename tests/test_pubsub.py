@@ -4,10 +4,10 @@ import json
 import time
 
 import pytest
+from emulators import PubSubEmulator, free_port
 
 from job.errors import EXIT_CONFIG, EXIT_RETRY, JobError, exit_code_for
 from job.pubsub import LeaseKeeper, Publisher, delivery_attempt, pull, resource_path
-from emulators import PubSubEmulator, free_port
 
 
 @pytest.fixture
@@ -24,11 +24,15 @@ def publish(publisher, topic, text="{}"):
     publisher.publish(topic, text.encode()).result(10)
 
 
-def test_a_result_arrives_as_json_with_job_id_and_status(publisher, subscriber,
-                                                         make_subscription):
+def test_a_result_arrives_as_json_with_job_id_and_status(publisher, subscriber, make_subscription):
     sub = make_subscription()
-    result = {"jobId": "job-1", "releaseId": "r", "trackId": "t", "status": "completed",
-              "stems": {"vocals": "r/t/vocals.mp3"}}
+    result = {
+        "jobId": "job-1",
+        "releaseId": "r",
+        "trackId": "t",
+        "status": "completed",
+        "stems": {"vocals": "r/t/vocals.mp3"},
+    }
     assert Publisher(publisher, sub.topic, deadline_s=5).publish_result(result)
     [received] = pull(subscriber, sub.path, max_messages=10, timeout_s=5)
     assert json.loads(received.message.data) == result
@@ -38,14 +42,14 @@ def test_a_result_arrives_as_json_with_job_id_and_status(publisher, subscriber,
 
 def test_a_result_without_job_id_omits_that_attribute(publisher, subscriber, make_subscription):
     sub = make_subscription()
-    Publisher(publisher, sub.topic, deadline_s=5).publish_result({"jobId": None,
-                                                                  "status": "failed"})
+    Publisher(publisher, sub.topic, deadline_s=5).publish_result(
+        {"jobId": None, "status": "failed"}
+    )
     [received] = pull(subscriber, sub.path, 1, 5)
     assert dict(received.message.attributes) == {"status": "failed"}
 
 
-def test_an_empty_subscription_returns_nothing_by_the_idle_timeout(subscriber,
-                                                                   make_subscription):
+def test_an_empty_subscription_returns_nothing_by_the_idle_timeout(subscriber, make_subscription):
     sub = make_subscription()
     started = time.monotonic()
     assert pull(subscriber, sub.path, max_messages=5, timeout_s=1.5) == []
@@ -62,8 +66,9 @@ def test_pull_returns_as_soon_as_a_batch_arrives(publisher, subscriber, make_sub
     assert sorted(json.loads(r.message.data)["n"] for r in received) == [0, 1, 2]
 
 
-def test_lease_keeper_holds_a_message_past_its_ack_deadline(publisher, subscriber,
-                                                            make_subscription):
+def test_lease_keeper_holds_a_message_past_its_ack_deadline(
+    publisher, subscriber, make_subscription
+):
     sub = make_subscription(ack_deadline_s=10)
     publish(publisher, sub.topic)
     [received] = pull(subscriber, sub.path, 1, 5)
@@ -95,8 +100,7 @@ def test_a_nacked_message_comes_back_at_once(publisher, subscriber, make_subscri
         keeper.ack(again)
 
 
-def test_leaving_the_keeper_returns_unfinished_messages(publisher, subscriber,
-                                                        make_subscription):
+def test_leaving_the_keeper_returns_unfinished_messages(publisher, subscriber, make_subscription):
     """What SIGTERM relies on: nack_all hands every held message to the next job."""
     sub = make_subscription(ack_deadline_s=60)
     for n in range(2):
@@ -112,7 +116,8 @@ def test_leaving_the_keeper_returns_unfinished_messages(publisher, subscriber,
 
 
 def test_delivery_attempt_counts_redeliveries_under_a_dead_letter_policy(
-        publisher, subscriber, make_subscription):
+    publisher, subscriber, make_subscription
+):
     sub = make_subscription(dead_letter=True, max_delivery_attempts=5)
     publish(publisher, sub.topic)
     with LeaseKeeper(subscriber, sub.path) as keeper:
@@ -125,8 +130,9 @@ def test_delivery_attempt_counts_redeliveries_under_a_dead_letter_policy(
     assert attempts == [1, 2, 3]
 
 
-def test_a_missing_topic_is_a_configuration_error_that_keeps_the_message(publisher,
-                                                                         pubsub_emulator):
+def test_a_missing_topic_is_a_configuration_error_that_keeps_the_message(
+    publisher, pubsub_emulator
+):
     topic = resource_path(pubsub_emulator.project, "topics", "no-such-topic")
     for call in (lambda p: p.publish({"status": "completed"}), lambda p: p.check()):
         with pytest.raises(JobError) as caught:
@@ -137,15 +143,19 @@ def test_a_missing_topic_is_a_configuration_error_that_keeps_the_message(publish
 
 
 def test_an_unreachable_service_is_not_an_empty_queue(tmp_path):
-    nobody = PubSubEmulator(tmp_path, project="stem-test", port=free_port())   # never started
+    nobody = PubSubEmulator(tmp_path, project="stem-test", port=free_port())  # never started
     started = time.monotonic()
     with pytest.raises(JobError) as caught:
         pull(nobody.subscriber, "projects/stem-test/subscriptions/stem-separate-worker", 1, 2)
     assert caught.value.code == "pubsub_unavailable" and caught.value.retryable
     assert time.monotonic() - started < 5
     with pytest.raises(JobError) as caught:
-        Publisher(nobody.publisher, "projects/stem-test/topics/stem-results",
-                  deadline_s=2, attempt_timeout_s=1).publish({})
+        Publisher(
+            nobody.publisher,
+            "projects/stem-test/topics/stem-results",
+            deadline_s=2,
+            attempt_timeout_s=1,
+        ).publish({})
     assert caught.value.code == "publish_failed" and caught.value.retryable
     assert exit_code_for(caught.value) == EXIT_RETRY
 

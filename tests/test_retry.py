@@ -11,24 +11,40 @@ from google.cloud.storage.exceptions import DataCorruption
 from job.retry import bounded, is_transient
 
 
-@pytest.mark.parametrize("exc", [
-    *(exceptions.from_http_status(code, "busy") for code in (408, 429, 500, 502, 503, 504)),
-    exceptions.Aborted("gRPC ABORTED"), exceptions.Unknown("gRPC UNKNOWN"),
-    exceptions.DeadlineExceeded("gRPC DEADLINE_EXCEEDED"),
-    exceptions.ResourceExhausted("quota"), requests.ConnectionError("reset"),
-    requests.Timeout("read timeout"), requests.exceptions.ChunkedEncodingError("cut"),
-    urllib3.exceptions.ProtocolError("cut"), TransportError("token endpoint unreachable"),
-    ConnectionResetError(), TimeoutError(), DataCorruption(None, "crc32c mismatch"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "exc",
+    [
+        *(exceptions.from_http_status(code, "busy") for code in (408, 429, 500, 502, 503, 504)),
+        exceptions.Aborted("gRPC ABORTED"),
+        exceptions.Unknown("gRPC UNKNOWN"),
+        exceptions.DeadlineExceeded("gRPC DEADLINE_EXCEEDED"),
+        exceptions.ResourceExhausted("quota"),
+        requests.ConnectionError("reset"),
+        requests.Timeout("read timeout"),
+        requests.exceptions.ChunkedEncodingError("cut"),
+        urllib3.exceptions.ProtocolError("cut"),
+        TransportError("token endpoint unreachable"),
+        ConnectionResetError(),
+        TimeoutError(),
+        DataCorruption(None, "crc32c mismatch"),
+    ],
+    ids=repr,
+)
 def test_transient_faults(exc):
     assert is_transient(exc)
 
 
-@pytest.mark.parametrize("exc", [
-    *(exceptions.from_http_status(code, "no") for code in (400, 401, 403, 404, 409, 412)),
-    exceptions.InvalidArgument("bad"), exceptions.PermissionDenied("denied"),
-    ValueError("a bug"), KeyError("a bug"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "exc",
+    [
+        *(exceptions.from_http_status(code, "no") for code in (400, 401, 403, 404, 409, 412)),
+        exceptions.InvalidArgument("bad"),
+        exceptions.PermissionDenied("denied"),
+        ValueError("a bug"),
+        KeyError("a bug"),
+    ],
+    ids=repr,
+)
 def test_faults_a_retry_cannot_fix(exc):
     assert not is_transient(exc)
 

@@ -5,8 +5,8 @@ import json
 
 import av
 import numpy as np
-
 from conftest import last_json, run_job
+
 from job.messages import STEMS
 
 
@@ -14,7 +14,11 @@ def decode(path):
     with av.open(str(path)) as container:
         stream = container.streams.audio[0]
         frames = [f.to_ndarray() for f in container.decode(stream)]
-        return np.concatenate(frames, axis=1), stream.codec_context.sample_rate, stream.codec_context.channels
+        return (
+            np.concatenate(frames, axis=1),
+            stream.codec_context.sample_rate,
+            stream.codec_context.channels,
+        )
 
 
 def check_stem_set(folder, result, n_samples):
@@ -22,12 +26,15 @@ def check_stem_set(folder, result, n_samples):
     assert result["status"] == "completed"
     assert set(result["stems"]) == set(STEMS) == set(manifest["stems"])
     for stem in STEMS:
-        assert result["stems"][stem] == manifest["stems"][stem]["url"] == \
-            f"{result['releaseId']}/{result['trackId']}/{stem}.mp3"
+        assert (
+            result["stems"][stem]
+            == manifest["stems"][stem]["url"]
+            == f"{result['releaseId']}/{result['trackId']}/{stem}.mp3"
+        )
         audio, rate, channels = decode(folder / f"{stem}.mp3")
         assert (rate, channels) == (44100, 2)
         assert abs(audio.shape[1] - n_samples) <= 1152, (stem, audio.shape[1], n_samples)
-        assert np.sqrt(np.mean(audio ** 2)) > 1e-4, f"{stem} is silent"
+        assert np.sqrt(np.mean(audio**2)) > 1e-4, f"{stem} is silent"
         assert manifest["stems"][stem]["bytes"] == (folder / f"{stem}.mp3").stat().st_size
     assert manifest["durationS"] == result["durationS"]
     assert manifest["jobId"] == result["jobId"]
@@ -36,7 +43,9 @@ def check_stem_set(folder, result, n_samples):
 
 def test_run_with_flags_writes_six_mp3_and_manifest(song, mix, job_env_for, tmp_path):
     env = job_env_for()
-    proc = run_job(["run", "--input", str(song), "--release-id", "rel_1", "--track-id", "trk_1"], env)
+    proc = run_job(
+        ["run", "--input", str(song), "--release-id", "rel_1", "--track-id", "trk_1"], env
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json(proc.stdout)
     folder = tmp_path / "outputs" / "rel_1" / "trk_1"
@@ -48,8 +57,14 @@ def test_run_with_flags_writes_six_mp3_and_manifest(song, mix, job_env_for, tmp_
 
 
 def test_run_from_env_message_base64(song, mix, job_env_for, tmp_path):
-    message = {"jobId": "sep_a", "releaseId": "rel_2", "artistId": "art_1", "trackId": "trk_2",
-               "originalStemUri": str(song), "mimeType": "audio/mpeg"}
+    message = {
+        "jobId": "sep_a",
+        "releaseId": "rel_2",
+        "artistId": "art_1",
+        "trackId": "trk_2",
+        "originalStemUri": str(song),
+        "mimeType": "audio/mpeg",
+    }
     env = job_env_for(JOB_MESSAGE=base64.b64encode(json.dumps(message).encode()).decode())
     proc = run_job([], env | {"PROCESSING_MODE": "job"})
     assert proc.returncode == 0, proc.stderr

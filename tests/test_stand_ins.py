@@ -4,9 +4,8 @@ the generation precondition that the manifest's compare-and-swap rests on."""
 import threading
 
 import pytest
-from google.api_core import exceptions
-
 from emulators import GcsEmulator, ensure_bucket
+from google.api_core import exceptions
 
 
 def test_a_kill_mid_writes_loses_no_acknowledged_object_or_generation(tmp_path):
@@ -21,9 +20,10 @@ def test_a_kill_mid_writes_loses_no_acknowledged_object_or_generation(tmp_path):
                 blob = bucket.blob(f"o/{number}")
                 try:
                     blob.upload_from_string(b"x" * 50_000, timeout=2, retry=None)
-                except Exception:        # the kill: stop at the first failed request
+                except Exception:  # the kill: stop at the first failed request
                     return
                 acknowledged[blob.name] = blob.generation
+
         writer = threading.Thread(target=upload)
         writer.start()
         while len(acknowledged) < 20:
@@ -31,11 +31,11 @@ def test_a_kill_mid_writes_loses_no_acknowledged_object_or_generation(tmp_path):
         emulator.kill()
         writer.join()
         emulator.start()
-        found = {blob.name: blob for blob in
-                 emulator.client("stand-in").list_blobs("kill-bucket")}
+        found = {blob.name: blob for blob in emulator.client("stand-in").list_blobs("kill-bucket")}
         assert set(acknowledged) <= set(found)
-        assert all(found[name].generation == generation
-                   for name, generation in acknowledged.items())
+        assert all(
+            found[name].generation == generation for name, generation in acknowledged.items()
+        )
         assert all(found[name].size == 50_000 for name in acknowledged)
 
 
@@ -47,13 +47,14 @@ def test_one_of_racing_creates_wins_and_a_stale_generation_is_refused(gcs_emulat
         name, winners = f"race-{round_}", []
         start = threading.Barrier(6)
 
-        def create(writer):
+        def create(writer, start=start, name=name, winners=winners):
             start.wait()
             try:
                 target.blob(name).upload_from_string(str(writer).encode(), if_generation_match=0)
                 winners.append(writer)
             except exceptions.PreconditionFailed:
                 pass
+
         threads = [threading.Thread(target=create, args=(writer,)) for writer in range(6)]
         for thread in threads:
             thread.start()
@@ -63,8 +64,9 @@ def test_one_of_racing_creates_wins_and_a_stale_generation_is_refused(gcs_emulat
         assert target.blob(name).download_as_bytes() == str(winners[0]).encode()
     current = target.get_blob("race-0")
     with pytest.raises(exceptions.PreconditionFailed):
-        target.blob("race-0").upload_from_string(b"late",
-                                                 if_generation_match=current.generation - 1)
+        target.blob("race-0").upload_from_string(
+            b"late", if_generation_match=current.generation - 1
+        )
     replaced = target.blob("race-0")
     replaced.upload_from_string(b"next", if_generation_match=current.generation)
     assert replaced.generation != current.generation

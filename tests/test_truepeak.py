@@ -5,8 +5,8 @@ import av
 import av.filter
 import numpy as np
 import pytest
-
 from synthetic import music
+
 from job.analysis.truepeak import CHUNK, TAPS, TruePeak
 
 RATE = 44100
@@ -21,8 +21,9 @@ def ffmpeg_true_peak(signal: np.ndarray) -> float:
     source.link_to(upsample)
     upsample.link_to(sink)
     graph.configure()
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(signal, np.float32), format="fltp",
-                                       layout="stereo")
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(signal, np.float32), format="fltp", layout="stereo"
+    )
     frame.sample_rate, frame.pts = RATE, 0
     peak = 0.0
     for pushed in (frame, None):
@@ -38,7 +39,7 @@ def ffmpeg_true_peak(signal: np.ndarray) -> float:
 def true_peak(signal: np.ndarray, block: int, exact: bool = False) -> float:
     meter = TruePeak(exact)
     for start in range(0, signal.shape[1], block):
-        meter.add(signal[:, start:start + block])
+        meter.add(signal[:, start : start + block])
     return meter.result()
 
 
@@ -97,8 +98,9 @@ def test_bound_is_above_every_interpolated_value():
             wave = np.sin(2 * np.pi * rng.uniform(15000, 22000) * t + rng.uniform(0, 6))
         else:
             wave = rng.choice([-1.0, 1.0], t.size) * rng.uniform(0, 1, t.size)
-        x = np.ascontiguousarray(np.broadcast_to(wave * rng.uniform(0.01, 1), (2, t.size)),
-                                 np.float32)
+        x = np.ascontiguousarray(
+            np.broadcast_to(wave * rng.uniform(0.01, 1), (2, t.size)), np.float32
+        )
         meter = TruePeak()
         bound = meter._bound(x)
         for chunk in range(64):

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import requests
+from test_http import BOUNDARY, JUNK, launch, multipart_chunks, wait_ready
 
 from job.http import MAX_PART_HEADER_BYTES, MAX_PART_HEADERS, MAX_PARTS
-from test_http import BOUNDARY, JUNK, launch, multipart_chunks, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,20 @@ def server(model_dir, tmp_path_factory):
 
 
 def part(headers: list[str], body: bytes = b"") -> bytes:
-    return (f"--{BOUNDARY}\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode() + \
-        body + b"\r\n"
+    return (
+        (f"--{BOUNDARY}\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode()
+        + body
+        + b"\r\n"
+    )
 
 
 def post_parts(server, *parts: bytes):
     body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-    return server.post("/separate/rel/trk", data=body, headers={
-        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    return server.post(
+        "/separate/rel/trk",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
 
 
 FILE = 'Content-Disposition: form-data; name="file"; filename="a.mp3"'
@@ -44,11 +50,15 @@ def test_a_file_part_with_the_most_headers_allowed_reaches_the_decoder(server):
     assert response.status_code == 422 and response.json()["error"]["code"] == "not_audio"
 
 
-@pytest.mark.parametrize("headers", [
-    [FILE] + [f"X-Extra-{i}: v" for i in range(MAX_PART_HEADERS)],        # one header too many
-    [FILE, "X-Long: " + "v" * MAX_PART_HEADER_BYTES],                      # one line too long
-    [FILE, "X-Endless: " + "v" * (8 << 20)],                               # 8 MB of one header
-], ids=["count", "size", "endless"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [FILE] + [f"X-Extra-{i}: v" for i in range(MAX_PART_HEADERS)],  # one header too many
+        [FILE, "X-Long: " + "v" * MAX_PART_HEADER_BYTES],  # one line too long
+        [FILE, "X-Endless: " + "v" * (8 << 20)],  # 8 MB of one header
+    ],
+    ids=["count", "size", "endless"],
+)
 def test_part_headers_over_the_bounds_are_refused(server, headers):
     response = post_parts(server, part(headers, JUNK))
     assert response.status_code == 400, response.text
@@ -58,8 +68,9 @@ def test_part_headers_over_the_bounds_are_refused(server, headers):
 
 
 def test_more_parts_than_an_upload_needs_are_refused(server):
-    fields = [part([f'Content-Disposition: form-data; name="f{i}"'], b"x")
-              for i in range(MAX_PARTS)]
+    fields = [
+        part([f'Content-Disposition: form-data; name="f{i}"'], b"x") for i in range(MAX_PARTS)
+    ]
     response = post_parts(server, *fields, part([FILE, "Content-Type: audio/mpeg"], JUNK))
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -94,8 +105,10 @@ def test_uploads_wait_for_room_on_disk(model_dir, tmp_path):
         answers = {}
 
         def send(name, body):
-            answers[name] = requests.post(started.url + "/separate/rel/" + name, data=body,
-                                          headers=headers, timeout=120)
+            answers[name] = requests.post(
+                started.url + "/separate/rel/" + name, data=body, headers=headers, timeout=120
+            )
+
         first = threading.Thread(target=send, args=("first", multipart_chunks(JUNK, hold, 4096)))
         first.start()
         deadline = time.monotonic() + 30
@@ -106,7 +119,7 @@ def test_uploads_wait_for_room_on_disk(model_dir, tmp_path):
         second.start()
         started.wait_in_flight(2)
         seen = 0
-        for _ in range(25):                       # half a second with both in flight
+        for _ in range(25):  # half a second with both in flight
             seen = max(seen, originals_on_disk(started))
             time.sleep(0.02)
         assert seen == 1, "the second upload must wait for room"

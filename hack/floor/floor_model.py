@@ -14,8 +14,9 @@ SOURCES = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 
 
 class MixShare(torch.nn.Module):
-    def __init__(self, sources=tuple(SOURCES), samplerate=44100, audio_channels=2,
-                 segment=Fraction(39, 5)):
+    def __init__(
+        self, sources=tuple(SOURCES), samplerate=44100, audio_channels=2, segment=Fraction(39, 5)
+    ):
         super().__init__()
         self.sources = list(sources)
         self.samplerate = samplerate

@@ -16,13 +16,13 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from synthetic import build_model, music  # noqa: E402
 from test_precision import NonFiniteWhenReduced, separated  # noqa: E402
 
+from job.errors import JobError  # noqa: E402
 from job.separation import engine  # noqa: E402
 from job.separation.engine import Engine, agreement_db  # noqa: E402
-from job.errors import JobError  # noqa: E402
 from job.separation.model import WINDOW_MB, auto_batch  # noqa: E402
-from synthetic import build_model, music  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -34,7 +34,7 @@ def small():
 
 @pytest.fixture(scope="module")
 def mix():
-    return music(30.0, seed=4)          # six windows: several batches, a partial last one
+    return music(30.0, seed=4)  # six windows: several batches, a partial last one
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,8 @@ def test_a_window_that_cannot_fit_fails_the_track(small, mix):
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(
-        (torch.cuda.memory_allocated() + 2**20) / total)       # the weights and 1 MB more
+        (torch.cuda.memory_allocated() + 2**20) / total
+    )  # the weights and 1 MB more
     try:
         with pytest.raises(JobError) as failed:
             separated(Engine(small, CUDA, batch=2), mix)

@@ -13,9 +13,7 @@ import av.filter
 import numpy as np
 
 from job.analysis.truepeak import TruePeak
-
 from job.pcm import SAMPLE_RATE
-
 
 
 def _number(value) -> float | None:
@@ -31,8 +29,9 @@ class LoudnessMeter:
 
     def __init__(self):
         self.graph = av.filter.Graph()
-        self.source = self.graph.add_abuffer(sample_rate=SAMPLE_RATE, format="fltp",
-                                             layout="stereo", channels=2)
+        self.source = self.graph.add_abuffer(
+            sample_rate=SAMPLE_RATE, format="fltp", layout="stereo", channels=2
+        )
         meter = self.graph.add("ebur128", "metadata=1")
         self.sink = self.graph.add("abuffersink")
         self.source.link_to(meter)
@@ -66,5 +65,7 @@ class LoudnessMeter:
         self.source.push(None)
         self._drain()
         peak = self.true_peak.result()
-        return {"loudnessLufs": _number(self.last.get("lavfi.r128.I")),
-                "truePeakDbtp": _number(20 * math.log10(peak) if peak > 0 else None)}
+        return {
+            "loudnessLufs": _number(self.last.get("lavfi.r128.I")),
+            "truePeakDbtp": _number(20 * math.log10(peak) if peak > 0 else None),
+        }

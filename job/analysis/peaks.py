@@ -18,7 +18,6 @@ import numpy as np
 from job.pcm import SAMPLE_RATE
 
 
-
 def to_int16(block: np.ndarray) -> np.ndarray:
     """Float samples to the 16-bit values an MP3 of them holds (the encoder's own rounding),
     kept as float32 integers."""
@@ -32,21 +31,21 @@ class Peaks:
         self.samples_per_pixel = samples_per_pixel
         self.bits = bits
         self.channels = 2 if split_channels else 1
-        self.partial = None           # (low, high, count) of the pixel still being filled
-        self.pairs = []               # (pixels, channels, 2) float32 arrays
+        self.partial = None  # (low, high, count) of the pixel still being filled
+        self.pairs = []  # (pixels, channels, 2) float32 arrays
 
     def add(self, block: np.ndarray) -> None:
         values = np.asarray(block, np.float32)
-        if self.channels == 1:        # audiowaveform sums the 16-bit pair (halved at the end)
+        if self.channels == 1:  # audiowaveform sums the 16-bit pair (halved at the end)
             values = to_int16(values[0:1]) + to_int16(values[1:2])
         if not values.shape[1]:
             return
         if self.partial is not None:
             low, high, count = self.partial
-            head = values[:, :self.samples_per_pixel - count]
+            head = values[:, : self.samples_per_pixel - count]
             low, high = np.minimum(low, head.min(1)), np.maximum(high, head.max(1))
             count += head.shape[1]
-            values = values[:, head.shape[1]:]
+            values = values[:, head.shape[1] :]
             self.partial = None
             if count < self.samples_per_pixel:
                 self.partial = (low, high, count)
@@ -69,13 +68,19 @@ class Peaks:
             self.pairs.append(np.stack([low, high], -1)[None])
             self.partial = None
         data = np.concatenate(self.pairs) if self.pairs else np.zeros((0, self.channels, 2))
-        data = np.trunc(data / 2) if self.channels == 1 else to_int16(data)   # C division
+        data = np.trunc(data / 2) if self.channels == 1 else to_int16(data)  # C division
         data = data.astype(np.int32)
         if self.bits == 8:
             data = np.sign(data) * (np.abs(data) // 256)
-        return {"version": 2, "channels": self.channels, "sample_rate": SAMPLE_RATE,
-                "samples_per_pixel": self.samples_per_pixel, "bits": self.bits,
-                "length": int(data.shape[0]), "data": data.reshape(-1).tolist()}
+        return {
+            "version": 2,
+            "channels": self.channels,
+            "sample_rate": SAMPLE_RATE,
+            "samples_per_pixel": self.samples_per_pixel,
+            "bits": self.bits,
+            "length": int(data.shape[0]),
+            "data": data.reshape(-1).tolist(),
+        }
 
     def write(self, path) -> None:
         with open(path, "w") as handle:

@@ -11,17 +11,17 @@ interpolated. The bound is exact, so skipping never changes the result.
 
 import numpy as np
 
-TAPS = 32             # libswresample's default filter_size; the window is x[m-15 .. m+16]
+TAPS = 32  # libswresample's default filter_size; the window is x[m-15 .. m+16]
 BEFORE = (TAPS - 1) // 2
 AFTER = TAPS - BEFORE - 1
 PHASES = 4
 KAISER_BETA = 9.0
-CHUNK = 64            # outputs per bounded stretch (>= TAPS - 1, so a window spans 2 chunks)
-ROW = 16              # samples per row of the interpolating products (>= AFTER)
-STACK = 128           # rows per BLAS call: few enough that BLAS stays on the calling thread
-SLICE = 4096          # rows interpolated at a time, so the products stay small in memory
-FIRST = 4             # chunks interpolated before the others are bounded again
-SLACK = 1e-4          # relative margin on the bound, for float32 rounding
+CHUNK = 64  # outputs per bounded stretch (>= TAPS - 1, so a window spans 2 chunks)
+ROW = 16  # samples per row of the interpolating products (>= AFTER)
+STACK = 128  # rows per BLAS call: few enough that BLAS stays on the calling thread
+SLICE = 4096  # rows interpolated at a time, so the products stay small in memory
+FIRST = 4  # chunks interpolated before the others are bounded again
+SLACK = 1e-4  # relative margin on the bound, for float32 rounding
 
 
 def interpolator() -> np.ndarray:
@@ -48,8 +48,8 @@ def difference_bounds(taps: np.ndarray) -> tuple[float, float, float]:
         rest = h.copy()
         rest[BEFORE] -= 1 - phase / PHASES
         rest[BEFORE + 1] -= phase / PHASES
-        first = np.cumsum(rest)              # rest . x = first[:-1] . d1 + first[-1] x[-1]
-        second = np.cumsum(first[:-1])       # first[:-1] . d1 = second[:-1] . d2 + second[-1] d1[-1]
+        first = np.cumsum(rest)  # rest . x = first[:-1] . d1 + first[-1] x[-1]
+        second = np.cumsum(first[:-1])  # first[:-1] . d1 = second[:-1] . d2 + second[-1] d1[-1]
         k0 = max(k0, abs(first[-1]))
         k1 = max(k1, abs(second[-1]))
         k2 = max(k2, np.abs(second[:-1]).sum())
@@ -61,8 +61,8 @@ def row_matrices(taps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     the ROW outputs of row r are row[r][1:] @ A + row[r + 1] @ B + row[r + 2] @ C."""
     toeplitz = np.zeros((ROW + TAPS - 1, (PHASES - 1) * ROW), np.float32)
     for out in range(ROW):
-        toeplitz[out:out + TAPS, (PHASES - 1) * out:(PHASES - 1) * (out + 1)] = taps.T
-    return toeplitz[:ROW - 1], toeplitz[ROW - 1:2 * ROW - 1], toeplitz[2 * ROW - 1:]
+        toeplitz[out : out + TAPS, (PHASES - 1) * out : (PHASES - 1) * (out + 1)] = taps.T
+    return toeplitz[: ROW - 1], toeplitz[ROW - 1 : 2 * ROW - 1], toeplitz[2 * ROW - 1 :]
 
 
 def product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -73,7 +73,8 @@ def product(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     if whole:
         step, item = rows.strides
         stacks = np.lib.stride_tricks.as_strided(
-            rows, (whole // STACK, STACK, rows.shape[1]), (STACK * step, step, item))
+            rows, (whole // STACK, STACK, rows.shape[1]), (STACK * step, step, item)
+        )
         np.matmul(stacks, matrix, out=out[:whole].reshape(-1, STACK, matrix.shape[1]))
     np.matmul(rows[whole:], matrix, out=out[whole:])
     return out
@@ -110,10 +111,10 @@ class TruePeak:
     libswresample mirrors them: x[-j] = x[j] before it, x[n-1+j] = x[n-j] after it."""
 
     def __init__(self, exact: bool = False):
-        self.exact = exact            # interpolate everything (what the bound is tested against)
+        self.exact = exact  # interpolate everything (what the bound is tested against)
         self.peak = 0.0
         self.started = False
-        self.buffer = np.zeros((2, 0), np.float32)    # x[m - 15:] for the next position m
+        self.buffer = np.zeros((2, 0), np.float32)  # x[m - 15:] for the next position m
 
     def add(self, block: np.ndarray) -> None:
         self.buffer = np.concatenate([self.buffer, np.asarray(block, np.float32)], axis=1)
@@ -131,7 +132,7 @@ class TruePeak:
         mirror = self.buffer[:, ::-1][:, :AFTER]
         self.buffer = np.concatenate([self.buffer, mirror], axis=1)
         self._process()
-        if self.buffer.shape[1] >= TAPS:                         # the last partial chunk
+        if self.buffer.shape[1] >= TAPS:  # the last partial chunk
             windows = np.lib.stride_tricks.sliding_window_view(self.buffer, TAPS, axis=1)
             self._raise(self.buffer[:, BEFORE:-AFTER])
             self._raise(windows.reshape(-1, TAPS) @ TAPS_BY_PHASE.T)
@@ -139,7 +140,7 @@ class TruePeak:
 
     def _start(self) -> None:
         head = self.buffer[:, BEFORE:0:-1]
-        missing = np.zeros((2, BEFORE - head.shape[1]), np.float32)   # a stream this short
+        missing = np.zeros((2, BEFORE - head.shape[1]), np.float32)  # a stream this short
         self.buffer = np.concatenate([missing, head, self.buffer], axis=1)
         self.started = True
 
@@ -152,8 +153,8 @@ class TruePeak:
         chunks = (self.buffer.shape[1] - TAPS + 1) // CHUNK
         if chunks <= 0:
             return
-        x = self.buffer[:, :chunks * CHUNK + TAPS - 1]
-        self._raise(x[:, BEFORE:BEFORE + chunks * CHUNK])                 # phase 0
+        x = self.buffer[:, : chunks * CHUNK + TAPS - 1]
+        self._raise(x[:, BEFORE : BEFORE + chunks * CHUNK])  # phase 0
         if self.exact:
             self._interpolate(x, np.arange(chunks))
         else:
@@ -161,14 +162,14 @@ class TruePeak:
             order = np.argsort(-bound)
             first, rest = order[:FIRST], order[FIRST:]
             rows = self._interpolate(x, first[bound[first] > self.peak])
-            self._interpolate(x, rest[bound[rest] > self.peak], rows)    # against the new peak
-        self.buffer = self.buffer[:, chunks * CHUNK:]
+            self._interpolate(x, rest[bound[rest] > self.peak], rows)  # against the new peak
+        self.buffer = self.buffer[:, chunks * CHUNK :]
 
     def _bound(self, x: np.ndarray) -> np.ndarray:
         """Each chunk's bound on its interpolated values (a coarse one where that already
         rules all of them out)."""
         m0 = window_max(x)
-        coarse = m0 * (1 + K0 + 2 * K1 + 4 * K2) * (1 + SLACK)    # |d1| <= 2 max|x|, |d2| <= 4
+        coarse = m0 * (1 + K0 + 2 * K1 + 4 * K2) * (1 + SLACK)  # |d1| <= 2 max|x|, |d2| <= 4
         if not (coarse > self.peak).any():
             return coarse
         return (m0 * (1 + K0 + 2 * K1) + K2 * window_max(np.diff(x, 2))) * (1 + SLACK)
@@ -182,15 +183,15 @@ class TruePeak:
         total = (x.shape[1] - TAPS + 1) // CHUNK
         if rows is None:
             led = np.zeros((2, (total * per_chunk + 2) * ROW), np.float32)
-            led[:, 1:1 + x.shape[1]] = x
+            led[:, 1 : 1 + x.shape[1]] = x
             rows = led.reshape(2, -1, ROW)
-        if 3 * len(chunks) > total:              # most of them: all, without gathering rows
+        if 3 * len(chunks) > total:  # most of them: all, without gathering rows
             for channel in rows:
                 for start in range(0, len(channel) - 2, SLICE):
-                    self._raise(interpolated(channel[start:start + SLICE + 2]))
+                    self._raise(interpolated(channel[start : start + SLICE + 2]))
             return rows
         picked = chunks[:, None] * per_chunk + np.arange(per_chunk + 2)
         values = interpolated(rows[:, picked.reshape(-1)])
-        values = np.concatenate([values, values[:2]])        # whole groups again
+        values = np.concatenate([values, values[:2]])  # whole groups again
         self._raise(values.reshape(-1, per_chunk + 2, values.shape[1])[:, :per_chunk])
         return rows

@@ -1,1 +1,2 @@
-"""Decoding the original (in a bounded child), its file signatures, the stem encoders, the MP3 writer."""
+"""The original in, the stems out: decoding (in a bounded child), file signatures, the
+encoders, the MP3 writer."""

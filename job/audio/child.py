@@ -34,11 +34,20 @@ from job.audio import decode as audio
 from job.errors import Interrupted, JobError
 
 # what the child may see of the parent's environment: nothing that grants access to anything
-PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME",
-              "PYTHONDONTWRITEBYTECODE")
-CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}   # no idle BLAS thread pools
-READ_BYTES_PER_S = 20e6      # the slowest read the budget allows for: a network volume
-MAX_ANSWER = 1 << 20         # a child's answer is a few hundred bytes; more is not read
+PASSED_ENV = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONDONTWRITEBYTECODE",
+)
+CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # no idle BLAS thread pools
+READ_BYTES_PER_S = 20e6  # the slowest read the budget allows for: a network volume
+MAX_ANSWER = 1 << 20  # a child's answer is a few hundred bytes; more is not read
 POLL_S = 0.05
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -49,14 +58,18 @@ class Limits:
     DECODE_TIME_FACTOR and DECODE_KILL_RETRIES (README)."""
 
     memory_mb: int = 1024
-    time_base_s: float = 30.0      # start-up, probing, and room for a loaded host
-    time_factor: float = 0.25      # decoding seconds allowed per second of audio
-    kill_retries: int = 2          # attempts after which a kill is final
+    time_base_s: float = 30.0  # start-up, probing, and room for a loaded host
+    time_factor: float = 0.25  # decoding seconds allowed per second of audio
+    kill_retries: int = 2  # attempts after which a kill is final
 
     @classmethod
     def of(cls, settings) -> "Limits":
-        return cls(settings.decode_memory_mb, settings.decode_time_base_s,
-                   settings.decode_time_factor, settings.decode_kill_retries)
+        return cls(
+            settings.decode_memory_mb,
+            settings.decode_time_base_s,
+            settings.decode_time_factor,
+            settings.decode_kill_retries,
+        )
 
     def budget_s(self, size: int, declared_s: float | None, max_duration_s: float) -> float:
         """The wall-clock budget for a decode: the file read at a slow disk's pace plus the
@@ -83,31 +96,52 @@ def child_env(environ=None) -> dict:
     return kept | CHILD_ENV
 
 
-def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None,
-                 limits: Limits = Limits(), attempt: int | None = None) -> audio.DecodedAudio:
+def decode_aside(
+    path: Path,
+    target: Path,
+    max_duration_s: float,
+    cancel=None,
+    limits: Limits = Limits(),
+    attempt: int | None = None,
+) -> audio.DecodedAudio:
     """`audio.decode_to_file` in a bounded child; its warnings are logged here, its JobError
     raised here, and SIGTERM (`cancel`) stops it at once."""
     path, target = Path(path).absolute(), Path(target).absolute()
     read, write = os.pipe()
     try:
         child = subprocess.Popen(
-            [sys.executable, "-P", "-m", __name__, str(write), str(path), str(target),
-             repr(float(max_duration_s)), str(limits.memory_mb)],
-            env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            close_fds=True, pass_fds=(write,), cwd=target.parent)
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                __name__,
+                str(write),
+                str(path),
+                str(target),
+                repr(float(max_duration_s)),
+                str(limits.memory_mb),
+            ],
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            close_fds=True,
+            pass_fds=(write,),
+            cwd=target.parent,
+        )
     finally:
         os.close(write)
     answer = Connection(read, writable=False)
     try:
-        message = _answer(child, answer, path.stat().st_size, max_duration_s, cancel, limits,
-                          attempt)
+        message = _answer(
+            child, answer, path.stat().st_size, max_duration_s, cancel, limits, attempt
+        )
     finally:
         answer.close()
         if child.poll() is None:
             child.kill()
         child.wait()
     for warning in message.get("warnings", []):
-        audio.log.warning("%s", warning)        # under the decoder's own name, as in-process
+        audio.log.warning("%s", warning)  # under the decoder's own name, as in-process
     if "error" in message:
         code, text = message["error"]
         if code == audio.MEMORY_EXCEEDED:
@@ -115,7 +149,7 @@ def decode_aside(path: Path, target: Path, max_duration_s: float, cancel=None,
         raise JobError(code, text)
     if "crash" in message:
         raise RuntimeError(f"decoding failed: {message['crash']}")
-    return audio.DecodedAudio(**{**message["decoded"], "path": target})   # ours, not its word
+    return audio.DecodedAudio(**{**message["decoded"], "path": target})  # ours, not its word
 
 
 def _answer(child, answer, size, max_duration_s, cancel, limits, attempt) -> dict:
@@ -123,15 +157,18 @@ def _answer(child, answer, size, max_duration_s, cancel, limits, attempt) -> dic
     a declared duration on the way re-derives the budget."""
     started = time.monotonic()
     budget = limits.budget_s(size, None, max_duration_s)
-    closed = False                 # the child closed its end: only its exit is left to see
+    closed = False  # the child closed its end: only its exit is left to see
     while True:
         if cancel is not None and cancel.is_set():
             raise Interrupted()
         if time.monotonic() - started > budget:
-            raise JobError("decode_timeout", f"decoding the original took longer than its "
-                                             f"budget of {budget:.0f} s (DECODE_TIME_BASE_S, "
-                                             "DECODE_TIME_FACTOR): the file is damaged or "
-                                             "built to stall a decoder")
+            raise JobError(
+                "decode_timeout",
+                f"decoding the original took longer than its "
+                f"budget of {budget:.0f} s (DECODE_TIME_BASE_S, "
+                "DECODE_TIME_FACTOR): the file is damaged or "
+                "built to stall a decoder",
+            )
         if closed or not answer.poll(POLL_S):
             if child.poll() is not None and (closed or not answer.poll(0)):
                 raise _died(child.returncode, attempt, limits)
@@ -144,8 +181,10 @@ def _answer(child, answer, size, max_duration_s, cancel, limits, attempt) -> dic
             closed = True
             continue
         except (OSError, ValueError):
-            raise JobError("corrupt_audio", "the decoder gave an answer it never gives: FFmpeg "
-                                            "went astray on the original") from None
+            raise JobError(
+                "corrupt_audio",
+                "the decoder gave an answer it never gives: FFmpeg went astray on the original",
+            ) from None
         if "declared" not in message:
             return message
         declared = message["declared"]
@@ -157,12 +196,18 @@ def _died(code, attempt, limits) -> JobError:
     """The child ended without an answer: killed from outside, or crashed on the file."""
     if code is not None and code < 0 and -code == signal.SIGKILL:
         final = kill_is_final(attempt, limits)
-        return JobError("decode_killed", "the decoder was killed (out of memory?)"
-                        + (f" on try {attempt + 1}: not retried again (DECODE_KILL_RETRIES)"
-                           if final else ""), retryable=not final)
+        return JobError(
+            "decode_killed",
+            "the decoder was killed (out of memory?)"
+            + (f" on try {attempt + 1}: not retried again (DECODE_KILL_RETRIES)" if final else ""),
+            retryable=not final,
+        )
     name = signal.Signals(-code).name if code is not None and code < 0 else f"exit {code}"
-    return JobError("corrupt_audio", f"FFmpeg crashed decoding the original ({name}): the file "
-                                     "is damaged or not audio it can handle")
+    return JobError(
+        "corrupt_audio",
+        f"FFmpeg crashed decoding the original ({name}): the file "
+        "is damaged or not audio it can handle",
+    )
 
 
 class _Collect(logging.Handler):
@@ -185,9 +230,13 @@ def main(argv) -> None:
     audio.log.propagate = False
     try:
         decoded = audio.decode_to_file(
-            Path(path), Path(target), float(max_duration_s),
-            on_declared=lambda seconds: answer.send_bytes(json.dumps({"declared": seconds})
-                                                          .encode()))
+            Path(path),
+            Path(target),
+            float(max_duration_s),
+            on_declared=lambda seconds: answer.send_bytes(
+                json.dumps({"declared": seconds}).encode()
+            ),
+        )
         outcome = {"decoded": {**dataclasses.asdict(decoded), "path": target}}
     except JobError as error:
         outcome = {"error": [error.code, error.message]}

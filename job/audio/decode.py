@@ -23,11 +23,11 @@ import av
 import numpy as np
 
 from job.audio import signatures
-from job.pcm import CHANNELS, SAMPLE_RATE
 from job.errors import Interrupted, JobError
+from job.pcm import CHANNELS, SAMPLE_RATE
 
-MAX_BAD_PACKETS = 8           # isolated glitches FFmpeg conceals; more means a corrupt file
-FRAME = 65536                 # samples per block written: numpy per block, not per codec frame
+MAX_BAD_PACKETS = 8  # isolated glitches FFmpeg conceals; more means a corrupt file
+FRAME = 65536  # samples per block written: numpy per block, not per codec frame
 MEMORY_EXCEEDED = "decode_memory_exceeded"
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,16 @@ class DecodedAudio:
     """A decoded track on disk (interleaved float32 stereo) and its mono statistics."""
 
     path: Path
-    length: int          # samples per channel
+    length: int  # samples per channel
     mean: float
     std: float
     source_rate: int
     source_channels: int
-    codec: str              # FFmpeg's decoder name, e.g. "mp3float", "flac", "aac"
-    container: str = ""     # FFmpeg's demuxer name: what the content is, whatever its name says
-    stream_index: int = 0   # the audio stream decoded, when the original holds several
+    codec: str  # FFmpeg's decoder name, e.g. "mp3float", "flac", "aac"
+    container: str = ""  # FFmpeg's demuxer name: what the content is, whatever its name says
+    stream_index: int = 0  # the audio stream decoded, when the original holds several
     audio_streams: int = 1  # how many audio streams the original holds
-    non_finite: int = 0     # NaN/Inf samples of a float original, replaced (NaN 0, Inf +-1)
+    non_finite: int = 0  # NaN/Inf samples of a float original, replaced (NaN 0, Inf +-1)
 
     @property
     def duration_s(self) -> float:
@@ -66,18 +66,16 @@ class RawReader:
         if hi > lo:
             self.handle.seek(lo * CHANNELS * 4)
             data = self.handle.read((hi - lo) * CHANNELS * 4)
-            out[lo - start:hi - start] = np.frombuffer(data, np.float32).reshape(-1, CHANNELS)
+            out[lo - start : hi - start] = np.frombuffer(data, np.float32).reshape(-1, CHANNELS)
         return out.T
 
     def close(self):
         self.handle.close()
 
 
-
-
 _LOG_LOCK = threading.Lock()
-ESTIMATED = "Estimating duration from bitrate"     # FFmpeg's words when it guesses a length
-MISDETECTED = "misdetection possible"              # ... and when its probe barely matched
+ESTIMATED = "Estimating duration from bitrate"  # FFmpeg's words when it guesses a length
+MISDETECTED = "misdetection possible"  # ... and when its probe barely matched
 
 
 def _open(path: Path):
@@ -107,21 +105,30 @@ def _open(path: Path):
 def _unreadable(path: Path) -> JobError:
     kind = signatures.looks_like(path)
     if kind:
-        return JobError("corrupt_audio", f"the original starts like a {kind} file but FFmpeg "
-                                         "cannot read it: it is cut off or damaged")
+        return JobError(
+            "corrupt_audio",
+            f"the original starts like a {kind} file but FFmpeg "
+            "cannot read it: it is cut off or damaged",
+        )
     return _not_audio()
 
 
 def _not_audio() -> JobError:
-    return JobError("not_audio", "the original is not audio: FFmpeg finds no audio it can "
-                                 "decode in it (a document, an image, an archive or text?)")
+    return JobError(
+        "not_audio",
+        "the original is not audio: FFmpeg finds no audio it can "
+        "decode in it (a document, an image, an archive or text?)",
+    )
 
 
 def _pick_stream(container):
     """The first audio stream marked default, else the first audio stream: what players play.
     Streams FFmpeg could not make sense of (no channels or rate) are never picked."""
-    usable = [s for s in container.streams.audio
-              if s.codec_context.channels and s.codec_context.sample_rate]
+    usable = [
+        s
+        for s in container.streams.audio
+        if s.codec_context.channels and s.codec_context.sample_rate
+    ]
     if not usable:
         kind = "no audio stream" if not container.streams.audio else "no decodable audio stream"
         raise JobError("not_audio", f"the original holds {kind}: it is not audio FFmpeg decodes")
@@ -134,8 +141,11 @@ def declared_duration(container, stream) -> float | None:
     (a music video's picture or a second audio stream may last longer than this stream)."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    others = [s for s in container.streams if s is not stream
-              and not s.disposition & av.stream.Disposition.attached_pic]
+    others = [
+        s
+        for s in container.streams
+        if s is not stream and not s.disposition & av.stream.Disposition.attached_pic
+    ]
     if container.duration and not others:
         return container.duration / av.time_base
     return None
@@ -146,10 +156,13 @@ def check_declared_size(path: Path) -> None:
     cut file to what is there, or conceals its partial last packet as a glitch."""
     declared = signatures.audio_end(path)
     actual = path.stat().st_size
-    if declared and actual < declared - 1:      # a missing pad byte is not a missing part
-        raise JobError("truncated_audio", f"the original is cut off: its header says its "
-                                          f"audio runs to byte {declared} but the file ends "
-                                          f"at byte {actual}")
+    if declared and actual < declared - 1:  # a missing pad byte is not a missing part
+        raise JobError(
+            "truncated_audio",
+            f"the original is cut off: its header says its "
+            f"audio runs to byte {declared} but the file ends "
+            f"at byte {actual}",
+        )
 
 
 def _packets(container, stream):
@@ -172,7 +185,7 @@ class _Sink:
     def __init__(self, handle, max_samples: int, max_duration_s: float):
         self.handle, self.max_samples, self.max_duration_s = handle, max_samples, max_duration_s
         self.total = 0
-        self.heard = 0.0          # seconds of audio handed to the resampler
+        self.heard = 0.0  # seconds of audio handed to the resampler
         self.acc = self.acc2 = 0.0
         self.non_finite = 0
         self.resampler = None
@@ -180,12 +193,13 @@ class _Sink:
 
     def put(self, frame):
         source = (frame.format.name, frame.layout.name, frame.sample_rate)
-        if source != self.source:     # a stream may change layout or rate mid-way (broadcast AC-3)
+        if source != self.source:  # a stream may change layout or rate mid-way (broadcast AC-3)
             self.flush()
             self.source = source
             layout = "mono" if frame.layout.nb_channels == 1 else "stereo"
-            self.resampler = av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE,
-                                               frame_size=FRAME)
+            self.resampler = av.AudioResampler(
+                format="flt", layout=layout, rate=SAMPLE_RATE, frame_size=FRAME
+            )
         self.heard += frame.samples / frame.sample_rate
         self.write(self.resampler.resample(frame))
 
@@ -207,7 +221,7 @@ class _Sink:
             data = np.ascontiguousarray(data, dtype=np.float32)
             mono = (data[:, 0].astype(np.float64) + data[:, 1]) * 0.5
             total = mono.sum()
-            if not math.isfinite(total):      # NaN or Inf somewhere: count, replace, redo
+            if not math.isfinite(total):  # NaN or Inf somewhere: count, replace, redo
                 self.non_finite += int(data.size - np.isfinite(data).sum())
                 data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
                 mono = (data[:, 0].astype(np.float64) + data[:, 1]) * 0.5
@@ -217,12 +231,16 @@ class _Sink:
             self.total += len(data)
             self.handle.write(data)
         if self.total > self.max_samples:
-            raise JobError("too_long", "the original is longer than the limit of "
-                                       f"{self.max_duration_s:.0f} s (MAX_DURATION_S)")
+            raise JobError(
+                "too_long",
+                "the original is longer than the limit of "
+                f"{self.max_duration_s:.0f} s (MAX_DURATION_S)",
+            )
 
 
-def decode_to_file(path: Path, target: Path, max_duration_s: float,
-                   progress=None, cancel=None, on_declared=None) -> DecodedAudio:
+def decode_to_file(
+    path: Path, target: Path, max_duration_s: float, progress=None, cancel=None, on_declared=None
+) -> DecodedAudio:
     """Decode `path` to `target` as 44.1 kHz stereo float32, streaming, with statistics.
 
     Mono is duplicated to both channels; more than two channels are down-mixed by
@@ -237,15 +255,21 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
         codec = stream.codec_context.name
         channels = stream.codec_context.channels
         rate = stream.codec_context.sample_rate
-        found = dict(container=container.format.name, stream_index=stream.index,
-                     audio_streams=len(container.streams.audio))   # read before close()
+        found = {
+            "container": container.format.name,
+            "stream_index": stream.index,
+            "audio_streams": len(container.streams.audio),
+        }  # read before close()
         declared = declared_duration(container, stream)
-        exact = None if estimated else declared       # a bitrate estimate is no evidence
+        exact = None if estimated else declared  # a bitrate estimate is no evidence
         if on_declared is not None:
             on_declared(declared)
         if exact and exact > max_duration_s + 1:
-            raise JobError("too_long", f"the original declares {exact:.0f} s, over the limit of "
-                                       f"{max_duration_s:.0f} s (MAX_DURATION_S)")
+            raise JobError(
+                "too_long",
+                f"the original declares {exact:.0f} s, over the limit of "
+                f"{max_duration_s:.0f} s (MAX_DURATION_S)",
+            )
         bad = 0
         broke_off = False
         with open(target, "wb") as out:
@@ -265,11 +289,19 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                     log.warning("skipping an undecodable packet (%s)", type(exc).__name__)
                     if bad > MAX_BAD_PACKETS:
                         if misdetected or not sink.total:
-                            raise _not_audio() if misdetected else JobError(
-                                "corrupt_audio", "the original is corrupt: FFmpeg cannot decode "
-                                                 "its audio")
-                        raise JobError("corrupt_audio", "the original is corrupt: more than "
-                                       f"{MAX_BAD_PACKETS} of its packets cannot be decoded")
+                            raise (
+                                _not_audio()
+                                if misdetected
+                                else JobError(
+                                    "corrupt_audio",
+                                    "the original is corrupt: FFmpeg cannot decode its audio",
+                                )
+                            ) from None
+                        raise JobError(
+                            "corrupt_audio",
+                            "the original is corrupt: more than "
+                            f"{MAX_BAD_PACKETS} of its packets cannot be decoded",
+                        ) from None
                     continue
                 for frame in frames:
                     sink.put(frame)
@@ -277,24 +309,39 @@ def decode_to_file(path: Path, target: Path, max_duration_s: float,
                     progress(min(sink.total / (declared * SAMPLE_RATE), 1.0))
             sink.flush()
             sink.check_kept()
-    except MemoryError:        # FFmpeg's ENOMEM is one too: the child's limit, or the host's
-        raise JobError(MEMORY_EXCEEDED, "decoding the original needs more memory than the "
-                                        "decoder may use: the file is damaged or built to "
-                                        "exhaust a decoder") from None
+    except MemoryError:  # FFmpeg's ENOMEM is one too: the child's limit, or the host's
+        raise JobError(
+            MEMORY_EXCEEDED,
+            "decoding the original needs more memory than the "
+            "decoder may use: the file is damaged or built to "
+            "exhaust a decoder",
+        ) from None
     except av.error.FFmpegError:
-        raise JobError("corrupt_audio", "the original is corrupt: FFmpeg cannot decode it") \
-            from None
+        raise JobError(
+            "corrupt_audio", "the original is corrupt: FFmpeg cannot decode it"
+        ) from None
     finally:
         container.close()
     _check_whole(sink.total, exact, broke_off, misdetected)
     if sink.non_finite:
-        log.warning("the original holds %d NaN/Inf samples: replaced (NaN by 0, Inf by +-1)",
-                    sink.non_finite)
+        log.warning(
+            "the original holds %d NaN/Inf samples: replaced (NaN by 0, Inf by +-1)",
+            sink.non_finite,
+        )
     total = sink.total
     mean = sink.acc / total
     var = max(sink.acc2 - total * mean * mean, 0.0) / max(total - 1, 1)
-    return DecodedAudio(Path(target), total, mean, math.sqrt(var), rate, channels, codec,
-                        non_finite=sink.non_finite, **found)
+    return DecodedAudio(
+        Path(target),
+        total,
+        mean,
+        math.sqrt(var),
+        rate,
+        channels,
+        codec,
+        non_finite=sink.non_finite,
+        **found,
+    )
 
 
 def _check_whole(total: int, exact: float | None, broke_off: bool, misdetected: bool):
@@ -303,12 +350,17 @@ def _check_whole(total: int, exact: float | None, broke_off: bool, misdetected: 
     partial final frame) is concealed like any isolated glitch: players play such files."""
     seconds = total / SAMPLE_RATE
     if exact and seconds < exact - max(0.2, 0.005 * exact):
-        raise JobError("truncated_audio", f"the original is cut off: it declares {exact:.1f} s "
-                                          f"but only {seconds:.1f} s are present")
+        raise JobError(
+            "truncated_audio",
+            f"the original is cut off: it declares {exact:.1f} s "
+            f"but only {seconds:.1f} s are present",
+        )
     if total == 0:
         if misdetected:
             raise _not_audio()
         raise JobError("empty_audio", "the original holds no audio samples")
     if broke_off:
-        raise JobError("truncated_audio", f"the original is cut off: it breaks off in damaged "
-                                          f"data after {seconds:.1f} s")
+        raise JobError(
+            "truncated_audio",
+            f"the original is cut off: it breaks off in damaged data after {seconds:.1f} s",
+        )

@@ -17,8 +17,8 @@ import numpy as np
 import soundfile
 
 from job.analysis.loudness import LoudnessMeter
-from job.audio.mp3 import Mp3Writer
 from job.analysis.peaks import Peaks
+from job.audio.mp3 import Mp3Writer
 from job.pcm import CHANNELS, SAMPLE_RATE
 
 KNEE = 0.9
@@ -31,15 +31,18 @@ def soft_limit(block: np.ndarray) -> tuple[np.ndarray, int]:
     if count:
         block = block.copy()
         loud = block[over]
-        block[over] = np.sign(loud) * (KNEE + (1 - KNEE) * np.tanh((np.abs(loud) - KNEE) / (1 - KNEE)))
+        block[over] = np.sign(loud) * (
+            KNEE + (1 - KNEE) * np.tanh((np.abs(loud) - KNEE) / (1 - KNEE))
+        )
     return block, count
 
 
 class SoundfileWriter:
     def __init__(self, path, fmt: str):
         subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-        self.file = soundfile.SoundFile(path, "w", SAMPLE_RATE, CHANNELS, subtype=subtype,
-                                        format=fmt.upper())
+        self.file = soundfile.SoundFile(
+            path, "w", SAMPLE_RATE, CHANNELS, subtype=subtype, format=fmt.upper()
+        )
 
     def write(self, block: np.ndarray) -> None:
         self.file.write(block.T)
@@ -106,12 +109,19 @@ class StemEncoder(BlockWorker):
     """Encodes one output; with `peaks` (a Peaks) also measures it and writes the peaks file
     `peaks_path` beside it."""
 
-    def __init__(self, path: Path, fmt: str = "mp3", bitrate_kbps: int = 320, quality: int = 3,
-                 peaks: Peaks | None = None):
+    def __init__(
+        self,
+        path: Path,
+        fmt: str = "mp3",
+        bitrate_kbps: int = 320,
+        quality: int = 3,
+        peaks: Peaks | None = None,
+    ):
         self.path = Path(path)
         self.limit = fmt != "wav"
-        self.writer = Mp3Writer(path, bitrate_kbps, quality) if fmt == "mp3" \
-            else SoundfileWriter(path, fmt)
+        self.writer = (
+            Mp3Writer(path, bitrate_kbps, quality) if fmt == "mp3" else SoundfileWriter(path, fmt)
+        )
         self.peaks = peaks
         self.meter = LoudnessMeter() if peaks is not None else None
         self.peaks_path = self.path.with_name(f"{self.path.stem}.peaks.json") if peaks else None
@@ -133,8 +143,11 @@ class StemEncoder(BlockWorker):
 
     def close(self) -> dict:
         self.writer.close()
-        figures = {"peak": round(self.peak, 4), "limitedSamples": self.limited,
-                   "samples": self.samples}
+        figures = {
+            "peak": round(self.peak, 4),
+            "limitedSamples": self.limited,
+            "samples": self.samples,
+        }
         if self.peaks is not None:
             self.peaks.write(self.peaks_path)
             figures.update(self.meter.result())
@@ -143,12 +156,18 @@ class StemEncoder(BlockWorker):
 
 def open_encoders(folder: Path, outputs, settings) -> dict:
     """{output: StemEncoder} writing FOLDER/OUTPUT.FORMAT as `settings` say."""
+
     def peaks():
         if settings.output_analysis:
-            return Peaks(settings.peaks_samples_per_pixel, settings.peaks_bits,
-                         settings.peaks_split_channels)
+            return Peaks(
+                settings.peaks_samples_per_pixel, settings.peaks_bits, settings.peaks_split_channels
+            )
         return None
+
     fmt = settings.output_format
-    return {name: StemEncoder(Path(folder) / f"{name}.{fmt}", fmt, settings.mp3_bitrate,
-                              settings.mp3_quality, peaks())
-            for name in outputs}
+    return {
+        name: StemEncoder(
+            Path(folder) / f"{name}.{fmt}", fmt, settings.mp3_bitrate, settings.mp3_quality, peaks()
+        )
+        for name in outputs
+    }

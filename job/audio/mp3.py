@@ -14,10 +14,10 @@ import numpy as np
 
 from job.pcm import CHANNELS, SAMPLE_RATE
 
-ENCODER_DELAY = 576           # LAME's encoder delay in samples; decoders add their 529
+ENCODER_DELAY = 576  # LAME's encoder delay in samples; decoders add their 529
 SAMPLES_PER_FRAME = 1152
 BITRATES = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
-XING_OFFSET = 4 + 32          # MPEG-1 stereo: header + side information
+XING_OFFSET = 4 + 32  # MPEG-1 stereo: header + side information
 
 
 def crc16(data: bytes) -> int:
@@ -43,15 +43,23 @@ def info_frame(bitrate_kbps: int, frames: int, total_bytes: int, samples: int) -
     padding = frames * SAMPLES_PER_FRAME - samples - ENCODER_DELAY
     toc = bytes(min(255, i * 256 // 100) for i in range(100))
     xing = b"Info" + struct.pack(">III", 0x0F, frames, total_bytes) + toc + struct.pack(">I", 0)
-    lame = (b"LAME3.100" + bytes((0x01, 0)) + bytes(8) + bytes((0, min(bitrate_kbps, 255)))
-            + struct.pack(">I", (ENCODER_DELAY << 12 | max(padding, 0)) << 8)[:3]
-            + bytes((0, 0)) + bytes(2) + struct.pack(">I", total_bytes) + bytes(2))
+    lame = (
+        b"LAME3.100"
+        + bytes((0x01, 0))
+        + bytes(8)
+        + bytes((0, min(bitrate_kbps, 255)))
+        + struct.pack(">I", (ENCODER_DELAY << 12 | max(padding, 0)) << 8)[:3]
+        + bytes((0, 0))
+        + bytes(2)
+        + struct.pack(">I", total_bytes)
+        + bytes(2)
+    )
     frame = bytearray(size)
     frame[:4] = header
     body = xing + lame
-    frame[XING_OFFSET:XING_OFFSET + len(body)] = body
+    frame[XING_OFFSET : XING_OFFSET + len(body)] = body
     crc_at = XING_OFFSET + len(body)
-    frame[crc_at:crc_at + 2] = struct.pack(">H", crc16(bytes(frame[:crc_at])))
+    frame[crc_at : crc_at + 2] = struct.pack(">H", crc16(bytes(frame[:crc_at])))
     return bytes(frame)
 
 
@@ -90,7 +98,7 @@ class Mp3Writer:
         self.handle.write(self.encoder.encode(pcm.tobytes()))
 
     def close(self) -> None:
-        if self.samples:          # LAME refuses to flush an encoder that was never fed
+        if self.samples:  # LAME refuses to flush an encoder that was never fed
             self.handle.write(self.encoder.flush())
         total = self.handle.tell()
         frames = count_frames(self.handle, self.reserved)

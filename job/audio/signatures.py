@@ -15,16 +15,30 @@ W64_DATA = bytes.fromhex("64617461f3acd3118cd100c04f8edb8a")
 ASF_HEADER = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
 ASF_FILE_PROPERTIES = bytes.fromhex("a1dcab8c47a9cf118ee400c00c205365")
 ASF_DATA = bytes.fromhex("3626b2758e66cf11a6d900aa0062ce6c")
-MAX_CHUNKS = 256              # chunks walked before the audio one: a header is not a maze
+MAX_CHUNKS = 256  # chunks walked before the audio one: a header is not a maze
 # streaming writers leave a placeholder where the size goes: 0, -1, or just under 2 or 4 GiB
 PLACEHOLDER_SIZES = range(0x7FFF0000, 0x100000000)
 SIGNATURES = [  # (offset, leading bytes, what a person calls it)
-    (0, b"fLaC", "FLAC"), (0, b"RIFF", "WAV"), (0, b"RF64", "WAV (RF64)"), (0, b"BW64", "WAV (BW64)"),
-    (0, W64_RIFF, "Wave64"), (0, b"FORM", "AIFF"), (0, b"OggS", "Ogg"), (0, b"caff", "CAF"),
-    (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"), (4, b"ftyp", "MP4/M4A"), (0, b"ID3", "MP3"),
-    (0, b"wvpk", "WavPack"), (0, b"TTA1", "TTA"), (0, b"DSD ", "DSF"), (0, b"FRM8", "DSDIFF"),
-    (0, ASF_HEADER[:8], "WMA/ASF"), (0, b"MAC ", "Monkey's Audio"),
-    (0, b"MPCK", "Musepack"), (0, b"MP+", "Musepack"), (0, b"\x0b\x77", "AC-3"),
+    (0, b"fLaC", "FLAC"),
+    (0, b"RIFF", "WAV"),
+    (0, b"RF64", "WAV (RF64)"),
+    (0, b"BW64", "WAV (BW64)"),
+    (0, W64_RIFF, "Wave64"),
+    (0, b"FORM", "AIFF"),
+    (0, b"OggS", "Ogg"),
+    (0, b"caff", "CAF"),
+    (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"),
+    (4, b"ftyp", "MP4/M4A"),
+    (0, b"ID3", "MP3"),
+    (0, b"wvpk", "WavPack"),
+    (0, b"TTA1", "TTA"),
+    (0, b"DSD ", "DSF"),
+    (0, b"FRM8", "DSDIFF"),
+    (0, ASF_HEADER[:8], "WMA/ASF"),
+    (0, b"MAC ", "Monkey's Audio"),
+    (0, b"MPCK", "Musepack"),
+    (0, b"MP+", "Musepack"),
+    (0, b"\x0b\x77", "AC-3"),
     *[(0, bytes([0xFF, sync]), "MP3") for sync in (0xFB, 0xFA, 0xF3, 0xF2, 0xE3, 0xE2)],
 ]
 
@@ -67,8 +81,9 @@ def _walk(handle, offset: int, size_format: str):
 
 
 def _chunk_start(handle, offset, chunk_id, size_format):
-    return next((at for at, name, _ in _walk(handle, offset, size_format) if name == chunk_id),
-                None)
+    return next(
+        (at for at, name, _ in _walk(handle, offset, size_format) if name == chunk_id), None
+    )
 
 
 def _chunk_end(handle, offset, chunk_id, size_format):
@@ -83,13 +98,13 @@ def _unless_placeholder(start: int, size: int) -> int | None:
 
 
 def _w64_data_end(handle) -> int | None:
-    offset = 40                     # riff GUID, size, wave GUID
+    offset = 40  # riff GUID, size, wave GUID
     for _ in range(MAX_CHUNKS):
         handle.seek(offset)
         header = handle.read(24)
         if len(header) < 24:
             return None
-        size = struct.unpack("<Q", header[16:])[0]    # a Wave64 size counts its own header
+        size = struct.unpack("<Q", header[16:])[0]  # a Wave64 size counts its own header
         if header[:16] == W64_DATA:
             return None if size <= 24 else offset + size
         if size < 24:
@@ -108,16 +123,16 @@ def _asf_data_end(handle, head: bytes) -> int | None:
     header = handle.read(header_size + 24)
     offset = 30
     while offset + 24 <= min(header_size, len(header)):
-        size = struct.unpack("<Q", header[offset + 16:offset + 24])[0]
-        if header[offset:offset + 16] == ASF_FILE_PROPERTIES and len(header) >= offset + 92:
-            if struct.unpack("<I", header[offset + 88:offset + 92])[0] & 1:
+        size = struct.unpack("<Q", header[offset + 16 : offset + 24])[0]
+        if header[offset : offset + 16] == ASF_FILE_PROPERTIES and len(header) >= offset + 92:
+            if struct.unpack("<I", header[offset + 88 : offset + 92])[0] & 1:
                 return None
         if size < 24:
             return None
         offset += size
-    if header[header_size:header_size + 16] != ASF_DATA or len(header) < header_size + 24:
+    if header[header_size : header_size + 16] != ASF_DATA or len(header) < header_size + 24:
         return None
-    size = struct.unpack("<Q", header[header_size + 16:header_size + 24])[0]
+    size = struct.unpack("<Q", header[header_size + 16 : header_size + 24])[0]
     return None if size <= 50 else header_size + size
 
 
@@ -126,6 +141,6 @@ def looks_like(path: Path) -> str | None:
     with open(path, "rb") as handle:
         head = handle.read(16)
     for offset, signature, name in SIGNATURES:
-        if head[offset:offset + len(signature)] == signature:
+        if head[offset : offset + len(signature)] == signature:
             return name
     return None

@@ -1,6 +1,7 @@
 """The dispatcher over HTTP: POST / or /pubsub takes a delivery, POST /sweep reports executions
 that ended without a result (Cloud Scheduler), GET /health says what it
-targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on HTTP_HOST:PORT (Cloud Run sets PORT).
+targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on
+HTTP_HOST:PORT (Cloud Run sets PORT).
 With PUSH_AUDIENCE set, every route but /health first needs a valid Google-signed OIDC token
 (auth.py; 401 otherwise), so a route added later is covered too."""
 
@@ -23,9 +24,15 @@ from job.dispatcher.settings import DispatcherSettings, load_dispatcher_settings
 log = logging.getLogger("stem_job.dispatcher")
 
 
-def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
-               publisher_client=None, markers=None, push_tokens=None,
-               sweep_clients=None) -> Starlette:
+def create_app(
+    settings: DispatcherSettings | None = None,
+    *,
+    jobs_client=None,
+    publisher_client=None,
+    markers=None,
+    push_tokens=None,
+    sweep_clients=None,
+) -> Starlette:
     """The ASGI app. Settings come from the environment unless given; `push_tokens` (a
     PushTokens) defaults to one for the settings' PUSH_AUDIENCE, if any."""
     settings = settings or load_dispatcher_settings()
@@ -33,8 +40,10 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
     if push_tokens is None and settings.push_audience:
         push_tokens = PushTokens(settings.push_audience, settings.push_service_accounts)
     if push_tokens is None:
-        log.warning("no PUSH_AUDIENCE: the dispatcher trusts every caller that reaches it "
-                    "(on Cloud Run, IAM's run.invoker check is then the only one)")
+        log.warning(
+            "no PUSH_AUDIENCE: the dispatcher trusts every caller that reaches it "
+            "(on Cloud Run, IAM's run.invoker check is then the only one)"
+        )
 
     async def receive(request: Request):
         try:
@@ -45,20 +54,30 @@ def create_app(settings: DispatcherSettings | None = None, *, jobs_client=None,
         outcome = await run_in_threadpool(dispatcher.dispatch, delivery)
         return JSONResponse(outcome.body, outcome.status)
 
-    async def sweep(request: Request):       # Cloud Scheduler, every few minutes
+    async def sweep(request: Request):  # Cloud Scheduler, every few minutes
         outcome = await run_in_threadpool(dispatcher.sweep)
         return JSONResponse(outcome.body, outcome.status)
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "job": dispatcher.settings.job_name,
-                             "results_topic": dispatcher.settings.results_topic,
-                             "dedupe": type(dispatcher.claims.markers).__name__})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "job": dispatcher.settings.job_name,
+                "results_topic": dispatcher.settings.results_topic,
+                "dedupe": type(dispatcher.claims.markers).__name__,
+            }
+        )
 
     guard = [Middleware(Guard, verify=push_tokens, body=refusal)] if push_tokens else []
-    app = Starlette(routes=[Route("/", receive, methods=["POST"]),
-                            Route("/pubsub", receive, methods=["POST"]),
-                            Route("/sweep", sweep, methods=["POST"]),
-                            Route("/health", health, methods=["GET"])], middleware=guard)
+    app = Starlette(
+        routes=[
+            Route("/", receive, methods=["POST"]),
+            Route("/pubsub", receive, methods=["POST"]),
+            Route("/sweep", sweep, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        middleware=guard,
+    )
     app.state.dispatcher = dispatcher
     return app
 

@@ -19,7 +19,7 @@ from job.auth import Refused, Unavailable, bearer_token
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
-CLOCK_SKEW_S = 10       # between Google's clock and ours; Pub/Sub's tokens live an hour
+CLOCK_SKEW_S = 10  # between Google's clock and ours; Pub/Sub's tokens live an hour
 
 
 class PushTokens:
@@ -27,8 +27,9 @@ class PushTokens:
     it was minted for one of `service_accounts`). `certs_url` is Google's; tests serve their
     own keys."""
 
-    def __init__(self, audience: str, service_accounts: tuple = (),
-                 certs_url: str = GOOGLE_CERTS_URL):
+    def __init__(
+        self, audience: str, service_accounts: tuple = (), certs_url: str = GOOGLE_CERTS_URL
+    ):
         self.audience, self.service_accounts = audience, tuple(service_accounts)
         self.certs_url = certs_url
         self._request = Request(session=cachecontrol.CacheControl(requests.Session()))
@@ -36,17 +37,23 @@ class PushTokens:
     def __call__(self, headers) -> dict:
         token = bearer_token(headers)
         try:
-            claims = id_token.verify_token(token, self._request, audience=self.audience,
-                                           certs_url=self.certs_url,
-                                           clock_skew_in_seconds=CLOCK_SKEW_S)
+            claims = id_token.verify_token(
+                token,
+                self._request,
+                audience=self.audience,
+                certs_url=self.certs_url,
+                clock_skew_in_seconds=CLOCK_SKEW_S,
+            )
         except exceptions.TransportError as exc:
             raise Unavailable(f"Google's signing certificates are out of reach: {exc}") from None
         except (ValueError, exceptions.GoogleAuthError) as exc:
             raise Refused(f"the push token is not valid for PUSH_AUDIENCE: {exc}") from None
         if claims.get("iss") not in GOOGLE_ISSUERS:
             raise Refused(f"the push token was issued by {claims.get('iss')!r}, not Google")
-        if self.service_accounts and not (claims.get("email") in self.service_accounts
-                                          and claims.get("email_verified") is True):
-            raise Refused(f"the push token is for {claims.get('email')!r}, not "
-                          "PUSH_SERVICE_ACCOUNT")
+        if self.service_accounts and not (
+            claims.get("email") in self.service_accounts and claims.get("email_verified") is True
+        ):
+            raise Refused(
+                f"the push token is for {claims.get('email')!r}, not PUSH_SERVICE_ACCOUNT"
+            )
         return claims

@@ -75,8 +75,11 @@ class MemoryMarkers:
     def list(self, states):
         """[(key, doc, generation)] of the markers whose state is in `states`."""
         with self._lock:
-            return [(key, dict(doc), generation) for key, (doc, generation) in self._items.items()
-                    if doc.get("state") in states]
+            return [
+                (key, dict(doc), generation)
+                for key, (doc, generation) in self._items.items()
+                if doc.get("state") in states
+            ]
 
     def _put(self, key, doc):
         self._generation += 1
@@ -100,8 +103,9 @@ class GcsMarkers:
         blob = self._blob(key)
         blob.metadata = {"state": str(doc.get("state", ""))}
         try:
-            blob.upload_from_string(json.dumps(doc), content_type="application/json",
-                                    if_generation_match=generation)
+            blob.upload_from_string(
+                json.dumps(doc), content_type="application/json", if_generation_match=generation
+            )
         except PreconditionFailed:
             return None
         return blob.generation
@@ -116,7 +120,7 @@ class GcsMarkers:
         blob = self.bucket.get_blob(f"{self.prefix}{key}.json")
         if blob is None:
             return None
-        generation = blob.generation      # read before the download, which resets properties
+        generation = blob.generation  # read before the download, which resets properties
         try:
             raw = blob.download_as_bytes(if_generation_match=generation)
         except NotFound:
@@ -131,7 +135,7 @@ class GcsMarkers:
         """[(key, doc, generation)] of the markers whose state (object metadata) is in `states`."""
         found = []
         for blob in self.client.list_blobs(self.bucket, prefix=self.prefix):
-            key = blob.name[len(self.prefix):].removesuffix(".json")
+            key = blob.name[len(self.prefix) :].removesuffix(".json")
             if (blob.metadata or {}).get("state") in states and (current := self.read(key)):
                 found.append((key, *current))
         return found
@@ -148,6 +152,7 @@ class GcsMarkers:
 class Claim:
     """What claiming a message found: `generation` when the claim is ours, `started` (the
     marker) when another delivery already started its job, neither while another holds it."""
+
     generation: int | None = None
     started: dict | None = None
 
@@ -167,14 +172,14 @@ class Claims:
                 return Claim(generation)
             current = self.markers.read(key)
             if current is None:
-                continue                      # released meanwhile: claim again
+                continue  # released meanwhile: claim again
             existing, generation = current
             if existing.get("state") == "started":
                 return Claim(started=existing)
             claimed_at = existing.get("claimedAt")
             if isinstance(claimed_at, (int, float)) and time.time() - claimed_at < self.ttl_s:
                 break
-            generation = self.markers.replace(key, doc, generation)   # take over a stale claim
+            generation = self.markers.replace(key, doc, generation)  # take over a stale claim
             if generation is not None:
                 log.warning("took over a stale claim for message %s", key)
                 return Claim(generation)
@@ -187,8 +192,13 @@ class Claims:
             log.warning("could not release the claim for message %s: %s", key, exc)
 
     def record(self, key, generation, job_id, execution, message: dict | None = None) -> None:
-        doc = {"state": "started", "jobId": job_id, "execution": execution,
-               "startedAt": time.time(), "message": message}
+        doc = {
+            "state": "started",
+            "jobId": job_id,
+            "execution": execution,
+            "startedAt": time.time(),
+            "message": message,
+        }
         try:
             if self.markers.replace(key, doc, generation) is None:
                 log.warning("claim for message %s changed while starting %s", key, execution)

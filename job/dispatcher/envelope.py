@@ -16,10 +16,10 @@ class EnvelopeError(ValueError):
 
 @dataclass(frozen=True)
 class Pushed:
-    data: bytes                 # the Pub/Sub message payload (base64-decoded)
+    data: bytes  # the Pub/Sub message payload (base64-decoded)
     message_id: str | None
     attributes: dict
-    transport: str              # pubsub-push | eventarc-binary | eventarc-structured
+    transport: str  # pubsub-push | eventarc-binary | eventarc-structured
     delivery_attempt: int | None = None
 
 
@@ -60,6 +60,10 @@ def parse_envelope(headers, body: bytes) -> Pushed:
     message_id = message.get("messageId") or message.get("message_id") or event_id
     attempt = payload.get("deliveryAttempt")
     attributes = message.get("attributes")
-    return Pushed(data, str(message_id) if message_id else None,
-                    attributes if isinstance(attributes, dict) else {}, transport,
-                    attempt if isinstance(attempt, int) else None)
+    return Pushed(
+        data,
+        str(message_id) if message_id else None,
+        attributes if isinstance(attributes, dict) else {},
+        transport,
+        attempt if isinstance(attempt, int) else None,
+    )

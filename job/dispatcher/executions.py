@@ -4,22 +4,25 @@ PUBSUB_MESSAGE_ID. Quota and transient API faults are retried within the dispatc
 
 import json
 
+from job.dispatcher.settings import DispatcherSettings
 from job.messages import JobRequest, to_message
 from job.retry import bounded
-from job.dispatcher.settings import DispatcherSettings
 
 
 def make_jobs_client():
     # Imported on first use: google.cloud.run_v2 takes most of a second to import, which
     # the service's cold start (and /health) need not wait for.
     from google.cloud import run_v2
+
     return run_v2.JobsClient()
 
 
-def start_execution(client, settings: DispatcherSettings, request: JobRequest,
-                    message_id: str | None) -> str:
+def start_execution(
+    client, settings: DispatcherSettings, request: JobRequest, message_id: str | None
+) -> str:
     """Run the job with `request` as its JOB_MESSAGE; returns the execution's name."""
     from google.cloud import run_v2
+
     message = json.dumps(to_message(request), separators=(",", ":"))
     env = [run_v2.EnvVar(name="JOB_MESSAGE", value=message)]
     if message_id:
@@ -27,10 +30,13 @@ def start_execution(client, settings: DispatcherSettings, request: JobRequest,
     run_request = run_v2.RunJobRequest(
         name=settings.job_name,
         overrides=run_v2.RunJobRequest.Overrides(
-            container_overrides=[run_v2.RunJobRequest.Overrides.ContainerOverride(env=env)]))
+            container_overrides=[run_v2.RunJobRequest.Overrides.ContainerOverride(env=env)]
+        ),
+    )
     operation = bounded(settings.api_deadline_s, max_attempts=settings.api_attempts)(
-        client.run_job, request=run_request, timeout=min(20.0, settings.api_deadline_s))
+        client.run_job, request=run_request, timeout=min(20.0, settings.api_deadline_s)
+    )
     try:
         return operation.metadata.name or operation.operation.name
-    except Exception:   # metadata missing or of another type: the operation still names it
+    except Exception:  # metadata missing or of another type: the operation still names it
         return operation.operation.name

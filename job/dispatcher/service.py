@@ -13,15 +13,15 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from job.errors import ConfigError, JobError
-from job.messages import failed_result, parse_message, salvage_ids, to_message
-from job.pubsub import Publisher, resource_path
-from job.retry import is_transient
 from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import Pushed
 from job.dispatcher.executions import make_jobs_client, start_execution
 from job.dispatcher.settings import DispatcherSettings
 from job.dispatcher.sweep import SweepClients, Sweeper
+from job.errors import ConfigError, JobError
+from job.messages import failed_result, parse_message, salvage_ids, to_message
+from job.pubsub import Publisher, resource_path
+from job.retry import is_transient
 
 log = logging.getLogger("stem_job.dispatcher")
 
@@ -37,6 +37,7 @@ def check_credentials() -> None:
     import google.auth
 
     from job.faults import no_credentials
+
     try:
         google.auth.default()
     except Exception as exc:
@@ -50,8 +51,14 @@ class Dispatcher:
     otherwise they are made on first use, so the service starts and answers /health without
     credentials."""
 
-    def __init__(self, settings: DispatcherSettings, jobs_client=None, publisher_client=None,
-                 markers=None, sweep_clients: SweepClients | None = None):
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        jobs_client=None,
+        publisher_client=None,
+        markers=None,
+        sweep_clients: SweepClients | None = None,
+    ):
         self.settings = settings
         if jobs_client is None:
             check_credentials()
@@ -63,8 +70,10 @@ class Dispatcher:
         if markers is None and settings.marker_bucket:
             markers = GcsMarkers(settings.marker_bucket, settings.marker_prefix)
         if markers is None:
-            log.warning("no DISPATCH_MARKER_BUCKET/GCS_BUCKET: duplicate deliveries are only "
-                        "caught within this instance")
+            log.warning(
+                "no DISPATCH_MARKER_BUCKET/GCS_BUCKET: duplicate deliveries are only "
+                "caught within this instance"
+            )
             markers = MemoryMarkers()
         self.claims = Claims(markers, settings.claim_ttl_s)
 
@@ -80,12 +89,13 @@ class Dispatcher:
         with self._lock:
             if self._results is None:
                 if self._publisher_client is None:
-                    from google.cloud import pubsub_v1   # only a bad message needs it
+                    from google.cloud import pubsub_v1  # only a bad message needs it
+
                     self._publisher_client = pubsub_v1.PublisherClient()
-                topic = resource_path(self.settings.project, "topics",
-                                      self.settings.results_topic)
-                self._results = Publisher(self._publisher_client, topic,
-                                          deadline_s=self.settings.api_deadline_s)
+                topic = resource_path(self.settings.project, "topics", self.settings.results_topic)
+                self._results = Publisher(
+                    self._publisher_client, topic, deadline_s=self.settings.api_deadline_s
+                )
             return self._results
 
     def sweep(self) -> Outcome:
@@ -107,12 +117,19 @@ class Dispatcher:
                 claim = self.claims.claim(key, request.job_id)
             except Exception as exc:  # GCS down: we cannot tell a duplicate, so Pub/Sub retries
                 log.warning("dedupe marker unavailable for message %s: %s", key, exc)
-                return Outcome(503, {"status": "retry", "reason": "dedupe marker unavailable",
-                                     **ids})
+                return Outcome(
+                    503, {"status": "retry", "reason": "dedupe marker unavailable", **ids}
+                )
             if claim.started is not None:
-                return Outcome(200, {"status": "duplicate", "messageId": delivery.message_id,
-                                     "jobId": claim.started.get("jobId"),
-                                     "execution": claim.started.get("execution")})
+                return Outcome(
+                    200,
+                    {
+                        "status": "duplicate",
+                        "messageId": delivery.message_id,
+                        "jobId": claim.started.get("jobId"),
+                        "execution": claim.started.get("execution"),
+                    },
+                )
             if claim.generation is None:
                 return Outcome(409, {"status": "in_progress", "messageId": delivery.message_id})
             generation = claim.generation
@@ -122,14 +139,25 @@ class Dispatcher:
             if key:
                 self.claims.release(key, generation)
             retry = is_transient(exc)
-            log.error("run_job for %s failed (%s): %s", request.job_id,
-                      "transient" if retry else "not transient", exc)
-            return Outcome(503 if retry else 500,
-                           {"status": "retry", "reason": f"Cloud Run API: {exc}"[:500], **ids})
+            log.error(
+                "run_job for %s failed (%s): %s",
+                request.job_id,
+                "transient" if retry else "not transient",
+                exc,
+            )
+            return Outcome(
+                503 if retry else 500,
+                {"status": "retry", "reason": f"Cloud Run API: {exc}"[:500], **ids},
+            )
         if key:
             self.claims.record(key, generation, request.job_id, execution, to_message(request))
-        log.info("started %s for job %s (message %s via %s)", execution, request.job_id,
-                 delivery.message_id, delivery.transport)
+        log.info(
+            "started %s for job %s (message %s via %s)",
+            execution,
+            request.job_id,
+            delivery.message_id,
+            delivery.transport,
+        )
         return Outcome(200, {"status": "started", "execution": execution, **ids})
 
     def _refuse(self, delivery: Pushed, error: JobError) -> Outcome:
@@ -138,9 +166,13 @@ class Dispatcher:
         try:
             self.results.publish_result(failed_result(salvage_ids(delivery.data), error))
         except JobError as publish_error:
-            log.warning("could not publish the failed result for message %s: %s",
-                        delivery.message_id, publish_error.message)
+            log.warning(
+                "could not publish the failed result for message %s: %s",
+                delivery.message_id,
+                publish_error.message,
+            )
             return Outcome(503, {"status": "retry", "reason": "results topic unavailable"})
         log.info("refused message %s: %s", delivery.message_id, error.message)
-        return Outcome(200, {"status": "rejected", "error": error.as_dict(),
-                             "messageId": delivery.message_id})
+        return Outcome(
+            200, {"status": "rejected", "error": error.as_dict(), "messageId": delivery.message_id}
+        )

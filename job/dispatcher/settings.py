@@ -13,7 +13,7 @@ from job.errors import ConfigError
 REGION = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 JOB_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 SERVICE_ACCOUNT = re.compile(r"^[^@\s]+@[a-z0-9.-]+\.[a-z]+$")
-REQUIRED = ("CLOUD_RUN_REGION",)     # no default: the job lives in one region
+REQUIRED = ("CLOUD_RUN_REGION",)  # no default: the job lives in one region
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,15 @@ class DispatcherSettings:
     region: str
     job: str = "stem-job"
     results_topic: str = "stem-results"
-    marker_bucket: str = ""            # empty: in-memory markers (one instance only)
+    marker_bucket: str = ""  # empty: in-memory markers (one instance only)
     marker_prefix: str = "dispatch/"
-    stems_bucket: str = ""             # GCS_BUCKET: the sweep reads manifests there
-    claim_ttl_s: float = 90.0          # a claim older than this with no execution is stale
-    api_attempts: int = 4              # run_job tries on quota / transient errors
-    api_deadline_s: float = 30.0       # keep below the push subscription's ack deadline
+    stems_bucket: str = ""  # GCS_BUCKET: the sweep reads manifests there
+    claim_ttl_s: float = 90.0  # a claim older than this with no execution is stale
+    api_attempts: int = 4  # run_job tries on quota / transient errors
+    api_deadline_s: float = 30.0  # keep below the push subscription's ack deadline
     host: str = "0.0.0.0"
-    port: int = 8000                   # Cloud Run sets PORT to the container port
-    push_audience: str = ""            # set: every push needs a Google OIDC token for it
+    port: int = 8000  # Cloud Run sets PORT to the container port
+    push_audience: str = ""  # set: every push needs a Google OIDC token for it
     push_service_accounts: tuple = ()  # set: ... minted for one of these service accounts
 
     @property
@@ -44,6 +44,7 @@ def _matching(pattern, hint):
         if not pattern.match(value):
             raise ConfigError(f"{name}={value!r} is invalid: use {hint}")
         return value
+
     return parse
 
 
@@ -80,21 +81,33 @@ def load_dispatcher_settings(environ=None, **overrides) -> DispatcherSettings:
     shared = load_settings(environ, **overrides)
     if not shared.gcp_project_id:
         raise ConfigError("GCP_PROJECT_ID is required by the dispatcher")
-    values = {field: parse(env, environ.get(env, "")) for env, (field, parse) in ENV.items()
-              if environ.get(env, "").strip() or env in REQUIRED}
+    values = {
+        field: parse(env, environ.get(env, ""))
+        for env, (field, parse) in ENV.items()
+        if environ.get(env, "").strip() or env in REQUIRED
+    }
     settings = replace(
-        DispatcherSettings(project=shared.gcp_project_id, region="",
-                           results_topic=shared.pubsub_results_topic or "stem-results",
-                           marker_bucket=shared.gcs_bucket, stems_bucket=shared.gcs_bucket,
-                           host=shared.http_host,
-                           port=shared.http_port),
-        **values)
+        DispatcherSettings(
+            project=shared.gcp_project_id,
+            region="",
+            results_topic=shared.pubsub_results_topic or "stem-results",
+            marker_bucket=shared.gcs_bucket,
+            stems_bucket=shared.gcs_bucket,
+            host=shared.http_host,
+            port=shared.http_port,
+        ),
+        **values,
+    )
     if settings.push_service_accounts and not settings.push_audience:
-        raise ConfigError("PUSH_SERVICE_ACCOUNT is set without PUSH_AUDIENCE: set the push "
-                          "subscription's audience too (tokens are checked only with both)")
+        raise ConfigError(
+            "PUSH_SERVICE_ACCOUNT is set without PUSH_AUDIENCE: set the push "
+            "subscription's audience too (tokens are checked only with both)"
+        )
     if settings.claim_ttl_s < settings.api_deadline_s + 20:
         # A live claim is held for at most the API budget; a shorter TTL would let a
         # redelivery take over a claim whose owner is still calling run_job.
-        raise ConfigError(f"DISPATCH_CLAIM_TTL_S={settings.claim_ttl_s:g} is invalid: use at "
-                          f"least DISPATCH_API_DEADLINE_S + 20 ({settings.api_deadline_s + 20:g})")
+        raise ConfigError(
+            f"DISPATCH_CLAIM_TTL_S={settings.claim_ttl_s:g} is invalid: use at "
+            f"least DISPATCH_API_DEADLINE_S + 20 ({settings.api_deadline_s + 20:g})"
+        )
     return settings

@@ -28,13 +28,14 @@ log = logging.getLogger("stem_job.dispatcher")
 # The job's exits on a last attempt that published its result (cli.finish_run).
 REPORTED = frozenset({EXIT_BAD_INPUT, EXIT_RETRY, EXIT_CONFIG})
 OPEN = ("started", "sweeping")
-STUCK_S = 600.0          # a `sweeping` marker this old was left by a sweep that died mid-way
+STUCK_S = 600.0  # a `sweeping` marker this old was left by a sweep that died mid-way
 
 
 @dataclass
 class SweepClients:
     """The Cloud Run Admin API (executions, tasks) and Cloud Storage (the stems' manifests);
     each made on first use unless given (tests)."""
+
     executions: object = None
     tasks: object = None
     storage: object = None
@@ -43,6 +44,7 @@ class SweepClients:
         """Made when the first open marker needs them: a sweep with nothing open calls no API."""
         if self.executions is None or self.tasks is None:
             from google.cloud import run_v2
+
             self.executions = self.executions or run_v2.ExecutionsClient()
             self.tasks = self.tasks or run_v2.TasksClient()
         return self
@@ -78,7 +80,7 @@ class Sweeper:
             counts["open"] += 1
             try:
                 outcome = self._one(key, doc, generation)
-            except Exception as exc:     # the next sweep tries again
+            except Exception as exc:  # the next sweep tries again
                 log.warning("sweep of message %s failed: %s", key, exc)
                 outcome = "errors"
             counts[outcome] += 1
@@ -93,36 +95,51 @@ class Sweeper:
             self.markers.replace(key, {**doc, "state": "ended"}, generation)
             return "reported"
         # ours to report: hold the marker first, so two sweeps never both publish
-        held = self.markers.replace(key, {**doc, "state": "sweeping", "sweptAt": time.time()},
-                                    generation)
+        held = self.markers.replace(
+            key, {**doc, "state": "sweeping", "sweptAt": time.time()}, generation
+        )
         if held is None:
             return "running"
         try:
             result = self.result_for(doc)
             self.dispatcher.results.publish_result(result)
         except BaseException:
-            self.markers.replace(key, doc, held)          # open again for the next sweep
+            self.markers.replace(key, doc, held)  # open again for the next sweep
             raise
-        self.markers.replace(key, {**doc, "state": "ended", "sweptAt": time.time(),
-                                   "outcome": result["status"]}, held)
-        log.warning("execution %s ended without a result: published %s for job %s",
-                    doc["execution"], result["status"], doc.get("jobId"))
+        self.markers.replace(
+            key,
+            {**doc, "state": "ended", "sweptAt": time.time(), "outcome": result["status"]},
+            held,
+        )
+        log.warning(
+            "execution %s ended without a result: published %s for job %s",
+            doc["execution"],
+            result["status"],
+            doc.get("jobId"),
+        )
         return "published"
 
     def result_for(self, doc: dict) -> dict:
         """`completed` from the manifest when the set is complete, else `execution_lost`."""
         message = doc.get("message")
         request = parse_message(json.dumps(message)) if isinstance(message, dict) else None
-        lost = JobError("execution_lost", f"the Cloud Run execution {doc['execution']} ended "
-                        "without reporting a result (its task was killed: out of memory, host "
-                        "loss?); send the message again to retry")
+        lost = JobError(
+            "execution_lost",
+            f"the Cloud Run execution {doc['execution']} ended "
+            "without reporting a result (its task was killed: out of memory, host "
+            "loss?); send the message again to retry",
+        )
         if request is None:
             return failed_result({"jobId": doc.get("jobId")}, lost)
         found = self._manifest(request)
         if found is not None and found.get("stems"):
-            return completed_result(request, manifest.urls(found),
-                                    outputs=manifest.summary(found),
-                                    durationS=found.get("durationS"), reused=True)
+            return completed_result(
+                request,
+                manifest.urls(found),
+                outputs=manifest.summary(found),
+                durationS=found.get("durationS"),
+                reused=True,
+            )
         return failed_result(request_ids(request), lost)
 
     def _manifest(self, request):
@@ -130,6 +147,10 @@ class Sweeper:
         if not bucket:
             return None
         from job.storage.gcs import GcsStorage
-        storage = GcsStorage(bucket, client=self.clients.storage,
-                             retry_deadline_s=self.dispatcher.settings.api_deadline_s)
+
+        storage = GcsStorage(
+            bucket,
+            client=self.clients.storage,
+            retry_deadline_s=self.dispatcher.settings.api_deadline_s,
+        )
         return storage.read_manifest(request.release_id, request.track_id)

@@ -44,10 +44,10 @@ from job.separation.model import auto_batch
 from job.separation.precision import bf16_copy
 
 OVERLAP = 0.25
-PARITY_DB = 35.0              # reduced precision is kept only this close to fp32 (SDR)
+PARITY_DB = 35.0  # reduced precision is kept only this close to fp32 (SDR)
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
-SILENT = 1e-3                 # a window quieter than this (normalised) tells the probe nothing
-OutOfMemory = torch.cuda.OutOfMemoryError     # what torch's CUDA allocator raises (a RuntimeError)
+SILENT = 1e-3  # a window quieter than this (normalised) tells the probe nothing
+OutOfMemory = torch.cuda.OutOfMemoryError  # what torch's CUDA allocator raises (a RuntimeError)
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +64,7 @@ class Stream:
     segment: int
     stride: int
     weight: np.ndarray
-    skip: int = 0                 # leading virtual samples that are not output (shift)
+    skip: int = 0  # leading virtual samples that are not output (shift)
 
     def windows(self):
         return range(0, self.length, self.stride)
@@ -75,7 +75,7 @@ class OverlapAdd:
 
     def __init__(self, stream: Stream, sources: int):
         self.stream = stream
-        self.start = 0            # virtual position of buf[..., 0]
+        self.start = 0  # virtual position of buf[..., 0]
         self.out = np.zeros((sources, 2, 0), np.float32)
         self.sum = np.zeros(0, np.float32)
 
@@ -92,12 +92,12 @@ class OverlapAdd:
             out[..., :have], total[:have] = self.out, self.sum
             out[..., have:lo], total[have:lo] = 0.0, 0.0
             overlap = max(have - lo, 0)
-            np.multiply(weight[overlap:], chunk[..., overlap:], out=out[..., lo + overlap:])
-            total[lo + overlap:] = weight[overlap:]
+            np.multiply(weight[overlap:], chunk[..., overlap:], out=out[..., lo + overlap :])
+            total[lo + overlap :] = weight[overlap:]
             self.out, self.sum = out, total
         if overlap:
-            self.out[..., lo:lo + overlap] += weight[:overlap] * chunk[..., :overlap]
-            self.sum[lo:lo + overlap] += weight[:overlap]
+            self.out[..., lo : lo + overlap] += weight[:overlap] * chunk[..., :overlap]
+            self.sum[lo : lo + overlap] += weight[:overlap]
 
     def finish(self, upto: int) -> tuple[int, np.ndarray]:
         """Finished output in virtual [start, upto), divided by the summed weights (in place:
@@ -120,16 +120,20 @@ class Combiner:
         for w in model_weights:
             totals += np.asarray(w, np.float64)
         shifts = len(streams) // len(model_weights)
-        self.scale = [(np.asarray(model_weights[s.model_index], np.float64) / totals / shifts)
-                      .astype(np.float32)[:, None, None] for s in streams]
-        self.pending = [[] for _ in streams]     # finished pieces not yet combined
-        self.ends = [0] * len(streams)            # original position each stream reached
+        self.scale = [
+            (np.asarray(model_weights[s.model_index], np.float64) / totals / shifts).astype(
+                np.float32
+            )[:, None, None]
+            for s in streams
+        ]
+        self.pending = [[] for _ in streams]  # finished pieces not yet combined
+        self.ends = [0] * len(streams)  # original position each stream reached
         self.emitted = 0
 
     def add(self, index: int, start: int, block: np.ndarray):
         stream = self.streams[index]
         lo = max(start, stream.skip)
-        block = block[..., lo - start:]
+        block = block[..., lo - start :]
         if block.shape[-1] == 0:
             return
         self.pending[index].append(block)
@@ -144,7 +148,11 @@ class Combiner:
         total = 0
         for i, pieces in enumerate(self.pending):
             joined = np.concatenate(pieces, -1) if len(pieces) > 1 else pieces[0]
-            total = total + self.scale[i] * joined[..., :n] if len(self.streams) > 1 else joined[..., :n]
+            total = (
+                total + self.scale[i] * joined[..., :n]
+                if len(self.streams) > 1
+                else joined[..., :n]
+            )
             self.pending[i] = [joined[..., n:]] if joined.shape[-1] > n else []
         start, self.emitted = self.emitted, upto
         return start, total
@@ -161,8 +169,9 @@ def plan_streams(models, length: int, shifts: int, seed: int):
     for index, model in enumerate(models):
         segment = int(model.samplerate * model.segment)
         stride = int((1 - OVERLAP) * segment)
-        weight = np.concatenate([np.arange(1, segment // 2 + 1),
-                                 np.arange(segment - segment // 2, 0, -1)]).astype(np.float32)
+        weight = np.concatenate(
+            [np.arange(1, segment // 2 + 1), np.arange(segment - segment // 2, 0, -1)]
+        ).astype(np.float32)
         weight = weight / weight.max()
         if shifts == 0:
             streams.append(Stream(index, 0, length, segment, stride, weight))
@@ -170,8 +179,17 @@ def plan_streams(models, length: int, shifts: int, seed: int):
         max_shift = int(0.5 * model.samplerate)
         for _ in range(shifts):
             off = rng.randint(0, max_shift)
-            streams.append(Stream(index, off - max_shift, length + max_shift - off, segment,
-                                  stride, weight, skip=max_shift - off))
+            streams.append(
+                Stream(
+                    index,
+                    off - max_shift,
+                    length + max_shift - off,
+                    segment,
+                    stride,
+                    weight,
+                    skip=max_shift - off,
+                )
+            )
     return streams
 
 
@@ -195,9 +213,9 @@ class Pending:
     """A forward pass under way: its output lands in `outputs` once `event` has completed."""
 
     model: torch.nn.Module
-    inputs: torch.Tensor          # the host input, kept for an fp32 redo of a window
-    outputs: torch.Tensor         # host float32 (pinned on CUDA)
-    event: object = None          # torch.cuda.Event, None when already complete
+    inputs: torch.Tensor  # the host input, kept for an fp32 redo of a window
+    outputs: torch.Tensor  # host float32 (pinned on CUDA)
+    event: object = None  # torch.cuda.Event, None when already complete
 
 
 class Engine:
@@ -208,22 +226,31 @@ class Engine:
     device's free memory (`model.auto_batch`) when that precision first runs.
     """
 
-    def __init__(self, model, device: torch.device, batch: int | dict | None = 1,
-                 precision: str = "fp32", shifts: int = 0, seed: int = 0, probe: bool = False,
-                 verdicts=None, hardware: str = ""):
+    def __init__(
+        self,
+        model,
+        device: torch.device,
+        batch: int | dict | None = 1,
+        precision: str = "fp32",
+        shifts: int = 0,
+        seed: int = 0,
+        probe: bool = False,
+        verdicts=None,
+        hardware: str = "",
+    ):
         self.model = model
         self.models, self.model_weights = bag_of(model)
         self.sources = list(model.sources)
         self.device = device
         sizes = batch if isinstance(batch, dict) else {}
         self.fixed_batch = max(1, batch) if batch and not sizes else None
-        self._batches = {p: max(1, n) for p, n in sizes.items()}   # halved on OOM
-        self.halvings = 0                 # passes of the last track halved for device memory
-        self.precision = precision        # what runs now: fp32, bf16 or fp16
+        self._batches = {p: max(1, n) for p, n in sizes.items()}  # halved on OOM
+        self.halvings = 0  # passes of the last track halved for device memory
+        self.precision = precision  # what runs now: fp32, bf16 or fp16
         self.probe = probe and precision in REDUCED
-        self.probe_db = None              # the first window's agreement with fp32, when probed
-        self.probe_recorded = False       # probe_db was read from `verdicts`, not measured here
-        self.fallback_windows = 0         # windows of the last track redone in fp32 (NaN/Inf)
+        self.probe_db = None  # the first window's agreement with fp32, when probed
+        self.probe_recorded = False  # probe_db was read from `verdicts`, not measured here
+        self.fallback_windows = 0  # windows of the last track redone in fp32 (NaN/Inf)
         self.shifts = shifts
         self.seed = seed
         self._pinned = {}
@@ -234,8 +261,11 @@ class Engine:
         # same result to >130 dB (hack/bench measures it). Process-wide, set on purpose.
         torch.backends.mha.set_fastpath_enabled(False)
         # the bf16 copies of the CPU path (None: that model runs under autocast)
-        self._bf16 = {id(sub): bf16_copy(sub) for sub in self.models} \
-            if device.type == "cpu" and precision == "bf16" else {}
+        self._bf16 = (
+            {id(sub): bf16_copy(sub) for sub in self.models}
+            if device.type == "cpu" and precision == "bf16"
+            else {}
+        )
         self._verdicts, self._key = verdicts, None
         if self.probe and verdicts is not None and device.type == "cpu":
             path = "bf16-blocks" if any(self._bf16.values()) else "autocast"
@@ -249,8 +279,13 @@ class Engine:
         """Keep the reduced precision if it agrees with fp32 to PARITY_DB, else run in fp32."""
         self.probe_db, self.probe = db, False
         if db < PARITY_DB:
-            log.warning("%s agrees with fp32 to %.1f dB only (%s, < %.0f): running in fp32",
-                        self.precision, db, how, PARITY_DB)
+            log.warning(
+                "%s agrees with fp32 to %.1f dB only (%s, < %.0f): running in fp32",
+                self.precision,
+                db,
+                how,
+                PARITY_DB,
+            )
             self.precision, self._bf16 = "fp32", {}
         else:
             log.info("%s agrees with fp32 to %.1f dB (%s): kept", self.precision, db, how)
@@ -259,7 +294,7 @@ class Engine:
         """Windows per forward pass in `precision`."""
         if precision not in self._batches:
             if self.fixed_batch is None and self.device.type == "cuda":
-                torch.cuda.empty_cache()      # memory cached by earlier passes is free for this
+                torch.cuda.empty_cache()  # memory cached by earlier passes is free for this
             self._batches[precision] = self.fixed_batch or auto_batch(self.device, precision)
         return self._batches[precision]
 
@@ -272,18 +307,28 @@ class Engine:
         """A pass of `size` windows ran out of device memory: later passes take half as many.
         Called outside the `except` clause, whose traceback holds the failed pass's tensors."""
         if size <= 1:
-            free = f", {torch.cuda.mem_get_info(self.device)[0] / 2**20:.0f} MB free" \
-                if self.device.type == "cuda" else ""
-            raise JobError("device_out_of_memory",
-                           f"one window does not fit in {self.device}'s memory in {precision}"
-                           f"{free}: the device is too small for the model, or shared",
-                           retryable=True)
+            free = (
+                f", {torch.cuda.mem_get_info(self.device)[0] / 2**20:.0f} MB free"
+                if self.device.type == "cuda"
+                else ""
+            )
+            raise JobError(
+                "device_out_of_memory",
+                f"one window does not fit in {self.device}'s memory in {precision}"
+                f"{free}: the device is too small for the model, or shared",
+                retryable=True,
+            )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._batches[precision] = min(self.batch_for(precision), (size + 1) // 2)
         self.halvings += 1
-        log.warning("%s ran out of memory with %d windows per pass in %s: now %d", self.device,
-                    size, precision, self._batches[precision])
+        log.warning(
+            "%s ran out of memory with %d windows per pass in %s: now %d",
+            self.device,
+            size,
+            precision,
+            self._batches[precision],
+        )
 
     def _forward(self, model, inputs: torch.Tensor, precision: str) -> torch.Tensor:
         """`inputs` through the model synchronously, in passes of at most `batch_for(precision)`
@@ -292,7 +337,7 @@ class Engine:
         while start < len(inputs):
             size = min(self.batch_for(precision), len(inputs) - start)
             try:
-                outputs.append(self._run(model, inputs[start:start + size], precision))
+                outputs.append(self._run(model, inputs[start : start + size], precision))
                 start += size
                 continue
             except OutOfMemory:
@@ -306,8 +351,11 @@ class Engine:
         if copy is not None:
             with torch.inference_mode():
                 return copy(inputs).float()
-        autocast = nullcontext() if precision not in REDUCED else \
-            torch.autocast(self.device.type, dtype=REDUCED[precision])
+        autocast = (
+            nullcontext()
+            if precision not in REDUCED
+            else torch.autocast(self.device.type, dtype=REDUCED[precision])
+        )
         with torch.inference_mode(), autocast:
             return model(inputs.to(self.device)).float().cpu()
 
@@ -317,13 +365,13 @@ class Engine:
         if buffer is None or buffer.shape[1:] != shape[1:] or buffer.shape[0] < shape[0]:
             buffer = torch.empty(shape, dtype=torch.float32).pin_memory()
             self._pinned[name] = buffer
-        return buffer[:shape[0]]
+        return buffer[: shape[0]]
 
     def _launch(self, model, inputs: torch.Tensor, slot: int) -> Pending:
         """Start the forward pass of one batch; on CUDA it runs while the caller goes on."""
         if self.probe and float(inputs.abs().max()) > SILENT:
             return Pending(model, inputs, self._probed(model, inputs))
-        precision = "fp32" if self.probe else self.precision   # silence before the probe
+        precision = "fp32" if self.probe else self.precision  # silence before the probe
         if self.device.type == "cuda" and len(inputs) <= self.batch_for(precision):
             try:
                 return self._launch_async(model, inputs, slot, precision)
@@ -336,8 +384,11 @@ class Engine:
         """One pass on CUDA from a pinned buffer, its output copied back without waiting."""
         staged = self._buffer(f"in{slot}", tuple(inputs.shape))
         staged.copy_(inputs)
-        autocast = nullcontext() if precision not in REDUCED else \
-            torch.autocast("cuda", dtype=REDUCED[precision])
+        autocast = (
+            nullcontext()
+            if precision not in REDUCED
+            else torch.autocast("cuda", dtype=REDUCED[precision])
+        )
         with torch.inference_mode(), autocast:
             out = model(staged.to(self.device, non_blocking=True)).float()
             host = self._buffer(f"out{slot}", tuple(out.shape))
@@ -350,12 +401,13 @@ class Engine:
         """The first batch with signal: its first such window decides the precision, and the
         batch's other windows then run in the precision decided."""
         first = int(np.flatnonzero(inputs.flatten(1).abs().amax(1).numpy() > SILENT)[0])
-        exact, reduced = self._probe(model, inputs[first:first + 1])
+        exact, reduced = self._probe(model, inputs[first : first + 1])
         kept = exact if self.precision == "fp32" else reduced
         if len(inputs) == 1:
             return kept
-        others = self._forward(model, torch.cat([inputs[:first], inputs[first + 1:]]),
-                               self.precision)
+        others = self._forward(
+            model, torch.cat([inputs[:first], inputs[first + 1 :]]), self.precision
+        )
         return torch.cat([others[:first], kept, others[first:]])
 
     def _probe(self, model, window: torch.Tensor) -> tuple:
@@ -377,7 +429,7 @@ class Engine:
             model = self.models[0]
             segment = int(model.samplerate * model.segment)
             window = np.zeros((2, segment), np.float32)
-            window[:, :min(segment, mix.shape[1])] = mix[:, :segment]
+            window[:, : min(segment, mix.shape[1])] = mix[:, :segment]
             mono = window.mean(0)
             self._probe(model, torch.from_numpy((window - mono.mean()) / mono.std())[None])
         return self.probe_db
@@ -389,18 +441,29 @@ class Engine:
         out = pending.outputs.numpy()
         bad = ~np.isfinite(out.reshape(out.shape[0], -1)).all(1)
         for index in np.flatnonzero(bad):
-            redo = self._forward(pending.model, pending.inputs[index:index + 1], "fp32").numpy()
+            redo = self._forward(pending.model, pending.inputs[index : index + 1], "fp32").numpy()
             if not np.isfinite(redo).all():
                 raise RuntimeError("the model's output is not finite, even in fp32")
             out[index] = redo[0]
             self.fallback_windows += 1
         if bad.any():
-            log.warning("%d window(s) redone in fp32: %s output was not finite", int(bad.sum()),
-                        self.precision)
+            log.warning(
+                "%d window(s) redone in fp32: %s output was not finite",
+                int(bad.sum()),
+                self.precision,
+            )
         return out
 
-    def separate(self, read, length: int, mean: float, std: float, emit,
-                 progress=None, cancel: Cancel | None = None) -> dict:
+    def separate(
+        self,
+        read,
+        length: int,
+        mean: float,
+        std: float,
+        emit,
+        progress=None,
+        cancel: Cancel | None = None,
+    ) -> dict:
         """Separate a track of `length` samples; returns the engine's figures for the manifest
         (`fp32FallbackWindows`, `oomHalvings`, the `batch` it ended with, `devicePeakMb`).
 
@@ -427,8 +490,11 @@ class Engine:
             while at < len(windows):
                 model_index = streams[windows[at][1]].model_index
                 end, size = at + 1, self.batch
-                while end < len(windows) and end - at < size and \
-                        streams[windows[end][1]].model_index == model_index:
+                while (
+                    end < len(windows)
+                    and end - at < size
+                    and streams[windows[end][1]].model_index == model_index
+                ):
                     end += 1
                 yield windows[at:end]
                 at = end
@@ -440,13 +506,13 @@ class Engine:
                 s = streams[index]
                 chunk = min(s.segment, s.length - offset)
                 start = offset - (s.segment - chunk) // 2
-                lo, hi = max(start, 0), min(start + s.segment, s.length)   # inside the stream
+                lo, hi = max(start, 0), min(start + s.segment, s.length)  # inside the stream
                 window = np.zeros((2, s.segment), np.float32)
                 # the part of [lo, hi) inside the track (a shifted stream starts before it)
                 first, last = max(lo, -s.offset), min(hi, length - s.offset)
                 if last > first:
                     raw = read(first + s.offset, last + s.offset)
-                    window[:, first - start:last - start] = (raw - mean) / std
+                    window[:, first - start : last - start] = (raw - mean) / std
                 inputs.append(window)
             return torch.from_numpy(np.stack(inputs))
 
@@ -455,25 +521,25 @@ class Engine:
         def finish(batch, outputs):
             """Overlap-add one batch's outputs and emit what no later window can touch."""
             nonlocal done
-            for (_, index, offset), out in zip(batch, outputs):
+            for (_, index, offset), out in zip(batch, outputs, strict=False):
                 s = streams[index]
                 chunk = min(s.segment, s.length - offset)
                 trim = (s.segment - chunk) // 2
-                adders[index].add(offset, out[..., trim:trim + chunk])
+                adders[index].add(offset, out[..., trim : trim + chunk])
                 following = offset + s.stride
                 upto = min(following, s.length)
                 combiner.add(index, *adders[index].finish(upto))
             taken = combiner.take()
             if taken is not None:
                 start, block = taken
-                block *= std          # in place: the block is the engine's own, finished
+                block *= std  # in place: the block is the engine's own, finished
                 block += mean
                 emit(start, block)
             done += len(batch)
             if progress is not None:
                 progress(done / len(windows))
 
-        previous = None                  # (batch, Pending): launched, not yet overlap-added
+        previous = None  # (batch, Pending): launched, not yet overlap-added
         batches = plan()
         batch = next(batches)
         with ThreadPoolExecutor(1, thread_name_prefix="read-windows") as pool:
@@ -488,7 +554,10 @@ class Engine:
                     future = pool.submit(load, following)
                 model = self.models[streams[batch[0][1]].model_index]
                 if number == 0:
-                    log.info("first window entering the model", extra={"json_fields": {"event": "first_window"}})
+                    log.info(
+                        "first window entering the model",
+                        extra={"json_fields": {"event": "first_window"}},
+                    )
                 with cancel.abortable():
                     pending = self._launch(model, inputs, number % 2)
                     if previous is not None:
@@ -497,7 +566,14 @@ class Engine:
                 batch, number = following, number + 1
             with cancel.abortable():
                 finish(previous[0], self._collect(previous[1]))
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 \
-            if self.device.type == "cuda" else None
-        return {"fp32FallbackWindows": self.fallback_windows, "oomHalvings": self.halvings,
-                "batch": self.batch, "devicePeakMb": None if peak is None else round(peak)}
+        peak = (
+            torch.cuda.max_memory_allocated(self.device) / 2**20
+            if self.device.type == "cuda"
+            else None
+        )
+        return {
+            "fp32FallbackWindows": self.fallback_windows,
+            "oomHalvings": self.halvings,
+            "batch": self.batch,
+            "devicePeakMb": None if peak is None else round(peak),
+        }

@@ -35,7 +35,7 @@ class ModelUnavailable(ConfigError):
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # device memory per window in a pass, per precision (hack/gpu-check measures and prints them)
 WINDOW_MB = {"fp32": 1536, "bf16": 1024, "fp16": 1024}
-HEADROOM_MB = 1024                                        # left free for cuDNN workspaces etc.
+HEADROOM_MB = 1024  # left free for cuDNN workspaces etc.
 MAX_BATCH = 16
 
 
@@ -86,6 +86,7 @@ def choose_precision(wanted: str, device_type: str, flags: set, cuda_bf16: bool 
 
 def pick_device(wanted: str):
     import torch
+
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("DEVICE=cuda but no CUDA device is available (use auto or cpu)")
     if wanted == "auto":
@@ -103,8 +104,10 @@ def load_model(name: str, model_dir: str = "", device=None):
     from demucs.pretrained import get_model
     from demucs.repo import ModelLoadingError
 
-    hint = ("set MODEL_DIR to a folder holding the model, or run `stem-job prefetch-model` "
-            "where the hub is reachable")
+    hint = (
+        "set MODEL_DIR to a folder holding the model, or run `stem-job prefetch-model` "
+        "where the hub is reachable"
+    )
     if model_dir:
         folder = Path(model_dir)
         if not folder.is_dir():
@@ -114,15 +117,19 @@ def load_model(name: str, model_dir: str = "", device=None):
     except (ModelLoadingError, OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         where = f"MODEL_DIR={model_dir}" if model_dir else "the model cache (HF_HOME)"
-        raise ModelUnavailable(f"model {name!r} could not be loaded from {where}: {first[:200]}; "
-                               f"{hint}") from None
+        raise ModelUnavailable(
+            f"model {name!r} could not be loaded from {where}: {first[:200]}; {hint}"
+        ) from None
     except SystemExit:
         raise ModelUnavailable(f"model {name!r} could not be loaded; {hint}") from None
     model.eval()
     if device is not None:
         model.to(device)
-    log.info("model %s loaded (%s)", name, "offline" if os.environ.get("HF_HUB_OFFLINE") else
-             (model_dir or "hub cache"))
+    log.info(
+        "model %s loaded (%s)",
+        name,
+        "offline" if os.environ.get("HF_HUB_OFFLINE") else (model_dir or "hub cache"),
+    )
     return model
 
 
@@ -132,6 +139,7 @@ def auto_batch(device, precision: str = "fp32", free_bytes: int | None = None) -
         return 1
     if free_bytes is None:
         import torch
+
         free_bytes, _ = torch.cuda.mem_get_info(device)
     usable = free_bytes - HEADROOM_MB * 2**20
     return int(max(1, min(MAX_BATCH, usable // (WINDOW_MB[precision] * 2**20))))
@@ -142,10 +150,10 @@ class ModelCache:
 
     def __init__(self, settings):
         self.settings = settings
-        if settings.device == "cuda":        # checked at once: no track can succeed without it
+        if settings.device == "cuda":  # checked at once: no track can succeed without it
             self._device = pick_device("cuda")
         else:
-            self._device = None           # "cpu" or "auto": decided when torch is imported
+            self._device = None  # "cpu" or "auto": decided when torch is imported
         self._engine = None
         self._lock = threading.Lock()
 
@@ -172,6 +180,7 @@ class ModelCache:
                 self.engine()
             except Exception as exc:
                 log.debug("background model load failed (retried on use): %s", exc)
+
         threading.Thread(target=load, name="model-load", daemon=True).start()
 
     def engine(self) -> "Engine":
@@ -179,23 +188,39 @@ class ModelCache:
         with self._lock:
             if self._engine is None:
                 import torch
+
                 from job.separation.engine import Engine
                 from job.separation.precision import Verdicts, verdict_folders
+
                 s, device = self.settings, self.device
                 model = load_model(s.model_name, s.model_dir, device)
                 cuda = device.type == "cuda"
                 cpuinfo = read_cpuinfo()
                 precision, probe = choose_precision(
-                    s.precision, device.type, cpu_flags(cpuinfo),
-                    cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+                    s.precision,
+                    device.type,
+                    cpu_flags(cpuinfo),
+                    cuda and torch.cuda.is_bf16_supported(including_emulation=False),
+                )
                 if cuda:
                     torch.backends.cudnn.benchmark = True
                 # SEGMENT_BATCH=auto (0): sized per precision from the free memory
-                self._engine = Engine(model, device, s.segment_batch or None, precision,
-                                            s.shifts, s.seed, probe=probe,
-                                            verdicts=Verdicts(verdict_folders(s.model_dir)),
-                                            hardware=cpu_kind(cpuinfo))
-                log.info("model runs on %s in %s%s, %d window(s) per pass", device, precision,
-                         " (checked against fp32 on the first window)" if probe else "",
-                         self._engine.batch)
+                self._engine = Engine(
+                    model,
+                    device,
+                    s.segment_batch or None,
+                    precision,
+                    s.shifts,
+                    s.seed,
+                    probe=probe,
+                    verdicts=Verdicts(verdict_folders(s.model_dir)),
+                    hardware=cpu_kind(cpuinfo),
+                )
+                log.info(
+                    "model runs on %s in %s%s, %d window(s) per pass",
+                    device,
+                    precision,
+                    " (checked against fp32 on the first window)" if probe else "",
+                    self._engine.batch,
+                )
             return self._engine

@@ -30,10 +30,19 @@ from job.pcm import SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 # HTDemucs' convolution and transformer blocks: nearly all of a window's compute
-BF16_BLOCKS = ("encoder", "tencoder", "decoder", "tdecoder", "channel_upsampler",
-               "channel_upsampler_t", "channel_downsampler", "channel_downsampler_t",
-               "crosstransformer.layers", "crosstransformer.layers_t")
-SCHEME = 1                     # bump when what runs in bf16 changes: older verdicts no longer apply
+BF16_BLOCKS = (
+    "encoder",
+    "tencoder",
+    "decoder",
+    "tdecoder",
+    "channel_upsampler",
+    "channel_upsampler_t",
+    "channel_downsampler",
+    "channel_downsampler_t",
+    "crosstransformer.layers",
+    "crosstransformer.layers_t",
+)
+SCHEME = 1  # bump when what runs in bf16 changes: older verdicts no longer apply
 
 
 def _cast(value, dtype):
@@ -55,14 +64,17 @@ def _to_fp32(module, args, output):
 def bf16_copy(model):
     """A copy of `model` running its blocks in bf16 (fp32 in, fp32 out of each block), or None
     when it has none of HTDemucs' blocks (autocast is used for such a model)."""
-    names = [name for name, _ in model.named_modules()
-             if any(name == b or name.endswith("." + b) for b in BF16_BLOCKS)]
+    names = [
+        name
+        for name, _ in model.named_modules()
+        if any(name == b or name.endswith("." + b) for b in BF16_BLOCKS)
+    ]
     if not names:
         return None
     model = copy.deepcopy(model)
     for name in names:
         part = model.get_submodule(name)
-        for block in (part if isinstance(part, torch.nn.ModuleList) else [part]):
+        for block in part if isinstance(part, torch.nn.ModuleList) else [part]:
             block.to(torch.bfloat16)
             block.register_forward_pre_hook(_to_bf16)
             block.register_forward_hook(_to_fp32)
@@ -94,8 +106,14 @@ class Verdicts:
 
     @staticmethod
     def key(models, precision: str, path: str, hardware: str) -> dict:
-        return {"scheme": SCHEME, "precision": precision, "path": path, "hardware": hardware,
-                "torch": torch.__version__, "weights": weights_digest(models)}
+        return {
+            "scheme": SCHEME,
+            "precision": precision,
+            "path": path,
+            "hardware": hardware,
+            "torch": torch.__version__,
+            "weights": weights_digest(models),
+        }
 
     @staticmethod
     def _name(key: dict) -> str:
@@ -130,8 +148,10 @@ class Verdicts:
                     temporary.unlink(missing_ok=True)
                 except OSError:
                     pass
-        log.info("precision verdict not recorded: no writable folder among %s",
-                 ", ".join(map(str, self.folders)))
+        log.info(
+            "precision verdict not recorded: no writable folder among %s",
+            ", ".join(map(str, self.folders)),
+        )
         return None
 
 
@@ -143,13 +163,15 @@ def music(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
     t = np.arange(n) / rate
-    beat = (t * 2) % 1.0                                     # 120 bpm
+    beat = (t * 2) % 1.0  # 120 bpm
     kick = np.sin(2 * np.pi * 55 * t * (1 + 2 * np.exp(-beat * 30))) * np.exp(-beat * 12)
     hat = rng.standard_normal(n) * np.exp(-((t * 4) % 1.0) * 60) * 0.3
     bass = 0.5 * np.sign(np.sin(2 * np.pi * 41.2 * (1 + (t // 2 % 2) * 0.5) * t))
     chords = sum(np.sin(2 * np.pi * f * t) for f in (261.6, 329.6, 392.0)) / 3
     melody_f = 440 * 2 ** (np.floor((t * 4) % 8) / 12)
-    melody = np.sin(2 * np.pi * np.cumsum(melody_f) / rate) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
+    melody = np.sin(2 * np.pi * np.cumsum(melody_f) / rate) * (
+        0.6 + 0.4 * np.sin(2 * np.pi * 5 * t)
+    )
     left = 0.5 * kick + 0.2 * hat + 0.3 * bass + 0.3 * chords + 0.25 * melody
     right = 0.5 * kick + 0.25 * hat + 0.3 * bass + 0.2 * chords + 0.35 * melody
     mix = np.stack([left, right]) + 0.01 * rng.standard_normal((2, n))

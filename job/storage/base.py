@@ -17,8 +17,12 @@ from typing import Protocol
 from job.errors import JobError
 
 MANIFEST = "manifest.json"
-CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac",
-                 "json": "application/json"}          # peaks files
+CONTENT_TYPES = {
+    "mp3": "audio/mpeg",
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "json": "application/json",
+}  # peaks files
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,9 @@ class Original:
 
     uri: str
     size: int
-    identity: dict = field(default_factory=dict)   # generation/checksum, names the input in manifests
+    identity: dict = field(
+        default_factory=dict
+    )  # generation/checksum, names the input in manifests
     local_path: Path | None = None
 
 
@@ -65,8 +71,10 @@ def check_size(size: int, max_bytes: int, uri: str) -> None:
     if size == 0:
         raise JobError("empty_input", f"{uri} is empty (0 bytes)")
     if size > max_bytes:
-        raise JobError("input_too_large",
-                       f"{uri} is {size} bytes, over the limit of {max_bytes} (MAX_INPUT_BYTES)")
+        raise JobError(
+            "input_too_large",
+            f"{uri} is {size} bytes, over the limit of {max_bytes} (MAX_INPUT_BYTES)",
+        )
 
 
 def atomic_write(target: Path, data: bytes | None = None, source: Path | None = None) -> None:

@@ -40,7 +40,7 @@ from job.errors import JobError
 from job.storage.base import MANIFEST
 
 log = logging.getLogger(__name__)
-ROUNDS = 5              # takeovers of one object, or claims lost to racing writers, then retryable
+ROUNDS = 5  # takeovers of one object, or claims lost to racing writers, then retryable
 
 
 def precondition_failed(error: JobError) -> bool:
@@ -49,8 +49,11 @@ def precondition_failed(error: JobError) -> bool:
 
 
 def concurrent_write(prefix: str, what: str) -> JobError:
-    return JobError("concurrent_write", f"{prefix}: another job is writing this track ({what}); "
-                    "a retry decides again", retryable=True)
+    return JobError(
+        "concurrent_write",
+        f"{prefix}: another job is writing this track ({what}); a retry decides again",
+        retryable=True,
+    )
 
 
 class GcsCommit:
@@ -61,22 +64,23 @@ class GcsCommit:
         self.storage, self.release_id, self.track_id = storage, release_id, track_id
         self.prefix = storage.prefix(release_id, track_id)
         self.name = self.prefix + MANIFEST
-        self.writer = uuid.uuid4().hex       # tells this writer's manifest from another's
-        self.claim = None                    # the manifest generation that is this claim
-        self.seen = {}                       # {object: generation} read while the claim stood
-        self.written = {}                    # {object: generation} uploaded under the claim
+        self.writer = uuid.uuid4().hex  # tells this writer's manifest from another's
+        self.claim = None  # the manifest generation that is this claim
+        self.seen = {}  # {object: generation} read while the claim stood
+        self.written = {}  # {object: generation} uploaded under the claim
 
     def __enter__(self) -> "GcsCommit":
-        body = {"claim": self.writer,
-                "claimedAt": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        body = {"claim": self.writer, "claimedAt": datetime.datetime.now(datetime.UTC).isoformat()}
         for _ in range(ROUNDS):
             if self._put_manifest(body, self._generation(self.name)):
                 break
         else:
             raise concurrent_write(self.prefix, "its manifest kept changing")
-        self.seen = {name: generation
-                     for name, generation in self.storage.generations(self.prefix).items()
-                     if name != self.name}
+        self.seen = {
+            name: generation
+            for name, generation in self.storage.generations(self.prefix).items()
+            if name != self.name
+        }
         self._hold()
         return self
 
@@ -88,11 +92,16 @@ class GcsCommit:
         """Upload {output: local file} under the claim; {output: url}."""
         names = {key: self.prefix + source.name for key, source in files.items()}
         generations = self.storage.upload_all(
-            {names[key]: (lambda name=names[key], source=files[key]: self._upload(name, source))
-             for key in files})
+            {
+                names[key]: (lambda name=names[key], source=files[key]: self._upload(name, source))
+                for key in files
+            }
+        )
         self.written.update(generations)
-        return {key: self.storage.stem_url(self.release_id, self.track_id, source.name)
-                for key, source in files.items()}
+        return {
+            key: self.storage.stem_url(self.release_id, self.track_id, source.name)
+            for key, source in files.items()
+        }
 
     def _upload(self, name: str, source) -> int:
         for _ in range(ROUNDS):
@@ -101,7 +110,7 @@ class GcsCommit:
             except JobError as error:
                 if not precondition_failed(error):
                     raise
-            current = self._generation(name)        # read first, then check the claim
+            current = self._generation(name)  # read first, then check the claim
             self._hold()
             log.warning("another writer replaced %s; uploading it again", name)
             self.seen[name] = current
@@ -117,8 +126,10 @@ class GcsCommit:
             return body
         found = self.storage.read_manifest(self.release_id, self.track_id)
         if manifests.same_request(found, body):
-            log.info("another job completed %s for the same request meanwhile; its set stands",
-                     self.prefix)
+            log.info(
+                "another job completed %s for the same request meanwhile; its set stands",
+                self.prefix,
+            )
             return found
         raise concurrent_write(self.prefix, "a newer writer claimed it")
 
@@ -132,8 +143,10 @@ class GcsCommit:
             if not precondition_failed(error):
                 raise
         current = self.storage.download_json(self.name)
-        if current is not None and self.writer in (current[0].get("writer"),
-                                                    current[0].get("claim")):
+        if current is not None and self.writer in (
+            current[0].get("writer"),
+            current[0].get("claim"),
+        ):
             self.claim = current[1]
             return True
         return False

@@ -26,10 +26,10 @@ from google.cloud import storage
 
 from job.errors import JobError
 from job.faults import storage_fault
-from job.storage.commit import GcsCommit
 from job.messages import check_id
 from job.retry import bounded, is_transient
 from job.storage.base import CONTENT_TYPES, MANIFEST, Original, check_size
+from job.storage.commit import GcsCommit
 from job.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,14 @@ def parse_gs_uri(uri: str) -> tuple[str, str]:
     """`gs://BUCKET/OBJECT` to (bucket, object name), refusing anything odd."""
     if not isinstance(uri, str) or not uri.startswith("gs://"):
         raise JobError("invalid_uri", f"{str(uri)[:200]!r} is not a gs://BUCKET/OBJECT URI")
-    bucket, _, name = uri[len("gs://"):].partition("/")
+    bucket, _, name = uri[len("gs://") :].partition("/")
     if not BUCKET_NAME.match(bucket) or ".." in bucket:
         raise JobError("invalid_uri", f"{uri[:200]!r} does not name a valid bucket")
     if not name or len(name.encode("utf-8")) > 1024 or CONTROL_CHARS.search(name):
-        raise JobError("invalid_uri", f"{uri[:200]!r} does not name a valid object "
-                       "(1 to 1024 bytes, no control characters)")
+        raise JobError(
+            "invalid_uri",
+            f"{uri[:200]!r} does not name a valid object (1 to 1024 bytes, no control characters)",
+        )
     if any(part in (".", "..") for part in name.split("/")):
         raise JobError("invalid_uri", f"{uri[:200]!r} has a '.' or '..' path segment")
     return bucket, name
@@ -85,9 +87,16 @@ class _ChecksummedFile:
 class GcsStorage:
     """Originals from allowed buckets; stems and manifests in `bucket`."""
 
-    def __init__(self, bucket: str, allowed_buckets=(), max_bytes: int = 2**31,
-                 project: str | None = None, client: storage.Client | None = None,
-                 retry_deadline_s: float = 60.0, public: bool = False):
+    def __init__(
+        self,
+        bucket: str,
+        allowed_buckets=(),
+        max_bytes: int = 2**31,
+        project: str | None = None,
+        client: storage.Client | None = None,
+        retry_deadline_s: float = 60.0,
+        public: bool = False,
+    ):
         self.client = client or storage.Client(project=project or None)
         self.bucket = self.client.bucket(bucket)
         self.allowed_buckets = tuple(allowed_buckets) or (bucket,)
@@ -98,13 +107,21 @@ class GcsStorage:
         self.manifest_cache_control = MANIFEST_CACHE_CONTROL[public]
 
     # -- the one retry layer ----------------------------------------------------------
-    def _call(self, what: str, function, *args, not_found: JobError | None = None,
-              original: bool = False, **kwargs):
+    def _call(
+        self,
+        what: str,
+        function,
+        *args,
+        not_found: JobError | None = None,
+        original: bool = False,
+        **kwargs,
+    ):
         """Run one GCS call with bounded retries; failures become JobErrors, classified by
         side (`original`: the sender's object; otherwise ours, see job/faults.py)."""
         try:
             return bounded(self.retry_deadline_s, is_transient)(
-                function, *args, timeout=self.timeout, retry=None, **kwargs)
+                function, *args, timeout=self.timeout, retry=None, **kwargs
+            )
         except JobError:
             raise
         except exceptions.NotFound as exc:
@@ -117,25 +134,37 @@ class GcsStorage:
             raise fault from exc
 
     def _fault(self, exc, what, original):
-        return storage_fault(exc, what, original=original, bucket=self.bucket.name,
-                             deadline_s=self.retry_deadline_s)
+        return storage_fault(
+            exc, what, original=original, bucket=self.bucket.name, deadline_s=self.retry_deadline_s
+        )
 
     # -- originals ---------------------------------------------------------------------
     def describe_original(self, uri: str, trusted: bool = False) -> Original:
         """Check URI, bucket, existence and size from the object's metadata, without downloading."""
         bucket, name = parse_gs_uri(uri)
         if not trusted and bucket not in self.allowed_buckets:
-            raise JobError("input_not_allowed",
-                           f"{uri} is in bucket {bucket!r}, which is not allowed "
-                           f"(ALLOWED_INPUT_BUCKETS: {', '.join(self.allowed_buckets)})")
-        blob = self._call(f"reading metadata of {uri}", self.client.bucket(bucket).get_blob, name,
-                          original=True)
+            raise JobError(
+                "input_not_allowed",
+                f"{uri} is in bucket {bucket!r}, which is not allowed "
+                f"(ALLOWED_INPUT_BUCKETS: {', '.join(self.allowed_buckets)})",
+            )
+        blob = self._call(
+            f"reading metadata of {uri}", self.client.bucket(bucket).get_blob, name, original=True
+        )
         if blob is None:
             raise JobError("input_not_found", f"{uri} does not exist")
         check_size(blob.size or 0, self.max_bytes, uri)
-        return Original(uri, blob.size, {"uri": uri, "generation": blob.generation,
-                                         "crc32c": blob.crc32c, "md5": blob.md5_hash,
-                                         "size": blob.size})
+        return Original(
+            uri,
+            blob.size,
+            {
+                "uri": uri,
+                "generation": blob.generation,
+                "crc32c": blob.crc32c,
+                "md5": blob.md5_hash,
+                "size": blob.size,
+            },
+        )
 
     def fetch_original(self, original: Original, folder: Path) -> Path:
         """Download exactly the described generation, streamed to disk, resuming after a
@@ -145,13 +174,22 @@ class GcsStorage:
         blob = self.client.bucket(bucket).blob(name, generation=generation)
         suffix = re.sub(r"[^A-Za-z0-9]", "", Path(name).suffix)[:8].lower()
         target = Path(folder) / ("original." + suffix if suffix else "original")
-        changed = JobError("input_changed", f"{original.uri} changed or vanished since it was "
-                           "described; a retry will take its current version", retryable=True)
+        changed = JobError(
+            "input_changed",
+            f"{original.uri} changed or vanished since it was "
+            "described; a retry will take its current version",
+            retryable=True,
+        )
         sink = _ChecksummedFile(target)
         try:
-            self._call(f"downloading {original.uri}", lambda **kw: blob.download_to_file(
-                sink, start=sink.size or None, raw_download=True, checksum=None, **kw),
-                not_found=changed, original=True)
+            self._call(
+                f"downloading {original.uri}",
+                lambda **kw: blob.download_to_file(
+                    sink, start=sink.size or None, raw_download=True, checksum=None, **kw
+                ),
+                not_found=changed,
+                original=True,
+            )
         finally:
             sink.close()
         expected = original.identity.get("crc32c")
@@ -175,11 +213,17 @@ class GcsStorage:
         """One object from a local file; its new generation."""
         blob = self.bucket.blob(name)
         blob.cache_control = self.stem_cache_control
-        content_type = CONTENT_TYPES.get(source.suffix.lstrip(".").lower(),
-                                         "application/octet-stream")
-        self._call(f"uploading gs://{self.bucket.name}/{name}", blob.upload_from_filename,
-                   str(source), content_type=content_type, checksum="crc32c",
-                   if_generation_match=if_generation_match)
+        content_type = CONTENT_TYPES.get(
+            source.suffix.lstrip(".").lower(), "application/octet-stream"
+        )
+        self._call(
+            f"uploading gs://{self.bucket.name}/{name}",
+            blob.upload_from_filename,
+            str(source),
+            content_type=content_type,
+            checksum="crc32c",
+            if_generation_match=if_generation_match,
+        )
         return blob.generation
 
     @staticmethod
@@ -193,17 +237,22 @@ class GcsStorage:
     def put_manifest(self, name: str, body: dict, if_generation_match: int) -> int:
         blob = self.bucket.blob(name)
         blob.cache_control = self.manifest_cache_control
-        self._call(f"writing gs://{self.bucket.name}/{name}", blob.upload_from_string,
-                   json.dumps(body, indent=2), content_type="application/json",
-                   if_generation_match=if_generation_match)
+        self._call(
+            f"writing gs://{self.bucket.name}/{name}",
+            blob.upload_from_string,
+            json.dumps(body, indent=2),
+            content_type="application/json",
+            if_generation_match=if_generation_match,
+        )
         return blob.generation
 
     def download_json(self, name: str) -> tuple[dict, int] | None:
         """(the object's JSON, its generation); None when absent or not a JSON object."""
         blob = self.bucket.blob(name)
         try:
-            body = json.loads(self._call(f"reading gs://{self.bucket.name}/{name}",
-                                         blob.download_as_bytes))
+            body = json.loads(
+                self._call(f"reading gs://{self.bucket.name}/{name}", blob.download_as_bytes)
+            )
         except JobError as error:
             if error.code == "storage_not_found":
                 return None
@@ -214,15 +263,17 @@ class GcsStorage:
 
     def generation(self, name: str) -> int:
         """The object's generation; 0 when it does not exist."""
-        blob = self._call(f"reading metadata of gs://{self.bucket.name}/{name}",
-                          self.bucket.get_blob, name)
+        blob = self._call(
+            f"reading metadata of gs://{self.bucket.name}/{name}", self.bucket.get_blob, name
+        )
         return blob.generation if blob is not None else 0
 
     def generations(self, prefix: str) -> dict:
         """{object name: generation} of everything under `prefix`."""
-        listing = self._call(f"listing gs://{self.bucket.name}/{prefix}",
-                             lambda **kw: list(self.client.list_blobs(self.bucket, prefix=prefix,
-                                                                       **kw)))
+        listing = self._call(
+            f"listing gs://{self.bucket.name}/{prefix}",
+            lambda **kw: list(self.client.list_blobs(self.bucket, prefix=prefix, **kw)),
+        )
         return {blob.name: blob.generation for blob in listing}
 
     def check_input_unchanged(self, identity) -> None:
@@ -231,11 +282,19 @@ class GcsStorage:
         if not (isinstance(identity, dict) and identity.get("uri") and identity.get("generation")):
             return
         bucket, name = parse_gs_uri(identity["uri"])
-        blob = self._call(f"reading metadata of {identity['uri']}",
-                          self.client.bucket(bucket).get_blob, name, original=True)
+        blob = self._call(
+            f"reading metadata of {identity['uri']}",
+            self.client.bucket(bucket).get_blob,
+            name,
+            original=True,
+        )
         if blob is None or blob.generation != identity["generation"]:
-            raise JobError("input_changed", f"{identity['uri']} was replaced while it was "
-                           "separated; a retry takes its current version", retryable=True)
+            raise JobError(
+                "input_changed",
+                f"{identity['uri']} was replaced while it was "
+                "separated; a retry takes its current version",
+                retryable=True,
+            )
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
         """The manifest of a complete set; None when absent, unreadable, a writer's claim, or
@@ -252,4 +311,4 @@ class GcsStorage:
                 return None
         return manifest
 
-    scratch = LocalStorage.scratch      # a local temp folder, whichever the backend
+    scratch = LocalStorage.scratch  # a local temp folder, whichever the backend

@@ -8,16 +8,22 @@ import time
 from pathlib import Path
 
 from job.errors import JobError
-from job.messages import check_id
 from job.manifest import sha256_of
+from job.messages import check_id
 from job.storage.base import MANIFEST, Original, atomic_write, check_size, scratch
 
 
 class LocalStorage:
     """Originals from local paths; stems under OUTPUT_DIR/RELEASE/TRACK/."""
 
-    def __init__(self, output_dir: str, input_dir: str = "", max_bytes: int = 2**31,
-                 restrict_inputs: bool = False, lock_wait_s: float = 60.0):
+    def __init__(
+        self,
+        output_dir: str,
+        input_dir: str = "",
+        max_bytes: int = 2**31,
+        restrict_inputs: bool = False,
+        lock_wait_s: float = 60.0,
+    ):
         self.output_dir = Path(output_dir)
         self.lock_wait_s = lock_wait_s
         self.input_dir = Path(input_dir).resolve() if input_dir else None
@@ -31,12 +37,15 @@ class LocalStorage:
         path = Path(uri.removeprefix("file://")).expanduser()
         if not trusted and (self.input_dir or self.restrict_inputs):
             if self.input_dir is None:
-                raise JobError("input_not_allowed",
-                               "local originals named by messages need INPUT_DIR to be set")
+                raise JobError(
+                    "input_not_allowed",
+                    "local originals named by messages need INPUT_DIR to be set",
+                )
             resolved = (self.input_dir / path).resolve()
             if not resolved.is_relative_to(self.input_dir):
-                raise JobError("input_not_allowed",
-                               f"{uri} is not under INPUT_DIR ({self.input_dir})")
+                raise JobError(
+                    "input_not_allowed", f"{uri} is not under INPUT_DIR ({self.input_dir})"
+                )
             path = resolved
         if not path.exists():
             raise JobError("input_not_found", f"{uri} does not exist")
@@ -44,8 +53,9 @@ class LocalStorage:
             raise JobError("input_not_found", f"{uri} is not a regular file")
         size = path.stat().st_size
         check_size(size, self.max_bytes, uri)
-        return Original(uri, size, {"path": str(path.resolve()), "size": size,
-                                    "sha256": sha256_of(path)}, path)
+        return Original(
+            uri, size, {"path": str(path.resolve()), "size": size, "sha256": sha256_of(path)}, path
+        )
 
     def fetch_original(self, original: Original, folder: Path) -> Path:
         return original.local_path
@@ -59,8 +69,9 @@ class LocalStorage:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise JobError("output_unwritable", f"cannot create {folder}: {exc.strerror}",
-                               retryable=True)
+                raise JobError(
+                    "output_unwritable", f"cannot create {folder}: {exc.strerror}", retryable=True
+                ) from None
         if folder.exists() and not folder.resolve().is_relative_to(root):
             raise JobError("output_not_allowed", f"{folder} resolves outside OUTPUT_DIR")
         return folder
@@ -115,9 +126,13 @@ class LocalCommit:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     self.__exit__()
-                    raise JobError("concurrent_write", f"{self.folder}: another job kept "
-                                   f"writing this track for {self.storage.lock_wait_s:g} s; "
-                                   "a retry decides again", retryable=True) from None
+                    raise JobError(
+                        "concurrent_write",
+                        f"{self.folder}: another job kept "
+                        f"writing this track for {self.storage.lock_wait_s:g} s; "
+                        "a retry decides again",
+                        retryable=True,
+                    ) from None
                 time.sleep(0.05)
         with contextlib.suppress(FileNotFoundError):
             (self.folder / MANIFEST).unlink()
@@ -125,7 +140,7 @@ class LocalCommit:
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
-            os.close(self._lock)          # releases the lock
+            os.close(self._lock)  # releases the lock
             self._lock = None
 
     def write_stems(self, files: dict) -> dict:
