@@ -8,7 +8,7 @@ match again) once it is older than the claim TTL. Without a bucket, markers live
 memory, which protects one instance only.
 
 The one gap left, a run_job call that timed out after Cloud Run had accepted it and is retried,
-is closed by the job: it gets PUBSUB_MESSAGE_ID, and its manifest.json check makes a second
+is closed by the job: its manifest.json check makes a second
 execution of a finished track a no-op.
 
 A started marker names its execution and holds the message, so the sweep (sweep.py) can find

@@ -1,6 +1,6 @@
 """Starting one execution of the Cloud Run job for one request: the message travels as the
-JOB_MESSAGE env override (the job reads it with the same parser), its Pub/Sub messageId as
-PUBSUB_MESSAGE_ID. Quota and transient API faults are retried within the dispatcher's budget."""
+JOB_MESSAGE env override (the job reads it with the same parser). Quota and transient API faults
+are retried within the dispatcher's budget."""
 
 import json
 
@@ -17,16 +17,12 @@ def make_jobs_client():
     return run_v2.JobsClient()
 
 
-def start_execution(
-    client, settings: DispatcherSettings, request: JobRequest, message_id: str | None
-) -> str:
+def start_execution(client, settings: DispatcherSettings, request: JobRequest) -> str:
     """Run the job with `request` as its JOB_MESSAGE; returns the execution's name."""
     from google.cloud import run_v2
 
     message = json.dumps(to_message(request), separators=(",", ":"))
     env = [run_v2.EnvVar(name="JOB_MESSAGE", value=message)]
-    if message_id:
-        env.append(run_v2.EnvVar(name="PUBSUB_MESSAGE_ID", value=message_id))
     run_request = run_v2.RunJobRequest(
         name=settings.job_name,
         overrides=run_v2.RunJobRequest.Overrides(

@@ -134,7 +134,7 @@ class Dispatcher:
                 return Outcome(409, {"status": "in_progress", "messageId": delivery.message_id})
             generation = claim.generation
         try:
-            execution = start_execution(self.jobs, self.settings, request, delivery.message_id)
+            execution = start_execution(self.jobs, self.settings, request)
         except Exception as exc:
             if key:
                 self.claims.release(key, generation)
