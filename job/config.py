@@ -124,12 +124,21 @@ def parse_batch(name, value):
     return 0 if value.strip().lower() == "auto" else parse_int(name, value, 1, 64)
 
 
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def is_bucket_name(name: str) -> bool:
+    """Cloud Storage's naming rule: 3 to 222 of a-z, 0-9, `.`, `_`, `-`, alphanumeric at both
+    ends, no `..` (the one definition: settings and gs:// URIs both use it)."""
+    return bool(BUCKET_NAME.match(name)) and ".." not in name
+
+
 def parse_buckets(name, value):
     buckets = tuple(
         b.strip().removeprefix("gs://").strip("/") for b in value.split(",") if b.strip()
     )
     for bucket in buckets:
-        if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
+        if not is_bucket_name(bucket):
             raise ConfigError(f"{name} holds {bucket!r}, which is not a bucket name")
     return buckets
 

@@ -18,7 +18,7 @@ from job.audio import decode as audio
 from job.errors import Cancel
 from job.messages import JobRequest, outputs_of
 from job.progress import stage
-from job.storage.base import Original, Storage
+from job.storage.base import Original, Storage, scratch_folder
 
 log = logging.getLogger(__name__)
 CANCELLED_FETCH_WAIT_S = 3.0
@@ -86,7 +86,7 @@ class Intake:
             return Taken(original, found)
         if self.model_cache is not None:
             self.model_cache.warm()  # the model loads while the original downloads
-        scratch = self._scratch.enter_context(storage.scratch())
+        scratch = self._scratch.enter_context(scratch_folder())
         with stage(self.timings, "download"):
             local = storage.fetch_original(original, scratch)
         with stage(self.timings, "decode"):

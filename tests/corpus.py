@@ -163,11 +163,12 @@ def id3v2_with_cover(cover: bytes) -> bytes:
     def frame(name, body):
         return name + struct.pack(">I", len(body)) + b"\0\0" + body
 
+    # padding
     body = (
         frame(b"TIT2", b"\0Corpus track")
         + frame(b"APIC", b"\0image/jpeg\0\x03\0" + cover)
         + b"\0" * 4096
-    )  # padding
+    )
     size = len(body)
     syncsafe = bytes([(size >> 21) & 0x7F, (size >> 14) & 0x7F, (size >> 7) & 0x7F, size & 0x7F])
     return b"ID3\x03\x00\x00" + syncsafe + body

@@ -16,6 +16,7 @@ from synthetic import music, write_audio, write_long_silence
 from job.audio.child import CHILD_ENV, PASSED_ENV, Limits, decode_aside
 from job.audio.decode import RawReader, decode_to_file
 from job.audio.encode import StemEncoder, soft_limit
+from job.config import Settings
 from job.errors import Cancel, Interrupted, JobError
 
 
@@ -65,7 +66,7 @@ def test_reader_pads_with_zeros_outside_the_track(tmp_path):
 
 def test_mp3_stem_is_gapless_and_aligned(tmp_path):
     source = music(4.0, seed=5) * 2  # peaks near 0.5
-    encoder = StemEncoder(tmp_path / "vocals.mp3", "mp3", 320)
+    encoder = StemEncoder(tmp_path / "vocals.mp3", "mp3", 320, Settings().mp3_quality)
     for start in range(0, source.shape[1], 10_000):
         encoder.put(source[:, start : start + 10_000])
     stats = encoder.finish()
@@ -157,6 +158,7 @@ def test_the_decode_aside_raises_the_childs_job_error(tmp_path):
     assert error.value.code == "not_audio" and not error.value.retryable
 
 
+# the budget is spent
 @pytest.mark.parametrize(
     "sig, attempt, code, retryable",
     [
@@ -165,7 +167,7 @@ def test_the_decode_aside_raises_the_childs_job_error(tmp_path):
         (signal.SIGKILL, Limits().kill_retries - 1, "decode_killed", True),
         (signal.SIGKILL, Limits().kill_retries, "decode_killed", False),
     ],
-)  # the budget is spent
+)
 def test_a_decoder_that_dies_fails_the_track_not_the_worker(
     tmp_path, sig, attempt, code, retryable
 ):

@@ -218,9 +218,8 @@ def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
     assert execution["taskCount"] == 1
     task = execution["template"]["spec"]
     assert task["nodeSelector"] == {"run.googleapis.com/accelerator": "nvidia-l4"}
-    assert 0 < int(task["timeoutSeconds"]) <= 3600, (
-        "GPU tasks run at most 1 hour"
-    )  # int64: a string
+    # int64: a string
+    assert 0 < int(task["timeoutSeconds"]) <= 3600, "GPU tasks run at most 1 hour"
     assert 0 <= task["maxRetries"] <= 10
     assert task["serviceAccountName"] == "stem-job@my-project.iam.gserviceaccount.com"
     [container] = task["containers"]

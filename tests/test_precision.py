@@ -251,9 +251,8 @@ def test_unwritable_folders_only_mean_checking_again(small, mix, exact, tmp_path
     blocked.write_text("not a folder")
     separator, got = probed(small, mix, [blocked / "verdicts", tmp_path / "cache"])
     assert separator.probe_db >= engine.PARITY_DB  # the track ran, checked
-    assert (
-        len(list((tmp_path / "cache").glob("precision-check-*.json"))) == 1
-    )  # the next one took it
+    # the next one took it
+    assert len(list((tmp_path / "cache").glob("precision-check-*.json"))) == 1
     alone, got = probed(small, mix, [blocked / "verdicts"])
     assert not alone.probe_recorded and alone.probe_db >= engine.PARITY_DB
     assert agreement_db(exact[None], got[None]) >= engine.PARITY_DB

@@ -118,9 +118,8 @@ def test_the_allocators_own_out_of_memory_halves_the_pass(full, mix):
 def test_a_window_that_cannot_fit_fails_the_track(small, mix):
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(
-        (torch.cuda.memory_allocated() + 2**20) / total
-    )  # the weights and 1 MB more
+    # the weights and 1 MB more
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 2**20) / total)
     try:
         with pytest.raises(JobError) as failed:
             separated(Engine(small, CUDA, batch=2), mix)

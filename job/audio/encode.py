@@ -107,14 +107,15 @@ class MixMeter(BlockWorker):
 
 class StemEncoder(BlockWorker):
     """Encodes one output; with `peaks` (a Peaks) also measures it and writes the peaks file
-    `peaks_path` beside it."""
+    `peaks_path` beside it. `bitrate_kbps` and `quality` are MP3's (no defaults here: the
+    settings hold them, MP3_BITRATE and MP3_QUALITY)."""
 
     def __init__(
         self,
         path: Path,
-        fmt: str = "mp3",
-        bitrate_kbps: int = 320,
-        quality: int = 3,
+        fmt: str,
+        bitrate_kbps: int | None = None,
+        quality: int | None = None,
         peaks: Peaks | None = None,
     ):
         self.path = Path(path)

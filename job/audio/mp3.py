@@ -78,7 +78,7 @@ def count_frames(handle, start: int) -> int:
 class Mp3Writer:
     """Streams float stereo blocks into one gapless CBR MP3 file."""
 
-    def __init__(self, path, bitrate_kbps: int = 320, quality: int = 3):
+    def __init__(self, path, bitrate_kbps: int, quality: int):
         self.path = path
         self.bitrate = bitrate_kbps
         self.encoder = lameenc.Encoder()

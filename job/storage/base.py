@@ -31,9 +31,8 @@ class Original:
 
     uri: str
     size: int
-    identity: dict = field(
-        default_factory=dict
-    )  # generation/checksum, names the input in manifests
+    # generation/checksum, names the input in manifests
+    identity: dict = field(default_factory=dict)
     local_path: Path | None = None
 
 
@@ -62,9 +61,6 @@ class Storage(Protocol):
 
     def commit(self, release_id: str, track_id: str) -> contextlib.AbstractContextManager:
         """A `Commit` (entered: the old set is no longer vouched for) to write the next set."""
-
-    def scratch(self) -> contextlib.AbstractContextManager:
-        """A temp folder for the download, the decoded audio and the encoders."""
 
 
 def check_size(size: int, max_bytes: int, uri: str) -> None:
@@ -98,7 +94,7 @@ def atomic_write(target: Path, data: bytes | None = None, source: Path | None = 
 
 
 @contextlib.contextmanager
-def scratch():
-    """A local temp folder (download, decoded audio, encoders), whichever the backend."""
+def scratch_folder():
+    """A local temp folder for one track (download, decoded audio, encoders), any backend."""
     with tempfile.TemporaryDirectory(prefix="stem-job-") as folder:
         yield Path(folder)

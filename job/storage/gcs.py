@@ -1,6 +1,7 @@
 """The Cloud Storage backend: originals from gs:// URIs, stems in gs://BUCKET/stems/RELEASE/TRACK/.
 
-Same calls as LocalStorage (see storage.py), so the pipeline does not know which backend it has.
+Same calls as LocalStorage (the Storage protocol in base.py): the pipeline does not know which
+backend it has.
 Every call to GCS goes through `_call`: transient faults (429, 5xx, timeouts, dropped
 connections) are retried with exponential backoff and jitter for a bounded time, then become
 `storage_unavailable` (retryable); everything else becomes a JobError that is not worth a retry.
@@ -24,13 +25,13 @@ import google_crc32c
 from google.api_core import exceptions
 from google.cloud import storage
 
+from job.config import is_bucket_name
 from job.errors import JobError
 from job.faults import storage_fault
 from job.messages import check_id
 from job.retry import bounded, is_transient
 from job.storage.base import CONTENT_TYPES, MANIFEST, Original, check_size
 from job.storage.commit import GcsCommit
-from job.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 PUBLIC_URL = "https://storage.googleapis.com"
@@ -39,7 +40,6 @@ PUBLIC_URL = "https://storage.googleapis.com"
 # private bucket are for their reader only (GCS_PUBLIC=false): no shared cache may keep them.
 STEM_CACHE_CONTROL = {False: "private, max-age=3600", True: "public, max-age=3600"}
 MANIFEST_CACHE_CONTROL = {False: "private, no-cache", True: "no-cache"}
-BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -48,7 +48,7 @@ def parse_gs_uri(uri: str) -> tuple[str, str]:
     if not isinstance(uri, str) or not uri.startswith("gs://"):
         raise JobError("invalid_uri", f"{str(uri)[:200]!r} is not a gs://BUCKET/OBJECT URI")
     bucket, _, name = uri[len("gs://") :].partition("/")
-    if not BUCKET_NAME.match(bucket) or ".." in bucket:
+    if not is_bucket_name(bucket):
         raise JobError("invalid_uri", f"{uri[:200]!r} does not name a valid bucket")
     if not name or len(name.encode("utf-8")) > 1024 or CONTROL_CHARS.search(name):
         raise JobError(
@@ -310,5 +310,3 @@ class GcsStorage:
             if any(current.get(name) != generation for name, generation in expected.items()):
                 return None
         return manifest
-
-    scratch = LocalStorage.scratch  # a local temp folder, whichever the backend

@@ -10,7 +10,7 @@ from pathlib import Path
 from job.errors import JobError
 from job.manifest import sha256_of
 from job.messages import check_id
-from job.storage.base import MANIFEST, Original, atomic_write, check_size, scratch
+from job.storage.base import MANIFEST, Original, atomic_write, check_size
 
 
 class LocalStorage:
@@ -99,9 +99,6 @@ class LocalStorage:
 
     def commit(self, release_id: str, track_id: str) -> "LocalCommit":
         return LocalCommit(self, release_id, track_id)
-
-    def scratch(self):
-        return scratch()
 
 
 class LocalCommit:
