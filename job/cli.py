@@ -279,14 +279,14 @@ def serve(host=None, port=None):
 @http_options
 def dispatch(host=None, port=None):
     """The Cloud Run dispatcher: Pub/Sub push or Eventarc in, one job execution per message."""
-    settings = settings_or_exit(http_host=host, http_port=port)
-    setup_logging(settings.log_format)
-    from job.dispatcher import serve as run_dispatcher  # Starlette and the Cloud Run client
+    from job import dispatcher  # Starlette and the Cloud Run client: only `dispatch` needs them
 
     try:
-        run_dispatcher(host=host, port=port)
+        settings = dispatcher.load_dispatcher_settings(http_host=host, http_port=port)
     except ConfigError as exc:
         runtime.fail_config(str(exc))
+    setup_logging(settings.log_format)
+    dispatcher.serve(settings)
 
 
 @cli.command("prefetch-model")

@@ -51,7 +51,6 @@ import ipaddress
 import logging
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -64,9 +63,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from job import messages, runtime
+from job import serve as serving
 from job.auth import Guard, SharedToken
 from job.config import Settings
-from job.errors import EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError, http_status_for
+from job.errors import Cancel, ConfigError, Interrupted, JobError, http_status_for
 from job.pipeline import Job, process
 from job.separation.model import ModelCache
 from job.storage.base import Original
@@ -79,7 +79,6 @@ MAX_PARTS = 16  # the file and a few form fields; more is not an upload
 MAX_PART_HEADERS = 8  # Content-Disposition, Content-Type, and room for others
 MAX_PART_HEADER_BYTES = 8192  # one header line: a long filename, percent-encoded
 DEFAULT_RETRY_AFTER_S = 30
-GRACE_S = 8  # after SIGTERM, responses get this long (Cloud Run kills at 10 s, GKE at 15 s)
 GONE = JobError("upload_incomplete", "the client disconnected")  # nobody reads this answer
 HOW_TO_SEND = (
     f"send the audio as multipart/form-data in the field '{FILE_FIELD}', e.g. "
@@ -526,9 +525,8 @@ class Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    """Load the model (ConfigError before any port opens: the CLI exits 78), then run uvicorn
-    on HTTP_HOST:PORT with our logging (log_config=None keeps the root handler). A port that
-    cannot be bound (in use) exits 75: another instance or a retry may find it free."""
+    """Load the model (ConfigError before any port opens: the CLI exits 78), then serve on
+    HTTP_HOST:PORT (job.serve: our logging; a port in use exits 75)."""
     model_cache = ModelCache(settings)
     model_cache.engine()
     if not settings.http_token and not is_loopback(settings.http_host):
@@ -539,15 +537,4 @@ def serve(settings: Settings) -> None:
             settings.http_host,
             settings.http_port,
         )
-    server = Server(
-        uvicorn.Config(
-            create_app(settings, model_cache),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,
-            timeout_graceful_shutdown=GRACE_S,
-        )
-    )
-    server.run()
-    if not server.started:
-        sys.exit(EXIT_RETRY)
+    serving.run(create_app(settings, model_cache), settings.http_host, settings.http_port, Server)

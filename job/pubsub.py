@@ -84,40 +84,39 @@ def pull(subscriber, subscription_path: str, max_messages: int, timeout_s: float
     says so rather than passing an unreachable service off as an empty queue.
     """
     deadline = time.monotonic() + timeout_s
-    failure = None
-    while (remaining := deadline - time.monotonic()) > 0:
+
+    def once() -> list:
         try:
             response = subscriber.pull(
                 request={"subscription": subscription_path, "max_messages": max_messages},
-                timeout=max(1.0, min(remaining, 30.0)),
+                timeout=max(1.0, min(deadline - time.monotonic(), 30.0)),
                 retry=None,
             )
         except exceptions.DeadlineExceeded:
-            failure = None  # the server held the pull open and nothing came
-            continue
-        except Exception as exc:
-            if is_transient(exc):
-                failure = exc
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-                continue
-            if (missing := no_credentials(exc)) is not None:
-                raise missing from exc
-            if isinstance(exc, exceptions.GoogleAPICallError):
-                raise JobError(
-                    "pubsub_error",
-                    f"PUBSUB_SUBSCRIPTION: pulling from {subscription_path} failed: {exc}",
-                ) from exc
-            raise
-        failure = None
-        if response.received_messages:
-            return list(response.received_messages)
-        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))  # an immediate empty answer
-    if failure is not None:
-        raise JobError(
-            "pubsub_unavailable",
-            f"pulling from {subscription_path} failed for {timeout_s:g} s: {failure}",
-        ) from failure
-    return []
+            return []  # the server held the pull open and nothing came
+        return list(response.received_messages)
+
+    try:
+        return bounded(timeout_s, again=lambda got: not got, wait=_poll_pause)(once)
+    except Exception as exc:
+        if is_transient(exc):  # no pull succeeded by the deadline: not an empty queue
+            raise JobError(
+                "pubsub_unavailable",
+                f"pulling from {subscription_path} failed for {timeout_s:g} s: {exc}",
+            ) from exc
+        if (missing := no_credentials(exc)) is not None:
+            raise missing from exc
+        if isinstance(exc, exceptions.GoogleAPICallError):
+            raise JobError(
+                "pubsub_error",
+                f"PUBSUB_SUBSCRIPTION: pulling from {subscription_path} failed: {exc}",
+            ) from exc
+        raise
+
+
+def _poll_pause(state) -> float:
+    """An empty answer is asked again soon; a transient fault waits a second."""
+    return 1.0 if state.outcome.failed else 0.2
 
 
 def delivery_attempt(message) -> int:

@@ -49,19 +49,32 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def bounded(
-    deadline_s: float, transient=is_transient, max_attempts: int | None = None
+    deadline_s: float,
+    transient=is_transient,
+    max_attempts: int | None = None,
+    again=None,
+    wait=None,
 ) -> tenacity.Retrying:
     """Retry while `transient(exception)`, for at most about `deadline_s` seconds (and at most
     `max_attempts` tries when given: a caller with a quota to respect), then re-raise the
-    last exception."""
+    last exception.
+
+    `again(result)` true also retries a call that returned (a poll that found nothing); when
+    the time is up the last result is returned, or the last exception raised. `wait` replaces
+    the jittered exponential backoff (a tenacity wait)."""
     stop = tenacity.stop_after_delay(deadline_s)
     if max_attempts is not None:
         stop = stop | tenacity.stop_after_attempt(max_attempts)
+    retry = tenacity.retry_if_exception(transient)
+    if again is not None:
+        retry = retry | tenacity.retry_if_result(again)
     return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(transient),
-        wait=tenacity.wait_random_exponential(
+        retry=retry,
+        wait=wait
+        or tenacity.wait_random_exponential(
             multiplier=0.25, max=max(0.5, min(10.0, deadline_s / 4))
         ),
         stop=stop,
         reraise=True,
+        retry_error_callback=(lambda state: state.outcome.result()) if again else None,
     )

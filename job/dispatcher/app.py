@@ -7,7 +7,6 @@ With PUSH_AUDIENCE set, every route but /health first needs a valid Google-signe
 
 import logging
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -15,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from job import serve as serving
 from job.auth import Guard
 from job.dispatcher.auth import PushTokens
 from job.dispatcher.envelope import EnvelopeError, parse_envelope
@@ -87,8 +87,6 @@ def refusal(status: str, message: str) -> dict:
     return {"status": status, "error": message}
 
 
-def serve(host: str | None = None, port: int | None = None, environ=None) -> None:
-    """Run the dispatcher. `host`/`port` come from flags (None: HTTP_HOST/PORT) and are
-    validated like those variables; a bad setting raises ConfigError."""
-    settings = load_dispatcher_settings(environ, http_host=host, http_port=port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+def serve(settings: DispatcherSettings) -> None:
+    """Run the dispatcher on its host:port (job.serve: our logging; a port in use exits 75)."""
+    serving.run(create_app(settings), settings.host, settings.port)

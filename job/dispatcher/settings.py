@@ -32,6 +32,7 @@ class DispatcherSettings:
     port: int = 8000  # Cloud Run sets PORT to the container port
     push_audience: str = ""  # set: every push needs a Google OIDC token for it
     push_service_accounts: tuple = ()  # set: ... minted for one of these service accounts
+    log_format: str = "auto"  # LOG_FORMAT, shared with the job
 
     @property
     def job_name(self) -> str:
@@ -95,6 +96,7 @@ def load_dispatcher_settings(environ=None, **overrides) -> DispatcherSettings:
             stems_bucket=shared.gcs_bucket,
             host=shared.http_host,
             port=shared.http_port,
+            log_format=shared.log_format,
         ),
         **values,
     )
