@@ -148,7 +148,8 @@ class Finishing:
 
 
 def labels(request: messages.JobRequest) -> dict:
-    return {"jobId": request.job_id, "releaseId": request.release_id, "trackId": request.track_id}
+    """The request's ids as log labels (Cloud Logging takes strings only: no artistId=None)."""
+    return {key: value for key, value in messages.request_ids(request).items() if value}
 
 
 def peak_memory_mb(model_cache: "ModelCache") -> dict:

@@ -158,10 +158,6 @@ class LeaseKeeper:
             self._held.update({m.ack_id: m for m in messages})
         self._modify([m.ack_id for m in messages], self.deadline_s)
 
-    def held(self) -> list:
-        with self._lock:
-            return list(self._held.values())
-
     def held_ack_ids(self) -> list:
         with self._lock:
             return list(self._held)

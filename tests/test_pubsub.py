@@ -77,9 +77,9 @@ def test_lease_keeper_holds_a_message_past_its_ack_deadline(
         keeper.hold([received])
         # Another puller, for 15 s: past the original deadline and past one extension.
         assert pull(subscriber, sub.path, 1, timeout_s=15) == []
-        assert keeper.held() == [received]
+        assert keeper.held_ack_ids() == [received.ack_id]
         keeper.ack(received)
-        assert keeper.held() == []
+        assert keeper.held_ack_ids() == []
     finally:
         keeper.stop()
     assert pull(subscriber, sub.path, 1, timeout_s=2) == [], "acked: never delivered again"

@@ -23,7 +23,7 @@ import av
 import numpy as np
 
 from job.audio import signatures
-from job.errors import Interrupted, JobError
+from job.errors import JobError
 from job.pcm import CHANNELS, SAMPLE_RATE
 
 MAX_BAD_PACKETS = 8  # isolated glitches FFmpeg conceals; more means a corrupt file
@@ -239,27 +239,33 @@ class _Sink:
 
 
 def decode_to_file(
-    path: Path, target: Path, max_duration_s: float, progress=None, cancel=None, on_declared=None
+    path: Path, target: Path, max_duration_s: float, on_declared=None
 ) -> DecodedAudio:
     """Decode `path` to `target` as 44.1 kHz stereo float32, streaming, with statistics.
 
-    Mono is duplicated to both channels; more than two channels are down-mixed by
-    FFmpeg's standard matrix. Raises JobError for anything that is not a whole audio file.
-    `on_declared(seconds or None)` hears the declared duration before any decoding.
+    Parameters:
+        path: the original, any container and codec FFmpeg reads.
+        target: the raw float32 file to write (interleaved stereo).
+        max_duration_s: MAX_DURATION_S; a longer original fails `too_long`.
+        on_declared: called with the declared duration (seconds or None) before any decoding.
+
+    Returns the DecodedAudio. Mono is duplicated to both channels; more than two channels are
+    down-mixed by FFmpeg's standard matrix. Raises JobError for anything that is not a whole
+    audio file. Cancelling is the parent's (job.audio.child kills this process).
     """
     path = Path(path)
     container, estimated, misdetected = _open(path)
     try:
         stream = _pick_stream(container)
         check_declared_size(path)
-        codec = stream.codec_context.name
-        channels = stream.codec_context.channels
-        rate = stream.codec_context.sample_rate
-        found = {
+        found = {  # read before close()
+            "source_rate": stream.codec_context.sample_rate,
+            "source_channels": stream.codec_context.channels,
+            "codec": stream.codec_context.name,
             "container": container.format.name,
             "stream_index": stream.index,
             "audio_streams": len(container.streams.audio),
-        }  # read before close()
+        }
         declared = declared_duration(container, stream)
         exact = None if estimated else declared  # a bitrate estimate is no evidence
         if on_declared is not None:
@@ -270,51 +276,16 @@ def decode_to_file(
                 f"the original declares {exact:.0f} s, over the limit of "
                 f"{max_duration_s:.0f} s (MAX_DURATION_S)",
             )
-        bad = 0
-        broke_off = False
         with open(target, "wb") as out:
             sink = _Sink(out, int(max_duration_s * SAMPLE_RATE) + SAMPLE_RATE, max_duration_s)
-            for packet in _packets(container, stream):
-                if cancel is not None and cancel.is_set():
-                    raise Interrupted()
-                if packet is None:
-                    broke_off = True
-                    break
-                try:
-                    frames = packet.decode()
-                except MemoryError:
-                    raise
-                except av.error.FFmpegError as exc:
-                    bad += 1
-                    log.warning("skipping an undecodable packet (%s)", type(exc).__name__)
-                    if bad > MAX_BAD_PACKETS:
-                        if misdetected or not sink.total:
-                            raise (
-                                _not_audio()
-                                if misdetected
-                                else JobError(
-                                    "corrupt_audio",
-                                    "the original is corrupt: FFmpeg cannot decode its audio",
-                                )
-                            ) from None
-                        raise JobError(
-                            "corrupt_audio",
-                            "the original is corrupt: more than "
-                            f"{MAX_BAD_PACKETS} of its packets cannot be decoded",
-                        ) from None
-                    continue
-                for frame in frames:
-                    sink.put(frame)
-                if progress and declared:
-                    progress(min(sink.total / (declared * SAMPLE_RATE), 1.0))
+            broke_off = _decode_packets(container, stream, sink, misdetected)
             sink.flush()
             sink.check_kept()
     except MemoryError:  # FFmpeg's ENOMEM is one too: the child's limit, or the host's
         raise JobError(
             MEMORY_EXCEEDED,
-            "decoding the original needs more memory than the "
-            "decoder may use: the file is damaged or built to "
-            "exhaust a decoder",
+            "decoding the original needs more memory than the decoder may use: the file is "
+            "damaged or built to exhaust a decoder",
         ) from None
     except av.error.FFmpegError:
         raise JobError(
@@ -328,20 +299,47 @@ def decode_to_file(
             "the original holds %d NaN/Inf samples: replaced (NaN by 0, Inf by +-1)",
             sink.non_finite,
         )
+    return _decoded(Path(target), sink, found)
+
+
+def _decode_packets(container, stream, sink: "_Sink", misdetected: bool) -> bool:
+    """Every packet's frames into `sink`, skipping up to MAX_BAD_PACKETS undecodable ones;
+    True when the container broke off before its end."""
+    bad = 0
+    for packet in _packets(container, stream):
+        if packet is None:
+            return True
+        try:
+            frames = packet.decode()
+        except MemoryError:
+            raise
+        except av.error.FFmpegError as exc:
+            bad += 1
+            log.warning("skipping an undecodable packet (%s)", type(exc).__name__)
+            if bad > MAX_BAD_PACKETS:
+                raise _too_many_bad_packets(misdetected, sink.total) from None
+            continue
+        for frame in frames:
+            sink.put(frame)
+    return False
+
+
+def _too_many_bad_packets(misdetected: bool, decoded: int) -> JobError:
+    if misdetected:
+        return _not_audio()
+    if not decoded:
+        return JobError("corrupt_audio", "the original is corrupt: FFmpeg cannot decode its audio")
+    return JobError(
+        "corrupt_audio",
+        f"the original is corrupt: more than {MAX_BAD_PACKETS} of its packets cannot be decoded",
+    )
+
+
+def _decoded(target: Path, sink: "_Sink", found: dict) -> DecodedAudio:
     total = sink.total
     mean = sink.acc / total
     var = max(sink.acc2 - total * mean * mean, 0.0) / max(total - 1, 1)
-    return DecodedAudio(
-        Path(target),
-        total,
-        mean,
-        math.sqrt(var),
-        rate,
-        channels,
-        codec,
-        non_finite=sink.non_finite,
-        **found,
-    )
+    return DecodedAudio(target, total, mean, math.sqrt(var), non_finite=sink.non_finite, **found)
 
 
 def _check_whole(total: int, exact: float | None, broke_off: bool, misdetected: bool):
