@@ -86,13 +86,9 @@ HOW_TO_SEND = (
 )
 
 
-def http_status(error: JobError) -> int:
-    return http_status_for(error)
-
-
 def error_response(error: JobError, retry_after: int | None = None, **ids) -> JSONResponse:
     """The one error shape; 503s say when to come back."""
-    status = http_status(error)
+    status = http_status_for(error)
     headers = {"Retry-After": str(retry_after or DEFAULT_RETRY_AFTER_S)} if status == 503 else None
     body = {"status": "failed", **{k: v for k, v in ids.items() if v}, "error": error.as_dict()}
     return JSONResponse(body, status_code=status, headers=headers)

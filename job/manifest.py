@@ -27,8 +27,12 @@ def sha256_of(path: Path) -> str:
 
 def key(found: dict) -> tuple:
     """What decides whether two sets are interchangeable: the input, the model, the format and
-    the bitrate (settings that change the bytes), which outputs were asked for, and which the
-    set holds (a manifest from before outputs could be chosen holds the six stems)."""
+    the bitrate (what a caller gets), which outputs were asked for, and which the set holds (a
+    manifest from before outputs could be chosen holds the six stems).
+
+    How a set was made is recorded, not compared: MP3_QUALITY (LAME's effort at the same
+    bitrate), SHIFTS and the precision change the bytes a little but leave a set as good an
+    answer as before, so a deployment that tunes them does not separate its catalogue again."""
     return (
         found.get("version"),
         found.get("input"),
@@ -45,8 +49,8 @@ def bitrate(settings) -> str | None:
 
 
 def matches(manifest: dict | None, identity: dict, settings, outputs) -> bool:
-    """Whether `manifest` is a complete set of `outputs` for this exact input and these
-    settings."""
+    """Whether `manifest` is a complete set of `outputs` for this exact input, model, format
+    and bitrate (`key`)."""
     return bool(manifest) and key(manifest) == (
         VERSION,
         identity,
@@ -144,6 +148,8 @@ def build(
         "model": settings.model_name,
         "format": settings.output_format,
         "bitrate": bitrate(settings),
+        "mp3Quality": settings.mp3_quality if settings.output_format == "mp3" else None,
+        "shifts": settings.shifts,
         "input": identity,
         "source": source(request, decoded),
         "durationS": round(decoded.duration_s, 3),

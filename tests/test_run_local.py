@@ -82,3 +82,16 @@ def test_run_from_env_variables_is_idempotent(song, mix, job_env_for, tmp_path):
     second = last_json(run_job(["run"], env).stdout)
     assert second["reused"] is True and second["stems"] == last_json(first.stdout)["stems"]
     assert "separate" not in second["timings"]
+
+
+def test_how_a_set_was_made_is_recorded_and_what_it_is_decides_a_redo(song, job_env_for, tmp_path):
+    """The manifest records MP3_QUALITY and SHIFTS; changing them alone reuses the set,
+    changing the bitrate (what a caller gets) separates again."""
+    env = job_env_for(ORIGINAL_STEM_URI=str(song), RELEASE_ID="rel_4", TRACK_ID="trk_4")
+    assert run_job(["run"], env).returncode == 0
+    manifest = json.loads((tmp_path / "outputs" / "rel_4" / "trk_4" / "manifest.json").read_text())
+    assert (manifest["mp3Quality"], manifest["shifts"], manifest["bitrate"]) == (5, 0, "320k")
+    tuned = last_json(run_job(["run"], env | {"MP3_QUALITY": "2", "SHIFTS": "1"}).stdout)
+    assert tuned["reused"] is True
+    rebitrated = last_json(run_job(["run"], env | {"MP3_BITRATE": "192k"}).stdout)
+    assert rebitrated["reused"] is False and rebitrated["status"] == "completed"
