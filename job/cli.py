@@ -188,7 +188,6 @@ def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
             cancel,
             on_progress=runtime.progress_reporter(settings, request),
             attempt=attempt.earlier,
-            last_attempt=attempt.last,
         )
         return process(request, job, trusted=trusted)
     except ConfigError as exc:

@@ -45,6 +45,11 @@ class Pulled:
 
 
 class Drainer:
+    """One drain process: its clients, its model cache and the track finishing in the
+    background while the next separates. Longer than a unit should be because that state is
+    shared by every step of a batch (pull, fetch ahead, handle, finish, conclude); each
+    method is one step."""
+
     def __init__(self, settings):
         self.settings = settings
         self.cancel = Cancel()

@@ -116,6 +116,8 @@ class FileReceiver:
 
     The file is the part named `file`, or else the one part with a filename; other fields
     are ignored. Anything wrong raises JobError mid-stream, so the upload stops right there.
+    The callbacks are python-multipart's interface, one short method each, over one part's
+    state.
     """
 
     def __init__(self, folder: Path, limit: int):
@@ -331,22 +333,138 @@ def upload_slots(settings: Settings, folder: Path) -> int:
     return slots
 
 
+class Separations:
+    """What the routes do, as plain methods: the settings, storage, model and gate they share
+    (each method one step of a request)."""
+
+    def __init__(self, settings: Settings, model_cache: ModelCache, storage):
+        self.settings, self.model_cache, self.storage = settings, model_cache, storage
+        self.gate = Gate(settings.http_queue, upload_slots(settings, Path(tempfile.gettempdir())))
+        # set on SIGTERM/SIGINT: the running separation stops at its next window (set, not
+        # tripped: uvicorn's handler runs in the main thread, the separation in a worker)
+        self.stopping = Cancel()
+
+    def health(self) -> dict:
+        settings, model_cache = self.settings, self.model_cache
+        return {
+            "status": "ok",
+            "processing_mode": "http",
+            "storage_mode": settings.storage_mode,
+            "device": str(model_cache.device),
+            "model": settings.model_name,
+            "model_loaded": model_cache.loaded,
+            "in_flight": self.gate.in_flight,
+            "queue": settings.http_queue,
+        }
+
+    async def separate(self, release_id: str, track_id: str, request: Request):
+        """POST /separate/RELEASE/TRACK: checked from the path and headers, admitted by the
+        gate, then received and separated; every refusal has the one error shape."""
+        ids = {"release_id": release_id, "track_id": track_id}
+        try:
+            outputs = self.check(release_id, track_id, request)
+        except JobError as error:
+            return error_response(error, **ids)
+        if not self.gate.admit():
+            return error_response(self.busy(), self.gate.retry_after(), **ids)
+        folder = Path(tempfile.mkdtemp(prefix="stem-upload-"))
+        slot = self.gate.disk_slot()
+        try:
+            await slot.acquire()  # room on disk for one more upload, or wait for it
+            result = await self.receive_and_run(release_id, track_id, outputs, request, folder)
+        except ClientDisconnect:
+            log.info(
+                "client disconnected during the upload for %s/%s: nothing written",
+                release_id,
+                track_id,
+                extra={"labels": {"releaseId": release_id, "trackId": track_id}},
+            )
+            return error_response(GONE, **ids)
+        except JobError as error:
+            return error_response(error, self.gate.retry_after(), **ids)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            slot.release()
+            self.gate.leave()
+        if result is None:  # the client left while queued
+            return error_response(GONE, **ids)
+        if result["status"] != "completed":
+            return error_response(messages_error(result), self.gate.retry_after(), **ids)
+        return success_body(result)
+
+    def check(self, release_id: str, track_id: str, request: Request):
+        """The outputs asked for, after what the path, query and headers alone can refuse."""
+        messages.check_id("release_id", release_id)
+        messages.check_id("track_id", track_id)
+        outputs = request.query_params.get("outputs")
+        if outputs is not None:
+            outputs = messages.check_outputs(messages.split_names(outputs))
+        check_request_headers(request, self.settings.max_input_bytes)
+        return outputs
+
+    def busy(self) -> JobError:
+        return JobError(
+            "busy",
+            f"a separation is running and {self.settings.http_queue} more request(s) wait "
+            "(HTTP_QUEUE): retry after the number of seconds in Retry-After",
+            retryable=True,
+        )
+
+    async def receive_and_run(self, release_id, track_id, outputs, request, folder) -> dict | None:
+        """Receive the upload into `folder`, then separate it when its turn comes; None when
+        the client has gone by then."""
+        upload = await receive_upload(request, folder, self.settings.max_input_bytes)
+        job_request = messages.make_request(
+            release_id, track_id, str(upload.path), mime_type=upload.mime, outputs=outputs
+        )
+        identity = {"upload": "http", "size": upload.size, "sha256": upload.digest.hexdigest()}
+        original = Original(str(upload.path), upload.size, identity, upload.path)
+        async with self.gate.lock:
+            if self.stopping.is_set():
+                raise Interrupted("the server is shutting down: send the file again later")
+            if await request.is_disconnected():
+                log.info(
+                    "client left %s/%s while queued: not separating",
+                    release_id,
+                    track_id,
+                    extra={"labels": {"releaseId": release_id, "trackId": track_id}},
+                )
+                return None
+            storage = UploadedOriginal(self.storage, original)
+            job = Job(self.settings, storage, self.model_cache, self.stopping)
+            result = await asyncio.to_thread(process, job_request, job, True)
+            if result["status"] == "completed" and not result.get("reused"):
+                self.gate.last_seconds = result["timings"].get("total")
+        return result
+
+
+async def unknown_route(request, exc: HTTPException):
+    """404/405 in the one error shape, naming the routes there are."""
+    message = (
+        f"{exc.detail}: this server offers POST /separate/{{release_id}}/{{track_id}} "
+        "and GET /health"
+    )
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"status": "failed", "error": {"code": code, "message": message, "retryable": False}},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
 def create_app(settings: Settings, model_cache: ModelCache | None = None, storage=None) -> FastAPI:
     """The FastAPI app; `model_cache` and `storage` default to the ones `run` would build."""
-    storage = storage or runtime.make_storage(settings)
-    model_cache = model_cache or ModelCache(settings)
-    gate = Gate(settings.http_queue, upload_slots(settings, Path(tempfile.gettempdir())))
-    # set on SIGTERM/SIGINT: the running separation stops at its next window (set, not
-    # tripped: uvicorn's handler runs in the main thread, the separation in a worker)
-    stopping = Cancel()
+    service = Separations(
+        settings, model_cache or ModelCache(settings), storage or runtime.make_storage(settings)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(model_cache.engine)  # load the model once, before serving
+        await asyncio.to_thread(service.model_cache.engine)  # the model loads before serving
         log.info(
             "serving %s on %s (storage %s, queue %d)",
             settings.model_name,
-            model_cache.device,
+            service.model_cache.device,
             settings.storage_mode,
             settings.http_queue,
         )
@@ -355,105 +473,16 @@ def create_app(settings: Settings, model_cache: ModelCache | None = None, storag
     app = FastAPI(title="stem-job", lifespan=lifespan)
     if settings.http_token:
         app.add_middleware(Guard, verify=SharedToken(settings.http_token), body=auth_error)
-    app.state.gate = gate
-    app.state.stopping = stopping
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
-        message = (
-            f"{exc.detail}: this server offers POST /separate/{{release_id}}/{{track_id}} "
-            "and GET /health"
-        )
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            {"status": "failed", "error": {"code": code, "message": message, "retryable": False}},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+    app.state.stopping = service.stopping
+    app.add_exception_handler(HTTPException, unknown_route)
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
-            "processing_mode": "http",
-            "storage_mode": settings.storage_mode,
-            "device": str(model_cache.device),
-            "model": settings.model_name,
-            "model_loaded": model_cache.loaded,
-            "in_flight": gate.in_flight,
-            "queue": settings.http_queue,
-        }
+        return service.health()
 
     @app.post("/separate/{release_id}/{track_id}")
     async def separate(release_id: str, track_id: str, request: Request):
-        ids = {"release_id": release_id, "track_id": track_id}
-        try:
-            messages.check_id("release_id", release_id)
-            messages.check_id("track_id", track_id)
-            outputs = request.query_params.get("outputs")
-            if outputs is not None:
-                outputs = messages.check_outputs(messages.split_names(outputs))
-            check_request_headers(request, settings.max_input_bytes)
-        except JobError as error:
-            return error_response(error, **ids)
-        if not gate.admit():
-            return error_response(
-                JobError(
-                    "busy",
-                    f"a separation is running and {settings.http_queue} more request(s) wait "
-                    "(HTTP_QUEUE): retry after the number of seconds in Retry-After",
-                    retryable=True,
-                ),
-                gate.retry_after(),
-                **ids,
-            )
-        labels = {"labels": {"releaseId": release_id, "trackId": track_id}}
-        folder = Path(tempfile.mkdtemp(prefix="stem-upload-"))
-        slot = gate.disk_slot()
-        try:
-            await slot.acquire()  # room on disk for one more upload, or wait for it
-            upload = await receive_upload(request, folder, settings.max_input_bytes)
-            job_request = messages.make_request(
-                release_id, track_id, str(upload.path), mime_type=upload.mime, outputs=outputs
-            )
-            original = Original(
-                str(upload.path),
-                upload.size,
-                {"upload": "http", "size": upload.size, "sha256": upload.digest.hexdigest()},
-                upload.path,
-            )
-            async with gate.lock:
-                if stopping.is_set():
-                    raise Interrupted("the server is shutting down: send the file again later")
-                if await request.is_disconnected():
-                    log.info(
-                        "client left %s/%s while queued: not separating",
-                        release_id,
-                        track_id,
-                        extra=labels,
-                    )
-                    return error_response(GONE, **ids)
-                job = Job(settings, UploadedOriginal(storage, original), model_cache, stopping)
-                result = await asyncio.to_thread(process, job_request, job, True)
-                if result["status"] == "completed" and not result.get("reused"):
-                    gate.last_seconds = result["timings"].get("total")
-        except ClientDisconnect:
-            log.info(
-                "client disconnected during the upload for %s/%s: nothing written",
-                release_id,
-                track_id,
-                extra=labels,
-            )
-            return error_response(GONE, **ids)
-        except JobError as error:
-            return error_response(error, gate.retry_after(), **ids)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-            slot.release()
-            gate.leave()
-        if result["status"] != "completed":
-            return error_response(messages_error(result), gate.retry_after(), **ids)
-        return success_body(result)
+        return await service.separate(release_id, track_id, request)
 
     return app
 

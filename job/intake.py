@@ -36,7 +36,8 @@ class Taken:
 
 class Intake:
     """Locate, skip check, download and decode one track; its scratch folder lives until
-    `close()`."""
+    `close()`. One class because the same steps run in the caller's thread or ahead in a
+    thread of their own, and `wait`/`close` must see either the same way."""
 
     def __init__(
         self,

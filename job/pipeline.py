@@ -41,7 +41,6 @@ class Job:
     cancel: Cancel = field(default_factory=Cancel)
     on_progress: object = None  # callable(fraction) for progress events
     attempt: int | None = None  # earlier tries of this message (0: first); None: unknown
-    last_attempt: bool = False  # Cloud Run's last attempt: no retry follows a failure
 
     def fetch(
         self, request: messages.JobRequest, trusted: bool = False, ahead: bool = False

@@ -49,7 +49,7 @@ def check_credentials() -> None:
 class Dispatcher:
     """Validate, dedupe, start the job, report bad input. Clients may be injected (tests);
     otherwise they are made on first use, so the service starts and answers /health without
-    credentials."""
+    credentials. Each decision is its own short method over those clients."""
 
     def __init__(
         self,
@@ -105,6 +105,8 @@ class Dispatcher:
         return Outcome(200, {"status": "swept", **Sweeper(self, clients).sweep()})
 
     def dispatch(self, delivery: Pushed) -> Outcome:
+        """One push: a bad message is reported and acked; a duplicate starts nothing; a new
+        message claims its marker, starts one execution and records it there."""
         try:
             request = parse_message(delivery.data)
         except JobError as error:
@@ -113,42 +115,15 @@ class Dispatcher:
         key = marker_key(delivery.message_id) if delivery.message_id else None
         generation = None
         if key:
-            try:
-                claim = self.claims.claim(key, request.job_id)
-            except Exception as exc:  # GCS down: we cannot tell a duplicate, so Pub/Sub retries
-                log.warning("dedupe marker unavailable for message %s: %s", key, exc)
-                return Outcome(
-                    503, {"status": "retry", "reason": "dedupe marker unavailable", **ids}
-                )
-            if claim.started is not None:
-                return Outcome(
-                    200,
-                    {
-                        "status": "duplicate",
-                        "messageId": delivery.message_id,
-                        "jobId": claim.started.get("jobId"),
-                        "execution": claim.started.get("execution"),
-                    },
-                )
-            if claim.generation is None:
-                return Outcome(409, {"status": "in_progress", "messageId": delivery.message_id})
-            generation = claim.generation
+            generation = self._claim(key, request, delivery, ids)
+            if isinstance(generation, Outcome):
+                return generation
         try:
             execution = start_execution(self.jobs, self.settings, request)
         except Exception as exc:
             if key:
                 self.claims.release(key, generation)
-            retry = is_transient(exc)
-            log.error(
-                "run_job for %s failed (%s): %s",
-                request.job_id,
-                "transient" if retry else "not transient",
-                exc,
-            )
-            return Outcome(
-                503 if retry else 500,
-                {"status": "retry", "reason": f"Cloud Run API: {exc}"[:500], **ids},
-            )
+            return self._not_started(request, exc, ids)
         if key:
             self.claims.record(key, generation, request.job_id, execution, to_message(request))
         log.info(
@@ -159,6 +134,41 @@ class Dispatcher:
             delivery.transport,
         )
         return Outcome(200, {"status": "started", "execution": execution, **ids})
+
+    def _claim(self, key: str, request, delivery: Pushed, ids: dict):
+        """The marker's generation, now this delivery's; or the Outcome when it is not."""
+        try:
+            claim = self.claims.claim(key, request.job_id)
+        except Exception as exc:  # GCS down: we cannot tell a duplicate, so Pub/Sub retries
+            log.warning("dedupe marker unavailable for message %s: %s", key, exc)
+            return Outcome(503, {"status": "retry", "reason": "dedupe marker unavailable", **ids})
+        if claim.started is not None:
+            return Outcome(
+                200,
+                {
+                    "status": "duplicate",
+                    "messageId": delivery.message_id,
+                    "jobId": claim.started.get("jobId"),
+                    "execution": claim.started.get("execution"),
+                },
+            )
+        if claim.generation is None:
+            return Outcome(409, {"status": "in_progress", "messageId": delivery.message_id})
+        return claim.generation
+
+    def _not_started(self, request, exc: Exception, ids: dict) -> Outcome:
+        """run_job failed: Pub/Sub redelivers (503 when a retry may help, else 500)."""
+        retry = is_transient(exc)
+        log.error(
+            "run_job for %s failed (%s): %s",
+            request.job_id,
+            "transient" if retry else "not transient",
+            exc,
+        )
+        return Outcome(
+            503 if retry else 500,
+            {"status": "retry", "reason": f"Cloud Run API: {exc}"[:500], **ids},
+        )
 
     def _refuse(self, delivery: Pushed, error: JobError) -> Outcome:
         """A bad message is reported `failed` and acknowledged; if the report cannot be

@@ -65,7 +65,9 @@ def ended_unreported(clients: SweepClients, name: str) -> bool | None:
 
 
 class Sweeper:
-    """One sweep over the markers of `dispatcher` (a service.Dispatcher)."""
+    """One sweep over the markers of `dispatcher` (a service.Dispatcher): per marker, the
+    execution's state, then the result it still owes. Short methods over one sweep's clients
+    and counts."""
 
     def __init__(self, dispatcher, clients: SweepClients):
         self.dispatcher = dispatcher

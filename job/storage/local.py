@@ -14,7 +14,8 @@ from job.storage.base import MANIFEST, Original, atomic_write, check_size
 
 
 class LocalStorage:
-    """Originals from local paths; stems under OUTPUT_DIR/RELEASE/TRACK/."""
+    """Originals from local paths; stems under OUTPUT_DIR/RELEASE/TRACK/. The Storage
+    protocol's methods, each short; the path checks they share keep them in one class."""
 
     def __init__(
         self,
