@@ -101,11 +101,15 @@ def emit_result(result: dict) -> None:
 
 @cli.command()
 @click.option("--input", "input_", help="Local path (or gs:// URI in gcs mode) of the original.")
-@click.option("--release-id")
-@click.option("--track-id")
-@click.option("--artist-id")
-@click.option("--job-id")
-@click.option("--mime-type")
+@click.option(
+    "--release-id", help="The release (output folder's first level); with --input, --track-id."
+)
+@click.option(
+    "--track-id", help="The track (output folder's second level); with --input, --release-id."
+)
+@click.option("--artist-id", help="Echoed in the result (env: ARTIST_ID).")
+@click.option("--job-id", help="The result's jobId (default sep_RELEASE_TRACK; env: JOB_ID).")
+@click.option("--mime-type", help="What the caller says the original is (env: MIME_TYPE).")
 @click.option("--message", help="A stem-separate message (JSON or base64 JSON).")
 @click.option("--output-dir", callback=checked("OUTPUT_DIR"), help="Overrides OUTPUT_DIR.")
 @click.option("--model-dir", callback=checked("MODEL_DIR"), help="Overrides MODEL_DIR.")
@@ -135,7 +139,12 @@ def run(
     output_format=None,
     outputs=None,
 ):
-    """Separate one track; print the result JSON as the last line of stdout."""
+    """Separate one track; print the result JSON as the last line of stdout.
+
+    The track comes from --message or JOB_MESSAGE, else from --input/--release-id/--track-id
+    or their env variables. Exit 0 completed (or reused), 65 bad input, 75 retry may help
+    (and interrupted), 78 configuration; see the README's exit codes.
+    """
     raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
     try:
         settings = load_settings(
@@ -241,7 +250,12 @@ def finish_run(settings, result: dict, attempt: runtime.Attempt | None = None):
     "--idle-timeout", callback=checked("IDLE_TIMEOUT_S"), help="Overrides IDLE_TIMEOUT_S (seconds)."
 )
 def drain(max_messages=None, idle_timeout=None):
-    """Pull up to --max-messages from PUBSUB_SUBSCRIPTION and process them, then exit."""
+    """Pull up to --max-messages from PUBSUB_SUBSCRIPTION and process them, then exit.
+
+    Each message is acked once its result is published (a bad one too, as `failed`); an
+    unfinished one is nacked for the next worker. Exits 0 when the batch is done or the
+    subscription stays empty for --idle-timeout; 75 when Pub/Sub is unreachable.
+    """
     settings = settings_or_exit(max_messages=max_messages, idle_timeout_s=idle_timeout)
     setup_logging(settings.log_format)
     from job.drain import drain as run_drain  # imports the Pub/Sub client: not for `run`

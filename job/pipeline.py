@@ -62,9 +62,19 @@ def process(
 ) -> dict:
     """Separate one track; the stem-results dict, completed or failed.
 
-    `fetch` is a Intake started earlier (drain fetches the next track while this one
-    separates); without it the track is fetched here. timings["total"] is this call's wall
-    time: a fetch done ahead, in the shadow of the previous track, shows only in its stages.
+    Parameters:
+        request: the validated message (messages.parse_message or make_request).
+        job: settings, storage, model cache, the cancel flag and the attempt count.
+        trusted: the original came from our own caller (a CLI path, an HTTP upload), not a
+            message: local paths outside INPUT_DIR are allowed.
+        fetch: an Intake started earlier (drain fetches the next track while this one
+            separates); without it the track is fetched here.
+
+    Returns the result message (DESIGN.md's stem-results schema): `completed` with the stems'
+    URLs, timings and figures (`reused` when a complete set was found), or `failed` with the
+    error's code, message and `retryable`. Raises only what is not the track's fault (a
+    configuration error). timings["total"] is this call's wall time: a fetch done ahead, in
+    the shadow of the previous track, shows only in its stages.
     """
     return start(request, job, trusted, fetch).result()
 

@@ -51,13 +51,19 @@ class Storage(Protocol):
     """What the pipeline asks of a backend."""
 
     def describe_original(self, uri: str, trusted: bool = False) -> Original:
-        """Validate the URI, size and identity of an original, without downloading it."""
+        """Validate the URI, size and identity of an original, without downloading it.
+
+        `trusted`: the URI came from the operator (a flag), not a message, so it may lie
+        outside INPUT_DIR / ALLOWED_INPUT_BUCKETS. Raises JobError (input_not_found,
+        input_too_large, invalid_uri, permission_denied, ...)."""
 
     def fetch_original(self, original: Original, folder: Path) -> Path:
-        """A local file holding the original, to decode."""
+        """A local file holding the original, downloaded into `folder` (the track's scratch
+        folder) when it is not local already; JobError when it changed since described."""
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
-        """The track's manifest when its set is complete, else None."""
+        """The track's manifest when its set is complete (every file it names present and
+        unchanged), else None."""
 
     def commit(self, release_id: str, track_id: str) -> contextlib.AbstractContextManager:
         """A `Commit` (entered: the old set is no longer vouched for) to write the next set."""
