@@ -1,7 +1,7 @@
 """Gapless CBR MP3 files from LAME (lameenc), with the Xing/LAME "Info" frame.
 
-lameenc is LAME itself, 3x faster here than FFmpeg's wrapped libmp3lame, but it emits bare
-frames: without an Info frame decoders keep LAME's 1105-sample delay and the end padding,
+lameenc is LAME itself, faster than FFmpeg's wrapped libmp3lame (docs/benchmarks.md), but it
+emits bare frames: without an Info frame decoders keep LAME's 1105-sample delay and the end padding,
 so stems would be late against the original. We reserve the first frame and fill it at
 close with the frame count and the encoder delay/padding (LAME tag), which FFmpeg,
 browsers and players use to trim to the exact input length.
