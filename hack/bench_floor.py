@@ -276,7 +276,7 @@ def batch(
     ]
     env = code_env(base_env, job_root) | {"MODEL_DIR": str(model_dir)}
     # as an image build does: the model checked, and a bf16 CPU's fp32 check recorded, so that
-    # neither the run alone nor the drain pays for that check (job/precision.py)
+    # neither the run alone nor the drain pays for that check (job/separation/precision.py)
     run_process([sys.executable, "-m", "job", "prefetch-model"], env)
     # alone: one track, process start to exit, from a local file
     wall_alone, first_alone, _, out = measured_run(

@@ -1,5 +1,5 @@
 """Writing a track's set on the GCS stand-in while other writers write the same track: each
-interleaving that the fencing in job/gcs_commit.py must survive, step by step."""
+interleaving that the fencing in job/storage/commit.py must survive, step by step."""
 
 import pytest
 
