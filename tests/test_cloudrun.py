@@ -1,10 +1,12 @@
 """cloudrun/: the job and dispatcher YAML, setup.sh, and the dispatcher service over real HTTP.
 
-The YAML goes through `gcloud run jobs replace` / `gcloud run services replace` themselves,
-sent (by gcloud's proxy and endpoint-override properties) to a local stand-in for the Cloud Run
-Admin API: gcloud parses it as for a deploy (unknown fields refused) and the tests read what it
-would send. Every gcloud command in setup.sh and docs/deployment.md is checked against gcloud's
-command tree. The dispatcher runs under uvicorn
+setup.sh runs for real, with a gcloud on PATH that records each call as bash expanded it (and
+the files it names) and answers as an empty project: every call is checked against gcloud's
+command tree, and the YAML it deploys goes through `gcloud run jobs replace` / `gcloud run
+services replace` themselves, sent (by gcloud's proxy and endpoint-override properties) to a
+local stand-in for the Cloud Run Admin API: gcloud parses it as for a deploy (unknown fields
+refused) and the tests read what it would send. docs/deployment.md's commands, which only a
+person runs, are checked as text against the same tree. The dispatcher runs under uvicorn
 on a loopback port and talks to the real google-cloud-run client, pointed at a small local HTTP
 server that records the run_job request and answers as the Cloud Run API would; refused messages
 are published with the real Pub/Sub client to Google's emulator; dedupe markers are exercised
@@ -23,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ from job.dispatcher.settings import ENV as DISPATCHER_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 from cloudrun_stand_in import JsonServer  # noqa: E402
+from test_k8s_manifests import HEADROOM, TRACK_PEAK_BYTES, quantity, scratch_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDRUN = REPO / "cloudrun"
@@ -189,15 +193,89 @@ def check_gcloud_command(tokens: list) -> list:
     return problems
 
 
-def filled(text: str) -> str:
-    """What setup.sh's sed makes of a file: whole-word placeholders replaced."""
-    for placeholder, value in EXAMPLE.items():
-        text = re.sub(rf"\b{placeholder}\b", value, text)
+# -- setup.sh, run against a gcloud that records ------------------------------------------------
+FAKE_GCLOUD = """#!{python}
+# What setup.sh calls as gcloud in these tests: records each call (its argv, and a copy of every
+# file it names) and answers as a project where nothing exists yet (or, with FAKE_GCLOUD_EXISTS,
+# where everything does).
+import json, os, shutil, sys
+from pathlib import Path
+
+argv, keep = sys.argv[1:], Path(os.environ["FAKE_GCLOUD_FILES"])
+files = {{}}
+for word in argv:
+    path = word.split("=", 1)[-1]
+    if os.path.isfile(path):
+        files[path] = str(keep / f"{{len(list(keep.iterdir()))}}-{{Path(path).name}}")
+        shutil.copy(path, files[path])
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+    log.write(json.dumps({{"argv": argv, "files": files}}) + "\\n")
+fmt = next((w.split("=", 1)[1] for w in argv if w.startswith("--format=")), None)
+answers = {{
+    "value(projectNumber)": "123456789012",
+    "value(status.url)": "https://stem-dispatcher-abc123-uc.a.run.app",
+    "value(transport.pubsub.subscription)": "projects/my-project/subscriptions/eventarc-sub",
+}}
+if "describe" in argv:
+    if fmt:
+        print(answers[fmt])
+    sys.exit(0 if fmt or os.environ.get("FAKE_GCLOUD_EXISTS") else 1)
+"""
+
+
+@functools.cache
+def setup_sh(trigger: str = "push", exists: bool = False) -> tuple:
+    """The gcloud calls `cloudrun/setup.sh` makes for the EXAMPLE values, as bash expands them:
+    ({"argv": [...], "files": {path named: its text at the call}}, ...)."""
+    folder = Path(tempfile.mkdtemp(prefix="stem-setup-sh."))
+    try:
+        (folder / "bin").mkdir()
+        (folder / "files").mkdir()
+        gcloud = folder / "bin" / "gcloud"
+        gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable))
+        gcloud.chmod(0o755)
+        env = {
+            "PATH": f"{folder / 'bin'}:/usr/bin:/bin",
+            "HOME": str(folder),
+            "TMPDIR": str(folder),
+            "FAKE_GCLOUD_LOG": str(folder / "calls.jsonl"),
+            "FAKE_GCLOUD_FILES": str(folder / "files"),
+            "TRIGGER": trigger,
+            **EXAMPLE,
+            **({"FAKE_GCLOUD_EXISTS": "1"} if exists else {}),
+        }
+        done = subprocess.run(
+            ["bash", str(CLOUDRUN / "setup.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        found = [json.loads(line) for line in (folder / "calls.jsonl").read_text().splitlines()]
+        for call in found:
+            call["files"] = {k: Path(v).read_text() for k, v in call["files"].items()}
+        return tuple(found)
+    finally:
+        shutil.rmtree(folder)
+
+
+def calls(trigger="push", *prefix, exists=False) -> list:
+    """setup.sh's gcloud calls whose argv starts with `prefix`."""
+    n = len(prefix)
+    return [c for c in setup_sh(trigger, exists) if c["argv"][:n] == list(prefix)]
+
+
+def deployed(kind: str, trigger: str = "push") -> str:
+    """The YAML setup.sh hands to `gcloud run {kind} replace` (placeholders filled in)."""
+    [call] = calls(trigger, "run", kind, "replace")
+    [text] = call["files"].values()
     return text
 
 
-def load_yaml(name: str) -> dict:
-    return yaml.safe_load(filled((CLOUDRUN / name).read_text()))
+def flag(call: dict, name: str) -> str:
+    [value] = [w.split("=", 1)[1] for w in call["argv"] if w.startswith(f"--{name}=")]
+    return value
 
 
 def env_of(container: dict) -> dict:
@@ -206,14 +284,17 @@ def env_of(container: dict) -> dict:
 
 # -- job.yaml, dispatcher.yaml, setup.sh -----------------------------------------------------------
 def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
-    job = gcloud_creates(run_admin, "jobs", filled((CLOUDRUN / "job.yaml").read_text()), tmp_path)
-    bogus = load_yaml("job.yaml")
+    """The job as setup.sh deploys it, through the real `gcloud run jobs replace`."""
+    text = deployed("jobs")
+    job = gcloud_creates(run_admin, "jobs", text, tmp_path)
+    bogus = yaml.safe_load(text)
     bogus["spec"]["template"]["spec"]["bogus"] = 1
     assert "Job.spec.template.spec.bogus" in gcloud_refuses(
         run_admin, "jobs", yaml.safe_dump(bogus), tmp_path
     )
     assert job["apiVersion"] == "run.googleapis.com/v1" and job["kind"] == "Job"
     assert job["metadata"]["name"] == "stem-job"
+    assert job["metadata"]["labels"]["cloud.googleapis.com/location"] == EXAMPLE["REGION"]
     execution = job["spec"]["template"]["spec"]
     assert execution["taskCount"] == 1
     task = execution["template"]["spec"]
@@ -228,7 +309,8 @@ def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
     assert limits["nvidia.com/gpu"] == "1"
     assert float(limits["cpu"]) >= 4
     assert int(re.match(r"(\d+)Gi$", limits["memory"]).group(1)) >= 16
-    assert container["image"].endswith(":gpu")
+    # the image setup.sh expects to be pushed (docs/deployment.md, "Build and push the images")
+    assert container["image"] == "us-central1-docker.pkg.dev/my-project/stem/stem-job:gpu"
     env = env_of(container)
     assert set(env) <= set(ENV)
     settings = load_settings(env)
@@ -242,21 +324,33 @@ def test_job_yaml_is_a_gpu_cloud_run_job_gcloud_accepts(run_admin, tmp_path):
     assert settings.max_retries == task["maxRetries"], "MAX_RETRIES must equal maxRetries"
 
 
+def test_the_cloud_run_job_holds_a_tracks_peak_and_its_scratch_in_memory():
+    """Cloud Run's filesystem is in memory: the job's limit holds a track's measured peak RSS
+    (the pods' figure, tests/test_k8s_manifests.py) and the scratch files of the longest track
+    its settings admit."""
+    task = yaml.safe_load(deployed("jobs"))["spec"]["template"]["spec"]["template"]["spec"]
+    [main] = task["containers"]
+    settings = load_settings(env_of(main))
+    memory = quantity(main["resources"]["limits"]["memory"])
+    assert memory >= HEADROOM * TRACK_PEAK_BYTES + scratch_bytes(settings)
+
+
 def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
-    service = gcloud_creates(
-        run_admin, "services", filled((CLOUDRUN / "dispatcher.yaml").read_text()), tmp_path
-    )
-    wrong = load_yaml("dispatcher.yaml")
+    """The dispatcher as setup.sh deploys it: it starts the job setup.sh deploys, in its region
+    (setup.sh's substitution left CLOUD_RUN_REGION, an env name, alone)."""
+    text = deployed("services")
+    service = gcloud_creates(run_admin, "services", text, tmp_path)
+    wrong = yaml.safe_load(text)
     wrong["spec"]["template"]["spec"]["containerConcurrency"] = "many"
     assert "containerConcurrency" in gcloud_refuses(
         run_admin, "services", yaml.safe_dump(wrong), tmp_path
     )
-    job = load_yaml("job.yaml")
+    job = yaml.safe_load(deployed("jobs"))
     assert service["metadata"]["annotations"]["run.googleapis.com/ingress"] == "internal"
     spec = service["spec"]["template"]["spec"]
     [container] = spec["containers"]
     assert container["args"] == ["dispatch"]
-    assert container["image"].endswith(":cpu")
+    assert container["image"] == "us-central1-docker.pkg.dev/my-project/stem/stem-job:cpu"
     env = env_of(container)
     assert set(env) <= set(ENV) | set(DISPATCHER_ENV)
     settings = load_dispatcher_settings(env)
@@ -269,87 +363,153 @@ def test_dispatcher_yaml_targets_the_job(run_admin, tmp_path):
     assert settings.stems_bucket == "my-stems", "the sweep reads manifests in the stems bucket"
     # The request timeout covers the dispatcher's Cloud Run API budget.
     assert spec["timeoutSeconds"] > settings.api_deadline_s
+    # ... and so does the ack deadline of whatever pushes to it (push or Eventarc).
+    for trigger in ("push", "eventarc"):
+        [subscription] = [
+            c for c in setup_sh(trigger) if any(w.startswith("--ack-deadline=") for w in c["argv"])
+        ]
+        assert int(flag(subscription, "ack-deadline")) > settings.api_deadline_s
 
 
-def test_setup_sh_substitutes_whole_words_only():
-    script = (CLOUDRUN / "setup.sh").read_text()
-    expressions = re.findall(r'-e "(s/\\bPROJECT_ID\\b[^"]*|s/\\b\w+\\b/[^"]*)"', script)
-    assert len(expressions) == 3
-    values = {"PROJECT_ID": "my-project", "REGION": "us-central1", "BUCKET_NAME": "my-stems"}
-    args = []
-    for expression in expressions:
-        args += ["-e", re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], expression)]
-    for name in ("job.yaml", "dispatcher.yaml"):
-        out = subprocess.run(
-            ["sed", *args, str(CLOUDRUN / name)], capture_output=True, text=True, check=True
-        ).stdout
-        assert yaml.safe_load(out) == load_yaml(name)
-        assert "CLOUD_RUN_REGION" in out or name == "job.yaml"
-
-
-def test_setup_sh_is_valid_bash_with_known_gcloud_commands():
-    script = (CLOUDRUN / "setup.sh").read_text()
-    subprocess.run(["bash", "-n", str(CLOUDRUN / "setup.sh")], check=True)
-    commands = gcloud_invocations(script)
+@pytest.mark.parametrize("trigger", ["push", "eventarc"])
+def test_setup_sh_calls_only_real_gcloud_commands(trigger):
+    """Every gcloud call setup.sh makes, as bash expanded it, is a command of gcloud's own
+    command tree with flags it knows."""
+    commands = [c["argv"] for c in setup_sh(trigger)]
+    problems = [p for command in commands for p in check_gcloud_command(command)]
+    assert not problems, "\n".join(problems)
     verbs = {" ".join(c[:3]) for c in commands}
     for needed in (
         "pubsub topics create",
-        "pubsub subscriptions create",
         "run jobs replace",
         "run services replace",
-        "eventarc triggers create",
         "run jobs add-iam-policy-binding",
         "run services add-iam-policy-binding",
+        "scheduler jobs create",
     ):
         assert needed in verbs, needed
-    problems = [p for command in commands for p in check_gcloud_command(command)]
-    assert not problems, "\n".join(problems)
-    push = next(
+    trigger_command = (
+        "pubsub subscriptions create" if trigger == "push" else "eventarc triggers create"
+    )
+    assert trigger_command in verbs
+
+
+@pytest.mark.parametrize("trigger", ["push", "eventarc"])
+def test_setup_sh_gives_the_trigger_retries_and_a_dead_letter_topic_it_creates(trigger):
+    """The subscription feeding the dispatcher backs off, dead-letters after 5 deliveries to a
+    topic setup.sh creates, which a subscription holds; Pub/Sub's agent may publish there."""
+    [subscription] = [
+        c for c in setup_sh(trigger) if any(w.startswith("--dead-letter-topic=") for w in c["argv"])
+    ]
+    dead = flag(subscription, "dead-letter-topic")
+    assert flag(subscription, "max-delivery-attempts") == "5"
+    assert (flag(subscription, "min-retry-delay"), flag(subscription, "max-retry-delay")) == (
+        "10s",
+        "600s",
+    )
+    if trigger == "push":
+        assert flag(subscription, "push-endpoint").endswith("/pubsub")
+        assert flag(subscription, "push-auth-service-account").startswith("stem-push@")
+    created = {c["argv"][3] for c in calls(trigger, "pubsub", "topics", "create")}
+    assert {"stem-separate", "stem-results", dead} <= created
+    holds = [
         c
-        for c in commands
-        if c[:3] == ["pubsub", "subscriptions", "create"]
-        and any(w.startswith("--push-endpoint") for w in c)
-    )
-    for flag in (
-        "--push-auth-service-account",
-        "--dead-letter-topic",
-        "--max-delivery-attempts",
-        "--min-retry-delay",
-        "--max-retry-delay",
-        "--ack-deadline",
-    ):
-        assert any(w.startswith(flag) for w in push), flag
-    assert "--role=roles/run.jobsExecutorWithOverrides" in script
+        for c in calls(trigger, "pubsub", "subscriptions", "create")
+        if f"--topic={dead}" in c["argv"]
+    ]
+    assert holds, "no subscription holds the dead letters (they would be dropped)"
+    [grant] = [
+        c
+        for c in calls(trigger, "pubsub", "topics", "add-iam-policy-binding")
+        if c["argv"][3] == dead
+    ]
+    assert "--role=roles/pubsub.publisher" in grant["argv"]
+    assert flag(grant, "member").endswith("@gcp-sa-pubsub.iam.gserviceaccount.com")
 
 
-def test_setup_sh_prefix_conditions_are_valid_iam_conditions():
-    """The conditional bucket roles: objects under the prefix and listings of it, nothing else."""
-    script = (CLOUDRUN / "setup.sh").read_text()
-    function = re.search(r"^prefix_condition\(\) \{.*?^\}$", script, re.S | re.M).group(0)
-    out = subprocess.run(
-        ["bash", "-c", f'{function}\ncat "$(prefix_condition stems/ t)"'],
-        env={"BUCKET_NAME": "my-stems", "PATH": os.environ["PATH"]},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    condition = json.loads(out)
-    assert condition["title"] == "t"
-    assert condition["expression"] == (
-        'resource.name.startsWith("projects/_/buckets/my-stems/objects/stems/") || '
-        'api.getAttribute("storage.googleapis.com/objectListPrefix", "").startsWith("stems/")'
+def test_setup_sh_creates_nothing_that_exists():
+    """Re-running setup.sh is safe: where everything exists it creates nothing, it replaces the
+    job and the dispatcher and (re)grants roles."""
+    created = [c["argv"] for c in setup_sh("push", exists=True) if "create" in c["argv"][:4]]
+    assert created == []
+    assert calls("push", "run", "jobs", "replace", exists=True)
+
+
+def test_setup_sh_bucket_roles_are_limited_to_their_prefix():
+    """The bucket roles setup.sh grants, with the condition files it passes: the job reads the
+    originals (INPUT_BUCKET, by default the stems bucket); every other role is limited to objects
+    under its prefix and listings of it. The new bucket's lifecycle rule deletes dispatcher
+    markers only."""
+    conditions, plain = {}, set()
+    for call in calls("push", "storage", "buckets", "add-iam-policy-binding"):
+        assert call["argv"][3] == "gs://my-stems"
+        key = flag(call, "member"), flag(call, "role")
+        named = [w.split("=", 1)[1] for w in call["argv"] if w.startswith("--condition-from-file=")]
+        if not named:
+            plain.add(key)
+            continue
+        conditions[key] = json.loads(call["files"][named[0]])
+    job, dispatcher = (
+        f"serviceAccount:stem-{n}@my-project.iam.gserviceaccount.com" for n in ("job", "dispatcher")
     )
-    assert '--condition-from-file="$(prefix_condition stems/' in script
-    assert '--condition-from-file="$(prefix_condition dispatch/' in script
+    expected = {
+        (job, "roles/storage.objectUser"): "stems/",
+        (dispatcher, "roles/storage.objectUser"): "dispatch/",
+        (dispatcher, "roles/storage.objectViewer"): "stems/",
+    }
+    assert set(conditions) == set(expected)
+    assert plain == {(job, "roles/storage.objectViewer")}, "only the originals, unconditionally"
+    for key, prefix in expected.items():
+        assert conditions[key]["expression"] == (
+            f'resource.name.startsWith("projects/_/buckets/my-stems/objects/{prefix}") || '
+            'api.getAttribute("storage.googleapis.com/objectListPrefix", "")'
+            f'.startsWith("{prefix}")'
+        )
+    [create] = calls("push", "storage", "buckets", "create")
+    assert "--uniform-bucket-level-access" in create["argv"]
+    rules = json.loads(create["files"][flag(create, "lifecycle-file")])
+    assert rules == {
+        "rule": [
+            {"action": {"type": "Delete"}, "condition": {"age": 8, "matchesPrefix": ["dispatch/"]}}
+        ]
+    }
+
+
+def docs_commands() -> list:
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    return gcloud_invocations("\n".join(re.findall(r"```bash\n(.*?)```", docs, re.S)))
 
 
 def test_docs_gcloud_commands_exist():
-    docs = (REPO / "docs" / "deployment.md").read_text()
-    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", docs, re.S))
-    commands = gcloud_invocations(blocks)
+    """docs/deployment.md's commands are for a person to run, so only their text can be read
+    here: each is a command of gcloud's own tree, with flags it knows."""
+    commands = docs_commands()
     assert len(commands) > 20
     problems = [p for command in commands for p in check_gcloud_command(command)]
     assert not problems, "\n".join(problems)
+
+
+def test_docs_work_subscription_matches_the_lease_and_setup_sh():
+    """The GKE path's subscription in the docs: its ack deadline is the lease the job keeps
+    extending (job/drain.py; the docs' "a SIGKILLed job's messages come back after 60 s"), and
+    it dead-letters to a topic the docs create, the one setup.sh creates for Cloud Run."""
+    from job.drain import LEASE_S
+
+    commands = docs_commands()
+    [work] = [
+        c
+        for c in commands
+        if c[:4] == ["pubsub", "subscriptions", "create", "stem-separate-worker"]
+    ]
+    options = dict(w[2:].split("=", 1) for w in work if w.startswith("--") and "=" in w)
+    assert int(options["ack-deadline"]) == LEASE_S
+    created = {c[3] for c in commands if c[:3] == ["pubsub", "topics", "create"]}
+    [setup_dead] = {
+        flag(c, "dead-letter-topic")
+        for c in setup_sh("push")
+        if any(w.startswith("--dead-letter-topic=") for w in c["argv"])
+    }
+    assert options["dead-letter-topic"] in created and options["dead-letter-topic"] == setup_dead
 
 
 EXECUTION_TYPE = "type.googleapis.com/google.cloud.run.v2.Execution"

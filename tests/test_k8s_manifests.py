@@ -5,7 +5,11 @@ renders with `kubectl kustomize`; every core object validates strictly against t
 OpenAPI schemas (kubernetes-validate), the ScaledJob's Job template included; every KEDA object
 validates against KEDA's own CRD schemas (../shared/reference/keda-crds, unknown fields refused);
 and the values the job's contract depends on (exit codes, command, identity, env) are checked
-against the code that defines them.
+against the code that defines them. What an operator deploys is rendered too, as the docs have
+them do it (a copy of overlays/example, their values in it, the components after them): its
+ConfigMap goes through the job's own settings parser and every Google resource it names is
+checked against Google's naming rules. hack/image-test runs the image with the rendered pod's
+settings (securityContext, scratch volume, memory limit, ConfigMap, args).
 """
 
 import functools
@@ -13,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -39,7 +44,6 @@ KUSTOMIZATIONS = sorted(
 COMPONENTS = sorted(path.parent for path in (K8S / "components").glob("*/kustomization.yaml"))
 EXAMPLE = K8S / "overlays" / "example"  # what an operator copies and fills in
 GPU_VARIANTS = {"base", "spot", "gcp-pubsub", "example"}
-PLACEHOLDERS = {"PROJECT_ID", "REGION", "BUCKET_NAME"}
 
 
 def render(directory: Path) -> list:
@@ -55,23 +59,6 @@ def render(directory: Path) -> list:
 @functools.cache
 def rendered(directory: Path) -> tuple:
     return tuple(render(directory))
-
-
-# What an operator puts in for the placeholders (docs/deployment.md).
-EXAMPLE_VALUES = {
-    "PROJECT_ID": "my-project",
-    "REGION": "us-central1",
-    "BUCKET_NAME": "my-stems-bucket",
-}
-
-
-def filled_in(data: dict) -> dict:
-    def fill(value):
-        for placeholder, example in EXAMPLE_VALUES.items():
-            value = value.replace(placeholder, example)
-        return value
-
-    return {key: fill(value) for key, value in data.items()}
 
 
 def name_of(directory: Path) -> str:
@@ -101,20 +88,105 @@ def scratch_bytes(settings) -> float:
     return settings.max_input_bytes + mix + seconds * len(messages.STEMS) * per_stem
 
 
-def placeholders_in(objects) -> set:
-    text = yaml.safe_dump_all(objects)
-    return set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]*\b|\bREGION\b", text)) - set(ENV)
-
-
-def copy_of_example(tmp_path, components) -> Path:
+def copy_of_example(folder: Path, components) -> Path:
     """The operator's copy of overlays/example (docs/deployment.md), with components enabled."""
-    copy = tmp_path / "mine"
+    copy = folder / "mine"
     shutil.copytree(EXAMPLE, copy)
     kustomization = yaml.safe_load((copy / "kustomization.yaml").read_text())
     kustomization["resources"] = [os.path.relpath(K8S / "base", copy)]
     kustomization["components"] = components(copy)
     (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return copy
+
+
+# The components each tracked variant stands for; "all" is every component at once.
+VARIANT_COMPONENTS = {
+    "base": [],
+    "example": [],
+    "spot": ["spot"],
+    "gcp-pubsub": ["gcp-pubsub"],
+    "cpu": ["cpu"],
+    "all": [c.name for c in COMPONENTS],
+}
+
+
+@functools.cache
+def deployed(variant: str) -> tuple:
+    """What an operator deploys for a variant, the way docs/deployment.md has them do it: a copy
+    of overlays/example with its `values` (filled in there), the variant's components after
+    them, rendered."""
+    folder = Path(tempfile.mkdtemp(prefix="stem-k8s-"))
+    try:
+        copy = copy_of_example(
+            folder,
+            lambda copy: (
+                ["values"]
+                + [
+                    os.path.relpath(K8S / "components" / c, copy)
+                    for c in VARIANT_COMPONENTS[variant]
+                ]
+            ),
+        )
+        return tuple(render(copy))
+    finally:
+        shutil.rmtree(folder)
+
+
+def settings_of(directory: Path):
+    """The job's settings for a tracked variant as an operator deploys it."""
+    return load_settings(one(deployed(name_of(directory)), "ConfigMap")["data"])
+
+
+# Google's naming rules for what the manifests name (cloud.google.com: projects, service
+# accounts, Artifact Registry repositories, regions).
+PROJECT_RULE = r"[a-z][a-z0-9-]{4,28}[a-z0-9]"
+ACCOUNT_RULE = r"[a-z][a-z0-9-]{4,28}[a-z0-9]"
+REGION_RULE = r"[a-z]+-[a-z]+[0-9]+"
+REPOSITORY_RULE = r"[a-z]([a-z0-9-]*[a-z0-9])?"
+
+
+def google_name_problems(objects) -> list:
+    """[(where, problem)] for every string in `objects` that names a Google resource (a service
+    account, an Artifact Registry image, a projects/ path) and breaks Google's rules or names
+    another project than the ConfigMap's GCP_PROJECT_ID, which must be a valid project ID."""
+    project = one(objects, "ConfigMap")["data"]["GCP_PROJECT_ID"]
+    problems, named = [], []
+
+    def check(where, text):
+        for account, owner in re.findall(r"([\w.-]+)@([\w.-]+)\.iam\.gserviceaccount\.com", text):
+            named.append(where)
+            if not re.fullmatch(ACCOUNT_RULE, account) or owner != project:
+                problems.append((where, f"service account {account}@{owner}"))
+        for region, owner, repository in re.findall(
+            r"([\w-]+)-docker\.pkg\.dev/([^/\s]+)/([^/\s]+)/", text
+        ):
+            named.append(where)
+            if not re.fullmatch(REGION_RULE, region) or owner != project:
+                problems.append((where, f"image registry {region}, project {owner}"))
+            if not re.fullmatch(REPOSITORY_RULE, repository):
+                problems.append((where, f"repository {repository}"))
+        for owner in re.findall(r"projects/([^/\s]+)/", text):
+            named.append(where)
+            if owner != project:
+                problems.append((where, f"projects/{owner}/"))
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}[{index}]")
+        elif isinstance(node, str):
+            check(where, node)
+
+    if not re.fullmatch(PROJECT_RULE, project):
+        problems.append(("ConfigMap.data.GCP_PROJECT_ID", f"project {project!r}"))
+    for obj in objects:
+        walk(obj, obj["kind"])
+    kinds = {where.split(".")[0] for where in named}
+    assert {"ServiceAccount", "ScaledJob"} <= kinds, f"Google names found only in {kinds}"
+    return problems
 
 
 def one(objects, kind):
@@ -262,9 +334,12 @@ def test_job_runs_drain_one_message_and_fails_fast_on_bad_input(directory):
     assert job["parallelism"] == 1 and job["completions"] == 1
     assert 0 < job["backoffLimit"] <= 3
     assert 600 <= job["activeDeadlineSeconds"] <= 6 * 3600
-    # SIGTERM aborts the forward pass at once; the longest wait left on that path is a
-    # download running ahead. The grace period must outlast it, and Spot gives ~15 s anyway.
-    assert CANCELLED_FETCH_WAIT_S < 15 <= spec["terminationGracePeriodSeconds"] <= 60
+    # SIGTERM aborts the forward pass at once; what else it may wait for (k8s/base/scaledjob.yaml
+    # lists each path): a pull for a message runs out its IDLE_TIMEOUT_S, a download running
+    # ahead is waited for CANCELLED_FETCH_WAIT_S. Both end inside Spot's ~15 s; the grace period
+    # outlasts them.
+    waits = max(CANCELLED_FETCH_WAIT_S, settings_of(directory).idle_timeout_s)
+    assert waits < 15 <= spec["terminationGracePeriodSeconds"] <= 60
 
     rules = job["podFailurePolicy"]["rules"]
     fail = [r for r in rules if r["action"] == "FailJob"]
@@ -282,13 +357,17 @@ def test_job_runs_drain_one_message_and_fails_fast_on_bad_input(directory):
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
 def test_identity_and_environment(directory):
-    objects = rendered(directory)
+    """The pod's identity and env as an operator deploys the variant: its Google service account
+    (Workload Identity), a ConfigMap the job's own parser accepts, no secrets; a numeric non-root
+    uid (kubelet's runAsNonRoot check needs one). hack/image-test runs the image as this pod's
+    securityContext says, so that the uid, the read-only root and no capabilities work."""
+    objects = deployed(name_of(directory))
     account = one(objects, "ServiceAccount")
     spec, main = pod_spec(objects), container(objects)
     assert spec["serviceAccountName"] == account["metadata"]["name"]
-    assert re.match(
-        r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[A-Za-z0-9_-]+\.iam\.gserviceaccount\.com$",
-        account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"],
+    project = one(objects, "ConfigMap")["data"]["GCP_PROJECT_ID"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+        f"@{project}.iam.gserviceaccount.com"
     )
     assert not any("secret" in str(source).lower() for source in main.get("envFrom", []))
 
@@ -296,16 +375,15 @@ def test_identity_and_environment(directory):
     assert main["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     data = config["data"]
     assert set(data) <= set(ENV), f"unknown variables: {set(data) - set(ENV)}"
-    settings = load_settings(filled_in(data))  # raises ConfigError on any invalid value
+    settings = load_settings(data)  # raises ConfigError on any invalid value
     assert settings.processing_mode == "pubsub" and settings.storage_mode == "gcs"
     assert settings.max_messages == 1
     assert settings.device == ("cpu" if name_of(directory) == "cpu" else "cuda")
 
-    # The image runs as a non-root user; the pod says the same uid.
-    dockerfile = (REPO / "Dockerfile.gpu").read_text()
-    uid = re.search(r"^USER\s+(\d+)", dockerfile, re.M).group(1)
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert str(spec["securityContext"]["runAsUser"]) == uid
+    context = spec["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert isinstance(context["runAsUser"], int) and context["runAsUser"] > 0
+    assert isinstance(context["runAsGroup"], int) and context["runAsGroup"] > 0
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
 
 
@@ -331,7 +409,7 @@ def test_gpu_or_cpu_placement(directory):
     for resource in ("cpu", "memory"):
         assert resources["requests"][resource] == resources["limits"][resource]
     # The scratch files live on the node's disk: the request covers the longest track allowed.
-    settings = load_settings(filled_in(one(objects, "ConfigMap")["data"]))
+    settings = settings_of(directory)
     assert quantity(resources["requests"]["ephemeral-storage"]) >= scratch_bytes(settings)
     assert "ephemeral-storage" not in resources["limits"], "over a limit the pod is evicted"
 
@@ -372,19 +450,6 @@ def test_memory_matches_what_a_track_needs(directory):
         assert memory <= WASTE * TRACK_PEAK_BYTES, "reserves far more than a track needs"
 
 
-def test_the_cloud_run_job_holds_the_same_peak_and_its_scratch_in_memory():
-    """Cloud Run's filesystem is in memory: its limit holds the same peak and the scratch files
-    of the longest track the job's settings admit."""
-    text = (REPO / "cloudrun" / "job.yaml").read_text()
-    for placeholder, example in EXAMPLE_VALUES.items():
-        text = text.replace(placeholder, example)
-    task = yaml.safe_load(text)["spec"]["template"]["spec"]["template"]["spec"]
-    [main] = task["containers"]
-    settings = load_settings({item["name"]: item["value"] for item in main["env"]})
-    memory = quantity(main["resources"]["limits"]["memory"])
-    assert memory >= HEADROOM * TRACK_PEAK_BYTES + scratch_bytes(settings)
-
-
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
 def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory):
     objects = rendered(directory)
@@ -415,36 +480,38 @@ def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory
         assert "authModes" not in meta
 
 
-def test_only_documented_placeholders_remain():
-    """The tracked manifests hold PROJECT_ID, REGION and BUCKET_NAME and nothing else to fill
-    in; the example overlay an operator copies holds none."""
-    for directory in KUSTOMIZATIONS:
-        leftovers = placeholders_in(rendered(directory))
-        assert leftovers <= (set() if directory == EXAMPLE else PLACEHOLDERS), directory
-
-
-def test_a_copy_of_the_example_fills_in_every_component(tmp_path):
-    """docs/deployment.md's walkthrough: copy overlays/example, enable components after
-    `values`, render. Every placeholder is gone, the trigger names the operator's project and
-    components/cpu still picks the :cpu tag of the operator's image."""
-    copy = copy_of_example(
-        tmp_path,
-        lambda copy: ["values"] + [os.path.relpath(component, copy) for component in COMPONENTS],
-    )
-    objects = render(copy)
-    assert placeholders_in(objects) == set()
+@pytest.mark.parametrize("variant", sorted(VARIANT_COMPONENTS))
+def test_what_an_operator_deploys_is_valid_and_names_their_project(variant):
+    """docs/deployment.md's walkthrough: copy overlays/example, put the values in `values`,
+    enable the components after it, render. What comes out is schema-valid, the job accepts its
+    ConfigMap, and every Google resource it names (the service account, the image's registry,
+    the trigger's Monitoring endpoint or subscription) is a valid name in the operator's
+    project: a placeholder left anywhere there breaks Google's rules."""
+    objects = deployed(variant)
+    for obj in objects:
+        (validate_keda if obj["apiVersion"].startswith("keda.sh/") else validate_core)(obj)
+    validate_core(scaledjob_as_job(one(objects, "ScaledJob")))
     data = one(objects, "ConfigMap")["data"]
-    project = data["GCP_PROJECT_ID"]
-    assert project != "PROJECT_ID" and data["GCS_BUCKET"] != "BUCKET_NAME"
-    account = one(objects, "ServiceAccount")["metadata"]["annotations"]
-    assert account["iam.gke.io/gcp-service-account"].endswith(f"@{project}.iam.gserviceaccount.com")
+    settings = load_settings(data)
+    assert google_name_problems(objects) == []
     [trigger] = one(objects, "ScaledJob")["spec"]["triggers"]
-    assert trigger["metadata"]["subscriptionName"] == (
-        f"projects/{project}/subscriptions/{data['PUBSUB_SUBSCRIPTION']}"
-    )
+    if trigger["type"] == "gcp-pubsub":
+        assert trigger["metadata"]["subscriptionName"] == (
+            f"projects/{data['GCP_PROJECT_ID']}/subscriptions/{settings.pubsub_subscription}"
+        )
     image = container(objects)["image"]
-    assert image.startswith(f"us-central1-docker.pkg.dev/{project}/") and image.endswith(":cpu")
-    assert load_settings(data).device == "cpu"
+    cpu = "cpu" in VARIANT_COMPONENTS[variant]
+    assert image.endswith(":cpu" if cpu else ":gpu"), "components/cpu picks the :cpu tag"
+    assert settings.device == ("cpu" if cpu else "cuda")
+
+
+def test_the_tracked_manifests_name_no_project_until_filled_in():
+    """The tracked variants keep placeholders (docs/deployment.md): what they name on Google's
+    side is not a valid name of any project, so nothing deploys from them by mistake, and the
+    operator's values are what make it valid (above)."""
+    for directory in KUSTOMIZATIONS:
+        if directory != EXAMPLE:
+            assert google_name_problems(rendered(directory)), directory
 
 
 def test_values_listed_after_a_trigger_component_fails_to_render(tmp_path):
