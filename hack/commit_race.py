@@ -45,7 +45,7 @@ PREFIX = "stems/race/trk/"
 CHOICES = (STEMS, STEMS, ("vocals",), ("vocals", "drums"))
 
 
-def body(job: str, identity: dict, outputs) -> dict:
+def body(job: str, identity: dict, outputs=STEMS) -> dict:
     """A manifest as the pipeline builds it, as far as the commit looks at it."""
     return {
         "version": manifests.VERSION,

@@ -102,6 +102,21 @@ def stems_in_bucket(cloud, track):
     return names
 
 
+def start_drain(env: dict, *args: str, until=("first window",)) -> subprocess.Popen:
+    """`stem-job drain ARGS` started, read up to the first stderr line holding one of `until`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "drain", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:
+        if any(marker in line for marker in until):
+            break
+    return proc
+
+
 def test_empty_subscription_exits_zero_without_touching_the_model(cloud, tmp_path):
     # neither the model nor the device is looked at: both would fail (exit 78) if they were
     env = cloud.env | {"MODEL_DIR": str(tmp_path / "no-model"), "DEVICE": "cuda"}
@@ -241,16 +256,7 @@ def test_sigterm_nacks_and_leaves_no_manifest(cloud, tmp_path):
         "originals/long.flac", write_audio(tmp_path / "long.flac", music(60, seed=4)).read_bytes()
     )
     cloud.publish(message(cloud, uri, "trk_term"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "job", "drain"],
-        env=cloud.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
-        if "separated" in line or "first window" in line:
-            break
+    proc = start_drain(cloud.env, until=("separated", "first window"))
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
@@ -267,16 +273,7 @@ def test_storage_outage_mid_run_is_survived(cloud, gcs_emulator, tmp_path):
         "originals/outage.flac", write_audio(tmp_path / "o.flac", music(25, seed=5)).read_bytes()
     )
     cloud.publish(message(cloud, uri, "trk_outage"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "job", "drain"],
-        env=cloud.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
-        if "first window" in line:
-            break
+    proc = start_drain(cloud.env)
     gcs_emulator.kill()
     time.sleep(8)  # down while the separation finishes and the upload starts retrying
     gcs_emulator.restart()
@@ -339,16 +336,7 @@ def test_a_stems_bucket_gone_mid_batch_nacks_and_stops(cloud, song, gcs_emulator
     cloud.storage.bucket(originals).blob("gone.mp3").upload_from_string(song.read_bytes())
     for track in ("trk_gone1", "trk_gone2"):
         cloud.publish(message(cloud, f"gs://{originals}/gone.mp3", track))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "job", "drain", "--max-messages", "2"],
-        env=cloud.env | {"ALLOWED_INPUT_BUCKETS": originals},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
-        if "first window" in line:
-            break
+    proc = start_drain(cloud.env | {"ALLOWED_INPUT_BUCKETS": originals}, "--max-messages", "2")
     for blob in cloud.storage.list_blobs(cloud.bucket):
         blob.delete()
     cloud.storage.bucket(cloud.bucket).delete()

@@ -2,8 +2,8 @@
 interleaving that the fencing in job/storage/commit.py must survive, step by step."""
 
 import pytest
+from commit_race import body  # the manifest the writers in the race build
 
-from job import manifest as manifests
 from job.errors import JobError
 from job.messages import STEMS
 from job.storage.gcs import GcsStorage
@@ -44,19 +44,6 @@ def files_of(tmp_path, job: str, outputs=STEMS) -> dict:
         files[name] = folder / f"{name}.mp3"
         files[name].write_bytes(f"{job}:{name}".encode() * 100)
     return files
-
-
-def body(job: str, identity: dict, outputs=STEMS) -> dict:
-    return {
-        "version": manifests.VERSION,
-        "jobId": job,
-        "input": identity,
-        "model": "htdemucs_6s",
-        "format": "mp3",
-        "bitrate": "320k",
-        "outputs": list(outputs),
-        "stems": {name: {"url": f"u/{name}", "file": f"{name}.mp3"} for name in outputs},
-    }
 
 
 def written_by(objects, found: dict) -> set:
