@@ -161,13 +161,19 @@ def between_stems_and_manifest(site, worker) -> int:
     """Wait until every file of the worker's uploading track has been rewritten while its
     manifest is still the writer's claim (job/storage/commit.py), not a complete set: the
     moment between the stems and the manifest. The number of files rewritten, or 0 when the
-    worker got past it unseen."""
+    worker got past it unseen.
+
+    The moment lasts two requests of the worker's, so the poll decides from one listing where
+    it can: a writer claims before it uploads, so a manifest generation listed while only part
+    of the set was rewritten is a claim, and one still listed once all of it is means the
+    manifest is not written yet. Only a set seen whole at once costs a read of the manifest."""
     message = worker.finishing
     prefix = f"stems/{RELEASE}/{message.track}/"
     try:
         before = site.listing(prefix)
     except Exception:
         before = {}
+    claims = set()  # manifest generations listed while part of the set was rewritten
     deadline = time.time() + 60
     while time.time() < deadline and worker.process.poll() is None and worker.finishing is message:
         try:
@@ -176,7 +182,9 @@ def between_stems_and_manifest(site, worker) -> int:
             time.sleep(0.2)
             continue
         changed = [n for n, g in now.items() if n != "manifest.json" and before.get(n) != g]
-        if len(changed) >= SET_FILES and not site.vouched(prefix):
+        if len(changed) < SET_FILES:
+            claims.update([now.get("manifest.json")] if changed else [])
+        elif now.get("manifest.json") in claims or not site.vouched(prefix):
             return len(changed)
         time.sleep(0.02)
     return 0
