@@ -19,6 +19,9 @@ MAX_DURATION_S = 20.0  # the workers' limit; the too_long original is longer
 
 @dataclass
 class Config:
+    """One run's shape. hack/soak has no option for the track lengths, the subscription's ack
+    deadline and delivery attempts or IDLE_TIMEOUT_S (tests/test_soak.py shortens the tracks)."""
+
     workers: int = 2
     max_messages: int = 2
     tracks: int = 44

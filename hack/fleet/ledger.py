@@ -26,8 +26,8 @@ class Ledger:
             return self.by_id.get(message_id)
 
     def complete(self) -> bool:
-        """Every message has a result of the status it expects (matched as `key` says), and
-        every re-upload is done."""
+        """Every message has a result of the status it expects (matched by Message.key and
+        result_key), and every re-upload is done: the run may end."""
         with self.lock:
             want, got = {}, {}
             for m in self.messages:
