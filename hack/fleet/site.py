@@ -14,7 +14,7 @@ class Site:
     gcs: GcsEmulator
     storage: object  # google.cloud.storage.Client bound to the GCS stand-in
     bucket: str
-    topic: str  # the work topic and its subscription (dead-lettered to dead_topic)
+    topic: str  # the work topic and its subscription, dead-lettered to the topic dead_sub reads
     subscription: str
     results_topic: str
     results_sub: str
