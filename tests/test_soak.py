@@ -1,9 +1,9 @@
 """A small fleet under faults: the slice of hack/soak that CI runs, with the same verdict.
 
-Two drain workers, twelve messages (six tracks, an exact duplicate, a second jobId, a re-upload,
-three bad messages), one SIGKILL mid-separation, one SIGSTOP between the stems and the manifest
-held past the lease (its message goes back to the queue for the other worker), one GCS
-stand-in restart. The verdict reads storage and the results topic only.
+Two drain workers, twelve messages (six tracks of 3-8 s, an exact duplicate, a second jobId, a
+re-upload, three bad messages), one SIGKILL mid-separation, one SIGSTOP between the stems and
+the manifest held past the lease (its message goes back to the queue for the other worker), one
+GCS stand-in restart. The verdict reads storage and the results topic only.
 """
 
 import soak  # hack/soak.py (tests/stand_ins.py puts hack/ on sys.path)
@@ -23,6 +23,10 @@ def test_a_small_fleet_under_faults_loses_nothing_and_mixes_nothing(
         second_jobs=1,
         reuploads=1,
         bad=3,
+        # one window of the model each, mostly: on a loaded 2-core host separation runs at ~0.3x
+        # real time, and the fleet's invariants do not depend on a track's length
+        min_track_s=3,
+        max_track_s=8,
         faults=faults,
         fault_window_s=15,
         race_at="upload",
