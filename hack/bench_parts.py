@@ -50,10 +50,11 @@ def part_reference(model_dir, audio):
 def part_parity(model_dir, audio):
     """SDR of our engine, configured as `stem-job run` configures it (env), vs the reference."""
     from job.config import load_settings
-    from job.separation.model import ModelCache
+    from job.separation.model import ModelCache, load_model
 
-    separator = ModelCache(load_settings(model_dir=str(model_dir), device="cpu")).engine()
-    model = separator.model
+    settings = load_settings(model_dir=str(model_dir), device="cpu")
+    separator = ModelCache(settings).engine()
+    model = load_model(settings.model_name, settings.model_dir)  # the same weights, for demucs
     mix = decoded(audio)
     expected = reference_separation(model, mix).numpy()
     got = np.zeros(expected.shape, np.float32)

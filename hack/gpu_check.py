@@ -96,7 +96,7 @@ def windows(size="full", device="cuda", precisions=PRECISIONS, batches=BATCHES):
     from job.separation.engine import Engine, agreement_db
 
     cuda = device == "cuda"
-    torch.backends.cudnn.benchmark = True  # as the job runs (job/model.py)
+    torch.backends.cudnn.benchmark = True  # as the job runs (separation/model.py)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = build_model(size)[0].to(device)
     resident = torch.cuda.memory_allocated() / 2**20 if cuda else None

@@ -10,8 +10,9 @@ from demucs.apply import apply_model
 from synthetic import music
 
 from job.errors import JobError
-from job.separation.engine import Engine, bag_of, plan_streams
+from job.separation.engine import Engine
 from job.separation.model import load_model
+from job.separation.windows import bag_of, plan_streams
 
 
 def sdr(reference, estimate):

@@ -28,6 +28,7 @@ from job.separation.model import (
     load_model,
 )
 from job.separation.precision import Verdicts, bf16_copy
+from job.separation.windows import plan_streams
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -145,7 +146,7 @@ def test_silence_before_the_probe_runs_in_passes_sized_for_fp32(small, mix):
     device = SmallDevice(small, fp32=1, reduced=2)
     one_size = Engine(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
     halved, stats = separated(one_size, quiet)
-    assert stats["oomHalvings"] == 1 and one_size.batch_for("fp32") == 1
+    assert stats["oomHalvings"] == 1 and one_size.passes.size("fp32") == 1
     assert device.passes[:3] == [("fp32", 2), ("fp32", 1), ("fp32", 1)]
     assert engine.PARITY_DB <= agreement_db(exact[None], halved[None]) < 100
     device.passes.clear()
@@ -174,7 +175,7 @@ def test_after_a_failed_probe_passes_are_sized_for_fp32(small, mix, exact, monke
 def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
     separator = Engine(NonFiniteWhenReduced(small), torch.device("cpu"), precision="bf16")
     got, stats = separated(separator, mix)
-    windows = len(engine.plan_streams([small], mix.shape[1], 0, 0)[0].windows())
+    windows = len(plan_streams([small], mix.shape[1], 0, 0)[0].windows())
     assert stats["fp32FallbackWindows"] == separator.fallback_windows == windows  # every one
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, exact, atol=1e-5)

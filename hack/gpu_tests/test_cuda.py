@@ -23,6 +23,7 @@ from job.errors import JobError  # noqa: E402
 from job.separation import engine  # noqa: E402
 from job.separation.engine import Engine, agreement_db  # noqa: E402
 from job.separation.model import WINDOW_MB, auto_batch  # noqa: E402
+from job.separation.windows import plan_streams  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -68,7 +69,7 @@ def test_pipelined_batches_equal_one_by_one(small, mix):
 def test_non_finite_windows_fall_back_on_cuda(small, mix, cpu_exact):
     separator = Engine(NonFiniteWhenReduced(small), CUDA, batch=2, precision="fp16")
     got, stats = separated(separator, mix)
-    windows = len(engine.plan_streams([small], mix.shape[1], 0, 0)[0].windows())
+    windows = len(plan_streams([small], mix.shape[1], 0, 0)[0].windows())
     assert stats["fp32FallbackWindows"] == windows
     assert np.isfinite(got).all() and agreement_db(cpu_exact[None], got[None]) >= 60
 

@@ -10,7 +10,8 @@ bf16 (fp16 where bf16 is missing) on CUDA, bf16 on CPUs with bf16 instructions (
 `avx512_bf16` / `amx_bf16` flags), exact fp32 elsewhere. Either way the first window with signal
 is checked against fp32 (engine.PARITY_DB) before reduced precision is kept; on the CPU that
 check's verdict is recorded next to the model (or in the user's cache) and reused by later
-processes on the same kind of CPU (job/precision.py); `stem-job prefetch-model` records it.
+processes on the same kind of CPU (separation/precision.py); `stem-job prefetch-model` records
+it.
 """
 
 import hashlib
@@ -95,11 +96,18 @@ def pick_device(wanted: str):
 
 
 def load_model(name: str, model_dir: str = "", device=None):
-    """A demucs model (usually a BagOfModels) in eval mode on `device`.
+    """A demucs model in eval mode, loaded by name.
 
-    With `model_dir`, demucs' LocalRepo reads NAME.yaml / SIG.th from that folder and nothing
-    is downloaded; otherwise demucs looks in the HuggingFace hub cache (downloading when
-    online and not cached), then falls back to its legacy download.
+    Parameters:
+        name: the demucs model name (MODEL_NAME, `htdemucs_6s`).
+        model_dir: a folder holding NAME.yaml and the weights it names (demucs' LocalRepo):
+            read from there, nothing downloaded. Empty: the HuggingFace hub cache (HF_HOME;
+            downloaded when online and not cached), then demucs' legacy download.
+        device: where to put the weights; None leaves them on the CPU.
+
+    Returns the model, usually a demucs BagOfModels (`.models`, `.weights`, `.sources`).
+    Raises ModelUnavailable (a ConfigError, one line naming MODEL_DIR and prefetch-model) when
+    it cannot be loaded.
     """
     from demucs.pretrained import get_model
     from demucs.repo import ModelLoadingError
@@ -184,43 +192,57 @@ class ModelCache:
         threading.Thread(target=load, name="model-load", daemon=True).start()
 
     def engine(self) -> "Engine":
-        """The loaded model's Engine; ConfigError (ModelUnavailable) if it cannot load."""
+        """The Engine of MODEL_NAME/MODEL_DIR, loaded on the first call (in the calling thread,
+        or joined when `warm()` is loading it) and the same object on every later call.
+
+        The settings decide how it runs (`build_engine`): DEVICE, PRECISION, SEGMENT_BATCH,
+        SHIFTS and SEED.
+
+        Returns the Engine. Raises ConfigError (ModelUnavailable when the model cannot be
+        loaded); a later call tries again.
+        """
         with self._lock:
             if self._engine is None:
-                import torch
-
-                from job.separation.engine import Engine
-                from job.separation.precision import Verdicts, verdict_folders
-
-                s, device = self.settings, self.device
-                model = load_model(s.model_name, s.model_dir, device)
-                cuda = device.type == "cuda"
-                cpuinfo = read_cpuinfo()
-                precision, probe = choose_precision(
-                    s.precision,
-                    device.type,
-                    cpu_flags(cpuinfo),
-                    cuda and torch.cuda.is_bf16_supported(including_emulation=False),
-                )
-                if cuda:
-                    torch.backends.cudnn.benchmark = True
-                # SEGMENT_BATCH=auto (0): sized per precision from the free memory
-                self._engine = Engine(
-                    model,
-                    device,
-                    s.segment_batch or None,
-                    precision,
-                    s.shifts,
-                    s.seed,
-                    probe=probe,
-                    verdicts=Verdicts(verdict_folders(s.model_dir)),
-                    hardware=cpu_kind(cpuinfo),
-                )
-                log.info(
-                    "model runs on %s in %s%s, %d window(s) per pass",
-                    device,
-                    precision,
-                    " (checked against fp32 on the first window)" if probe else "",
-                    self._engine.batch,
-                )
+                self._engine = build_engine(self.settings, self.device)
             return self._engine
+
+
+def build_engine(s, device) -> "Engine":
+    """The model loaded and wrapped as `s` asks: PRECISION=auto picks reduced precision where
+    the hardware has it (checked against fp32 on the first window), SEGMENT_BATCH=0 sizes passes
+    per precision from the free device memory."""
+    import torch
+
+    from job.separation.engine import Engine
+    from job.separation.precision import Verdicts, verdict_folders
+
+    model = load_model(s.model_name, s.model_dir, device)
+    cuda = device.type == "cuda"
+    cpuinfo = read_cpuinfo()
+    precision, probe = choose_precision(
+        s.precision,
+        device.type,
+        cpu_flags(cpuinfo),
+        cuda and torch.cuda.is_bf16_supported(including_emulation=False),
+    )
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    engine = Engine(
+        model,
+        device,
+        s.segment_batch or None,  # auto (0): sized per precision from the free memory
+        precision,
+        s.shifts,
+        s.seed,
+        probe=probe,
+        verdicts=Verdicts(verdict_folders(s.model_dir)),
+        hardware=cpu_kind(cpuinfo),
+    )
+    log.info(
+        "model runs on %s in %s%s, %d window(s) per pass",
+        device,
+        precision,
+        " (checked against fp32 on the first window)" if probe else "",
+        engine.batch,
+    )
+    return engine
