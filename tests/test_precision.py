@@ -67,6 +67,24 @@ def exact(small, mix):
     return separated(Engine(small, torch.device("cpu")), mix)[0]
 
 
+@pytest.fixture(scope="module")
+def unprobed_bf16(small, mix):
+    """(stems, stats) of `mix` in bf16 from the first window, nothing checked against fp32."""
+    return separated(Engine(small, torch.device("cpu"), precision="bf16"), mix)
+
+
+@pytest.fixture(scope="module")
+def one_window():
+    """A track of one window, where only the probe's verdict is asserted (it holds for the
+    weights and the CPU, whatever the track): two passes probed, where `mix` takes four."""
+    return music(5.0, seed=5)  # shorter than a window's stride: one window
+
+
+@pytest.fixture(scope="module")
+def one_window_exact(small, one_window):
+    return separated(Engine(small, torch.device("cpu")), one_window)[0]
+
+
 def test_cpu_flags_are_read_from_cpuinfo():
     flags = cpu_flags(CPUINFO)
     assert {"avx512_bf16", "avx512f", "avx2"} <= flags
@@ -103,9 +121,8 @@ def test_auto_batch_follows_free_memory():
     assert auto_batch(cuda, "fp32", free_bytes=1000 * gib) == MAX_BATCH
 
 
-def test_bf16_autocast_on_cpu_agrees_with_fp32(small, mix, exact):
-    separator = Engine(small, torch.device("cpu"), precision="bf16")
-    got, stats = separated(separator, mix)
+def test_bf16_autocast_on_cpu_agrees_with_fp32(exact, unprobed_bf16):
+    got, stats = unprobed_bf16
     assert stats["fp32FallbackWindows"] == 0
     db = agreement_db(exact[None], got[None])
     assert engine.PARITY_DB <= db < 100, db  # close to fp32, and really not fp32
@@ -172,7 +189,7 @@ def test_after_a_failed_probe_passes_are_sized_for_fp32(small, mix, exact, monke
     np.testing.assert_array_equal(got, exact)
 
 
-def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
+def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact, one_window):
     separator = Engine(NonFiniteWhenReduced(small), torch.device("cpu"), precision="bf16")
     got, stats = separated(separator, mix)
     windows = len(plan_streams([small], mix.shape[1], 0, 0)[0].windows())
@@ -181,7 +198,7 @@ def test_non_finite_windows_are_redone_in_fp32_and_counted(small, mix, exact):
     np.testing.assert_allclose(got, exact, atol=1e-5)
     # in fp32 the same model is finite: nothing is redone
     assert (
-        separated(Engine(NonFiniteWhenReduced(small), torch.device("cpu")), mix)[1][
+        separated(Engine(NonFiniteWhenReduced(small), torch.device("cpu")), one_window)[1][
             "fp32FallbackWindows"
         ]
         == 0
@@ -215,7 +232,7 @@ def probed(small, mix, folders, hardware="this cpu"):
     return separator, separated(separator, mix)[0]
 
 
-def test_a_recorded_verdict_replaces_the_fp32_check(small, mix, exact, tmp_path):
+def test_a_recorded_verdict_replaces_the_fp32_check(small, mix, exact, unprobed_bf16, tmp_path):
     first, _ = probed(small, mix, [tmp_path])
     assert not first.probe_recorded and first.probe_db >= engine.PARITY_DB
     files = list(tmp_path.glob("precision-check-*.json"))
@@ -224,39 +241,41 @@ def test_a_recorded_verdict_replaces_the_fp32_check(small, mix, exact, tmp_path)
     again, got = probed(small, mix, [tmp_path])
     assert again.probe_recorded and again.probe_db == first.probe_db and not again.probe
     # every window in bf16, the first one too: no fp32 window was computed
-    unchecked = separated(Engine(small, torch.device("cpu"), precision="bf16"), mix)[0]
-    np.testing.assert_array_equal(got, unchecked)
+    np.testing.assert_array_equal(got, unprobed_bf16[0])
     assert engine.PARITY_DB <= agreement_db(exact[None], got[None]) < 100
 
 
-def test_a_recorded_failure_means_fp32_from_the_start(small, mix, exact, tmp_path, monkeypatch):
+def test_a_recorded_failure_means_fp32_from_the_start(
+    small, mix, exact, one_window, tmp_path, monkeypatch
+):
     monkeypatch.setattr(engine, "PARITY_DB", 1000.0)  # no reduced precision can pass
-    probed(small, mix, [tmp_path])
+    probed(small, one_window, [tmp_path])  # recorded on one track, used on another
     again, got = probed(small, mix, [tmp_path])
     assert again.probe_recorded and again.precision == "fp32"
     np.testing.assert_array_equal(got, exact)
 
 
-def test_a_verdict_for_other_weights_or_another_cpu_is_not_used(small, mix, tmp_path):
-    probed(small, mix, [tmp_path])
-    other_cpu, _ = probed(small, mix, [tmp_path], hardware="another cpu")
+def test_a_verdict_for_other_weights_or_another_cpu_is_not_used(small, one_window, tmp_path):
+    probed(small, one_window, [tmp_path])
+    other_cpu, _ = probed(small, one_window, [tmp_path], hardware="another cpu")
     assert not other_cpu.probe_recorded and other_cpu.probe_db is not None  # checked again
     other = load_model("htdemucs_6s", str(write_model_folder(tmp_path / "seed1", seed=1))).models[0]
-    other_weights, _ = probed(other, mix, [tmp_path])
+    other_weights, _ = probed(other, one_window, [tmp_path])
     assert not other_weights.probe_recorded
     assert len(list(tmp_path.glob("precision-check-*.json"))) == 3
 
 
-def test_unwritable_folders_only_mean_checking_again(small, mix, exact, tmp_path):
+def test_unwritable_folders_only_mean_checking_again(small, one_window, one_window_exact, tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    separator, got = probed(small, mix, [blocked / "verdicts", tmp_path / "cache"])
+    separator, got = probed(small, one_window, [blocked / "verdicts", tmp_path / "cache"])
     assert separator.probe_db >= engine.PARITY_DB  # the track ran, checked
-    # the next one took it
-    assert len(list((tmp_path / "cache").glob("precision-check-*.json"))) == 1
-    alone, got = probed(small, mix, [blocked / "verdicts"])
+    assert (
+        len(list((tmp_path / "cache").glob("precision-check-*.json"))) == 1
+    )  # the next one took it
+    alone, got = probed(small, one_window, [blocked / "verdicts"])
     assert not alone.probe_recorded and alone.probe_db >= engine.PARITY_DB
-    assert agreement_db(exact[None], got[None]) >= engine.PARITY_DB
+    assert agreement_db(one_window_exact[None], got[None]) >= engine.PARITY_DB
 
 
 def test_prefetch_records_the_verdict_that_runs_then_use(job_env_for, tmp_path, mix):
