@@ -4,7 +4,7 @@
 2. `windows`: on the full-size architecture (job.synthetic "full", seeded), per precision (fp32,
    bf16, fp16) and windows per pass (1, 2, 4), the engine's own peak device memory on a first
    track and a second one, the time per window, and each precision's agreement with fp32; from
-   the peaks, the device memory one more window in a pass costs, and the `model.WINDOW_MB` and
+   the peaks, the device memory one more window in a pass costs, and the `passes.WINDOW_MB` and
    `HEADROOM_MB` figures that follow (with the batch they give on an L4's free memory);
 3. `bench`: `stem-job run` end to end on the device (full-size model, local storage), a
    1-minute and a 5-minute track: wall time, the job's timings and its manifest's `engine`.

@@ -20,13 +20,12 @@ from job.separation import engine
 from job.separation.engine import Engine, agreement_db
 from job.separation.model import (
     BF16_CPU_FLAGS,
-    MAX_BATCH,
-    auto_batch,
     choose_precision,
     cpu_flags,
     cpu_kind,
     load_model,
 )
+from job.separation.passes import MAX_BATCH, auto_batch
 from job.separation.precision import Verdicts, bf16_copy
 from job.separation.windows import plan_streams
 

@@ -22,7 +22,7 @@ from test_precision import NonFiniteWhenReduced, separated  # noqa: E402
 from job.errors import JobError  # noqa: E402
 from job.separation import engine  # noqa: E402
 from job.separation.engine import Engine, agreement_db  # noqa: E402
-from job.separation.model import WINDOW_MB, auto_batch  # noqa: E402
+from job.separation.passes import WINDOW_MB, auto_batch  # noqa: E402
 from job.separation.windows import plan_streams  # noqa: E402
 
 CUDA = torch.device("cuda")

@@ -213,7 +213,7 @@ class Engine:
 
     `batch`: windows per forward pass, the same for every precision; a dict gives it per
     precision ({"fp32": 4, "bf16": 8}); None (or a precision the dict lacks) sizes it from the
-    device's free memory (`model.auto_batch`) when that precision first runs.
+    device's free memory (`passes.auto_batch`) when that precision first runs.
     """
 
     precision = property(lambda self: self.probe_state.precision, doc="fp32, bf16 or fp16")

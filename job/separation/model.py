@@ -34,10 +34,6 @@ class ModelUnavailable(ConfigError):
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-# device memory per window in a pass, per precision (hack/gpu-check measures and prints them)
-WINDOW_MB = {"fp32": 1536, "bf16": 1024, "fp16": 1024}
-HEADROOM_MB = 1024  # left free for cuDNN workspaces etc.
-MAX_BATCH = 16
 
 
 def read_cpuinfo() -> str:
@@ -139,18 +135,6 @@ def load_model(name: str, model_dir: str = "", device=None):
         "offline" if os.environ.get("HF_HUB_OFFLINE") else (model_dir or "hub cache"),
     )
     return model
-
-
-def auto_batch(device, precision: str = "fp32", free_bytes: int | None = None) -> int:
-    """Windows per forward pass: 1 on CPU; on CUDA as many as the free memory holds."""
-    if device.type != "cuda":
-        return 1
-    if free_bytes is None:
-        import torch
-
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-    usable = free_bytes - HEADROOM_MB * 2**20
-    return int(max(1, min(MAX_BATCH, usable // (WINDOW_MB[precision] * 2**20))))
 
 
 class ModelCache:

@@ -2,9 +2,9 @@
 
 A pass is sized for the precision that runs (fp32 takes more device memory per window than
 bf16/fp16): from SEGMENT_BATCH, or, when that is auto, from the device's free memory
-(`model.auto_batch`) the first time that precision runs. A pass that still runs out of device
+(`auto_batch`) the first time that precision runs. A pass that still runs out of device
 memory (`torch.cuda.OutOfMemoryError`: the free memory was less than measured, or a window needs
-more than `model.WINDOW_MB`) is redone in halves, and the halved size is kept for the rest of
+more than `WINDOW_MB`) is redone in halves, and the halved size is kept for the rest of
 the process; the same windows go through the same computation, so the output is the same. Only
 one window that does not fit fails the track: no smaller pass exists.
 
@@ -21,12 +21,27 @@ from dataclasses import dataclass
 import torch
 
 from job.errors import JobError
-from job.separation.model import auto_batch
 from job.separation.precision import bf16_copy
 
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OutOfMemory = torch.cuda.OutOfMemoryError  # what torch's CUDA allocator raises (a RuntimeError)
 log = logging.getLogger(__name__)
+# device memory per window in a pass, per precision (hack/gpu-check measures and prints them)
+WINDOW_MB = {"fp32": 1536, "bf16": 1024, "fp16": 1024}
+HEADROOM_MB = 1024  # left free for cuDNN workspaces etc.
+MAX_BATCH = 16
+
+
+def auto_batch(device, precision: str = "fp32", free_bytes: int | None = None) -> int:
+    """Windows per forward pass: 1 on CPU; on CUDA as many as the free memory holds."""
+    if device.type != "cuda":
+        return 1
+    if free_bytes is None:
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    usable = free_bytes - HEADROOM_MB * 2**20
+    return int(max(1, min(MAX_BATCH, usable // (WINDOW_MB[precision] * 2**20))))
 
 
 @dataclass
