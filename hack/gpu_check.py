@@ -1,7 +1,7 @@
 """hack/gpu-check: everything a first GPU machine should tell us, as one JSON object.
 
 1. `cuda_tests`: the CUDA tests (hack/gpu_tests) under pytest;
-2. `windows`: on the full-size architecture (job.synthetic "full", seeded), per precision (fp32,
+2. `windows`: on the full-size architecture (hack/synthetic.py "full", seeded), per precision (fp32,
    bf16, fp16) and windows per pass (1, 2, 4), the engine's own peak device memory on a first
    track and a second one, the time per window, and each precision's agreement with fp32; from
    the peaks, the device memory one more window in a pass costs, and the `passes.WINDOW_MB` and
