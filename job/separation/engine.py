@@ -155,7 +155,8 @@ class TrackRun:
                     outputs = None if previous is None else self.collect(previous[1])
                 if previous is not None:
                     self.finish(previous[0], outputs)
-                previous = (batch, pending)
+                # the finished batch's output is not held through the next forward pass
+                previous, outputs = (batch, pending), None
                 batch, number = following, number + 1
         with self.cancel.abortable():
             outputs = self.collect(previous[1])
