@@ -377,7 +377,7 @@ class Separations:
                 "client disconnected during the upload for %s/%s: nothing written",
                 release_id,
                 track_id,
-                extra={"labels": {"releaseId": release_id, "trackId": track_id}},
+                extra=upload_labels(release_id, track_id),
             )
             return error_response(GONE, **ids)
         except JobError as error:
@@ -427,7 +427,7 @@ class Separations:
                     "client left %s/%s while queued: not separating",
                     release_id,
                     track_id,
-                    extra={"labels": {"releaseId": release_id, "trackId": track_id}},
+                    extra=upload_labels(release_id, track_id),
                 )
                 return None
             storage = UploadedOriginal(self.storage, original)
@@ -436,6 +436,11 @@ class Separations:
             if result["status"] == "completed" and not result.get("reused"):
                 self.gate.last_seconds = result["timings"].get("total")
         return result
+
+
+def upload_labels(release_id: str, track_id: str) -> dict:
+    """Log labels for an upload that has no request yet (pipeline.labels once it has one)."""
+    return {"labels": {"releaseId": release_id, "trackId": track_id}}
 
 
 async def unknown_route(request, exc: HTTPException):
