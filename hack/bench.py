@@ -223,12 +223,15 @@ def cpu_side(args):
                 work, base, roots, 20 if args.quick else 180, args.repeat, args.quality
             )
         )
-        floors = {label: found["floor_s"] for label, found in figures["floor"].items()}
-        figures["analysis_cost_s"] = round(floors["ours"] - floors["ours_no_analysis"], 3)
+        floors = figures["floor"]
+        cpu = {label: found["cpu_s_by_part"].get("total") for label, found in floors.items()}
+        figures["analysis_cost_cpu_s"] = round(cpu["ours"] - cpu["ours_no_analysis"], 3)
         if args.compare:
             figures["floor_ratio_ours_compared"] = round(
-                figures["floor"]["ours"]["floor_s"] / figures["floor"]["compared"]["floor_s"], 3
+                floors["ours"]["floor_s"] / floors["compared"]["floor_s"], 3
             )
+            figures["cpu_ratio_ours_compared"] = round(cpu["ours"] / cpu["compared"], 3)
+        print(bench_floor.floor_table(figures))
     if args.encoders:
         figures.update(bench_floor.encoders(10 if args.quick else 30))
     if args.batch:

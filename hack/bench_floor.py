@@ -57,12 +57,15 @@ def run_process(cmd, env=None, watch_for=None):
     return wall, usage, seen, stdout
 
 
-def measured_run(cmd, env, cpu_file: Path):
-    """(wall s, first window s, CPU s by thread group, stdout) of one job process."""
+def measured_run(cmd, env, cpu_file: Path, parts_file: Path | None = None):
+    """(wall s, first window s, CPU s by thread group, stdout, CPU s by part) of one job
+    process; the parts (hack/floor/sitecustomize.py) only with `parts_file`."""
     cpu_file.unlink(missing_ok=True)
-    wall, usage, first, stdout = run_process(
-        cmd, dict(env, STEM_BENCH_THREAD_CPU=str(cpu_file)), FIRST_WINDOW
-    )
+    env = dict(env, STEM_BENCH_THREAD_CPU=str(cpu_file))
+    if parts_file is not None:
+        parts_file.unlink(missing_ok=True)
+        env["STEM_BENCH_PARTS"] = str(parts_file)
+    wall, usage, first, stdout = run_process(cmd, env, FIRST_WINDOW)
     threads = (
         [json.loads(line) for line in cpu_file.read_text().splitlines()]
         if cpu_file.exists()
@@ -75,7 +78,32 @@ def measured_run(cmd, env, cpu_file: Path):
     total = usage.ru_utime + usage.ru_stime
     groups["main_and_native"] = total - sum(groups.values())
     groups["total"] = total
-    return wall, first, {k: round(v, 3) for k, v in groups.items()}, stdout
+    parts = None
+    if parts_file is not None and parts_file.exists():
+        parts = by_part(json.loads(parts_file.read_text()), total)
+    return wall, first, {k: round(v, 3) for k, v in groups.items()}, stdout, parts
+
+
+def by_part(found: dict, total: float) -> dict:
+    """CPU seconds by part of one run: start-up (the process until the engine gets the track:
+    imports, settings, logging, the model's load), the decoding child, engine I/O (windows read,
+    added up, handed on), the encoders (the limiter, 16-bit samples, LAME; LAME alone as
+    `lame`), the analysis (peaks, loudness, true peak), the model's forward passes, the upload
+    and manifest, and what no part claims (`other`: the threads' hand-offs, the glue)."""
+    measured = found["parts"]
+    parts = {
+        "start_up": found.get("start_up", 0.0),
+        "decode": found.get("decode", 0.0),
+        "engine_io": measured.get("engine_io", 0.0),
+        "encoders": measured.get("encoders", 0.0) + measured.get("lame", 0.0),
+        "lame": measured.get("lame", 0.0),
+        "analysis": measured.get("analysis", 0.0),
+        "model": measured.get("model", 0.0),
+        "upload": measured.get("upload", 0.0),
+    }
+    parts["other"] = total - sum(v for k, v in parts.items() if k != "lame")
+    parts["total"] = total
+    return parts
 
 
 def code_env(base: dict, job_root: Path) -> dict:
@@ -113,31 +141,49 @@ def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, 
                 "--output-dir",
                 str(work / "out"),
             ]
-            wall, first, cpu, out = measured_run(cmd, env, work / "thread-cpu.jsonl")
+            wall, first, cpu, out, parts = measured_run(
+                cmd, env, work / "thread-cpu.jsonl", work / "parts.json"
+            )
             result = json.loads(out.strip().splitlines()[-1])
             assert result["status"] == "completed", result
-            runs[label].append((wall, first, cpu, result["timings"]))
+            runs[label].append((wall, first, cpu, result["timings"], parts))
     figures = {}
     for label, found in runs.items():
         wall = median(r[0] for r in found)
         typical = min(found, key=lambda r: abs(r[0] - wall))
-        encoder_cpu = typical[2].get("encode", 0.0)
         extra = roots[label][1]
         outputs = len(extra["OUTPUTS"].split(",")) if "OUTPUTS" in extra else 6
+        parts = [r[4] for r in found if r[4] is not None]
+        cpu = {key: round(median(p[key] for p in parts), 3) for key in parts[0]} if parts else {}
+        lame = cpu.get("lame")
         figures[label] = {
             "floor_s": round(wall, 3),
             "floor_rtf": round(seconds / wall, 2),
             "first_window_s": round(median(r[1] for r in found), 3),
             "floor_runs_s": [round(r[0], 3) for r in found],
-            "cpu_s": typical[2],
+            # CPU seconds of the whole process and its children, by part (medians of the runs,
+            # each part's own: they need not add up to the median total exactly)
+            "cpu_s_by_part": cpu,
+            "cpu_s_runs": [round(r[2]["total"], 3) for r in found],
+            "cpu_s_by_thread": typical[2],
             "timings": typical[3],
             "outputs": outputs,
-            "encoder_x_realtime_per_core": round(outputs * seconds / encoder_cpu, 1)
-            if encoder_cpu
-            else None,
-            "floor_minus_encoders_s": round(wall - encoder_cpu / (os.cpu_count() or 1), 3),
+            "lame_x_realtime_per_core": round(outputs * seconds / lame, 1) if lame else None,
         }
     return {"floor_input_s": seconds, "mp3_quality_asked": quality, "floor": figures}
+
+
+def floor_table(figures: dict) -> str:
+    """The floor's CPU seconds by part, one column per variant, and the first window."""
+    floors = figures["floor"]
+    keys = list(next(iter(floors.values()))["cpu_s_by_part"])
+    lines = [f"{'CPU s by part':16}" + "".join(f"{label:>18}" for label in floors)]
+    for key in keys:
+        row = "".join(f"{found['cpu_s_by_part'].get(key, 0):18.2f}" for found in floors.values())
+        lines.append(f"{key:16}{row}")
+    row = "".join(f"{found['first_window_s']:18.2f}" for found in floors.values())
+    lines.append(f"{'first window s':16}{row}")
+    return "\n".join(lines)
 
 
 # -- encoders: LAME's quality setting, speed against fidelity ---------------------------------
@@ -279,7 +325,7 @@ def batch(
     # neither the run alone nor the drain pays for that check (job/separation/precision.py)
     run_process([sys.executable, "-m", "job", "prefetch-model"], env)
     # alone: one track, process start to exit, from a local file
-    wall_alone, first_alone, _, out = measured_run(
+    wall_alone, first_alone, _, out, _ = measured_run(
         [
             sys.executable,
             "-m",
@@ -335,7 +381,7 @@ def batch(
                 "IDLE_TIMEOUT_S": "5",
             }
         )
-        wall, first, cpu, _ = measured_run(
+        wall, first, cpu, _, _ = measured_run(
             [sys.executable, "-m", "job", "drain"], drain_env, work / "thread-cpu.jsonl"
         )
         done = [
