@@ -234,6 +234,10 @@ def cpu_side(args):
         print(bench_floor.floor_table(figures))
     if args.encoders:
         figures.update(bench_floor.encoders(10 if args.quick else 30))
+        for quality, found in figures["encoders"].items():
+            rise = found.get("max_band_rise_db_vs_q5")
+            print(f"{quality}: {found['x_realtime_per_core']:6.1f}x real time per core, ", end="")
+            print(f"coding noise per band at most {rise:+.2f} dB against q5")
     if args.batch:
         if args.batch_model == "floor":
             model = bench_floor.write_floor_model(work / "model-floor")
