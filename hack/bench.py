@@ -81,6 +81,9 @@ def main():
     )
     parser.add_argument("--batch-model", default="full", choices=["floor", "small", "full"])
     parser.add_argument(
+        "--batch-seconds", type=float, help="length of each --batch track (default 12, quick 6)"
+    )
+    parser.add_argument(
         "--encoders", action="store_true", help="LAME speed and fidelity per quality setting"
     )
     args = parser.parse_args()
@@ -244,7 +247,9 @@ def cpu_side(args):
         else:
             model = write_model_folder(work / f"model-{args.batch_model}", size=args.batch_model)
         figures.update(
-            bench_floor.batch(work, base, REPO, model, args.batch, 6 if args.quick else 12)
+            bench_floor.batch(
+                work, base, REPO, model, args.batch, args.batch_seconds or (6 if args.quick else 12)
+            )
         )
     print(json.dumps(figures, indent=1))
     print(json.dumps(figures))

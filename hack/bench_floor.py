@@ -3,8 +3,10 @@
 
 The floor is a whole `stem-job run` (process start to exit) with a model that costs nothing
 (hack/floor/floor_model.py: each source = mix/6), so what it measures is everything a GPU cannot
-make faster: start-up, decode, window I/O, overlap-add, the six encoders, manifest, upload.
-The measured process gets hack/floor/sitecustomize.py, which splits its CPU time by thread.
+make faster: start-up, decode, window I/O, overlap-add, the six encoders and their analysis,
+manifest, upload, result. It runs as the GPU deployments do (their STORAGE_MODE=gcs and results
+topic, on the local stand-ins). The measured process gets hack/floor/sitecustomize.py, which
+splits its CPU time by thread and by part.
 """
 
 import json
@@ -12,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
 
@@ -111,42 +114,90 @@ def code_env(base: dict, job_root: Path) -> dict:
     return dict(base, PYTHONPATH=os.pathsep.join([str(job_root), str(HERE / "floor")]))
 
 
+BUCKET = "bench-bucket"
+
+
+@contextmanager
+def stand_ins(work: Path, project: str = "stem-bench"):
+    """The deployments' storage and topics, local: fake-gcs-server with the stems bucket and the
+    Pub/Sub emulator with a results topic and a work subscription. Yields (the job's env for
+    them, the storage client, a function publishing one stem-separate message)."""
+    from emulators import (
+        GcsEmulator,
+        PubSubEmulator,
+        ensure_bucket,
+        ensure_subscription,
+        ensure_topic,
+    )
+
+    with (
+        PubSubEmulator(work / "pubsub", project).start() as pubsub,
+        GcsEmulator(work / "gcs", in_memory=True).start() as gcs,
+    ):
+        storage = gcs.client(project)
+        ensure_bucket(storage, BUCKET)
+        topic = ensure_topic(pubsub.publisher, project, "work")
+        ensure_subscription(pubsub.subscriber, project, "work-sub", topic, ack_deadline_s=60)
+        ensure_topic(pubsub.publisher, project, "results")
+        env = (
+            pubsub.env
+            | gcs.env
+            | {
+                "STORAGE_MODE": "gcs",
+                "GCS_BUCKET": BUCKET,
+                "PUBSUB_SUBSCRIPTION": "work-sub",
+                "PUBSUB_RESULTS_TOPIC": "results",
+            }
+        )
+
+        def publish(message: dict) -> None:
+            pubsub.publisher.publish(topic, json.dumps(message).encode()).result(timeout=30)
+
+        yield env, storage, publish
+
+
+def upload(storage, path: Path) -> str:
+    """`path` as an original in the stand-in bucket; its gs:// URI."""
+    storage.bucket(BUCKET).blob(f"originals/{path.name}").upload_from_filename(str(path))
+    return f"gs://{BUCKET}/originals/{path.name}"
+
+
+def run_command(uri: str, release: str, track: str) -> list:
+    return [sys.executable, "-P", "-m", "job", "run", "--input", uri] + [
+        "--release-id",
+        release,
+        "--track-id",
+        track,
+    ]
+
+
 def floor(work: Path, base_env: dict, roots: dict, seconds: float, repeat: int, quality: int):
-    """Alternated floor runs of each variant in `roots` ({label: (code tree, extra env)}); the
-    median run each."""
+    """Alternated floor runs of each variant in `roots` ({label: (code tree, extra env)}), each
+    as the deployments run it: the original in the stand-in bucket, the stems uploaded there,
+    the result published; the median run each."""
     from synthetic import music, write_audio
 
     model = write_floor_model(work / "model-floor")
     song = write_audio(work / f"floor-{int(seconds)}s.mp3", music(seconds, seed=5))
     runs = {label: [] for label in roots}
-    for number in range(repeat):
-        for label, (root, extra) in roots.items():
-            env = code_env(base_env, root) | {
-                "MODEL_DIR": str(model),
-                "MP3_QUALITY": str(quality),
-                **extra,
-            }
-            cmd = [
-                sys.executable,
-                "-P",
-                "-m",
-                "job",
-                "run",
-                "--input",
-                str(song),
-                "--release-id",
-                "floor",
-                "--track-id",
-                f"{label}{number}",
-                "--output-dir",
-                str(work / "out"),
-            ]
-            wall, first, cpu, out, parts = measured_run(
-                cmd, env, work / "thread-cpu.jsonl", work / "parts.json"
-            )
-            result = json.loads(out.strip().splitlines()[-1])
-            assert result["status"] == "completed", result
-            runs[label].append((wall, first, cpu, result["timings"], parts))
+    with stand_ins(work) as (cloud_env, storage, _):
+        uri = upload(storage, song)
+        for number in range(repeat):
+            for label, (root, extra) in roots.items():
+                env = code_env(base_env | cloud_env, root) | {
+                    "MODEL_DIR": str(model),
+                    "MP3_QUALITY": str(quality),
+                    **extra,
+                }
+                wall, first, cpu, out, parts = measured_run(
+                    run_command(uri, "floor", f"{label}{number}"),
+                    env,
+                    work / "thread-cpu.jsonl",
+                    work / "parts.json",
+                )
+                result = json.loads(out.strip().splitlines()[-1])
+                assert result["status"] == "completed", result
+                runs[label].append((wall, first, cpu, result["timings"], parts))
     figures = {}
     for label, found in runs.items():
         wall = median(r[0] for r in found)
@@ -357,17 +408,12 @@ def _decode(path: Path) -> np.ndarray:
 def batch(
     work: Path, base_env: dict, job_root: Path, model_dir: Path, tracks: int, seconds: float
 ) -> dict:
-    """N tracks in one `drain` against the Pub/Sub and GCS emulators vs one `run` alone."""
-    from emulators import (
-        GcsEmulator,
-        PubSubEmulator,
-        ensure_bucket,
-        ensure_subscription,
-        ensure_topic,
-    )
+    """N tracks in one `drain` vs one `run` alone, both against the stand-ins. The drain's
+    per-track wall against the run's CPU seconds says whether both cores stay busy in a batch
+    (0.5 on two cores: the CPU side of one track overlaps the next one's, nothing waits on the
+    GIL)."""
     from synthetic import music, write_audio
 
-    project = "stem-bench"
     songs = [
         write_audio(work / f"batch{i}.mp3", music(seconds, seed=20 + i)) for i in range(tracks)
     ]
@@ -375,69 +421,32 @@ def batch(
     # as an image build does: the model checked, and a bf16 CPU's fp32 check recorded, so that
     # neither the run alone nor the drain pays for that check (job/separation/precision.py)
     run_process([sys.executable, "-m", "job", "prefetch-model"], env)
-    # alone: one track, process start to exit, from a local file
-    wall_alone, first_alone, _, out, _ = measured_run(
-        [
-            sys.executable,
-            "-m",
-            "job",
-            "run",
-            "--input",
-            str(songs[0]),
-            "--release-id",
-            "alone",
-            "--track-id",
-            "t0",
-            "--output-dir",
-            str(work / "out"),
-        ],
-        env,
-        work / "thread-cpu.jsonl",
-    )
-    alone = json.loads(out.strip().splitlines()[-1])
-    with (
-        PubSubEmulator(work / "pubsub", project).start() as pubsub,
-        GcsEmulator(work / "gcs", in_memory=True).start() as gcs,
-    ):
-        storage = gcs.client(project)
-        bucket = ensure_bucket(storage, "bench-bucket")
-        topic = ensure_topic(pubsub.publisher, project, "work")
-        ensure_subscription(pubsub.subscriber, project, "work-sub", topic, ack_deadline_s=60)
-        ensure_topic(pubsub.publisher, project, "results")
-        for i, song in enumerate(songs):
-            bucket.blob(f"originals/{song.name}").upload_from_filename(str(song))
-            pubsub.publisher.publish(
-                topic,
-                json.dumps(
-                    {
-                        "jobId": f"job{i}",
-                        "releaseId": "rel",
-                        "trackId": f"trk{i}",
-                        "artistId": "a",
-                        "originalStemUri": f"gs://bench-bucket/originals/{song.name}",
-                        "mimeType": "audio/mpeg",
-                    }
-                ).encode(),
-            ).result(timeout=30)
-        drain_env = (
-            env
-            | pubsub.env
-            | gcs.env
-            | {
-                "STORAGE_MODE": "gcs",
-                "GCS_BUCKET": "bench-bucket",
-                "PUBSUB_SUBSCRIPTION": "work-sub",
-                "PUBSUB_RESULTS_TOPIC": "results",
-                "MAX_MESSAGES": str(tracks),
-                "IDLE_TIMEOUT_S": "5",
-            }
+    with stand_ins(work) as (cloud_env, storage, publish):
+        env = env | cloud_env
+        uris = [upload(storage, song) for song in songs]
+        # alone: one track, process start to exit
+        wall_alone, first_alone, cpu_alone, out, _ = measured_run(
+            run_command(uris[0], "alone", "t0"), env, work / "thread-cpu.jsonl"
         )
+        alone = json.loads(out.strip().splitlines()[-1])
+        for i, uri in enumerate(uris):
+            publish(
+                {
+                    "jobId": f"job{i}",
+                    "releaseId": "rel",
+                    "trackId": f"trk{i}",
+                    "artistId": "a",
+                    "originalStemUri": uri,
+                    "mimeType": "audio/mpeg",
+                }
+            )
+        drain_env = env | {"MAX_MESSAGES": str(tracks), "IDLE_TIMEOUT_S": "5"}
         wall, first, cpu, _, _ = measured_run(
-            [sys.executable, "-m", "job", "drain"], drain_env, work / "thread-cpu.jsonl"
+            [sys.executable, "-P", "-m", "job", "drain"], drain_env, work / "thread-cpu.jsonl"
         )
         done = [
             b
-            for b in storage.list_blobs("bench-bucket", prefix="stems/")
+            for b in storage.list_blobs(BUCKET, prefix="stems/rel/")
             if b.name.endswith("manifest.json")
         ]
         assert len(done) == tracks, f"{len(done)} of {tracks} tracks completed"
@@ -452,10 +461,12 @@ def batch(
             "drain_first_window_s": round(first, 3),
             "per_track_in_batch_s": round(per_track, 3),
             "alone_run_wall_s": round(wall_alone, 3),
+            "alone_run_cpu_s": cpu_alone["total"],
             "alone_first_window_s": round(first_alone, 3),
             "alone_separate_s": alone["timings"]["separate"],
             "ratio_batch_per_track_to_separate": round(per_track / alone["timings"]["separate"], 3),
             "ratio_batch_per_track_to_alone_run": round(per_track / wall_alone, 3),
+            "ratio_batch_per_track_to_alone_cpu": round(per_track / cpu_alone["total"], 3),
             "drain_cpu_s": cpu,
         }
     }

@@ -49,6 +49,8 @@ PARTS = {
     "job.separation.engine": {"Engine.separate": "engine_io", "TrackRun.load": "engine_io"},
     "job.separation.passes": {"Runner.run": "model"},
     "job.pipeline": {"_store": "upload"},
+    "job.storage.gcs": {"GcsStorage.upload": "upload"},  # in a pool of its own threads
+    "job.cli": {"finish_run": "upload"},  # the result printed and published
 }
 
 if _PATH:
