@@ -26,22 +26,15 @@ _PARTS_PATH = os.environ.get("STEM_BENCH_PARTS")
 # (hack/bench --floor --compare runs both); a name a tree lacks is skipped.
 PARTS = {
     "lameenc": {"Encoder": "lame"},
-    "job.audio.mp3": {
-        "Mp3Writer.write": "encoders",
-        "Mp3Writer.write_pcm": "encoders",
-        "Mp3Writer.close": "encoders",
-    },
+    "job.audio.mp3": {"Mp3Writer.write": "encoders", "Mp3Writer.close": "encoders"},
     "job.audio.encode": {
         "soft_limit": "encoders",
-        "limit_to_pcm": "encoders",
+        "magnitude": "encoders",
+        "to_pcm16": "encoders",
         "MixMeter.handle": "analysis",
         "MixMeter.close": "analysis",
     },
-    "job.analysis.peaks": {
-        "Peaks.add": "analysis",
-        "Peaks.add_pcm": "analysis",
-        "Peaks.write": "analysis",
-    },
+    "job.analysis.peaks": {"Peaks.add": "analysis", "Peaks.write": "analysis"},
     "job.analysis.loudness": {
         "LoudnessMeter.add": "analysis",
         "LoudnessMeter.result": "analysis",
