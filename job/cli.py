@@ -178,16 +178,9 @@ def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
     becomes a failed result too, so it is printed and, where it is final, published."""
     ids = messages.request_ids(request)
     try:
-        from job.separation.model import ModelCache
-
-        # once the request is valid, torch's import and the model's load start at once, beside
-        # everything else the track waits for (the job's own imports, the storage client and
-        # its checks, the download, the decode): the first window waits for the longer of the
-        # two, not for both. A bad request does not wait for it; a set found complete leaves
-        # without it (os._exit).
-        model_cache = ModelCache(settings)
-        model_cache.warm()
+        # imported once the request is valid: torch takes seconds, a bad request should not wait
         from job.pipeline import Job, process
+        from job.separation.model import ModelCache
 
         storage = runtime.make_storage(settings)
         runtime.preflight(
@@ -200,7 +193,7 @@ def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
         job = Job(
             settings,
             storage,
-            model_cache,
+            ModelCache(settings),
             cancel,
             on_progress=runtime.progress_reporter(settings, request),
             attempt=attempt.earlier,
