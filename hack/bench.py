@@ -70,7 +70,8 @@ def main():
     parser.add_argument(
         "--compare",
         metavar="TREE",
-        help="with --floor: alternate with the job package of another checkout",
+        help="with --floor: alternate with the job package of another checkout (--batch: "
+        "the same batch with it too)",
     )
     parser.add_argument("--quality", type=int, default=5, help="MP3_QUALITY of the floor runs")
     parser.add_argument(
@@ -246,11 +247,13 @@ def cpu_side(args):
             model = bench_floor.write_floor_model(work / "model-floor")
         else:
             model = write_model_folder(work / f"model-{args.batch_model}", size=args.batch_model)
-        figures.update(
-            bench_floor.batch(
-                work, base, REPO, model, args.batch, args.batch_seconds or (6 if args.quick else 12)
+        seconds = args.batch_seconds or (6 if args.quick else 12)
+        figures.update(bench_floor.batch(work, base, REPO, model, args.batch, seconds))
+        if args.compare:  # the same with the other checkout's job package
+            compared = bench_floor.batch(
+                work / "compared", base, Path(args.compare).resolve(), model, args.batch, seconds
             )
-        )
+            figures["batch_compared"] = compared["batch"]
     print(json.dumps(figures, indent=1))
     print(json.dumps(figures))
 

@@ -414,6 +414,7 @@ def batch(
     GIL)."""
     from synthetic import music, write_audio
 
+    work.mkdir(parents=True, exist_ok=True)
     songs = [
         write_audio(work / f"batch{i}.mp3", music(seconds, seed=20 + i)) for i in range(tracks)
     ]
