@@ -7,6 +7,7 @@ htdemucs_6s architecture with seeded random weights does the released model's co
 """
 
 import argparse
+import ctypes.util
 import json
 import os
 import shutil
@@ -213,6 +214,13 @@ def cpu_side(args):
         "host_load_1min": os.getloadavg()[0],
     }
     base = job_env(work, args.device)
+    if ctypes.util.find_library("tcmalloc_minimal") and "tcmalloc" not in base.get(
+        "LD_PRELOAD", ""
+    ):
+        # preloaded as the image does (ENV LD_PRELOAD), so the job does not re-execute itself
+        base["LD_PRELOAD"] = " ".join(
+            filter(None, ["libtcmalloc_minimal.so.4", base.get("LD_PRELOAD")])
+        )
     if args.floor:
         # the same job without the peaks/loudness analysis, and with two outputs (karaoke)
         roots = {
