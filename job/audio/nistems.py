@@ -69,7 +69,8 @@ class NiStemsWriter:
         for index, title in enumerate(TITLES):
             stream = self.container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
             stream.bit_rate = BITRATE
-            stream.disposition = av.stream.Disposition(1 if index == 0 else 0)  # 1: default
+            default = av.stream.Disposition.default
+            stream.disposition = default if index == 0 else av.stream.Disposition(0)
             stream.metadata["title"] = stream.metadata["handler_name"] = title
             self.streams.append(stream)
         self.samples = 0
