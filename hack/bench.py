@@ -7,6 +7,7 @@ htdemucs_6s architecture with seeded random weights does the released model's co
 """
 
 import argparse
+import ctypes.util
 import json
 import os
 import shutil
@@ -70,7 +71,8 @@ def main():
     parser.add_argument(
         "--compare",
         metavar="TREE",
-        help="with --floor: alternate with the job package of another checkout",
+        help="with --floor: alternate with the job package of another checkout (--batch: "
+        "the same batch with it too)",
     )
     parser.add_argument("--quality", type=int, default=5, help="MP3_QUALITY of the floor runs")
     parser.add_argument(
@@ -80,6 +82,9 @@ def main():
         help="N short tracks in one drain (emulators) vs one run alone",
     )
     parser.add_argument("--batch-model", default="full", choices=["floor", "small", "full"])
+    parser.add_argument(
+        "--batch-seconds", type=float, help="length of each --batch track (default 12, quick 6)"
+    )
     parser.add_argument(
         "--encoders", action="store_true", help="LAME speed and fidelity per quality setting"
     )
@@ -209,6 +214,13 @@ def cpu_side(args):
         "host_load_1min": os.getloadavg()[0],
     }
     base = job_env(work, args.device)
+    if ctypes.util.find_library("tcmalloc_minimal") and "tcmalloc" not in base.get(
+        "LD_PRELOAD", ""
+    ):
+        # preloaded as the image does (ENV LD_PRELOAD), so the job does not re-execute itself
+        base["LD_PRELOAD"] = " ".join(
+            filter(None, ["libtcmalloc_minimal.so.4", base.get("LD_PRELOAD")])
+        )
     if args.floor:
         # the same job without the peaks/loudness analysis, and with two outputs (karaoke)
         roots = {
@@ -223,22 +235,33 @@ def cpu_side(args):
                 work, base, roots, 20 if args.quick else 180, args.repeat, args.quality
             )
         )
-        floors = {label: found["floor_s"] for label, found in figures["floor"].items()}
-        figures["analysis_cost_s"] = round(floors["ours"] - floors["ours_no_analysis"], 3)
+        floors = figures["floor"]
+        cpu = {label: found["cpu_s_by_part"].get("total") for label, found in floors.items()}
+        figures["analysis_cost_cpu_s"] = round(cpu["ours"] - cpu["ours_no_analysis"], 3)
         if args.compare:
             figures["floor_ratio_ours_compared"] = round(
-                figures["floor"]["ours"]["floor_s"] / figures["floor"]["compared"]["floor_s"], 3
+                floors["ours"]["floor_s"] / floors["compared"]["floor_s"], 3
             )
+            figures["cpu_ratio_ours_compared"] = round(cpu["ours"] / cpu["compared"], 3)
+        print(bench_floor.floor_table(figures))
     if args.encoders:
         figures.update(bench_floor.encoders(10 if args.quick else 30))
+        for quality, found in figures["encoders"].items():
+            rise = found.get("max_band_rise_db_vs_q5")
+            print(f"{quality}: {found['x_realtime_per_core']:6.1f}x real time per core, ", end="")
+            print(f"coding noise per band at most {rise:+.2f} dB against q5")
     if args.batch:
         if args.batch_model == "floor":
             model = bench_floor.write_floor_model(work / "model-floor")
         else:
             model = write_model_folder(work / f"model-{args.batch_model}", size=args.batch_model)
-        figures.update(
-            bench_floor.batch(work, base, REPO, model, args.batch, 6 if args.quick else 12)
-        )
+        seconds = args.batch_seconds or (6 if args.quick else 12)
+        figures.update(bench_floor.batch(work, base, REPO, model, args.batch, seconds))
+        if args.compare:  # the same with the other checkout's job package
+            compared = bench_floor.batch(
+                work / "compared", base, Path(args.compare).resolve(), model, args.batch, seconds
+            )
+            figures["batch_compared"] = compared["batch"]
     print(json.dumps(figures, indent=1))
     print(json.dumps(figures))
 

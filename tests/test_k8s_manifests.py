@@ -43,7 +43,7 @@ KUSTOMIZATIONS = sorted(
 )
 COMPONENTS = sorted(path.parent for path in (K8S / "components").glob("*/kustomization.yaml"))
 EXAMPLE = K8S / "overlays" / "example"  # what an operator copies and fills in
-GPU_VARIANTS = {"base", "spot", "gcp-pubsub", "example"}
+GPU_VARIANTS = {"base", "spot", "gcp-pubsub", "batch", "example"}
 
 
 def render(directory: Path) -> list:
@@ -106,6 +106,7 @@ VARIANT_COMPONENTS = {
     "spot": ["spot"],
     "gcp-pubsub": ["gcp-pubsub"],
     "cpu": ["cpu"],
+    "batch": ["batch"],
     "all": [c.name for c in COMPONENTS],
 }
 
@@ -275,8 +276,8 @@ def container(objects):
 # -- tests ----------------------------------------------------------------------------------------
 def test_the_expected_kustomizations_exist():
     names = {name_of(d) for d in KUSTOMIZATIONS}
-    assert names == {"base", "spot", "gcp-pubsub", "cpu", "example"}
-    assert {name_of(d) for d in COMPONENTS} == {"spot", "gcp-pubsub", "cpu"}
+    assert names == {"base", "spot", "gcp-pubsub", "cpu", "batch", "example"}
+    assert {name_of(d) for d in COMPONENTS} == {"spot", "gcp-pubsub", "cpu", "batch"}
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
@@ -320,16 +321,24 @@ def test_all_components_compose(tmp_path):
     spec = pod_spec(objects)
     assert spec["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
     assert "nvidia.com/gpu" not in container(objects)["resources"]["limits"]
-    assert one(objects, "ScaledJob")["spec"]["triggers"][0]["type"] == "gcp-pubsub"
+    [trigger] = one(objects, "ScaledJob")["spec"]["triggers"]
+    batch = one(objects, "ConfigMap")["data"]["MAX_MESSAGES"]
+    assert trigger["type"] == "gcp-pubsub" and trigger["metadata"]["value"] == batch != "1"
+    assert container(objects)["args"] == ["drain"]
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=name_of)
 def test_job_runs_drain_one_message_and_fails_fast_on_bad_input(directory):
+    """One message per Job, the default shape; components/batch drains MAX_MESSAGES of them."""
     objects = rendered(directory)
     job = one(objects, "ScaledJob")["spec"]["jobTargetRef"]
     spec, main = pod_spec(objects), container(objects)
     assert main.get("command") is None, "the image's ENTRYPOINT is stem-job"
-    assert main["args"] == ["drain", "--max-messages", "1"]
+    if name_of(directory) == "batch":
+        assert main["args"] == ["drain"], "the batch size comes from MAX_MESSAGES"
+        assert settings_of(directory).max_messages > 1
+    else:
+        assert main["args"] == ["drain", "--max-messages", "1"]
     assert spec["restartPolicy"] == "Never", "podFailurePolicy requires restartPolicy Never"
     assert job["parallelism"] == 1 and job["completions"] == 1
     assert 0 < job["backoffLimit"] <= 3
@@ -377,7 +386,7 @@ def test_identity_and_environment(directory):
     assert set(data) <= set(ENV), f"unknown variables: {set(data) - set(ENV)}"
     settings = load_settings(data)  # raises ConfigError on any invalid value
     assert settings.processing_mode == "pubsub" and settings.storage_mode == "gcs"
-    assert settings.max_messages == 1
+    assert settings.max_messages == (5 if name_of(directory) == "batch" else 1)
     assert settings.device == ("cpu" if name_of(directory) == "cpu" else "cuda")
 
     context = spec["securityContext"]
@@ -464,10 +473,12 @@ def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory
     assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
     assert auth["spec"] == {"podIdentity": {"provider": "gcp"}}, "Workload Identity, no keys"
     meta = trigger["metadata"]
+    # one Job per batch of undelivered messages: the Job's batch size is the trigger's target
+    batch = one(objects, "ConfigMap")["data"]["MAX_MESSAGES"]
     if name_of(directory) == "gcp-pubsub":
         assert trigger["type"] == "gcp-pubsub"
         assert meta["subscriptionName"] == f"projects/{project}/subscriptions/{subscription}"
-        assert meta["value"] == "1"
+        assert meta["value"] == batch == "1"
     else:
         assert trigger["type"] == "prometheus"
         assert meta["serverAddress"] == (
@@ -475,7 +486,7 @@ def test_scaling_trigger_reads_the_subscription_with_workload_identity(directory
         )
         assert "pubsub_googleapis_com:subscription_num_undelivered_messages" in meta["query"]
         assert f'subscription_id="{subscription}"' in meta["query"]
-        assert meta["threshold"] == "1"
+        assert meta["threshold"] == batch == ("5" if name_of(directory) == "batch" else "1")
         # GCP workload identity is the only auth the scaler may use for Google's endpoint.
         assert "authModes" not in meta
 
@@ -514,15 +525,32 @@ def test_the_tracked_manifests_name_no_project_until_filled_in():
             assert google_name_problems(rendered(directory)), directory
 
 
-def test_values_listed_after_a_trigger_component_fails_to_render(tmp_path):
-    """Out of order, kustomize must refuse rather than deploy a trigger with a placeholder."""
-    copy = copy_of_example(
-        tmp_path, lambda copy: [os.path.relpath(K8S / "components" / "gcp-pubsub", copy), "values"]
-    )
+def fails_to_render(copy: Path) -> bool:
+    """kustomize refuses `copy`, on a field a component expects and does not find."""
     out = subprocess.run(
         [shutil.which("kubectl"), "kustomize", str(copy)],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert out.returncode != 0 and "unable to find field" in out.stderr
+    return out.returncode != 0 and "unable to find field" in out.stderr
+
+
+def test_batch_listed_after_the_gcp_pubsub_trigger_fails_to_render(tmp_path):
+    """Out of order, the batch size would not reach the trigger: kustomize must refuse."""
+    copy = copy_of_example(
+        tmp_path,
+        lambda copy: (
+            ["values"]
+            + [os.path.relpath(K8S / "components" / c, copy) for c in ("gcp-pubsub", "batch")]
+        ),
+    )
+    assert fails_to_render(copy)
+
+
+def test_values_listed_after_a_trigger_component_fails_to_render(tmp_path):
+    """Out of order, kustomize must refuse rather than deploy a trigger with a placeholder."""
+    copy = copy_of_example(
+        tmp_path, lambda copy: [os.path.relpath(K8S / "components" / "gcp-pubsub", copy), "values"]
+    )
+    assert fails_to_render(copy)

@@ -21,6 +21,7 @@ from job.audio.encode import MixMeter, StemEncoder
 from job.errors import JobError
 from job.manifest import is_silent
 from job.messages import STEMS
+from job.pcm import to_pcm16
 
 RATE = 44100
 
@@ -109,8 +110,9 @@ def test_peaks_streamed_in_odd_blocks_are_audiowaveforms(samples_per_pixel, bits
     for start, size in zip(
         np.r_[0, np.cumsum([1, 255, 3000, 7])], [1, 255, 3000, 7, 10**6], strict=False
     ):
-        peaks.add(signal[:, start : start + size])
+        peaks.add(to_pcm16(signal[:, start : start + size]))
     samples = np.rint(np.clip(signal, -1, 1) * 32767).astype(np.int16).T
+    assert np.array_equal(to_pcm16(signal), samples)  # the samples LAME is given, too
     assert peaks.result()["data"] == reference_peaks(samples, samples_per_pixel, bits, split)
 
 

@@ -24,8 +24,11 @@ class MixShare(torch.nn.Module):
         self.segment = segment
 
     def forward(self, mix):
-        # divided once, then a view: the model's own cost stays near nothing
-        return (mix / len(self.sources))[:, None].expand(-1, len(self.sources), -1, -1)
+        # divided once, then copied out: the output is a whole (batch, sources, 2, n) array, as
+        # a real model's (or its copy back from a GPU) is, so that nothing downstream reads a
+        # broadcast view a real model never gives; the model's own cost stays near nothing
+        share = (mix / len(self.sources))[:, None]
+        return share.expand(-1, len(self.sources), -1, -1).contiguous()
 
 
 def write_floor_model(folder, name: str = "htdemucs_6s") -> Path:

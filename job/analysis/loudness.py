@@ -32,7 +32,9 @@ class LoudnessMeter:
         self.source = self.graph.add_abuffer(
             sample_rate=SAMPLE_RATE, format="fltp", layout="stereo", channels=2
         )
-        meter = self.graph.add("ebur128", "metadata=1")
+        # metadata: the running figures ride on every 100 ms frame out; framelog=quiet: no log
+        # line per frame
+        meter = self.graph.add("ebur128", "metadata=1:framelog=quiet")
         self.sink = self.graph.add("abuffersink")
         self.source.link_to(meter)
         meter.link_to(self.sink)
@@ -52,13 +54,16 @@ class LoudnessMeter:
         self.true_peak.add(block)
 
     def _drain(self) -> None:
+        """Pull what the meter let through; only the last frame's figures are read (they are
+        running figures: the integrated loudness so far), not every 100 ms frame's."""
+        last = None
         while True:
             try:
-                frame = self.sink.pull()
+                last = self.sink.pull()
             except (av.BlockingIOError, av.EOFError):
                 break
-            if frame.metadata:
-                self.last.update(frame.metadata)
+        if last is not None and last.metadata:
+            self.last.update(last.metadata)
 
     def result(self) -> dict:
         """{"loudnessLufs", "truePeakDbtp"}: None where the stream is silent."""

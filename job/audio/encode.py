@@ -6,7 +6,9 @@ Stems can exceed full scale (the model does not bound them). Integer formats (MP
 louder ones are bent smoothly towards full scale (tanh knee) instead of being hard-clipped,
 so there is no square-wave distortion; the manifest counts how many samples were limited.
 WAV output is 32-bit float and keeps every sample as the model produced it. Peaks and loudness
-describe the file as written: after the limiter.
+describe the file as written: after the limiter. The 16-bit samples are made once per block, for
+LAME and the peaks alike, and a block that stays under the knee (most of them) is never searched
+for samples to bend.
 """
 
 import queue
@@ -21,9 +23,16 @@ from job.analysis.peaks import Peaks
 from job.audio.mp3 import Mp3Writer
 from job.audio.nistems import SUFFIX, NiStemsWriter
 from job.outputs import NI_STEMS
-from job.pcm import CHANNELS, SAMPLE_RATE
+from job.pcm import CHANNELS, SAMPLE_RATE, to_pcm16
 
 KNEE = 0.9
+
+
+def magnitude(block: np.ndarray) -> float:
+    """The largest |sample| of a block (0 when empty), without an |block| copy."""
+    if not block.size:
+        return 0.0
+    return max(float(block.max()), -float(block.min()))
 
 
 def soft_limit(block: np.ndarray) -> tuple[np.ndarray, int]:
@@ -122,8 +131,9 @@ class StemEncoder(BlockWorker):
     ):
         self.path = Path(path)
         self.limit = fmt != "wav"
+        self.mp3 = fmt == "mp3"  # fed 16-bit samples; the others the float block
         self.writer = (
-            Mp3Writer(path, bitrate_kbps, quality) if fmt == "mp3" else SoundfileWriter(path, fmt)
+            Mp3Writer(path, bitrate_kbps, quality) if self.mp3 else SoundfileWriter(path, fmt)
         )
         self.peaks = peaks
         self.meter = LoudnessMeter() if peaks is not None else None
@@ -134,14 +144,17 @@ class StemEncoder(BlockWorker):
         super().__init__(f"encode-{self.path.stem}")
 
     def handle(self, block):
-        self.peak = max(self.peak, float(np.abs(block).max(initial=0.0)))
+        peak = magnitude(block)
+        self.peak = max(self.peak, peak)
         self.samples += block.shape[-1]
-        if self.limit:
+        if self.limit and peak > KNEE:
             block, count = soft_limit(block)
             self.limited += count
-        self.writer.write(block)
+            peak = 1.0  # at most, once bent
+        pcm = to_pcm16(block, peak) if self.mp3 or self.peaks is not None else None
+        self.writer.write(pcm if self.mp3 else block)
         if self.peaks is not None:
-            self.peaks.add(block)
+            self.peaks.add(pcm)
             self.meter.add(block)
 
     def close(self) -> dict:

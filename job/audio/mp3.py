@@ -76,7 +76,7 @@ def count_frames(handle, start: int) -> int:
 
 
 class Mp3Writer:
-    """Streams float stereo blocks into one gapless CBR MP3 file."""
+    """Streams 16-bit stereo blocks into one gapless CBR MP3 file."""
 
     def __init__(self, path, bitrate_kbps: int, quality: int):
         self.path = path
@@ -91,11 +91,10 @@ class Mp3Writer:
         self.reserved = len(info_frame(bitrate_kbps, 0, 0, 0))
         self.handle.write(bytes(self.reserved))
 
-    def write(self, block: np.ndarray) -> None:
-        """`block`: (2, n) float in [-1, 1] (limit before calling)."""
-        pcm = np.round(block.T * 32767.0).astype("<i2")
+    def write(self, pcm: np.ndarray) -> None:
+        """`pcm`: (n, 2) interleaved int16 (job.pcm.to_pcm16; limit before converting)."""
         self.samples += len(pcm)
-        self.handle.write(self.encoder.encode(pcm.tobytes()))
+        self.handle.write(self.encoder.encode(np.ascontiguousarray(pcm, "<i2")))
 
     def close(self) -> None:
         if self.samples:  # LAME refuses to flush an encoder that was never fed

@@ -180,7 +180,11 @@ class TrackRun:
         if pending.event is not None:
             pending.event.synchronize()
         out = pending.outputs.numpy()
-        bad = ~np.isfinite(out.reshape(out.shape[0], -1)).all(1)
+        # a window's sum is finite when all its samples are (one read, no mask); only a window
+        # whose sum is not, NaN/Inf or a sum past float32's range, is looked at sample by sample
+        bad = ~np.isfinite(out.reshape(out.shape[0], -1).sum(1))
+        if bad.any():
+            bad[bad] = ~np.isfinite(out[bad].reshape(int(bad.sum()), -1)).all(1)
         for index in np.flatnonzero(bad):
             redo = self.engine.passes.forward(
                 pending.model, pending.inputs[index : index + 1], "fp32"
