@@ -86,7 +86,9 @@ def start(
     upload, the manifest) as a Finishing: the model is free once this returns, so a drain
     separates its next track while this one finishes in another thread."""
     finishing = Finishing(request, job, fetch or job.fetch(request, trusted))
-    finishing.step(lambda: _process(request, job, finishing.fetch, finishing.timings))
+    finishing.step(
+        lambda: _process(request, job, finishing.fetch, finishing.timings, finishing.engine)
+    )
     return finishing
 
 
@@ -96,6 +98,7 @@ class Finishing:
     def __init__(self, request, job: Job, fetch: Intake):
         self.request, self.job, self.fetch = request, job, fetch
         self.timings = fetch.timings
+        self.engine = {}  # the engine's figures for this track, recorded when it separated
         self.started = time.monotonic()
         self.rest = None  # the remaining step; None once there is none
         self.outcome = None
@@ -146,7 +149,7 @@ class Finishing:
         self.fetch.close()
         self.timings["total"] = round(time.monotonic() - self.started, 3)
         if self.outcome is not None:
-            log_summary(self.request, self.outcome, self.job, self.fetch)
+            log_summary(self.request, self.outcome, self.job, self.fetch, self.engine)
         self.fetch = None
 
     def result(self) -> dict:
@@ -161,18 +164,16 @@ def labels(request: messages.JobRequest) -> dict:
     return {key: value for key, value in messages.request_ids(request).items() if value}
 
 
-def peak_memory_mb(model_cache: "ModelCache") -> dict:
-    peak = {"peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if model_cache.loaded and model_cache.device.type == "cuda":  # never imports torch by itself
-        import torch
-
-        peak["peakGpuMemoryMb"] = round(
-            torch.cuda.max_memory_allocated(model_cache.device) / 2**20, 1
-        )
-    return peak
+def peak_memory_mb(engine: dict) -> dict:
+    """This process's peak RSS, and the device's peak during this track's separation as the
+    engine recorded it (read later, the device's counter may already be the next track's)."""
+    return {
+        "peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peakGpuMemoryMb": engine.get("devicePeakMb"),
+    }
 
 
-def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
+def log_summary(request, result: dict, job: Job, fetch: Intake, engine: dict) -> None:
     """One line per job with the figures of the result: log-based metrics chart these."""
     timings = result.get("timings", {})
     error = result.get("error") or {}
@@ -189,7 +190,7 @@ def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
         "errorCode": error.get("code"),
         "retryable": error.get("retryable"),
         "fetchedAhead": fetch.ahead,
-        **peak_memory_mb(job.model_cache),
+        **peak_memory_mb(engine),
     }
     stages = " ".join(f"{k}={v}s" for k, v in timings.items())
     log.info(
@@ -204,7 +205,7 @@ def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
     )
 
 
-def _process(request, job: Job, fetch: Intake, timings: dict) -> dict:
+def _process(request, job: Job, fetch: Intake, timings: dict, record: dict) -> dict:
     s, storage = job.settings, job.storage
     outputs = messages.outputs_of(request, s)
     fetched = fetch.wait()
@@ -222,7 +223,10 @@ def _process(request, job: Job, fetch: Intake, timings: dict) -> dict:
     decoded, scratch = fetched.decoded, fetched.scratch
     progress = Progress(request.job_id, job.on_progress)
     separator = job.model_cache.engine()
-    finish_encoders = _separate(decoded, separator, scratch, s, job, progress, timings, outputs)
+    finish_encoders, engine = _separate(
+        decoded, separator, scratch, s, job, progress, timings, outputs
+    )
+    record.update(engine)  # this track's, whatever the engine does next
     return lambda: _store(request, job, fetched, separator, finish_encoders(), timings, outputs)
 
 
@@ -299,13 +303,14 @@ def _separate(
     """Run the engine, feeding each finished block to the concurrent encoders (and the input's
     own blocks to the mix's loudness meter). Returns a function that waits for the encoders'
     tail and returns the files to upload ({output: audio, "OUTPUT.peaks": peaks}), each
-    output's figures, the mix's loudness figures and the engine's."""
+    output's figures, the mix's loudness figures and the engine's; and the engine's figures."""
     encoders = open_encoders(scratch, outputs, s)
-    picks = pickers(separator.sources, outputs)
-    reader = audio.RawReader(decoded)
-    mix_reader = audio.RawReader(decoded) if s.output_analysis else None
-    workers = dict(encoders, **({"mix": MixMeter()} if mix_reader else {}))
+    workers, reader, mix_reader = dict(encoders), None, None
     try:
+        picks = pickers(separator.sources, outputs)
+        reader = audio.RawReader(decoded)
+        if s.output_analysis:
+            mix_reader, workers["mix"] = audio.RawReader(decoded), MixMeter()
 
         def emit(start, block):
             for name, encoder in encoders.items():
@@ -327,9 +332,9 @@ def _separate(
         _wait_for_encoders(workers, timings)  # the separation's error is the one reported
         raise
     finally:
-        reader.close()
-        if mix_reader is not None:
-            mix_reader.close()
+        for opened in (reader, mix_reader):
+            if opened is not None:
+                opened.close()
         progress.close()
     probe = separator.probe_db  # None: not probed; -inf (not JSON): reduced was not finite
     engine = {
@@ -352,7 +357,7 @@ def _separate(
                 files[f"{name}.peaks"] = encoder.peaks_path
         return files, stats, stats.pop("mix", None), engine
 
-    return encoded
+    return encoded, engine
 
 
 def _wait_for_encoders(workers: dict, timings) -> tuple[dict, list]:

@@ -9,6 +9,7 @@ WAV output is 32-bit float and keeps every sample as the model produced it. Peak
 describe the file as written: after the limiter.
 """
 
+import contextlib
 import queue
 import threading
 from pathlib import Path
@@ -156,7 +157,8 @@ class StemEncoder(BlockWorker):
 
 
 def open_encoders(folder: Path, outputs, settings) -> dict:
-    """{output: StemEncoder} writing FOLDER/OUTPUT.FORMAT as `settings` say."""
+    """{output: StemEncoder} writing FOLDER/OUTPUT.FORMAT as `settings` say; when one cannot
+    be opened, those opened before it are stopped before the error is raised."""
 
     def peaks():
         if settings.output_analysis:
@@ -166,9 +168,19 @@ def open_encoders(folder: Path, outputs, settings) -> dict:
         return None
 
     fmt = settings.output_format
-    return {
-        name: StemEncoder(
-            Path(folder) / f"{name}.{fmt}", fmt, settings.mp3_bitrate, settings.mp3_quality, peaks()
-        )
-        for name in outputs
-    }
+    encoders = {}
+    try:
+        for name in outputs:
+            encoders[name] = StemEncoder(
+                Path(folder) / f"{name}.{fmt}",
+                fmt,
+                settings.mp3_bitrate,
+                settings.mp3_quality,
+                peaks(),
+            )
+    except BaseException:  # the ones already running would wait on their queues forever
+        for encoder in encoders.values():
+            with contextlib.suppress(Exception):  # the opening error is the one reported
+                encoder.finish()
+        raise
+    return encoders
