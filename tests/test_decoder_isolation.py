@@ -7,7 +7,7 @@ function the child calls) against real listeners and real files."""
 import json
 import os
 import signal
-import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -26,26 +26,22 @@ from job.errors import Cancel, JobError
 REFUSED = ("not_audio", "corrupt_audio")
 
 
-class Listener:
-    """A TCP listener on loopback counting the connections it is offered."""
+class Listener(socketserver.TCPServer):
+    """A TCP listener on loopback counting the connections it is offered (and closing them)."""
 
     def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
 
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            connection.close()
+    def verify_request(self, request, client_address):
+        self.accepted += 1
+        return False
 
     def close(self):
-        self.sock.close()
+        self.shutdown()
+        self.server_close()
 
 
 @pytest.fixture
@@ -101,6 +97,28 @@ def test_the_childs_fences_are_tried_and_logged_once_by_its_parent(tmp_path):
     assert "decoding child fenced" in lines[0], lines[0]
     for fence in ("network refused", "parentEnviron refused", "writes refused", "seccomp loaded"):
         assert fence in lines[0], lines[0]
+
+
+def test_where_seccomp_is_refused_the_job_runs_on_and_says_what_held(tmp_path):
+    """A sandbox whose own filter refuses seccomp (as a stricter profile than Docker's may):
+    the decode still completes, and the parent warns once which fences did not hold."""
+    song = write_audio(tmp_path / "a.flac", music(2.0, seed=4))
+    program = (
+        "import errno, logging, sys, pyseccomp as s;"
+        "f = s.SyscallFilter(s.ALLOW); f.add_rule(s.ERRNO(errno.EPERM), 'seccomp');"
+        "f.add_rule(s.ERRNO(errno.EPERM), 'prctl', s.Arg(0, s.EQ, 22)); f.load();"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
+        "from job.audio.child import decode_aside;"
+        f"print(decode_aside({str(song)!r}, {str(tmp_path / 'mix.f32')!r}, 60).length)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == str(2 * 44100), "the decode completed"
+    lines = [line for line in done.stdout.splitlines() if "decoding child" in line]
+    assert len(lines) == 1 and lines[0].startswith("WARNING"), done.stdout
+    assert "seccomp refused" in lines[0] and "network open" in lines[0], lines[0]
 
 
 def playlists(folder, port) -> dict:

@@ -7,11 +7,10 @@ in demucs' safetensors format, so the real `get_model("htdemucs_6s")` path reads
 """
 
 import json
-from pathlib import Path
 
 from conftest import last_json, run_job
 from safetensors.torch import save_file
-from synthetic import build_model, write_model_folder
+from synthetic import build_model
 
 from job.errors import EXIT_CONFIG, EXIT_OK
 
@@ -73,24 +72,3 @@ def test_uncached_model_offline_is_one_line_naming_model_dir_and_prefetch(
             proc.stderr
         )
         assert "Traceback" not in proc.stderr
-
-
-def test_the_precision_verdict_goes_to_the_cache_never_the_model_folder(job_env_for, tmp_path):
-    """The model folder holds pickles torch.load runs: the job keeps nothing of its own there
-    (the image makes it read-only to the job), so the verdict goes under XDG_CACHE_HOME.
-    These machines' CPUs have bf16 (avx512_bf16), so `auto` checks it and records a verdict."""
-    model = write_model_folder(tmp_path / "model")
-    before = sorted(path.name for path in model.iterdir())
-    env = job_env_for(MODEL_DIR=model, XDG_CACHE_HOME=tmp_path / "cache", PRECISION="auto")
-    proc = run_job(["prefetch-model"], env)
-    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
-    checked = "reduced precision agrees" in proc.stdout
-    assert checked == bf16_cpu(), proc.stdout
-    assert sorted(path.name for path in model.iterdir()) == before
-    verdicts = list((tmp_path / "cache" / "stem-job").glob("precision-check-*.json"))
-    assert len(verdicts) == int(checked)
-
-
-def bf16_cpu() -> bool:
-    flags = Path("/proc/cpuinfo").read_text()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
