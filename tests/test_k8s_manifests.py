@@ -3,7 +3,7 @@
 No cluster here, so "right" is checked as far as offline tools allow: every kustomization
 renders with `kubectl kustomize`; every core object validates strictly against the Kubernetes
 OpenAPI schemas (kubernetes-validate), the ScaledJob's Job template included; every KEDA object
-validates against KEDA's own CRD schemas (../shared/reference/keda-crds, unknown fields refused);
+validates against KEDA's own CRD schemas (tests/data/keda-crds, unknown fields refused);
 and the values the job's contract depends on (exit codes, command, identity, env) are checked
 against the code that defines them. What an operator deploys is rendered too, as the docs have
 them do it (a copy of overlays/example, their values in it, the components after them): its
@@ -32,7 +32,7 @@ from job.intake import CANCELLED_FETCH_WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-KEDA_CRDS = REPO.parent / "shared" / "reference" / "keda-crds"
+KEDA_CRDS = REPO / "tests" / "data" / "keda-crds"  # vendored: SOURCE.txt there
 # podFailurePolicy is GA from 1.31: the oldest version we claim, and the newest we can check.
 K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())
 
@@ -217,7 +217,7 @@ def strict_schema(node):
 
 @functools.cache
 def keda_schemas() -> dict:
-    assert KEDA_CRDS.is_dir(), f"KEDA CRDs not found at {KEDA_CRDS} (shared/ beside the clone)"
+    assert KEDA_CRDS.is_dir(), f"KEDA CRDs not found at {KEDA_CRDS}"
     schemas = {}
     for path in KEDA_CRDS.glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())
