@@ -32,7 +32,6 @@ from test_cloudrun import (
 )
 
 from job.dispatcher import create_app, load_dispatcher_settings
-from job.dispatcher.app import MAX_BODY_BYTES
 from job.dispatcher.auth import PushTokens
 from job.dispatcher.dedupe import MemoryMarkers
 from job.errors import ConfigError
@@ -279,7 +278,7 @@ def test_a_body_over_the_bound_is_refused_before_it_is_read(
     assert declared.startswith("HTTP/1.1 413"), declared
     # streamed without a length: refused at the first chunk over the bound
     chunk = b"x" * 65536
-    over = MAX_BODY_BYTES // len(chunk) + 2
+    over = (2 << 20) // len(chunk)  # 2 MiB: twice the bound the README names
     body = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") * over + b"0\r\n\r\n"
     streamed = raw_post(url, f"POST /pubsub HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n", body)
     assert streamed.startswith("HTTP/1.1 413"), streamed
