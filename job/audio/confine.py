@@ -90,6 +90,7 @@ PROCESSES = (
 )
 SELF_ONLY = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")  # first argument: a pid
 NOT_THERE = ("openat2", "clone3")  # arguments behind a pointer: callers fall back to the old call
+PROBED = ("network", "parentEnviron", "writes")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -124,6 +125,7 @@ def _filter():
     import pyseccomp as seccomp  # loads libseccomp; ImportError/RuntimeError where it is absent
 
     rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    rules.set_attr(seccomp.Attr.CTL_TSYNC, 1)  # every thread of the process, not just this one
     refuse = seccomp.ERRNO(errno.EACCES)
 
     def add(action, name, *args):
@@ -145,7 +147,8 @@ def _filter():
 
 
 def confine() -> dict:
-    """Fence this process in (see the module docstring); what was put in place, by fence."""
+    """Fence this process in (see the module docstring); what was put in place, by fence.
+    Call it before any thread starts: capabilities are per thread."""
     done = {"capabilities": drop_capabilities()}
     try:
         _filter().load()
@@ -178,6 +181,3 @@ def describe(found: dict) -> tuple[bool, str]:
         str(found.get(name, "")).startswith("refused") for name in PROBED
     )
     return held, ", ".join(f"{name} {value}" for name, value in found.items())
-
-
-PROBED = ("network", "parentEnviron", "writes")
