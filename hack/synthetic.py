@@ -1,9 +1,11 @@
 """Seeded stand-ins for what cannot be downloaded here: models and music-like audio.
 
-`write_model_folder` saves an HTDemucs with htdemucs_6s' sources and seeded random
-weights as a demucs local repo (NAME.yaml + SIG.th), loaded by the same `get_model(name,
-repo=...)` path as the released model. "full" has the released architecture (same compute),
-"small" is the fast model the tests use (same 7.8 s windows). Used by tests and hack/bench.
+`write_model_folder` saves demucs models with seeded random weights as a demucs local repo
+(NAME.yaml + SIG.th), loaded by the same `get_model(name, repo=...)` path as the released ones:
+by default an HTDemucs with htdemucs_6s' sources, "full" with the released architecture (same
+compute), "small" the fast model the tests use (same 7.8 s windows). Any sources, a bag of
+several models with per-source weights (as htdemucs_ft), and small HDemucs (v3) and Demucs (v2)
+models are made the same way. Used by tests and hack/bench.
 """
 
 from fractions import Fraction
@@ -16,36 +18,93 @@ from job.pcm import SAMPLE_RATE
 from job.separation.precision import music  # noqa: F401  (one definition: the probe signal)
 
 SOURCES = ["drums", "bass", "other", "vocals", "guitar", "piano"]
+FOUR = ["drums", "bass", "other", "vocals"]  # htdemucs' and htdemucs_ft's sources
 ARCHITECTURES = {
     "full": {"bottom_channels": 512, "dconv_mode": 3, "t_layers": 5},
     "small": {"channels": 8, "depth": 4, "t_layers": 1, "t_heads": 2},
+    # the other architectures get_model loads (small, with short windows)
+    "hdemucs": {"channels": 4, "nfft": 1024, "depth": 4, "segment": 4},
+    "demucs": {"channels": 8, "depth": 4, "segment": 4},
 }
 
 
-def build_model(size: str = "small", seed: int = 0):
+def model_class(size: str):
+    from demucs.demucs import Demucs
+    from demucs.hdemucs import HDemucs
     from demucs.htdemucs import HTDemucs
 
+    return {"hdemucs": HDemucs, "demucs": Demucs}.get(size, HTDemucs)
+
+
+def build_model(size: str = "small", seed: int = 0, sources=SOURCES):
     torch.manual_seed(seed)
-    kwargs = dict(sources=SOURCES, segment=Fraction(39, 5), **ARCHITECTURES[size])
-    return HTDemucs(**kwargs).eval(), kwargs
+    kwargs = dict(sources=list(sources), **ARCHITECTURES[size])
+    kwargs.setdefault("segment", Fraction(39, 5))
+    return model_class(size)(**kwargs).eval(), kwargs
 
 
 def write_model_folder(
-    folder, name: str = "htdemucs_6s", size: str = "small", seed: int = 0
+    folder,
+    name: str = "htdemucs_6s",
+    size: str = "small",
+    seed: int = 0,
+    sources=SOURCES,
+    weights=None,
 ) -> Path:
-    """A demucs local repo holding `name` (a bag of one seeded model)."""
-    from demucs.htdemucs import HTDemucs
-
+    """A demucs local repo holding `name`: a bag of one seeded model, or with `weights` (one
+    list of per-source weights per model, as in htdemucs_ft.yaml) of as many models, seeded
+    seed, seed + 1, ..."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model, kwargs = build_model(size, seed)
-    signature = f"synthetic{size}{seed}"
-    torch.save(
-        {"klass": HTDemucs, "args": (), "kwargs": kwargs, "state": model.state_dict()},
-        folder / f"{signature}.th",
-    )
-    (folder / f"{name}.yaml").write_text(f"models: ['{signature}']\n")
+    suffix = "" if list(sources) == SOURCES else "_" + "".join(s[0] for s in sources)
+    signatures = []
+    for member in range(len(weights) if weights else 1):
+        model, kwargs = build_model(size, seed + member, sources)
+        signature = f"synthetic{size}{seed + member}{suffix}"
+        torch.save(
+            {"klass": type(model), "args": (), "kwargs": kwargs, "state": model.state_dict()},
+            folder / f"{signature}.th",
+        )
+        signatures.append(signature)
+    bag = f"models: {signatures}\n" + (f"weights: {weights}\n" if weights else "")
+    (folder / f"{name}.yaml").write_text(bag)
     return folder
+
+
+def write_hub_cache(hub, name: str = "htdemucs_6s", sources=SOURCES, seed: int = 0) -> Path:
+    """A HuggingFace hub cache (the folder HF_HOME/hub) holding `name` as huggingface_hub stores
+    a download (models--NAMESPACE--REPO/snapshots/REV, refs/main naming REV), in demucs'
+    safetensors format (tools/export_hf.py: the class and its arguments in the metadata, a
+    Fraction as {"_type": "fraction", ...}), so the real `get_model(name)` reads it offline.
+    Returns the snapshot folder."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from job.separation.weights import hf_repo
+
+    repo, name = hf_repo(name)
+    revision = "0" * 40
+    root = Path(hub) / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(revision)
+    model, kwargs = build_model("small", seed, sources)
+    segment = Fraction(kwargs["segment"])
+    fraction = {"_type": "fraction", "numerator": segment.numerator}
+    encoded = dict(kwargs, segment=dict(fraction, denominator=segment.denominator))
+    save_file(
+        {key: value.contiguous() for key, value in model.state_dict().items()},
+        str(snapshot / "synthetic.safetensors"),
+        metadata={
+            "klass": f"{type(model).__module__}.{type(model).__name__}",
+            "args": "[]",
+            "kwargs": json.dumps(encoded),
+        },
+    )
+    (snapshot / f"{name}.yaml").write_text("models: ['synthetic']\n")
+    return snapshot
 
 
 def write_audio(

@@ -7,8 +7,10 @@ param  # noqa: B018, F821
 signum  # noqa: B018, F821
 module  # noqa: B018, F821
 # attributes third-party code reads: PyAV's frame timestamps, the logging library's
-# once-only flag, torch.backends.cudnn.benchmark, blob.cache_control sent with an upload
+# once-only flag, torch.backends.cudnn.benchmark, blob.cache_control sent with an upload,
+# the AAC encoder's bitrate PyAV passes to FFmpeg
 _.pts  # noqa: B018, F821
+_.bit_rate  # noqa: B018, F821
 _._instrumentation_emitted  # noqa: B018, F821
 _.benchmark  # noqa: B018, F821
 _.cache_control  # noqa: B018, F821

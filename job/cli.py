@@ -123,7 +123,8 @@ def emit_result(result: dict) -> None:
 @click.option(
     "--outputs",
     callback=checked("OUTPUTS"),
-    help="Overrides OUTPUTS (comma-separated, e.g. vocals,instrumental).",
+    help="Overrides OUTPUTS (comma-separated: the model's sources, instrumental, no_SOURCE, "
+    "A+B, ni_stems; e.g. vocals,instrumental).",
 )
 def run(
     input_=None,
@@ -309,11 +310,16 @@ def prefetch_model():
     setup_logging(settings.log_format)
     from job.separation.model import ModelCache
 
+    cache = ModelCache(settings)
     try:
-        separator = ModelCache(settings).engine()
+        separator = cache.engine()
+        weights = cache.identity()["digest"]
     except ConfigError as exc:
         runtime.fail_config(str(exc))
-    click.echo(f"model {settings.model_name} ready: sources {', '.join(separator.sources)}")
+    click.echo(
+        f"model {settings.model_name} ready: sources {', '.join(separator.sources)}; "
+        f"weights {weights}"
+    )
     # reduced precision is checked against fp32 now, once, and the verdict recorded for runs
     from job.separation.precision import music
 

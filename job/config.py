@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 from job.errors import ConfigError, JobError
-from job.messages import STEMS, check_outputs, split_names
+from job.messages import split_names
+from job.outputs import check_names
 
 _BITRATE = re.compile(r"^(\d{2,3})k$")
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -28,6 +29,7 @@ class Settings:
     pubsub_results_topic: str = "stem-results"
     model_name: str = "htdemucs_6s"
     model_dir: str = ""
+    model_license: str = ""  # as the operator declares it, recorded; never guessed
     device: str = "auto"
     precision: str = "auto"
     segment_batch: int = 0  # 0 = auto
@@ -36,7 +38,7 @@ class Settings:
     output_format: str = "mp3"
     mp3_bitrate: int = 320
     mp3_quality: int = 5  # LAME algorithm quality, 0 best/slowest (README)
-    outputs: tuple = STEMS
+    outputs: tuple = ()  # empty: every source of the model
     peaks_samples_per_pixel: int = 256
     peaks_bits: int = 8
     peaks_split_channels: bool = False
@@ -116,7 +118,7 @@ def parse_bitrate(name, value):
 
 def parse_outputs(name, value):
     try:
-        return check_outputs(split_names(value), name)
+        return check_names(split_names(value), name)
     except JobError as exc:
         raise ConfigError(exc.message) from None
 
@@ -146,6 +148,17 @@ def parse_buckets(name, value):
 
 def parse_text(name, value):
     return value.strip()
+
+
+def parse_license(name, value):
+    """A declaration recorded as given: one line of printable text."""
+    value = value.strip()
+    if len(value) > 200 or not value.isprintable():
+        raise ConfigError(
+            f"{name} is invalid: use one line of printable text (up to 200 characters), "
+            "e.g. an SPDX identifier or the name of your licence"
+        )
+    return value
 
 
 _PUBSUB_NAME = re.compile(
@@ -197,6 +210,7 @@ ENV = {
     "PUBSUB_RESULTS_TOPIC": ("pubsub_results_topic", parse_pubsub_name),
     "MODEL_NAME": ("model_name", parse_text),
     "MODEL_DIR": ("model_dir", parse_text),
+    "MODEL_LICENSE": ("model_license", parse_license),
     "DEVICE": ("device", lambda n, v: parse_choice(n, v, ("auto", "cpu", "cuda"))),
     "PRECISION": ("precision", lambda n, v: parse_choice(n, v, ("auto", "fp32", "bf16", "fp16"))),
     "SEGMENT_BATCH": ("segment_batch", parse_batch),

@@ -1,6 +1,6 @@
 """`stem-job serve`: the original worker's HTTP API, on the same pipeline as `run` and `drain`.
 
-    POST /separate/{release_id}/{track_id}[?outputs=vocals,instrumental]
+    POST /separate/{release_id}/{track_id}[?outputs=vocals,instrumental,drums%2Bbass]
                                              multipart/form-data, the audio in field `file`
                                              (or in any one part that has a filename)
          -> 200 {"status": "success", "release_id", "track_id", "stems": {...}, + extras
@@ -52,6 +52,7 @@ import hashlib
 import ipaddress
 import logging
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,6 +70,7 @@ from job import serve as serving
 from job.auth import Guard, SharedToken
 from job.config import Settings
 from job.errors import Cancel, ConfigError, Interrupted, JobError, http_status_for
+from job.outputs import check_names, plan
 from job.pipeline import Job, process
 from job.separation.model import ModelCache
 from job.storage.base import Original
@@ -261,6 +263,9 @@ def success_body(result: dict) -> dict:
         "stems": result["stems"],
         "job_id": result["jobId"],
         "model": result.get("model"),
+        "model_digest": result.get("modelDigest"),
+        "model_sources": result.get("modelSources"),
+        "model_license": result.get("modelLicense"),
         "duration_s": result.get("durationS"),
         "reused": result.get("reused"),
         "device": result.get("device"),
@@ -400,7 +405,10 @@ class Separations:
         messages.check_id("track_id", track_id)
         outputs = request.query_params.get("outputs")
         if outputs is not None:
-            outputs = messages.check_outputs(messages.split_names(outputs))
+            # a query string decodes `+` to a space, and no output name holds a space
+            names = [re.sub(r"\s+", "+", name.strip()) for name in messages.split_names(outputs)]
+            outputs = check_names(names)
+            plan(outputs, self.model_cache.engine().sources)  # loaded before serving
         check_request_headers(request, self.settings.max_input_bytes)
         return outputs
 

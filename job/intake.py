@@ -81,8 +81,9 @@ class Intake:
         with stage(self.timings, "locate"):
             original = storage.describe_original(request.original_uri, trusted=self.trusted)
             found = storage.read_manifest(request.release_id, request.track_id)
+        model = self.model_cache.identity() if self.model_cache is not None else None
         if manifest.matches(
-            found, original.identity, self.settings, outputs_of(request, self.settings)
+            found, original.identity, self.settings, outputs_of(request, self.settings), model
         ):
             return Taken(original, found)
         if self.model_cache is not None:

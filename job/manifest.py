@@ -8,7 +8,8 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job import messages
+from job import messages, outputs
+from job.errors import JobError
 
 if TYPE_CHECKING:  # a type only: the manifest is below the steps that decode
     from job.audio import decode as audio
@@ -26,17 +27,20 @@ def sha256_of(path: Path) -> str:
 
 
 def key(found: dict) -> tuple:
-    """What decides whether two sets are interchangeable: the input, the model, the format and
-    the bitrate (what a caller gets), which outputs were asked for, and which the set holds (a
-    manifest from before outputs could be chosen holds the six stems).
+    """What decides whether two sets are interchangeable: the input, the model and the digest of
+    its weight files, the format and the bitrate (what a caller gets), which outputs were asked
+    for, and which the set holds (a manifest from before outputs could be chosen holds the six
+    stems).
 
     How a set was made is recorded, not compared: MP3_QUALITY (LAME's effort at the same
     bitrate), SHIFTS and the precision change the bytes a little but leave a set as good an
-    answer as before, so a deployment that tunes them does not separate its catalogue again."""
+    answer as before, so a deployment that tunes them does not separate its catalogue again;
+    MODEL_LICENSE is a declaration about the weights, which the digest already names."""
     return (
         found.get("version"),
         found.get("input"),
         found.get("model"),
+        found.get("modelDigest"),
         found.get("format"),
         found.get("bitrate"),
         tuple(found.get("outputs", messages.STEMS)),
@@ -48,17 +52,33 @@ def bitrate(settings) -> str | None:
     return f"{settings.mp3_bitrate}k" if settings.output_format == "mp3" else None
 
 
-def matches(manifest: dict | None, identity: dict, settings, outputs) -> bool:
-    """Whether `manifest` is a complete set of `outputs` for this exact input, model, format
-    and bitrate (`key`)."""
-    return bool(manifest) and key(manifest) == (
+def matches(
+    manifest: dict | None, identity: dict, settings, asked, model: dict | None = None
+) -> bool:
+    """Whether `manifest` is a complete set of the outputs `asked` (names as a request or
+    OUTPUTS gives them) for this exact input, model, format and bitrate (`key`).
+
+    `model`: the weights that would run (ModelCache.identity); a set made by other weight files
+    (or by unknown ones: a manifest from before they were recorded) is not a match. The names
+    are resolved against the sources the manifest records: the same weights have the same
+    sources. Without `model` (a process that has no model, such as the dispatcher) the digest
+    is not compared."""
+    if not manifest:
+        return False
+    digest = manifest.get("modelDigest") if model is None else model["digest"]
+    try:
+        wanted = outputs.plan(asked, manifest.get("modelSources") or messages.STEMS)
+    except JobError:
+        return False
+    return key(manifest) == (
         VERSION,
         identity,
         settings.model_name,
+        digest,
         settings.output_format,
         bitrate(settings),
-        tuple(outputs),
-        frozenset(outputs),
+        wanted,
+        frozenset(wanted),
     )
 
 
@@ -82,6 +102,12 @@ def summary(manifest: dict) -> dict:
 
 
 ANALYSIS = ("peaks", "loudnessLufs", "truePeakDbtp", "silent")
+MODEL_FIELDS = ("model", "modelDigest", "modelSources", "modelLicense")
+
+
+def model_fields(manifest: dict) -> dict:
+    """Which weights made the set, for the result: model name, digest, sources, licence."""
+    return {name: manifest.get(name) for name in MODEL_FIELDS}
 
 
 def is_silent(loudness: float | None, mix: float | None, below_lu: float) -> bool:
@@ -134,11 +160,14 @@ def build(
     stats: dict,
     mix: dict | None,
     engine: dict | None = None,
+    model: dict | None = None,
 ) -> dict:
     """The manifest of a set just written: `files` {output or "OUTPUT.peaks": local file},
     `urls` the same keys to urls, `stats` {output: encoder figures}, `mix` the input's
     loudness figures (None without analysis), `engine` how the model ran (device, precision,
-    the reduced-precision probe's agreement with fp32, windows redone in fp32)."""
+    the reduced-precision probe's agreement with fp32, windows redone in fp32), `model` which
+    weights ran (ModelCache.identity and the model's sources)."""
+    model = model or {}
     built = {
         "version": VERSION,
         "jobId": request.job_id,
@@ -146,6 +175,10 @@ def build(
         "trackId": request.track_id,
         "artistId": request.artist_id,
         "model": settings.model_name,
+        "modelDigest": model.get("digest"),
+        "modelFiles": model.get("files"),
+        "modelSources": model.get("sources"),
+        "modelLicense": model.get("license"),
         "format": settings.output_format,
         "bitrate": bitrate(settings),
         "mp3Quality": settings.mp3_quality if settings.output_format == "mp3" else None,

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass
 
 from job.errors import JobError
+from job.outputs import check_names
 
+# htdemucs_6s' sources, the default model's: the contract's six stems (DESIGN.md). Any other
+# model writes its own sources (job/outputs.py).
 STEMS = ("vocals", "drums", "bass", "guitar", "piano", "other")
-# What a job can write: the six stems and the sum of the five that are not vocals.
-OUTPUTS = STEMS + ("instrumental",)
-INSTRUMENTAL_PARTS = tuple(stem for stem in STEMS if stem != "vocals")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -46,35 +46,7 @@ class JobRequest:
     original_uri: str
     artist_id: str | None = None
     mime_type: str | None = None
-    outputs: tuple | None = None  # None: the OUTPUTS setting decides
-
-
-def check_outputs(value, name: str = "outputs") -> tuple:
-    """A list of output names to a tuple in OUTPUTS order; JobError `invalid_outputs` naming
-    what is wrong, since the names come from the outside."""
-    if not isinstance(value, (list, tuple)) or not value:
-        raise JobError(
-            "invalid_outputs",
-            f"{name} must be a non-empty list of output names ({', '.join(OUTPUTS)})",
-        )
-    names = []
-    for item in value:
-        if not isinstance(item, str):
-            raise JobError(
-                "invalid_outputs",
-                f"{name} holds {type(item).__name__} {item!r:.40}: "
-                f"use output names ({', '.join(OUTPUTS)})",
-            )
-        names.append(item.strip().lower())
-    unknown = [item for item in names if item not in OUTPUTS]
-    if unknown:
-        raise JobError(
-            "invalid_outputs",
-            f"{name} names unknown output(s) "
-            f"{', '.join(repr(u[:40]) for u in unknown[:5])}: "
-            f"use any of {', '.join(OUTPUTS)}",
-        )
-    return tuple(output for output in OUTPUTS if output in names)
+    outputs: tuple | None = None  # None: the OUTPUTS setting decides (names as asked)
 
 
 def split_names(text: str) -> list:
@@ -83,7 +55,8 @@ def split_names(text: str) -> list:
 
 
 def outputs_of(request: JobRequest, settings) -> tuple:
-    """The outputs this request writes: its own list, else the OUTPUTS setting."""
+    """The outputs this request asks for: its own list, else the OUTPUTS setting (empty: every
+    source of the model; job/outputs.py resolves the names once the model is known)."""
     return request.outputs or settings.outputs
 
 
@@ -134,7 +107,7 @@ def make_request(
         original_uri.strip(),
         artist_id,
         check_mime_type(mime_type),
-        None if outputs is None else check_outputs(outputs),
+        None if outputs is None else check_names(outputs),
     )
 
 

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from job import manifest, messages
+import numpy as np
+
+from job import manifest, messages, outputs
 from job.audio import decode as audio
 from job.audio.encode import MixMeter, open_encoders
 from job.config import Settings
@@ -207,30 +209,33 @@ def log_summary(request, result: dict, job: Job, fetch: Intake, engine: dict) ->
 
 def _process(request, job: Job, fetch: Intake, timings: dict, record: dict) -> dict:
     s, storage = job.settings, job.storage
-    outputs = messages.outputs_of(request, s)
+    asked = messages.outputs_of(request, s)
     fetched = fetch.wait()
     found = fetched.manifest
     if fetched.decoded is not None and fetch.ahead:
         # fetched while an earlier message ran: that one may have completed this very set
         with stage(timings, "locate"):
             found = storage.read_manifest(request.release_id, request.track_id)
-    if manifest.matches(found, fetched.original.identity, s, outputs):
+    model = job.model_cache.identity()
+    if manifest.matches(found, fetched.original.identity, s, asked, model):
         log.info(
             "job %s: outputs already complete for this input, not separating again", request.job_id
         )
-        return reused(request, found, s, timings)
+        return reused(request, found, timings)
 
     decoded, scratch = fetched.decoded, fetched.scratch
     progress = Progress(request.job_id, job.on_progress)
     separator = job.model_cache.engine()
+    chosen = outputs.plan(asked, separator.sources)  # bad input: names the model cannot make
+    model = dict(model, sources=list(separator.sources))
     finish_encoders, engine = _separate(
-        decoded, separator, scratch, s, job, progress, timings, outputs
+        decoded, separator, scratch, s, job, progress, timings, chosen
     )
     record.update(engine)  # this track's, whatever the engine does next
-    return lambda: _store(request, job, fetched, separator, finish_encoders(), timings, outputs)
+    return lambda: _store(request, job, fetched, model, finish_encoders(), timings, chosen)
 
 
-def _store(request, job: Job, fetched, separator, encoded, timings, outputs) -> dict:
+def _store(request, job: Job, fetched, model, encoded, timings, chosen) -> dict:
     """The outputs uploaded, then the manifest (its presence means the set is complete). When
     another job completed a set for the same request meanwhile, that set stands and the result
     points at it."""
@@ -246,77 +251,94 @@ def _store(request, job: Job, fetched, separator, encoded, timings, outputs) -> 
                 s,
                 fetched.original.identity,
                 decoded,
-                outputs,
+                chosen,
                 files,
                 urls,
                 stats,
                 mix,
                 engine,
+                model,
             )
             standing = commit.write_manifest(built)
     if standing is not built:
-        return reused(request, standing, s, timings)
+        return reused(request, standing, timings)
     duration = decoded.duration_s
     return messages.completed_result(
         request,
         manifest.urls(built),
         outputs=manifest.summary(built),
-        model=s.model_name,
+        **manifest.model_fields(built),
         durationS=round(duration, 3),
         reused=False,
-        device=str(separator.device),
+        device=engine["device"],
         timings=timings,
         rtf=round(duration / max(timings.get("separate", 0) + timings.get("decode", 0), 1e-6), 2),
     )
 
 
-def reused(request, found: dict, s: Settings, timings) -> dict:
+def reused(request, found: dict, timings) -> dict:
     """The completed result of a set already stored, which this call did not write."""
     return messages.completed_result(
         request,
         manifest.urls(found),
         outputs=manifest.summary(found),
-        model=s.model_name,
+        **manifest.model_fields(found),
         reused=True,
         durationS=found.get("durationS"),
         timings=timings,
     )
 
 
-def pickers(sources, outputs) -> dict:
-    """{output: function(block) -> (2, n) float32}: a stem of the engine's (sources, 2, n)
-    block, or the instrumental, the float sum of the non-vocal stems before any limiting."""
+def pickers(sources, chosen) -> dict:
+    """{output: function(block, mix) -> what its encoder takes}: a source of the engine's
+    (sources, 2, n) block; a mix, the float sum of its sources before any limiting (always in
+    the model's order, so `instrumental` and `no_vocals` are the same samples); or, for
+    ni_stems, the (5, 2, n) stack of the input's own block (`mix`) and the four NI stems."""
 
-    def stem(index):
-        return lambda block: block[index]
+    def summed(indices):
+        if not indices:  # an NI stem the model has no source for: silence
+            return lambda block, mix: np.zeros_like(block[0])
+        if len(indices) == 1:
+            return lambda block, mix: block[indices[0]]
+        return lambda block, mix: block[list(indices)].sum(0)
 
-    parts = [sources.index(part) for part in messages.INSTRUMENTAL_PARTS]
-    chosen = {name: stem(sources.index(name)) for name in outputs if name in messages.STEMS}
-    if "instrumental" in outputs:
-        chosen["instrumental"] = lambda block: block[parts].sum(0)
-    return chosen
+    def pick(name):
+        if name != outputs.NI_STEMS:
+            return summed(outputs.parts(name, sources))
+        slots = [summed(indices) for indices in outputs.ni_slots(sources)]
+        return lambda block, mix: np.stack([mix] + [slot(block, mix) for slot in slots])
+
+    return {name: pick(name) for name in chosen}
 
 
 def _separate(
-    decoded, separator: "Engine", scratch, s: Settings, job: Job, progress, timings, outputs
+    decoded, separator: "Engine", scratch, s: Settings, job: Job, progress, timings, chosen
 ):
     """Run the engine, feeding each finished block to the concurrent encoders (and the input's
     own blocks to the mix's loudness meter). Returns a function that waits for the encoders'
     tail and returns the files to upload ({output: audio, "OUTPUT.peaks": peaks}), each
     output's figures, the mix's loudness figures and the engine's; and the engine's figures."""
-    encoders = open_encoders(scratch, outputs, s)
+    sources = separator.sources
+    slots = {
+        slot: [sources[i] for i in indices]
+        for slot, indices in zip(outputs.NI_SLOTS, outputs.ni_slots(sources), strict=True)
+    }
+    encoders = open_encoders(scratch, chosen, s, slots)
     workers, reader, mix_reader = dict(encoders), None, None
     try:
-        picks = pickers(separator.sources, outputs)
+        picks = pickers(sources, chosen)
         reader = audio.RawReader(decoded)
+        if s.output_analysis or outputs.NI_STEMS in chosen:  # the meter, the NI mix track
+            mix_reader = audio.RawReader(decoded)
         if s.output_analysis:
-            mix_reader, workers["mix"] = audio.RawReader(decoded), MixMeter()
+            workers["mix"] = MixMeter()
 
         def emit(start, block):
+            mix = None if mix_reader is None else mix_reader.read(start, start + block.shape[-1])
             for name, encoder in encoders.items():
-                encoder.put(picks[name](block))
-            if mix_reader is not None:
-                workers["mix"].put(mix_reader.read(start, start + block.shape[-1]))
+                encoder.put(picks[name](block, mix))
+            if "mix" in workers:
+                workers["mix"].put(mix)
 
         with stage(timings, "separate"):
             figures = separator.separate(

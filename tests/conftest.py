@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))  # synthetic, stand-ins
-from synthetic import music, write_audio, write_model_folder  # noqa: E402
+from synthetic import FOUR, music, write_audio, write_model_folder  # noqa: E402
 
 try:  # the real Pub/Sub and GCS stand-ins (emulators), started on demand
     from stand_ins import *  # noqa: F401,F403
@@ -23,6 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 def model_dir(tmp_path_factory) -> Path:
     """A small HTDemucs with htdemucs_6s' six sources, seeded, as a demucs local repo."""
     return write_model_folder(tmp_path_factory.mktemp("model"))
+
+
+# htdemucs_ft's shape: per-source weights, here drums from the first model only, bass from the
+# second only, other averaged, vocals mostly from the second
+BAG_WEIGHTS = [[1.0, 0.0, 1.0, 0.25], [0.0, 1.0, 1.0, 0.75]]
+
+
+@pytest.fixture(scope="session")
+def four_model_dir(tmp_path_factory) -> Path:
+    """A small HTDemucs with htdemucs' four sources, as the model `htdemucs`."""
+    return write_model_folder(tmp_path_factory.mktemp("model4"), "htdemucs", sources=FOUR)
+
+
+@pytest.fixture(scope="session")
+def bag_model_dir(tmp_path_factory) -> Path:
+    """Two small four-source HTDemucs with per-source weights, as the model `htdemucs_ft`."""
+    folder = tmp_path_factory.mktemp("bag")
+    return write_model_folder(folder, "htdemucs_ft", sources=FOUR, weights=BAG_WEIGHTS)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import time
 
 import pytest
 from conftest import job_env, last_json, run_job
+from ni_reader import check_ni_stems, decode
 from stand_ins import PROJECT
-from synthetic import music, write_audio
+from synthetic import FOUR, music, write_audio
 
 from job.errors import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_OK, EXIT_RETRY
 from job.messages import STEMS
@@ -190,6 +191,44 @@ def test_batch_of_good_and_bad_messages(cloud, song):
         == f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/trk_good/vocals.peaks.json"
     )
     assert cloud.queue_is_empty(), "every message, good or bad, must be acked"
+
+
+@pytest.mark.parametrize("model", ["htdemucs", "htdemucs_ft"])
+def test_other_models_drain_mixes_and_ni_stems(cloud, song, model, four_model_dir, bag_model_dir):
+    """A four-source model and a bag of two with per-source weights: a message asking for
+    mixes and the NI Stems file gets them in the bucket, named from the model's sources (a
+    sum's `+` percent-encoded in its URL), and a result naming the weights."""
+    folder = {"htdemucs": four_model_dir, "htdemucs_ft": bag_model_dir}[model]
+    track = f"trk_{model}"
+    uri = cloud.upload(f"originals/{track}.mp3", song.read_bytes())
+    outputs = ["no_drums", "drums+bass", "instrumental", "ni_stems"]
+    cloud.publish(message(cloud, uri, track, outputs=outputs))
+    env = cloud.env | {"MODEL_DIR": str(folder), "MODEL_NAME": model}
+    proc = run_job(["drain", "--max-messages", "1"], env)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    ((result, _),) = cloud.results_now(1)
+    assert result["status"] == "completed", result
+    assert result["model"] == model and result["modelSources"] == FOUR
+    assert result["modelDigest"].startswith("sha256:")
+    prefix = f"https://storage.googleapis.com/{cloud.bucket}/stems/rel_1/{track}/"
+    files = {
+        "instrumental": "instrumental.mp3",
+        "no_drums": "no_drums.mp3",
+        "drums+bass": "drums%2Bbass.mp3",
+        "ni_stems": "ni_stems.stem.mp4",
+    }
+    assert result["stems"] == {name: prefix + file for name, file in files.items()}
+    names = {name.replace("%2B", "+") for name in files.values()}
+    peaks = {f"{name}.peaks.json" for name in list(files)[:3]}
+    assert stems_in_bucket(cloud, track) == {
+        f"stems/rel_1/{track}/{name}" for name in names | peaks | {"manifest.json"}
+    }
+    bucket = cloud.storage.bucket(cloud.bucket)
+    blob = bucket.get_blob(f"stems/rel_1/{track}/ni_stems.stem.mp4")
+    assert blob.content_type == "audio/mp4"
+    stem_file = song.parent / f"{track}.stem.mp4"
+    blob.download_to_filename(stem_file)
+    check_ni_stems(stem_file, decode(song), None)
 
 
 def test_duplicate_message_reuses_the_completed_set(cloud, song):

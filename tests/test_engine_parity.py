@@ -61,7 +61,7 @@ class Wrapped(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.sources, self.samplerate, self.segment = inner.sources, inner.samplerate, inner.segment
-        self.audio_channels = inner.audio_channels
+        self.audio_channels, self.valid_length = inner.audio_channels, inner.valid_length
 
     def reduced(self, mix) -> bool:
         """Whether this pass runs in reduced precision (autocast, or the CPU's bf16 copy)."""

@@ -1,10 +1,11 @@
 """`stem-job serve` against real uvicorn servers on loopback ports: the original API and JSON,
 every kind of bad request, the bounded queue, and clients that disconnect mid-upload.
 
-Three servers, started side by side once for the module (each start costs seconds):
+Five servers, started side by side once for the module (each start costs seconds):
 `main` with the default limits and HTTP_QUEUE=1 on loopback, `small` with tight limits and
-HTTP_QUEUE=0 on every interface without a token (so it must warn), `guarded` with HTTP_TOKEN;
-one more in STORAGE_MODE=gcs against the storage emulator.
+HTTP_QUEUE=0 on every interface without a token (so it must warn), `guarded` with HTTP_TOKEN,
+`four` and `bag` with a four-source model and a bag of two; one more in STORAGE_MODE=gcs
+against the storage emulator.
 """
 
 import hashlib
@@ -21,8 +22,9 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import job_env, run_job
+from ni_reader import check_ni_stems, decode
 from stand_ins import PROJECT
-from synthetic import music, write_audio
+from synthetic import FOUR, music, write_audio
 
 from job.errors import CODES
 from job.messages import STEMS
@@ -95,8 +97,10 @@ def wait_ready(server: Server, timeout=90.0):
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory):
+def servers(model_dir, four_model_dir, bag_model_dir, tmp_path_factory):
     started = {
+        "four": launch(four_model_dir, tmp_path_factory.mktemp("four"), MODEL_NAME="htdemucs"),
+        "bag": launch(bag_model_dir, tmp_path_factory.mktemp("bags"), MODEL_NAME="htdemucs_ft"),
         "main": launch(model_dir, tmp_path_factory.mktemp("main"), HTTP_QUEUE=1),
         "small": launch(
             model_dir,
@@ -258,6 +262,35 @@ def test_outputs_query_chooses_what_is_written(main, clip):
     bad = main.post("/separate/rel_k/trk_k?outputs=vocals,kazoo", files=upload(clip))
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_outputs"
     assert "'kazoo'" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "which, query",
+    [
+        ("four", "no_drums,drums%2Bbass,instrumental,ni_stems"),
+        ("bag", "no_drums,drums+bass,ni_stems"),
+    ],
+)
+def test_other_models_serve_mixes_and_ni_stems(servers, clip, tmp_path, which, query):
+    """A four-source model and a bag: mixes and the NI Stems file named from the model's sources
+    (a `+` sent unencoded arrives as a space, and is read as the `+` it was); a name the model
+    cannot make is refused before the upload is read."""
+    server = servers[which]
+    response = server.post(f"/separate/rel_m/trk_m?outputs={query}", files=upload(clip))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    names = query.replace("%2B", "+").split(",")
+    assert set(body["stems"]) == set(names) and body["model_sources"] == FOUR
+    assert body["stems"]["drums+bass"] == "rel_m/trk_m/drums+bass.mp3"
+    assert body["model_digest"].startswith("sha256:") and body["model_license"] is None
+    original = tmp_path / "clip.mp3"
+    original.write_bytes(clip)
+    check_ni_stems(server.outputs / "rel_m" / "trk_m" / "ni_stems.stem.mp4", decode(original), None)
+
+    refused = server.post("/separate/rel_p/trk_p?outputs=vocals,piano", files=upload(clip))
+    error = error_of(refused, 422, "invalid_outputs")["error"]
+    assert "'piano' is not a source" in error["message"]
+    nothing_written(server, "rel_p", "trk_p")
 
 
 def test_gcs_mode_uploads_the_set_to_the_bucket(model_dir, gcs_emulator, bucket, tmp_path, clip):

@@ -1,5 +1,6 @@
-"""Outputs beyond the six stems: the instrumental, chosen outputs, waveform peaks (BBC
-audiowaveform JSON v2), loudness (BS.1770) and the silent flag, through `stem-job run`."""
+"""Outputs beyond the six stems: the instrumental, `no_SOURCE` and `A+B` mixes, chosen outputs,
+waveform peaks (BBC audiowaveform JSON v2), loudness (BS.1770) and the silent flag, through
+`stem-job run`."""
 
 import json
 import math
@@ -11,14 +12,17 @@ import pytest
 import soundfile
 import torch
 from conftest import last_json, run_job
+from ni_reader import check_ni_stems, decode
 from synthetic import SOURCES, music, write_model_folder
 
+from job import outputs
 from job.analysis.loudness import LoudnessMeter
 from job.analysis.peaks import Peaks
 from job.audio.encode import MixMeter, StemEncoder, open_encoders
 from job.config import Settings
+from job.errors import JobError
 from job.manifest import is_silent
-from job.messages import INSTRUMENTAL_PARTS, OUTPUTS, STEMS
+from job.messages import STEMS
 
 RATE = 44100
 
@@ -110,6 +114,56 @@ def test_peaks_streamed_in_odd_blocks_are_audiowaveforms(samples_per_pixel, bits
         peaks.add(signal[:, start : start + size])
     samples = np.rint(np.clip(signal, -1, 1) * 32767).astype(np.int16).T
     assert peaks.result()["data"] == reference_peaks(samples, samples_per_pixel, bits, split)
+
+
+# -- output names against a model's sources -------------------------------------------------
+
+
+def test_names_resolve_against_any_models_sources():
+    four, karaoke = ["drums", "bass", "other", "vocals"], ["vocals", "instrumental"]
+    asked = ["ni_stems", "bass+drums", "no_vocals", "instrumental", "vocals", "no_drums"]
+    assert outputs.plan(asked, four) == (
+        "vocals",
+        "instrumental",
+        "no_drums",
+        "no_vocals",
+        "bass+drums",
+        "ni_stems",
+    )
+    assert outputs.plan((), four) == tuple(four)  # nothing asked: every source
+    assert outputs.parts("instrumental", four) == outputs.parts("no_vocals", four) == (0, 1, 2)
+    assert outputs.parts("bass+drums", four) == (0, 1)
+    # a model's own `instrumental` source is that source, and no_vocals is the same
+    assert outputs.parts("instrumental", karaoke) == outputs.parts("no_vocals", karaoke) == (1,)
+    for name, why in [
+        ("piano", "'piano' is not a source"),
+        ("no_piano", "leaves out 'piano'"),
+        ("drums+piano", "sums 'piano'"),
+        ("drums+drums", "names a source twice"),
+    ]:
+        with pytest.raises(JobError, match=why) as refused:
+            outputs.plan([name], four)
+        assert refused.value.code == "invalid_outputs"
+    with pytest.raises(JobError, match="needs a vocals source"):
+        outputs.plan(["instrumental"], ["drums", "bass"])
+
+
+def test_ni_stems_fold_any_sources_into_four():
+    """Each NI stem takes the model's source of its name; `other` also takes every source no
+    NI stem names; an NI stem the model has no source for is silent."""
+    six = ["drums", "bass", "other", "vocals", "guitar", "piano"]
+    assert outputs.ni_slots(six) == ((0,), (1,), (2, 4, 5), (3,))
+    assert outputs.ni_slots(["vocals", "accompaniment"]) == ((), (), (1,), (0,))
+
+
+def test_names_are_checked_for_form_before_anything_runs():
+    assert outputs.check_names([" Drums+Bass", "drums+bass", "no_x"]) == ("drums+bass", "no_x")
+    for bad in (["drums bass"], ["a" * 129], ["../x"], ["drums+"], [f"s{i}" for i in range(33)]):
+        with pytest.raises(JobError):
+            outputs.check_names(bad)
+    for sources in (["drums", "no_bass"], ["Drums"], ["drums", "drums"], ["a+b"]):
+        with pytest.raises(ValueError):
+            outputs.check_sources(sources)
 
 
 # -- loudness against EBU Tech 3341's test signals (1 kHz stereo sines) ---------------------
@@ -207,15 +261,20 @@ def test_silent_flag_from_real_encoders(tmp_path):
 # -- end to end ------------------------------------------------------------------------------
 
 
-def test_all_seven_outputs_instrumental_identity_and_peaks(song, job_env_for, tmp_path):
-    """Float WAV output: the instrumental is the sum of the five other stems as the engine made
-    them, so instrumental + vocals is the sum of all six to float32 precision."""
+MIXES = ("instrumental", "no_vocals", "drums+bass", "no_drums")
+
+
+def test_sources_mixes_and_ni_stems_sums_identity_and_peaks(song, job_env_for, tmp_path):
+    """Float WAV output: every mix is the float sum of its stems as the engine made them (to
+    float32 precision), `instrumental` and `no_vocals` are the same samples, and each has its
+    peaks and loudness. The NI Stems file folds guitar and piano into its `other` stem."""
     env = job_env_for(
         OUTPUT_FORMAT="wav",
         PEAKS_SPLIT_CHANNELS="true",
         PEAKS_BITS="16",
         PEAKS_SAMPLES_PER_PIXEL="512",
     )
+    asked = ["ni_stems", *MIXES, *reversed(STEMS)]
     proc = run_job(
         [
             "run",
@@ -226,7 +285,7 @@ def test_all_seven_outputs_instrumental_identity_and_peaks(song, job_env_for, tm
             "--track-id",
             "trk_7",
             "--outputs",
-            ",".join(reversed(OUTPUTS)),
+            ",".join(asked),
         ],
         env,
     )
@@ -234,29 +293,40 @@ def test_all_seven_outputs_instrumental_identity_and_peaks(song, job_env_for, tm
     result = last_json(proc.stdout)
     folder = tmp_path / "outputs" / "rel_o" / "trk_7"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["outputs"] == list(OUTPUTS)  # in canonical order
-    assert set(result["stems"]) == set(result["outputs"]) == set(manifest["stems"]) == set(OUTPUTS)
+    # in canonical order: the model's sources, instrumental, no_ mixes, sums, ni_stems
+    canonical = [*SOURCES, "instrumental", "no_drums", "no_vocals", "drums+bass", "ni_stems"]
+    assert manifest["outputs"] == canonical
+    assert set(result["stems"]) == set(result["outputs"]) == set(manifest["stems"]) == set(asked)
 
     stems = {name: read(folder, name) for name in STEMS}
-    instrumental = read(folder, "instrumental")
-    parts = sum(stems[name] for name in INSTRUMENTAL_PARTS)
-    scale = np.abs(parts).max()
-    assert np.abs(instrumental - parts).max() <= 8 * np.finfo(np.float32).eps * scale
-    assert (
-        np.abs(instrumental + stems["vocals"] - sum(stems.values())).max()
-        <= 8 * np.finfo(np.float32).eps * scale
-    )
+    mixes = {name: read(folder, name) for name in MIXES}
+    assert np.array_equal(mixes["instrumental"], mixes["no_vocals"])
+    scale = np.abs(sum(stems.values())).max()
+    for name, parts in [
+        ("instrumental", [s for s in STEMS if s != "vocals"]),
+        ("no_drums", [s for s in STEMS if s != "drums"]),
+        ("drums+bass", ["drums", "bass"]),
+    ]:
+        error = np.abs(mixes[name] - sum(stems[part] for part in parts)).max()
+        assert error <= 8 * np.finfo(np.float32).eps * scale, name
 
-    for name in OUTPUTS:
+    for name in [*STEMS, *MIXES]:
         entry = manifest["stems"][name]
         assert (
             entry["peaks"] == result["outputs"][name]["peaks"] == f"rel_o/trk_7/{name}.peaks.json"
         )
-        check_peaks(folder / f"{name}.peaks.json", folder / f"{name}.wav", 512, 16, True)
         assert entry["loudnessLufs"] == result["outputs"][name]["loudnessLufs"]
         assert -70 < entry["loudnessLufs"] < 0 and entry["truePeakDbtp"] < 20
         assert entry["silent"] is False
+    for name in ("vocals", "instrumental", "drums+bass"):  # one algorithm for every output
+        check_peaks(folder / f"{name}.peaks.json", folder / f"{name}.wav", 512, 16, True)
     assert -70 < manifest["mix"]["loudnessLufs"] < 0
+
+    slots = {"drums": ["drums"], "bass": ["bass"], "other": ["other", "guitar", "piano"]}
+    assert manifest["stems"]["ni_stems"]["slots"] == {**slots, "vocals": ["vocals"]}
+    folded = {slot: sum(stems[s] for s in names) for slot, names in slots.items()}
+    ni_stems = [folded[slot] for slot in slots] + [stems["vocals"]]
+    check_ni_stems(folder / "ni_stems.stem.mp4", decode(song), ni_stems)
 
 
 def test_karaoke_message_writes_two_outputs_and_skip_check_compares_outputs(
@@ -299,7 +369,7 @@ def test_karaoke_message_writes_two_outputs_and_skip_check_compares_outputs(
     # the same track with nothing said about outputs: the six stems are missing, so it runs
     six, manifest = run({k: v for k, v in karaoke.items() if k != "outputs"})
     assert six["reused"] is False and set(six["stems"]) == set(STEMS)
-    assert manifest["outputs"] == list(STEMS)
+    assert manifest["outputs"] == SOURCES  # the model's sources, in its order
     # env OUTPUTS asks for the karaoke pair again: the six-stem manifest lacks the instrumental
     pair, manifest = run(
         {k: v for k, v in karaoke.items() if k != "outputs"}, OUTPUTS="vocals,instrumental"
@@ -310,7 +380,8 @@ def test_karaoke_message_writes_two_outputs_and_skip_check_compares_outputs(
 @pytest.mark.parametrize(
     "outputs, needle",
     [
-        (["vocals", "kazoo"], "'kazoo'"),
+        (["vocals", "kazoo"], "'kazoo' is not a source of this model"),  # known with the model
+        (["vocals", "Drums!"], "'Drums!'"),
         ([], "non-empty"),
         ("vocals", "non-empty list"),
         ([3], "int"),
@@ -337,10 +408,10 @@ def test_bad_outputs_setting_is_a_config_error(song, job_env_for):
     )
     assert proc.returncode == 78 and "OUTPUTS" in proc.stderr and "'karaoke'" in proc.stderr
     proc = run_job(
-        ["run", "--input", str(song), "--release-id", "r", "--track-id", "t", "--outputs", "drumz"],
+        ["run", "--input", str(song), "--release-id", "r", "--track-id", "t", "--outputs", "drum$"],
         job_env_for(),
     )
-    assert proc.returncode == 2 and "drumz" in proc.stderr
+    assert proc.returncode == 2 and "drum$" in proc.stderr
 
 
 @pytest.fixture(scope="module")

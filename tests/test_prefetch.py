@@ -9,34 +9,13 @@ in demucs' safetensors format, so the real `get_model("htdemucs_6s")` path reads
 import json
 
 from conftest import last_json, run_job
-from safetensors.torch import save_file
-from synthetic import build_model
+from synthetic import write_hub_cache
 
 from job.errors import EXIT_CONFIG, EXIT_OK
 
 
 def hub_cache(home):
-    model, kwargs = build_model("small", seed=0)
-    revision = "0" * 40
-    repo = home / "hub" / "models--adefossez--HTDemucs-6s"
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    encoded = {
-        k: (
-            {"_type": "fraction", "numerator": v.numerator, "denominator": v.denominator}
-            if k == "segment"
-            else v
-        )
-        for k, v in kwargs.items()
-    }
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(snapshot / "synthetic.safetensors"),
-        metadata={"klass": "demucs.htdemucs.HTDemucs", "args": "[]", "kwargs": json.dumps(encoded)},
-    )
-    (snapshot / "htdemucs_6s.yaml").write_text("models: ['synthetic']\n")
+    write_hub_cache(home / "hub")
     return home
 
 
@@ -53,7 +32,12 @@ def test_prefetch_then_run_offline_from_the_hub_cache(job_env_for, tmp_path, son
     assert "vocals" in proc.stdout and "guitar" in proc.stdout
     proc = run_job(["run", "--input", str(song), "--release-id", "r1", "--track-id", "t1"], env)
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
-    assert last_json(proc.stdout)["status"] == "completed"
+    result = last_json(proc.stdout)
+    assert result["status"] == "completed" and result["modelDigest"].startswith("sha256:")
+    # the weights that ran are the hub cache's files
+    manifest = json.loads((tmp_path / "outputs" / "r1" / "t1" / "manifest.json").read_text())
+    files = [entry["file"] for entry in manifest["modelFiles"]]
+    assert files == ["htdemucs_6s.yaml", "synthetic.safetensors"]
 
 
 def test_uncached_model_offline_is_one_line_naming_model_dir_and_prefetch(

@@ -20,6 +20,8 @@ import soundfile
 from job.analysis.loudness import LoudnessMeter
 from job.analysis.peaks import Peaks
 from job.audio.mp3 import Mp3Writer
+from job.audio.nistems import SUFFIX, NiStemsWriter
+from job.outputs import NI_STEMS
 from job.pcm import CHANNELS, SAMPLE_RATE
 
 KNEE = 0.9
@@ -156,9 +158,34 @@ class StemEncoder(BlockWorker):
         return figures
 
 
-def open_encoders(folder: Path, outputs, settings) -> dict:
-    """{output: StemEncoder} writing FOLDER/OUTPUT.FORMAT as `settings` say; when one cannot
-    be opened, those opened before it are stopped before the error is raised."""
+class NiStemsEncoder(BlockWorker):
+    """Writes the NI Stems file from (5, 2, n) blocks, the mix and its four stems, each through
+    the soft limiter (AAC is lossy, and players decode it to integers). `slots` says which of
+    the model's sources each stem holds; it goes into the figures for the manifest."""
+
+    peaks_path = None  # the stems' own peaks are in their own outputs
+
+    def __init__(self, path: Path, slots: dict):
+        self.path, self.slots = Path(path), slots
+        self.writer = NiStemsWriter(path)
+        self.limited = self.samples = 0
+        super().__init__("encode-ni-stems")
+
+    def handle(self, block):
+        block, count = soft_limit(block)
+        self.limited += count
+        self.samples += block.shape[-1]
+        self.writer.write(block)
+
+    def close(self) -> dict:
+        self.writer.close()
+        return {"limitedSamples": self.limited, "samples": self.samples, "slots": self.slots}
+
+
+def open_encoders(folder: Path, outputs, settings, ni_slots: dict | None = None) -> dict:
+    """{output: encoder} writing FOLDER/OUTPUT.FORMAT as `settings` say, and the NI Stems file
+    FOLDER/ni_stems.stem.mp4 with the stems `ni_slots` names ({slot: [source, ...]}); when one
+    cannot be opened, those opened before it are stopped before the error is raised."""
 
     def peaks():
         if settings.output_analysis:
@@ -171,12 +198,16 @@ def open_encoders(folder: Path, outputs, settings) -> dict:
     encoders = {}
     try:
         for name in outputs:
-            encoders[name] = StemEncoder(
-                Path(folder) / f"{name}.{fmt}",
-                fmt,
-                settings.mp3_bitrate,
-                settings.mp3_quality,
-                peaks(),
+            encoders[name] = (
+                NiStemsEncoder(Path(folder) / f"{name}{SUFFIX}", ni_slots)
+                if name == NI_STEMS
+                else StemEncoder(
+                    Path(folder) / f"{name}.{fmt}",
+                    fmt,
+                    settings.mp3_bitrate,
+                    settings.mp3_quality,
+                    peaks(),
+                )
             )
     except BaseException:  # the ones already running would wait on their queues forever
         for encoder in encoders.values():

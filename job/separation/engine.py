@@ -263,9 +263,10 @@ class Engine:
         """
         if self.probe:
             model = self.models[0]
-            segment = int(model.samplerate * model.segment)
-            window = np.zeros((2, segment), np.float32)
-            window[:, : min(segment, mix.shape[1])] = mix[:, :segment]
+            stream = plan_streams([model], mix.shape[1], 0, 0)[0]
+            size = stream.input_size(stream.segment)
+            window = np.zeros((2, size), np.float32)
+            window[:, : min(size, mix.shape[1])] = mix[:, :size]
             mono = window.mean(0)
             self.probe_state.window(
                 model, torch.from_numpy((window - mono.mean()) / mono.std())[None]

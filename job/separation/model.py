@@ -21,7 +21,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job.errors import ConfigError
+from job import outputs
+from job.errors import ConfigError, JobError
+from job.separation import weights
 
 if TYPE_CHECKING:
     from job.separation.engine import Engine
@@ -126,6 +128,10 @@ def load_model(name: str, model_dir: str = "", device=None):
         ) from None
     except SystemExit:
         raise ModelUnavailable(f"model {name!r} could not be loaded; {hint}") from None
+    try:
+        outputs.check_sources(list(model.sources))
+    except ValueError as exc:
+        raise ModelUnavailable(f"model {name!r} cannot be used: {exc}") from None
     model.eval()
     if device is not None:
         model.to(device)
@@ -148,6 +154,8 @@ class ModelCache:
             self._device = None  # "cpu" or "auto": decided when torch is imported
         self._engine = None
         self._lock = threading.Lock()
+        self._identity = None
+        self._identity_lock = threading.Lock()
 
     @property
     def device(self):
@@ -190,6 +198,44 @@ class ModelCache:
                 self._engine = build_engine(self.settings, self.device)
             return self._engine
 
+    def identity(self) -> dict:
+        """Which weights this model is, as a set records them: {"name", "digest", "files",
+        "license"} (job/separation/weights.py), worked out once. Read from the files without
+        loading the model where they are on disk (MODEL_DIR, the hub cache); otherwise the
+        model is loaded first (downloading them), and where its files still cannot be named
+        (demucs' legacy download) the digest is of the loaded weights (`weights:sha256:...`).
+
+        Raises ModelUnavailable (a ConfigError) when the model cannot be found or loaded.
+        """
+        with self._identity_lock:
+            if self._identity is None:
+                self._identity = self._describe()
+            return self._identity
+
+    def _describe(self) -> dict:
+        s = self.settings
+        files = self._files()
+        if files is None:
+            engine = self.engine()  # raises ModelUnavailable when it cannot load
+            files = self._files()
+        if files is not None:
+            described = weights.describe(files)
+        else:
+            from job.separation.precision import weights_digest
+
+            described = {"digest": "weights:sha256:" + weights_digest(engine.models), "files": []}
+        return {"name": s.model_name, **described, "license": s.model_license or None}
+
+    def _files(self):
+        s = self.settings
+        try:
+            return weights.find(s.model_name, s.model_dir)
+        except (OSError, ValueError) as exc:
+            where = f"MODEL_DIR={s.model_dir}" if s.model_dir else "the model cache (HF_HOME)"
+            raise ModelUnavailable(
+                f"model {s.model_name!r} in {where} cannot be read: {str(exc)[:200]}"
+            ) from None
+
 
 def build_engine(s, device) -> "Engine":
     """The model loaded and wrapped as `s` asks: PRECISION=auto picks reduced precision where
@@ -201,6 +247,10 @@ def build_engine(s, device) -> "Engine":
     from job.separation.precision import Verdicts, verdict_folders
 
     model = load_model(s.model_name, s.model_dir, device)
+    try:
+        outputs.plan(s.outputs, list(model.sources))
+    except JobError as exc:
+        raise ConfigError(f"OUTPUTS={','.join(s.outputs)} is invalid: {exc.message}") from None
     cuda = device.type == "cuda"
     cpuinfo = read_cpuinfo()
     precision, probe = choose_precision(

@@ -1,8 +1,9 @@
 """Where a track's windows lie and how their outputs add back up: demucs' reference geometry.
 
 The same window offsets and triangular weights as `apply_model(split=True, overlap=0.25)`, the
-same padding from neighbouring audio (`TensorChunk.padded`), the same shift offsets for
-`shifts > 0`, the same normalisation by the mono mix's mean/std. What differs is the shape:
+same padding from neighbouring audio (`TensorChunk.padded`) to the length the model takes
+(`input_size`), the same centre trim of its output, the same shift offsets for `shifts > 0`, the
+same normalisation by the mono mix's mean/std. What differs is the shape:
 windows are read one at a time and their outputs finished stretch by stretch, so nothing here
 holds the whole track. No model runs here (job/separation/engine.py runs it).
 """
@@ -29,9 +30,20 @@ class Stream:
     stride: int
     weight: np.ndarray
     skip: int = 0  # leading virtual samples that are not output (shift)
+    valid: object = None  # the model's valid_length, when it has one (input_size)
 
     def windows(self):
         return range(0, self.length, self.stride)
+
+    def chunk(self, offset: int) -> int:
+        """How many samples the window at `offset` outputs (fewer at the stream's end)."""
+        return min(self.segment, self.length - offset)
+
+    def input_size(self, chunk: int) -> int:
+        """The length of the input of a window of `chunk` samples, as apply_model pads it:
+        `valid_length` (HTDemucs: its training length; Demucs: what its convolutions fit),
+        else the chunk itself (HDemucs pads inside)."""
+        return int(self.valid(chunk)) if self.valid is not None else chunk
 
 
 class OverlapAdd:
@@ -136,8 +148,9 @@ def plan_streams(models, length: int, shifts: int, seed: int):
             [np.arange(1, segment // 2 + 1), np.arange(segment - segment // 2, 0, -1)]
         ).astype(np.float32)
         weight = weight / weight.max()
+        valid = getattr(model, "valid_length", None)
         if shifts == 0:
-            streams.append(Stream(index, 0, length, segment, stride, weight))
+            streams.append(Stream(index, 0, length, segment, stride, weight, valid=valid))
             continue
         max_shift = int(0.5 * model.samplerate)
         for _ in range(shifts):
@@ -151,6 +164,7 @@ def plan_streams(models, length: int, shifts: int, seed: int):
                     stride,
                     weight,
                     skip=max_shift - off,
+                    valid=valid,
                 )
             )
     return streams
@@ -186,32 +200,39 @@ class TrackWindows:
         """The index of the model that computes `batch` (one model per batch)."""
         return self.streams[batch[0][1]].model_index
 
+    def shape_of(self, window) -> tuple:
+        """(model, input length): windows that share it can run in one pass."""
+        stream = self.streams[window[1]]
+        return stream.model_index, stream.input_size(stream.chunk(window[2]))
+
     def batches(self, size):
-        """Consecutive windows of one model, at most `size()` of them (called as each batch is
-        planned: the precision that runs, and so the size, may change during the track)."""
+        """Consecutive windows of one model and input length, at most `size()` of them (called
+        as each batch is planned: the precision that runs, and so the size, may change during
+        the track)."""
         at = 0
         while at < len(self.order):
-            model_index = self.streams[self.order[at][1]].model_index
+            shape = self.shape_of(self.order[at])
             end, most = at + 1, size()
             while (
                 end < len(self.order)
                 and end - at < most
-                and self.streams[self.order[end][1]].model_index == model_index
+                and self.shape_of(self.order[end]) == shape
             ):
                 end += 1
             yield self.order[at:end]
             at = end
 
     def inputs(self, batch, read) -> np.ndarray:
-        """(windows, 2, segment): the normalised, neighbour-padded input of each window
+        """(windows, 2, input length): the normalised, neighbour-padded input of each window
         (TensorChunk.padded); read(start, stop) gives the raw track, zeros outside it."""
         inputs = []
         for _, index, offset in batch:
             s = self.streams[index]
-            chunk = min(s.segment, s.length - offset)
-            start = offset - (s.segment - chunk) // 2
-            lo, hi = max(start, 0), min(start + s.segment, s.length)  # inside the stream
-            window = np.zeros((2, s.segment), np.float32)
+            chunk = s.chunk(offset)
+            size = s.input_size(chunk)
+            start = offset - (size - chunk) // 2
+            lo, hi = max(start, 0), min(start + size, s.length)  # inside the stream
+            window = np.zeros((2, size), np.float32)
             # the part of [lo, hi) inside the track (a shifted stream starts before it)
             first, last = max(lo, -s.offset), min(hi, self.length - s.offset)
             if last > first:
@@ -225,8 +246,8 @@ class TrackWindows:
         (sources, 2, n) that no later window can touch, or None when there is none yet."""
         for (_, index, offset), out in zip(batch, outputs, strict=False):
             s = self.streams[index]
-            chunk = min(s.segment, s.length - offset)
-            trim = (s.segment - chunk) // 2
+            chunk = s.chunk(offset)
+            trim = (out.shape[-1] - chunk) // 2  # demucs' center_trim
             self.adders[index].add(offset, out[..., trim : trim + chunk])
             upto = min(offset + s.stride, s.length)
             self.combiner.add(index, *self.adders[index].finish(upto))

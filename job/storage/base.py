@@ -21,6 +21,7 @@ CONTENT_TYPES = {
     "mp3": "audio/mpeg",
     "wav": "audio/wav",
     "flac": "audio/flac",
+    "mp4": "audio/mp4",  # NI Stems
     "json": "application/json",
 }  # peaks files
 

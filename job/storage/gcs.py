@@ -20,6 +20,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 import google_crc32c
 from google.api_core import exceptions
@@ -205,7 +206,10 @@ class GcsStorage:
         return f"stems/{check_id('releaseId', release_id)}/{check_id('trackId', track_id)}/"
 
     def stem_url(self, release_id: str, track_id: str, filename: str) -> str:
-        return f"{PUBLIC_URL}/{self.bucket.name}/{self.prefix(release_id, track_id)}{filename}"
+        """The object's public URL; a sum's `+` is percent-encoded (`drums%2Bbass.mp3`), which
+        no reader can take for a space."""
+        prefix = self.prefix(release_id, track_id)
+        return f"{PUBLIC_URL}/{self.bucket.name}/{prefix}{quote(filename)}"
 
     def commit(self, release_id: str, track_id: str) -> GcsCommit:
         """Claim the track (the old set is vouched for by nothing from then on) to write the
