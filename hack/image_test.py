@@ -9,7 +9,9 @@ and Compose (`serve`, and the `pubsub` profile's sample and worker). Cases read 
 holds (the packages against the locks, no build tools, the entrypoint and user), what the build
 context holds (.dockerignore), and rebuild it twice: after a code change (the dependency layers
 must come from the cache) and with a lock whose hash does not match (the build must fail).
-Each case prints one PASS/FAIL line; the exit status is the number of failures.
+The decoding child's fences are shown under Docker's default seccomp profile, a read-only root
+and an arbitrary uid, and the model folder refuses the job's uid with a writable root (Cloud
+Run's). Each case prints one PASS/FAIL line; the exit status is the number of failures.
 
   python hack/image_test.py IMAGE --size-budget-mb N [--compose] [--context DIR]
       [--ca-marker TEXT] [-- BUILD OPTIONS]
@@ -58,6 +60,50 @@ COMPOSE = os.environ.get("DOCKER_COMPOSE", "docker-compose")
 STEMS = ("vocals", "drums", "bass", "guitar", "piano", "other")
 PROJECT, BUCKET = "stem-local", "stem-local"
 FIRST_WINDOW = '"event": "first_window"'
+HARDENED = ["--read-only", "--tmpfs", "/tmp", "--user", "4242:0"]  # as Cloud Run/OpenShift may
+# Inside the image: a loopback listener, an unfenced process that reaches it (the control), and
+# a process fenced by the function the decoding child calls first (job.audio.confine), child of
+# a non-dumpable parent holding a secret, trying the listener, the parent's environ, a socket
+# and the model folder. Prints one JSON line.
+FENCE_CHILD = r"""
+import json, os, socket, sys
+from job.audio import confine
+found = confine.confine() if sys.argv[2] == "fenced" else {}
+found.update(confine.probe(os.getppid()))
+def tried(name, action):
+    try:
+        action()
+        found[name] = "open"
+    except OSError as exc:
+        found[name] = f"refused ({exc.errno})"
+tried("connect", lambda: socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5).close())
+tried("modelWrite", lambda: open(os.path.join(sys.argv[3], "x.th"), "wb"))
+print(json.dumps(found))
+"""
+FENCE_PROGRAM = r"""
+import json, os, socket, subprocess, sys, threading
+from job.audio import confine
+from job.audio.child import child_env
+server = socket.create_server(("127.0.0.1", 0))
+port, accepted = server.getsockname()[1], []
+def serve():
+    while True:
+        connection, _ = server.accept()
+        accepted.append(1)
+        connection.close()
+threading.Thread(target=serve, daemon=True).start()
+confine.protect_parent()
+os.environ["HTTP_TOKEN"] = "a-secret-the-child-must-not-read"
+def run(mode):
+    argv = [sys.executable, "-P", "-c", sys.argv[1], str(port), mode, os.environ["MODEL_DIR"]]
+    done = subprocess.run(argv, env=child_env(), capture_output=True, text=True, timeout=60)
+    return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]}
+unfenced = run("open")
+control = len(accepted)
+fenced = run("fenced")
+print(json.dumps({"unfenced": unfenced, "fenced": fenced, "accepted": len(accepted),
+                  "acceptedBeforeFenced": control}))
+"""
 
 
 def docker(*args, timeout=300, check=False) -> subprocess.CompletedProcess:
@@ -388,6 +434,71 @@ class ImageTest:
         result, out = self.run_job(options=["--network", "none"])
         return self.check_stems(result, out)
 
+    def model_is_read_only_to_the_job(self):
+        """With a writable root (Cloud Run's), neither the image's uid nor an arbitrary one in
+        group 0 may add a file to the model folder or open one of its pickles for writing."""
+        script = (
+            'for f in "$MODEL_DIR/planted.th" "$MODEL_DIR"/*; do '
+            'if ( : >> "$f" ) 2>/dev/null; then echo "WROTE $f"; else echo "refused $f"; fi; done'
+        )
+        seen = []
+        for user in ("10001:10001", "4242:0"):
+            done = in_image(self.image, "sh", "-c", script, user=user)
+            refused = done.stdout.count("refused")
+            expect("WROTE" not in done.stdout and refused >= 3, f"{user}: {done.stdout!r}")
+            seen.append(f"{user}: {refused} of {refused} refused")
+        return "; ".join(seen)
+
+    def decoding_child_is_fenced(self):
+        """Docker's default seccomp profile, read-only root, uid 4242 in group 0: a real track's
+        decoding child reports its fences (the CLI logs them), and a process fenced the same
+        way cannot reach a loopback listener, the parent's environ, or the model folder."""
+        out = self.outputs()
+        env = {
+            "PROCESSING_MODE": "job",
+            "ORIGINAL_STEM_URI": "/in/track.flac",
+            "RELEASE_ID": "r9",
+            "TRACK_ID": "t9",
+            "INPUT_DIR": "/in",
+            "LOG_FORMAT": "json",
+            "HTTP_TOKEN": "a-secret-the-child-must-not-read",
+        }
+        mounts = ["-v", f"{self.inputs}:/in:ro", "-v", f"{out}:/outputs"]
+        done = docker("run", "--rm", *mounts, *HARDENED, *env_args(env), self.image)
+        expect(done.returncode == 0, f"exit {done.returncode}: {done.stderr[-1500:]}")
+        lines = [line for line in done.stderr.splitlines() if "decoding child" in line]
+        expect(len(lines) == 1, f"fence lines: {lines} {done.stderr[-800:]}")
+        logged = json.loads(lines[0])["message"]
+        for fence in (
+            "seccomp loaded",
+            "network refused",
+            "parentEnviron refused",
+            "writes refused",
+        ):
+            expect(fence in logged, f"{fence!r} not in {logged!r}")
+        probe = docker(
+            "run",
+            "--rm",
+            *HARDENED,
+            "--entrypoint",
+            "python",
+            self.image,
+            "-c",
+            FENCE_PROGRAM,
+            FENCE_CHILD,
+        )
+        expect(probe.returncode == 0, f"probe exit {probe.returncode}: {probe.stderr[-1500:]}")
+        found = last_json(probe.stdout)
+        expect(found["unfenced"].get("connect") == "open", f"control did not connect: {found}")
+        parent = found["unfenced"].get("parentEnviron", "")
+        expect(parent.startswith("refused"), f"a non-dumpable parent's environ: {found}")
+        expect(found["acceptedBeforeFenced"] == found["accepted"] == 1, f"listener: {found}")
+        fenced = found["fenced"]
+        for name in ("connect", "network", "parentEnviron", "modelWrite", "writes"):
+            expect(str(fenced.get(name, "")).startswith("refused"), f"{name}: {fenced}")
+        expect(fenced.get("seccomp") == "loaded", f"seccomp: {fenced}")
+        return f"logged: {logged}; fenced probe: {json.dumps(fenced)}; listener saw 1 (control)"
+
     def bad_input(self):
         result, out = self.run_job(source="bad.mp3", expect_code=65)
         expect(
@@ -417,9 +528,9 @@ class ImageTest:
     # -- what the image holds ---------------------------------------------------------------------
     def entrypoint_user_and_env(self):
         """The console script pyproject.toml declares, from the venv on PATH, as a numeric
-        non-root user (Kubernetes' runAsNonRoot can only verify a number) that owns the
-        model; offline, under tcmalloc, and ready for a CUDA 12.x driver older than its
-        libraries."""
+        non-root user (Kubernetes' runAsNonRoot can only verify a number) that does not own
+        the model (root does); offline, under tcmalloc, and ready for a CUDA 12.x driver older
+        than its libraries."""
         scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
         entry = inspect(self.image, ".Config.Entrypoint")
         expect(entry == ["stem-job"] and entry[0] in scripts, f"entrypoint {entry}")
@@ -435,8 +546,8 @@ class ImageTest:
             expect(env.get(key) == value, f"{key}={env.get(key)!r}")
         found = in_image(self.image, "sh", "-c", "command -v stem-job; stat -c %u:%g $MODEL_DIR")
         expect(
-            found.stdout.split() == ["/opt/venv/bin/stem-job", "10001:10001"],
-            f"stem-job and the model's owner: {found.stdout!r} {found.stderr[-300:]}",
+            found.stdout.split() == ["/opt/venv/bin/stem-job", "0:0"],
+            f"stem-job and the model's owner (root): {found.stdout!r} {found.stderr[-300:]}",
         )
         maps = in_image(self.image, "python", "-c", "print(open('/proc/self/maps').read())")
         expect("libtcmalloc_minimal" in maps.stdout, "tcmalloc is not loaded in the image")
@@ -926,6 +1037,13 @@ def main():
         test.case("docker run --user 4242:4242", test.arbitrary_user)
         test.case("docker run --network none", test.no_network)
         test.case("bad input: exit 65, failed result", test.bad_input)
+        test.case(
+            "the model is read-only to the job (writable root)", test.model_is_read_only_to_the_job
+        )
+        test.case(
+            "the decoding child is fenced (default seccomp, --read-only, uid 4242:0)",
+            test.decoding_child_is_fenced,
+        )
         test.case("--help and prefetch-model as the image user", test.help_and_prefetch)
         standin_cases = [
             ("drain as the k8s pod runs it (stand-ins)", test.pod_drains_in_container),

@@ -21,7 +21,12 @@ OPEN_PATHS = ("/health",)  # liveness probes carry no credentials; it reveals no
 
 
 class Refused(Exception):
-    """The request's credentials are missing or wrong; the message says which, never the token."""
+    """The request's credentials are missing or wrong; the message (the caller's answer) says
+    which, never the token or what was expected; `detail`, for the log only, may say more."""
+
+    def __init__(self, message: str, detail=None):
+        super().__init__(message)
+        self.detail = detail
 
 
 class Unavailable(Exception):
@@ -61,7 +66,13 @@ class Guard:
             try:
                 await run_in_threadpool(self.verify, Headers(scope=scope))
             except Refused as exc:
-                log.warning("refused %s %s: %s", scope["method"], scope["path"], exc)
+                log.warning(
+                    "refused %s %s: %s%s",
+                    scope["method"],
+                    scope["path"],
+                    exc,
+                    f" ({exc.detail})" if exc.detail is not None else "",
+                )
                 response = JSONResponse(
                     self.body("unauthorized", str(exc)), 401, headers={"WWW-Authenticate": "Bearer"}
                 )

@@ -61,6 +61,7 @@ class Settings:
     http_port: int = 8000
     http_queue: int = 4
     http_token: str = field(default="", repr=False)  # a secret: never in a repr or a log
+    http_allow_unauthenticated: bool = False  # serve without HTTP_TOKEN beyond loopback
 
     def allowed_buckets(self) -> tuple:
         if self.allowed_input_buckets:
@@ -247,6 +248,7 @@ ENV = {
     "PORT": ("http_port", lambda n, v: parse_int(n, v, 1, 65535)),
     "HTTP_QUEUE": ("http_queue", lambda n, v: parse_int(n, v, 0, 1000)),
     "HTTP_TOKEN": ("http_token", parse_token),
+    "HTTP_ALLOW_UNAUTHENTICATED": ("http_allow_unauthenticated", parse_bool),
 }
 FIELD_TO_ENV = {field: env for env, (field, _) in ENV.items()}
 

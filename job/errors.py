@@ -89,19 +89,27 @@ CODES = {
     "results_topic_not_found": _config("PUBSUB_RESULTS_TOPIC does not exist"),
     "results_topic_forbidden": _config("the job may not publish to PUBSUB_RESULTS_TOPIC"),
     "pubsub_error": _config("PUBSUB_SUBSCRIPTION is missing or may not be pulled"),
+    # serve's answers to a request it refuses before any track exists (no process ends on them)
+    "unauthorized": _bad(401, "serve: the request lacks Authorization: Bearer <HTTP_TOKEN>"),
+    "auth_unavailable": _retry(503, "serve: the credentials could not be checked now"),
+    "not_found": _bad(404, "serve: no such route"),
+    "method_not_allowed": _bad(405, "serve: the route does not take this method"),
+    "http_error": _bad(400, "serve: the HTTP layer refused the request (its status says why)"),
 }
 
 
 class JobError(Exception):
     """A failure with a stable code, a human message and a retry hint (by default the
-    code's, from CODES)."""
+    code's, from CODES). A code CODES does not hold is a programming error, raised as such:
+    it would otherwise pass for a bad input that no retry, dashboard or README knows."""
 
     def __init__(self, code: str, message: str, retryable: bool | None = None):
+        if code not in CODES:
+            raise ValueError(f"unregistered error code {code!r}: add it to job/errors.py CODES")
         super().__init__(message)
         self.code = code
         self.message = message
-        known = CODES.get(code)
-        self.retryable = bool(known and known.retryable) if retryable is None else retryable
+        self.retryable = CODES[code].retryable if retryable is None else retryable
 
     def as_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "retryable": self.retryable}
@@ -109,8 +117,7 @@ class JobError(Exception):
     @property
     def is_config(self) -> bool:
         """A setting or a role is wrong: stop, keep every message for when it is fixed."""
-        known = CODES.get(self.code)
-        return bool(known and known.exit == EXIT_CONFIG)
+        return CODES[self.code].exit == EXIT_CONFIG
 
 
 class ConfigError(Exception):
@@ -159,5 +166,4 @@ def exit_code_for(error: JobError | None) -> int:
 
 
 def http_status_for(error: JobError) -> int:
-    known = CODES.get(error.code)
-    return known.http if known else (503 if error.retryable else 500)
+    return CODES[error.code].http

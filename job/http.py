@@ -40,8 +40,10 @@ Why it is shaped this way:
   GKE's grace periods; the set being written is left without a manifest.
 - Who may call: with HTTP_TOKEN set, every route but /health needs `Authorization: Bearer
   <HTTP_TOKEN>` (job/auth.py; 401 otherwise, before the body is read). Without it anyone who
-  reaches the port may overwrite any release's stems, so binding a non-loopback address
-  without it is said loudly at start.
+  reaches the port may overwrite any release's stems, so the server refuses to start on a
+  non-loopback address without it (exit 78) unless HTTP_ALLOW_UNAUTHENTICATED=true says that
+  something else decides who reaches the port (Compose publishes it on the host's loopback
+  only), and then says so loudly at start.
 """
 
 import asyncio
@@ -563,15 +565,23 @@ class Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    """Load the model (ConfigError before any port opens: the CLI exits 78), then serve on
-    HTTP_HOST:PORT (job.serve: our logging; a port in use exits 75)."""
+    """Refuse an open address without a token, load the model (ConfigError before any port
+    opens: the CLI exits 78), then serve on HTTP_HOST:PORT (job.serve: our logging; a port
+    in use exits 75)."""
+    unauthenticated = not settings.http_token and not is_loopback(settings.http_host)
+    if unauthenticated and not settings.http_allow_unauthenticated:
+        raise ConfigError(
+            f"HTTP_HOST={settings.http_host} is reachable from other machines and HTTP_TOKEN "
+            "is not set: set HTTP_TOKEN, bind HTTP_HOST=127.0.0.1, or set "
+            "HTTP_ALLOW_UNAUTHENTICATED=true where something else decides who reaches the port"
+        )
     model_cache = ModelCache(settings)
     model_cache.engine()
-    if not settings.http_token and not is_loopback(settings.http_host):
+    if unauthenticated:
         log.warning(
-            "UNAUTHENTICATED: serving on %s:%d without HTTP_TOKEN, so anyone who can "
-            "reach this port can start separations and overwrite any release's stems; "
-            "set HTTP_TOKEN, or HTTP_HOST=127.0.0.1 behind a proxy that authenticates",
+            "UNAUTHENTICATED: serving on %s:%d without HTTP_TOKEN "
+            "(HTTP_ALLOW_UNAUTHENTICATED=true), so anyone who can reach this port can start "
+            "separations and overwrite any release's stems",
             settings.http_host,
             settings.http_port,
         )

@@ -88,7 +88,9 @@ def start(
     upload, the manifest) as a Finishing: the model is free once this returns, so a drain
     separates its next track while this one finishes in another thread."""
     finishing = Finishing(request, job, fetch or job.fetch(request, trusted))
-    finishing.step(lambda: _process(request, job, finishing.fetch, finishing.timings))
+    finishing.step(
+        lambda: _process(request, job, finishing.fetch, finishing.timings, finishing.engine)
+    )
     return finishing
 
 
@@ -98,6 +100,7 @@ class Finishing:
     def __init__(self, request, job: Job, fetch: Intake):
         self.request, self.job, self.fetch = request, job, fetch
         self.timings = fetch.timings
+        self.engine = {}  # the engine's figures for this track, recorded when it separated
         self.started = time.monotonic()
         self.rest = None  # the remaining step; None once there is none
         self.outcome = None
@@ -148,7 +151,7 @@ class Finishing:
         self.fetch.close()
         self.timings["total"] = round(time.monotonic() - self.started, 3)
         if self.outcome is not None:
-            log_summary(self.request, self.outcome, self.job, self.fetch)
+            log_summary(self.request, self.outcome, self.job, self.fetch, self.engine)
         self.fetch = None
 
     def result(self) -> dict:
@@ -163,18 +166,16 @@ def labels(request: messages.JobRequest) -> dict:
     return {key: value for key, value in messages.request_ids(request).items() if value}
 
 
-def peak_memory_mb(model_cache: "ModelCache") -> dict:
-    peak = {"peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if model_cache.loaded and model_cache.device.type == "cuda":  # never imports torch by itself
-        import torch
-
-        peak["peakGpuMemoryMb"] = round(
-            torch.cuda.max_memory_allocated(model_cache.device) / 2**20, 1
-        )
-    return peak
+def peak_memory_mb(engine: dict) -> dict:
+    """This process's peak RSS, and the device's peak during this track's separation as the
+    engine recorded it (read later, the device's counter may already be the next track's)."""
+    return {
+        "peakRssMb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peakGpuMemoryMb": engine.get("devicePeakMb"),
+    }
 
 
-def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
+def log_summary(request, result: dict, job: Job, fetch: Intake, engine: dict) -> None:
     """One line per job with the figures of the result: log-based metrics chart these."""
     timings = result.get("timings", {})
     error = result.get("error") or {}
@@ -191,7 +192,7 @@ def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
         "errorCode": error.get("code"),
         "retryable": error.get("retryable"),
         "fetchedAhead": fetch.ahead,
-        **peak_memory_mb(job.model_cache),
+        **peak_memory_mb(engine),
     }
     stages = " ".join(f"{k}={v}s" for k, v in timings.items())
     log.info(
@@ -206,7 +207,7 @@ def log_summary(request, result: dict, job: Job, fetch: Intake) -> None:
     )
 
 
-def _process(request, job: Job, fetch: Intake, timings: dict) -> dict:
+def _process(request, job: Job, fetch: Intake, timings: dict, record: dict) -> dict:
     s, storage = job.settings, job.storage
     asked = messages.outputs_of(request, s)
     fetched = fetch.wait()
@@ -227,7 +228,10 @@ def _process(request, job: Job, fetch: Intake, timings: dict) -> dict:
     separator = job.model_cache.engine()
     chosen = outputs.plan(asked, separator.sources)  # bad input: names the model cannot make
     model = dict(model, sources=list(separator.sources))
-    finish_encoders = _separate(decoded, separator, scratch, s, job, progress, timings, chosen)
+    finish_encoders, engine = _separate(
+        decoded, separator, scratch, s, job, progress, timings, chosen
+    )
+    record.update(engine)  # this track's, whatever the engine does next
     return lambda: _store(request, job, fetched, model, finish_encoders(), timings, chosen)
 
 
@@ -313,19 +317,21 @@ def _separate(
     """Run the engine, feeding each finished block to the concurrent encoders (and the input's
     own blocks to the mix's loudness meter). Returns a function that waits for the encoders'
     tail and returns the files to upload ({output: audio, "OUTPUT.peaks": peaks}), each
-    output's figures, the mix's loudness figures and the engine's."""
+    output's figures, the mix's loudness figures and the engine's; and the engine's figures."""
     sources = separator.sources
     slots = {
         slot: [sources[i] for i in indices]
         for slot, indices in zip(outputs.NI_SLOTS, outputs.ni_slots(sources), strict=True)
     }
     encoders = open_encoders(scratch, chosen, s, slots)
-    picks = pickers(sources, chosen)
-    reader = audio.RawReader(decoded)
-    wants_mix = s.output_analysis or outputs.NI_STEMS in chosen  # the meter, the NI mix track
-    mix_reader = audio.RawReader(decoded) if wants_mix else None
-    workers = dict(encoders, **({"mix": MixMeter()} if s.output_analysis else {}))
+    workers, reader, mix_reader = dict(encoders), None, None
     try:
+        picks = pickers(sources, chosen)
+        reader = audio.RawReader(decoded)
+        if s.output_analysis or outputs.NI_STEMS in chosen:  # the meter, the NI mix track
+            mix_reader = audio.RawReader(decoded)
+        if s.output_analysis:
+            workers["mix"] = MixMeter()
 
         def emit(start, block):
             mix = None if mix_reader is None else mix_reader.read(start, start + block.shape[-1])
@@ -348,9 +354,9 @@ def _separate(
         _wait_for_encoders(workers, timings)  # the separation's error is the one reported
         raise
     finally:
-        reader.close()
-        if mix_reader is not None:
-            mix_reader.close()
+        for opened in (reader, mix_reader):
+            if opened is not None:
+                opened.close()
         progress.close()
     probe = separator.probe_db  # None: not probed; -inf (not JSON): reduced was not finite
     engine = {
@@ -373,7 +379,7 @@ def _separate(
                 files[f"{name}.peaks"] = encoder.peaks_path
         return files, stats, stats.pop("mix", None), engine
 
-    return encoded
+    return encoded, engine
 
 
 def _wait_for_encoders(workers: dict, timings) -> tuple[dict, list]:

@@ -10,12 +10,14 @@ Run API stand-in of test_cloudrun; every bad one must be refused with 401 and st
 import base64
 import datetime
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+from conftest import run_job
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -154,6 +156,7 @@ def refused(reply, hint):
     assert reply.status_code == 401, reply.text
     assert reply.headers["WWW-Authenticate"] == "Bearer"
     assert reply.json()["status"] == "unauthorized" and hint in reply.json()["error"], reply.json()
+    assert AUDIENCE not in reply.text, "a refusal must not tell a stranger the expected audience"
 
 
 def test_a_valid_push_token_starts_one_execution(dispatcher, certificates, cloud_run, key):
@@ -233,14 +236,53 @@ def test_every_route_but_health_is_guarded(dispatcher, certificates, cloud_run, 
     assert cloud_run.requests == []
 
 
-def test_without_a_service_account_any_google_signed_token_for_the_audience_passes(
+def test_an_audience_without_a_service_account_does_not_start(tmp_path):
+    """An audience alone admits any Google-signed token (anyone can mint one for any audience
+    from their own project): `stem-job dispatch` refuses to start, one line, exit 78."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "GCP_PROJECT_ID": "p1",
+        "CLOUD_RUN_REGION": "us-central1",
+        "PUSH_AUDIENCE": AUDIENCE,
+        "HTTP_HOST": "127.0.0.1",
+        "PORT": "1",
+    }
+    done = run_job(["dispatch"], env, timeout=60)
+    assert done.returncode == 78, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PUSH_SERVICE_ACCOUNT" in lines[0], done.stderr
+
+
+def raw_post(url: str, head: str, body: bytes = b"", timeout: float = 10.0) -> str:
+    """The status line and headers a POST gets, from a socket (what a client that does not
+    wait for its body to be taken sees)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode("latin-1")
+
+
+def test_a_body_over_the_bound_is_refused_before_it_is_read(
     dispatcher, certificates, cloud_run, key
 ):
-    url = dispatcher(certificates.url, service_accounts=())
-    reply = push(url, key.token(email="scheduler@p.iam.gserviceaccount.com"))
-    assert reply.status_code == 200, reply.text
-    refused(push(url, key.token(aud="https://other.example"), message_id="5003"), "audience")
-    assert len(cloud_run.requests) == 1
+    url = dispatcher(certificates.url)
+    auth = f"Authorization: Bearer {key.token()}\r\nHost: x\r\n"
+    # declared: refused from the headers, none of the body sent
+    declared = raw_post(url, f"POST /pubsub HTTP/1.1\r\n{auth}Content-Length: {10**10}\r\n")
+    assert declared.startswith("HTTP/1.1 413"), declared
+    # streamed without a length: refused at the first chunk over the bound
+    chunk = b"x" * 65536
+    over = (2 << 20) // len(chunk)  # 2 MiB: twice the bound the README names
+    body = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") * over + b"0\r\n\r\n"
+    streamed = raw_post(url, f"POST /pubsub HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n", body)
+    assert streamed.startswith("HTTP/1.1 413"), streamed
+    assert cloud_run.requests == []
 
 
 def test_certificates_out_of_reach_ask_for_a_retry(dispatcher, cloud_run, key):
@@ -267,3 +309,5 @@ def test_push_settings_from_env():
         )
     with pytest.raises(ConfigError, match="PUSH_AUDIENCE"):
         load_dispatcher_settings({**env, "PUSH_SERVICE_ACCOUNT": PUSHER})
+    with pytest.raises(ConfigError, match="PUSH_SERVICE_ACCOUNT"):
+        load_dispatcher_settings({**env, "PUSH_AUDIENCE": AUDIENCE})

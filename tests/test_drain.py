@@ -288,6 +288,13 @@ def test_next_track_is_fetched_and_separated_while_the_current_one_finishes(clou
     assert stems_in_bucket(cloud, "trk_b") == {
         f"stems/rel_1/trk_b/{s}{ext}" for s in STEMS for ext in (".mp3", ".peaks.json")
     } | {"stems/rel_1/trk_b/manifest.json"}
+    # trk_a's summary is logged after trk_b entered the engine (which resets the device's
+    # peak): its figure is still its own track's, as its manifest records it
+    for track in ("trk_a", "trk_b"):
+        blob = cloud.storage.bucket(cloud.bucket).blob(f"stems/rel_1/{track}/manifest.json")
+        engine = json.loads(blob.download_as_bytes())["engine"]
+        assert "peakGpuMemoryMb" in summaries[f"job_{track}"], summaries[f"job_{track}"]
+        assert summaries[f"job_{track}"]["peakGpuMemoryMb"] == engine["devicePeakMb"]
 
 
 def test_sigterm_nacks_and_leaves_no_manifest(cloud, tmp_path):

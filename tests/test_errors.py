@@ -4,6 +4,8 @@ the registry's."""
 import re
 from pathlib import Path
 
+import pytest
+
 from job.errors import (
     CODES,
     EXIT_BAD_INPUT,
@@ -60,3 +62,10 @@ def test_a_code_decides_retry_exit_and_status():
     assert not JobError("decode_killed", "x", retryable=False).retryable
     assert all(c.exit in (EXIT_BAD_INPUT, EXIT_RETRY, EXIT_CONFIG) for c in CODES.values())
     assert all((c.exit == EXIT_BAD_INPUT) != c.retryable for c in CODES.values())
+
+
+def test_an_unregistered_code_is_a_programming_error_not_a_bad_input():
+    """Without the registry's word a code would pass for a final bad input (exit 65) that no
+    dashboard, README or retry policy knows: it is refused where it is made."""
+    with pytest.raises(ValueError, match="CODES"):
+        JobError("no_such_code", "x")

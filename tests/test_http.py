@@ -26,6 +26,7 @@ from ni_reader import check_ni_stems, decode
 from stand_ins import PROJECT
 from synthetic import FOUR, music, write_audio
 
+from job.errors import CODES
 from job.messages import STEMS
 
 SMALL_LIMIT = 200_000  # MAX_INPUT_BYTES of the `small` server
@@ -108,6 +109,7 @@ def servers(model_dir, four_model_dir, bag_model_dir, tmp_path_factory):
             MAX_INPUT_BYTES=SMALL_LIMIT,
             MAX_DURATION_S=2,
             HTTP_HOST="0.0.0.0",
+            HTTP_ALLOW_UNAUTHENTICATED="true",
         ),
         "guarded": launch(
             model_dir,
@@ -190,6 +192,7 @@ def error_of(response, status, code):
     assert response.status_code == status, response.text
     body = response.json()
     assert body["status"] == "failed" and body["error"]["code"] == code, body
+    assert code in CODES and CODES[code].http == status, f"{code} is not in job/errors.py CODES"
     assert body["error"]["message"] and isinstance(body["error"]["retryable"], bool)
     return body
 
@@ -368,6 +371,9 @@ def test_unsupported_types(main, clip):
 
 def test_unknown_route_is_json(main):
     error_of(requests.get(main.url + "/separate", timeout=10), 404, "not_found")
+    error_of(
+        requests.get(main.url + "/separate/rel_1/trk_1", timeout=10), 405, "method_not_allowed"
+    )
 
 
 def answer_before_the_body(server: Server, path: str, length: int) -> str:
@@ -598,8 +604,8 @@ def test_with_the_token_the_original_api_works(guarded, clip):
 
 
 def test_an_open_port_is_said_loudly_once(main, small, guarded):
-    """Without HTTP_TOKEN on every interface: one warning at start; on loopback or with a
-    token: none."""
+    """Without HTTP_TOKEN on every interface, opted in: one warning at start; on loopback or
+    with a token: none."""
     warnings = [
         json.loads(line) for line in small.log.read_text().splitlines() if UNAUTHENTICATED in line
     ]
@@ -607,6 +613,19 @@ def test_an_open_port_is_said_loudly_once(main, small, guarded):
     assert "HTTP_TOKEN" in warnings[0]["message"] and "0.0.0.0" in warnings[0]["message"]
     assert UNAUTHENTICATED not in main.log.read_text()
     assert UNAUTHENTICATED not in guarded.log.read_text()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "stem-job.internal"])
+def test_an_open_address_without_a_token_is_refused_at_start(model_dir, tmp_path, host):
+    """Safe by default: beyond loopback, no HTTP_TOKEN and no explicit opt-in is a
+    configuration error, one line, before the model loads or a port opens."""
+    env = job_env(model_dir, tmp_path, HTTP_HOST=host, MODEL_DIR=tmp_path / "no-model")
+    out = run_job(["serve"], env, timeout=60)
+    assert out.returncode == 78, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "HTTP_TOKEN" in lines[0] and "HTTP_ALLOW_UNAUTHENTICATED" in lines[0]
+    assert host in lines[0] and "MODEL_DIR" not in lines[0], "refused before the model loads"
 
 
 def test_a_guessable_token_fails_at_start(model_dir, tmp_path):

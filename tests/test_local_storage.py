@@ -154,3 +154,56 @@ def test_a_file_changed_after_the_manifest_voids_the_local_set(tmp_path):
     assert storage.read_manifest("rel", "trk") is not None
     (tmp_path / "out" / "rel" / "trk" / "vocals.mp3").write_bytes(b"ID3 two")
     assert storage.read_manifest("rel", "trk") is None
+
+
+def bytes_read() -> int:
+    """What this process has read through read(2) so far (/proc/self/io's rchar)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
+def stored_set(tmp_path, size: int) -> tuple[LocalStorage, Path]:
+    storage = LocalStorage(str(tmp_path / "out"))
+    files = {}
+    for name in ("vocals", "drums", "bass"):
+        files[name] = tmp_path / f"{name}.mp3"
+        files[name].write_bytes(os.urandom(size))
+    with storage.commit("rel", "trk") as commit:
+        commit.write_stems(files)
+        commit.write_manifest({"stems": {name: {"file": f"{name}.mp3"} for name in files}})
+    return storage, tmp_path / "out" / "rel" / "trk"
+
+
+def test_a_complete_set_is_vouched_for_without_reading_it_again(tmp_path):
+    """A duplicate message's skip check reads the manifest, not the set: a file whose stamp
+    (inode, size, mtime, ctime) is the one the writer hashed is not hashed again."""
+    storage, folder = stored_set(tmp_path, 4 << 20)
+    before = bytes_read()
+    assert storage.read_manifest("rel", "trk") is not None
+    assert bytes_read() - before < 1 << 20, "the 12 MiB set was read again"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["fileStamps"]) == set(manifest["fileChecksums"])
+
+
+def test_a_change_that_keeps_size_and_mtime_still_voids_the_set(tmp_path):
+    storage, folder = stored_set(tmp_path, 1 << 16)
+    path = folder / "drums.mp3"
+    kept = path.stat()
+    with open(path, "r+b") as handle:
+        handle.write(b"X" * 16)  # same size
+    os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # mtime put back: ctime is not
+    assert path.stat().st_size == kept.st_size and path.stat().st_mtime_ns == kept.st_mtime_ns
+    assert storage.read_manifest("rel", "trk") is None
+
+
+def test_a_set_copied_elsewhere_is_hashed_and_still_vouched_for(tmp_path):
+    """New inodes and times (a copied folder, a restored backup): the stamps do not match,
+    the files are hashed, and the same bytes are the same complete set."""
+    storage, folder = stored_set(tmp_path, 1 << 16)
+    for path in folder.glob("*.mp3"):
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+    before = bytes_read()
+    assert storage.read_manifest("rel", "trk") is not None
+    assert bytes_read() - before >= 3 << 16, "hashed again"

@@ -4,6 +4,7 @@ waveform peaks (BBC audiowaveform JSON v2), loudness (BS.1770) and the silent fl
 
 import json
 import math
+import threading
 
 import jsonschema
 import numpy as np
@@ -17,7 +18,8 @@ from synthetic import SOURCES, music, write_model_folder
 from job import outputs
 from job.analysis.loudness import LoudnessMeter
 from job.analysis.peaks import Peaks
-from job.audio.encode import MixMeter, StemEncoder
+from job.audio.encode import MixMeter, StemEncoder, open_encoders
+from job.config import Settings
 from job.errors import JobError
 from job.manifest import is_silent
 from job.messages import STEMS
@@ -450,3 +452,14 @@ def test_stem_of_an_absent_instrument_is_flagged_silent(song, pianoless_model, t
     assert flags == {name: name == "piano" for name in STEMS}
     assert manifest["stems"]["piano"]["silent"] is True
     assert (tmp_path / "outputs" / "rel_s" / "trk_s" / "piano.mp3").exists()  # flagged, kept
+
+
+def test_an_output_that_cannot_be_opened_leaves_no_encoder_running(tmp_path):
+    """When the third output's file cannot be opened, the two encoders opened before it are
+    stopped: their threads would otherwise wait on their queues for the rest of a drain."""
+    (tmp_path / "bass.mp3").mkdir()
+    ours = {thread for thread in threading.enumerate() if thread.name.startswith("encode-")}
+    with pytest.raises(IsADirectoryError):
+        open_encoders(tmp_path, ("vocals", "drums", "bass", "guitar"), Settings())
+    left = [t for t in threading.enumerate() if t.name.startswith("encode-") and t not in ours]
+    assert left == [], f"encoder threads left waiting: {[t.name for t in left]}"

@@ -278,13 +278,17 @@ def test_unwritable_folders_only_mean_checking_again(small, one_window, one_wind
 
 
 def test_prefetch_records_the_verdict_that_runs_then_use(job_env_for, tmp_path, mix):
-    """On a bf16 CPU the image build's check is what later runs rely on; elsewhere, fp32 as is."""
+    """On a bf16 CPU the image build's check is what later runs rely on; elsewhere, fp32 as is.
+    The verdict goes to the cache (XDG_CACHE_HOME), never into the model's folder: that holds
+    pickles torch.load runs, and the image keeps it read-only to the job."""
     folder = write_model_folder(tmp_path / "model")  # its own folder: nothing recorded yet
+    models = sorted(path.name for path in folder.iterdir())
     song = write_audio(tmp_path / "song.wav", mix)
     env = job_env_for(MODEL_DIR=folder, XDG_CACHE_HOME=tmp_path / "cache")
     built = run_job(["prefetch-model"], env)
     assert built.returncode == EXIT_OK, built.stderr[-2000:]
-    recorded = list(folder.glob("precision-check-*.json"))
+    assert sorted(path.name for path in folder.iterdir()) == models, "written into the model"
+    recorded = list((tmp_path / "cache" / "stem-job").glob("precision-check-*.json"))
     proc = run_job(["run", "--input", str(song), "--release-id", "r", "--track-id", "t"], env)
     assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
     assert last_json(proc.stdout)["status"] == "completed"

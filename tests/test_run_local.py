@@ -54,6 +54,12 @@ def test_run_with_flags_writes_six_mp3_and_manifest(song, mix, job_env_for, tmp_
     assert set(result["timings"]) >= {"decode", "separate", "encode", "upload"}
     assert abs(result["durationS"] - mix.shape[1] / 44100) < 0.03
     assert not list(folder.glob(".*")), "temp files left behind"
+    # the decoding child tried its fences; the CLI (its parent) logged what held, once
+    logged = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    fenced = [e for e in logged if "decoding child" in e.get("message", "")]
+    assert len(fenced) == 1 and fenced[0]["severity"] == "INFO", fenced
+    for fence in ("network refused", "parentEnviron refused", "writes refused", "seccomp loaded"):
+        assert fence in fenced[0]["message"], fenced[0]
 
 
 def test_run_from_env_message_base64(song, mix, job_env_for, tmp_path):

@@ -1,21 +1,33 @@
-"""The decoding child: FFmpeg meets the original in a process of its own, bounded and bare.
+"""The decoding child: FFmpeg meets the original in a process of its own, bounded and fenced.
 
 Why a child, and why like this:
 - FFmpeg's calls and the per-block numpy work hold the GIL, so in a thread they would take
   turns with the model's load and a drain's separation; in a child they run beside them.
 - A hostile original is bounded: the child runs under a memory limit (RLIMIT_DATA: the heap and
   every private writable mapping, not the shared libraries, so the limit is about what the
-  decode allocates) and a wall-clock budget the parent enforces, derived from the file's size
-  and its declared duration (else MAX_DURATION_S). Exceeding either fails the track with its
-  own code and is final: the same bytes exhaust the same limit on every worker.
+  decode allocates) and a wall-clock budget the parent enforces. Until the file has declared
+  its length the budget is the probe's own (DECODE_TIME_BASE_S and the file read at a slow
+  disk's pace); then it grows by DECODE_TIME_FACTOR per second of audio: the declared length
+  when FFmpeg read it from the file, MAX_DURATION_S when the file declares none or FFmpeg only
+  estimates it from the bitrate (an estimate may be far too short, and must not fail a real
+  file). Exceeding either fails the track with its own code and is final: the same bytes
+  exhaust the same limit on every worker.
 - A kill from outside (the kernel's OOM killer, when the container's memory is smaller than
   the limit) may be a neighbour's fault, so it is retried, but only while the platform's
   delivery count is low; after that it is final too, instead of visiting every worker.
-- The child sees as little as possible: an environment of a few harmless variables (no cloud
-  credentials, no emulator hosts, no tokens), stdin and stdout on /dev/null, stderr for a
-  native crash's last words, one pipe for its answer, and the two scratch files it opens
-  itself. Its answer is JSON, never a pickle: a decoder subverted by a file must not be able
-  to run code in the parent that holds the credentials.
+- Should a crafted file take the child over, it is isolated from: the parent's environment
+  and memory (a bare environment of a few harmless variables; the parent is not dumpable),
+  the network (no sockets of any family: not the metadata server's tokens, not the
+  emulators), every file but the one it writes (nothing can be opened for writing, renamed,
+  removed or re-permissioned: not the model's pickles, not other tracks' stems or scratch
+  files), other processes (no exec, no fork, no signals but to itself, no ptrace) and
+  capabilities (job.audio.confine has the list and how; the parent logs once what held).
+  It is not isolated from: reading what the uid may read (the model, other tracks' scratch
+  files, a mounted key file: use Workload Identity, not key files), the CPU and memory inside
+  its limits, and its stderr, which goes to the log unfiltered. Its one answer is JSON, never
+  a pickle, and the parent believes little of it: a code that is not a verdict on the input
+  (a retry, a setting) becomes corrupt_audio, texts are cut short, and the decoded length
+  must match the file it wrote.
 """
 
 import dataclasses
@@ -30,8 +42,12 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from job.audio import confine
 from job.audio import decode as audio
-from job.errors import Interrupted, JobError
+from job.errors import CODES, EXIT_BAD_INPUT, Interrupted, JobError
+from job.pcm import CHANNELS
+
+log = logging.getLogger(__name__)
 
 # what the child may see of the parent's environment: nothing that grants access to anything
 PASSED_ENV = (
@@ -48,6 +64,8 @@ PASSED_ENV = (
 CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # no idle BLAS thread pools
 READ_BYTES_PER_S = 20e6  # the slowest read the budget allows for: a network volume
 MAX_ANSWER = 1 << 20  # a child's answer is a few hundred bytes; more is not read
+MAX_TEXT = 300  # characters of a message or warning taken from the child
+MAX_WARNINGS = 20
 POLL_S = 0.05
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -71,12 +89,17 @@ class Limits:
             settings.decode_kill_retries,
         )
 
+    def probe_s(self, size: int) -> float:
+        """The budget until the file declares its length: start-up, probing, and the file read
+        at a slow disk's pace."""
+        return self.time_base_s + size / READ_BYTES_PER_S
+
     def budget_s(self, size: int, declared_s: float | None, max_duration_s: float) -> float:
-        """The wall-clock budget for a decode: the file read at a slow disk's pace plus the
-        audio decoded at `time_factor`; the audio is what the file declares, capped by
-        MAX_DURATION_S (all a decode may produce), or MAX_DURATION_S when it declares nothing."""
+        """The wall-clock budget for a decode: the probe's, plus the audio decoded at
+        `time_factor`; the audio is what the file declares, capped by MAX_DURATION_S (all a
+        decode may produce), or MAX_DURATION_S when it declares nothing exactly."""
         seconds = min(declared_s, max_duration_s) if declared_s else max_duration_s
-        return self.time_base_s + size / READ_BYTES_PER_S + self.time_factor * seconds
+        return self.probe_s(size) + self.time_factor * seconds
 
 
 def kill_is_final(attempt: int | None, limits: Limits) -> bool:
@@ -106,6 +129,7 @@ def decode_aside(
 ) -> audio.DecodedAudio:
     """`audio.decode_to_file` in a bounded child; its warnings are logged here, its JobError
     raised here, and SIGTERM (`cancel`) stops it at once."""
+    confine.protect_parent()  # before the child exists: it never sees a dumpable parent
     path, target = Path(path).absolute(), Path(target).absolute()
     read, write = os.pipe()
     try:
@@ -140,23 +164,70 @@ def decode_aside(
         if child.poll() is None:
             child.kill()
         child.wait()
-    for warning in message.get("warnings", []):
-        audio.log.warning("%s", warning)  # under the decoder's own name, as in-process
+    return _believed(message, target, limits)
+
+
+def _believed(message: dict, target: Path, limits: Limits) -> audio.DecodedAudio:
+    """What the child's answer may decide: a verdict on the input, or a decode whose length
+    is the file it wrote. Anything else is FFmpeg gone astray on the original."""
+    _log_isolation(message.get("isolation"))
+    warnings = message.get("warnings")
+    for warning in warnings[:MAX_WARNINGS] if isinstance(warnings, list) else []:
+        audio.log.warning("%s", _text(warning))  # under the decoder's own name, as in-process
+    astray = JobError(
+        "corrupt_audio",
+        "the decoder gave an answer it never gives: FFmpeg went astray on the original",
+    )
     if "error" in message:
-        code, text = message["error"]
+        code, text = (list(message["error"]) + [None, None])[:2]
+        if code not in CODES or CODES[code].exit != EXIT_BAD_INPUT:
+            raise astray
+        text = _text(text)
         if code == audio.MEMORY_EXCEEDED:
             text = f"{text} ({limits.memory_mb} MB, DECODE_MEMORY_MB)"
         raise JobError(code, text)
     if "crash" in message:
-        raise RuntimeError(f"decoding failed: {message['crash']}")
-    return audio.DecodedAudio(**{**message["decoded"], "path": target})  # ours, not its word
+        raise RuntimeError(f"decoding failed: {_text(message['crash'])}")
+    try:
+        decoded = audio.DecodedAudio(**{**message["decoded"], "path": target})  # ours, not its word
+        written = target.stat().st_size
+    except (KeyError, TypeError, OSError):
+        raise astray from None
+    if not isinstance(decoded.length, int) or written != decoded.length * CHANNELS * 4:
+        raise astray
+    return decoded
+
+
+def _text(value) -> str:
+    """A text from the child, as a log line or a result may carry it: short and printable."""
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    return text[:MAX_TEXT]
+
+
+_isolation_logged = False
+
+
+def _log_isolation(found) -> None:
+    """Once per process: what the child's fences turned out to be (job.audio.confine)."""
+    global _isolation_logged
+    if _isolation_logged or not isinstance(found, dict):
+        return
+    _isolation_logged = True
+    held, line = confine.describe({str(k): _text(v) for k, v in found.items()})
+    if held:
+        log.info("decoding child fenced: %s", line)
+    else:
+        log.warning(
+            "decoding child only partly fenced (the job runs on; see job/audio/confine.py): %s",
+            line,
+        )
 
 
 def _answer(child, answer, size, max_duration_s, cancel, limits, attempt) -> dict:
     """The child's one answer, read while the budget, SIGTERM and the child's life are watched;
-    a declared duration on the way re-derives the budget."""
+    the probe's budget holds until the child says what length the file declares."""
     started = time.monotonic()
-    budget = limits.budget_s(size, None, max_duration_s)
+    budget = limits.probe_s(size)
     closed = False  # the child closed its end: only its exit is left to see
     while True:
         if cancel is not None and cancel.is_set():
@@ -188,8 +259,8 @@ def _answer(child, answer, size, max_duration_s, cancel, limits, attempt) -> dic
         if "declared" not in message:
             return message
         declared = message["declared"]
-        if isinstance(declared, (int, float)) and 0 < declared < float("inf"):
-            budget = limits.budget_s(size, declared, max_duration_s)
+        exact = isinstance(declared, (int, float)) and 0 < declared < float("inf")
+        budget = limits.budget_s(size, declared if exact else None, max_duration_s)
 
 
 def _died(code, attempt, limits) -> JobError:
@@ -220,11 +291,13 @@ class _Collect(logging.Handler):
 
 
 def main(argv) -> None:
-    """The child: limit itself, decode, answer once in JSON on the pipe it was given."""
+    """The child: limit and fence itself, decode, answer once in JSON on the pipe it was given."""
     fd, path, target, max_duration_s, memory_mb = argv
     answer = Connection(int(fd), readable=False)
     limit = int(memory_mb) << 20
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    out = open(target, "wb")  # the one file it writes, opened before writing is fenced off
+    isolation = {**confine.confine(), **confine.probe(os.getppid())}
     collected = _Collect()
     audio.log.addHandler(collected)
     audio.log.propagate = False
@@ -236,13 +309,17 @@ def main(argv) -> None:
             on_declared=lambda seconds: answer.send_bytes(
                 json.dumps({"declared": seconds}).encode()
             ),
+            out=out,
         )
         outcome = {"decoded": {**dataclasses.asdict(decoded), "path": target}}
     except JobError as error:
         outcome = {"error": [error.code, error.message]}
     except Exception as exc:
         outcome = {"crash": f"{type(exc).__name__}: {exc}"[:500]}
-    answer.send_bytes(json.dumps({**outcome, "warnings": collected.messages}).encode())
+    finally:
+        out.close()
+    message = {**outcome, "warnings": collected.messages, "isolation": isolation}
+    answer.send_bytes(json.dumps(message).encode())
     answer.close()
 
 

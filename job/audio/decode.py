@@ -9,12 +9,18 @@ truncated only on evidence (an exact declared length, or a read that breaks off)
 speak of "the original" and never carry a local path or FFmpeg's errno text. FFmpeg's
 libraries come from PyAV's wheels.
 
+FFmpeg opens nothing but the original: it gets the file already open, under a name that is a
+number (no suffix to take a hint from), with every further open refused (a playlist, a concat
+list or a reference to another file or URL ends as not audio) and a protocol whitelist that
+names no protocol (concat's nested inputs use FFmpeg's own opener, which consults it).
+
 The job runs this in a bounded child process of its own (job.audio.child): a decoder that
 crashes, stalls or allocates without end on a hostile file fails that track, not the worker.
 """
 
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +82,15 @@ class RawReader:
 _LOG_LOCK = threading.Lock()
 ESTIMATED = "Estimating duration from bitrate"  # FFmpeg's words when it guesses a length
 MISDETECTED = "misdetection possible"  # ... and when its probe barely matched
+NO_PROTOCOL = {"protocol_whitelist": "none"}  # names no protocol FFmpeg has
 
 
-def _open(path: Path):
+def _no_other_file(url, flags, options):
+    """PyAV's io_open: FFmpeg asks it for every file or URL beyond the original."""
+    raise PermissionError(f"the original may not open {url[:100]!r}")
+
+
+def _open(path: Path, handle):
     """Open with FFmpeg, noting what its probe said about the length and its own certainty.
 
     FFmpeg tells only in a log line that a duration is a bitrate estimate (a VBR MP3 without
@@ -92,7 +104,12 @@ def _open(path: Path):
         av.logging.set_skip_repeated(False)
         try:
             with av.logging.Capture() as logs:
-                container = av.open(str(path), metadata_errors="ignore")
+                container = av.open(
+                    handle,
+                    metadata_errors="ignore",
+                    io_open=_no_other_file,
+                    container_options=NO_PROTOCOL,
+                )
         except (av.error.FFmpegError, OSError):
             raise _unreadable(path) from None
         finally:
@@ -239,7 +256,7 @@ class _Sink:
 
 
 def decode_to_file(
-    path: Path, target: Path, max_duration_s: float, on_declared=None
+    path: Path, target: Path, max_duration_s: float, on_declared=None, out=None
 ) -> DecodedAudio:
     """Decode `path` to `target` as 44.1 kHz stereo float32, streaming, with statistics.
 
@@ -247,14 +264,22 @@ def decode_to_file(
         path: the original, any container and codec FFmpeg reads.
         target: the raw float32 file to write (interleaved stereo).
         max_duration_s: MAX_DURATION_S; a longer original fails `too_long`.
-        on_declared: called with the declared duration (seconds or None) before any decoding.
+        on_declared: called before any decoding with the length the file declares, in
+            seconds; None when it declares none or FFmpeg only estimates it from the bitrate.
+        out: `target` already open for writing (a fenced child can open no file to write).
 
     Returns the DecodedAudio. Mono is duplicated to both channels; more than two channels are
     down-mixed by FFmpeg's standard matrix. Raises JobError for anything that is not a whole
     audio file. Cancelling is the parent's (job.audio.child kills this process).
     """
     path = Path(path)
-    container, estimated, misdetected = _open(path)
+    # opened by number: FFmpeg sees the name "N", and no suffix chooses its demuxer
+    handle = os.fdopen(os.open(path, os.O_RDONLY), "rb")
+    try:
+        container, estimated, misdetected = _open(path, handle)
+    except BaseException:
+        handle.close()
+        raise
     try:
         stream = _pick_stream(container)
         check_declared_size(path)
@@ -269,15 +294,15 @@ def decode_to_file(
         declared = declared_duration(container, stream)
         exact = None if estimated else declared  # a bitrate estimate is no evidence
         if on_declared is not None:
-            on_declared(declared)
+            on_declared(exact)
         if exact and exact > max_duration_s + 1:
             raise JobError(
                 "too_long",
                 f"the original declares {exact:.0f} s, over the limit of "
                 f"{max_duration_s:.0f} s (MAX_DURATION_S)",
             )
-        with open(target, "wb") as out:
-            sink = _Sink(out, int(max_duration_s * SAMPLE_RATE) + SAMPLE_RATE, max_duration_s)
+        with open(target, "wb") if out is None else out as sink_file:
+            sink = _Sink(sink_file, int(max_duration_s * SAMPLE_RATE) + SAMPLE_RATE, max_duration_s)
             broke_off = _decode_packets(container, stream, sink, misdetected)
             sink.flush()
             sink.check_kept()
@@ -293,6 +318,7 @@ def decode_to_file(
         ) from None
     finally:
         container.close()
+        handle.close()
     _check_whole(sink.total, exact, broke_off, misdetected)
     if sink.non_finite:
         log.warning(

@@ -11,6 +11,7 @@ LAME and the peaks alike, and a block that stays under the knee (most of them) i
 for samples to bend.
 """
 
+import contextlib
 import queue
 import threading
 from pathlib import Path
@@ -196,7 +197,8 @@ class NiStemsEncoder(BlockWorker):
 
 def open_encoders(folder: Path, outputs, settings, ni_slots: dict | None = None) -> dict:
     """{output: encoder} writing FOLDER/OUTPUT.FORMAT as `settings` say, and the NI Stems file
-    FOLDER/ni_stems.stem.mp4 with the stems `ni_slots` names ({slot: [source, ...]})."""
+    FOLDER/ni_stems.stem.mp4 with the stems `ni_slots` names ({slot: [source, ...]}); when one
+    cannot be opened, those opened before it are stopped before the error is raised."""
 
     def peaks():
         if settings.output_analysis:
@@ -206,11 +208,23 @@ def open_encoders(folder: Path, outputs, settings, ni_slots: dict | None = None)
         return None
 
     fmt = settings.output_format
-    return {
-        name: NiStemsEncoder(Path(folder) / f"{name}{SUFFIX}", ni_slots)
-        if name == NI_STEMS
-        else StemEncoder(
-            Path(folder) / f"{name}.{fmt}", fmt, settings.mp3_bitrate, settings.mp3_quality, peaks()
-        )
-        for name in outputs
-    }
+    encoders = {}
+    try:
+        for name in outputs:
+            encoders[name] = (
+                NiStemsEncoder(Path(folder) / f"{name}{SUFFIX}", ni_slots)
+                if name == NI_STEMS
+                else StemEncoder(
+                    Path(folder) / f"{name}.{fmt}",
+                    fmt,
+                    settings.mp3_bitrate,
+                    settings.mp3_quality,
+                    peaks(),
+                )
+            )
+    except BaseException:  # the ones already running would wait on their queues forever
+        for encoder in encoders.values():
+            with contextlib.suppress(Exception):  # the opening error is the one reported
+                encoder.finish()
+        raise
+    return encoders

@@ -1,7 +1,9 @@
 """The dispatcher over HTTP: POST / or /pubsub takes a delivery, POST /sweep reports executions
 that ended without a result (Cloud Scheduler), GET /health says what it
-targets; a body that is no Pub/Sub delivery at all gets 400. `serve` runs it with uvicorn on
-HTTP_HOST:PORT (Cloud Run sets PORT).
+targets; a body that is no Pub/Sub delivery at all gets 400, one over MAX_BODY_BYTES 413 before
+more of it is read (Cloud Run caps bodies at 32 MiB; Compose and GKE do not, and a
+stem-separate delivery is a few KB). `serve` runs it with uvicorn on HTTP_HOST:PORT (Cloud Run
+sets PORT).
 With PUSH_AUDIENCE set, every route but /health first needs a valid Google-signed OIDC token
 (auth.py; 401 otherwise), so a route added later is covered too."""
 
@@ -22,6 +24,24 @@ from job.dispatcher.service import Dispatcher
 from job.dispatcher.settings import DispatcherSettings, load_dispatcher_settings
 
 log = logging.getLogger("stem_job.dispatcher")
+MAX_BODY_BYTES = 1 << 20
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def bounded_body(request: Request) -> bytes:
+    """The body, refused (BodyTooLarge) from its Content-Length or at the first byte over."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BodyTooLarge(f"it declares {declared} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"it runs past {MAX_BODY_BYTES} bytes")
+    return bytes(body)
 
 
 def create_app(
@@ -47,7 +67,11 @@ def create_app(
 
     async def receive(request: Request):
         try:
-            delivery = parse_envelope(request.headers, await request.body())
+            delivery = parse_envelope(request.headers, await bounded_body(request))
+        except BodyTooLarge as exc:
+            log.warning("refused a request body over %d bytes: %s", MAX_BODY_BYTES, exc)
+            message = f"the body is over {MAX_BODY_BYTES} bytes ({exc}): not a stem-separate push"
+            return JSONResponse({"status": "too_large", "error": message}, 413)
         except EnvelopeError as exc:
             log.warning("refused a request that is not a Pub/Sub delivery: %s", exc)
             return JSONResponse({"status": "invalid_envelope", "error": str(exc)}, 400)

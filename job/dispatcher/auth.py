@@ -7,6 +7,9 @@ for the subscription's (or the job's) service account. google-auth verifies the 
 against Google's published certificates and checks expiry and audience; the issuer and the
 caller's service account are checked here. The certificates are fetched through a cache that
 honours their Cache-Control (CacheControl), so a push does not cost a round trip to Google.
+
+A refusal says why in our own words: google-auth's text names the audience it expected, which
+a stranger probing the port must not learn (the log keeps google-auth's text).
 """
 
 import cachecontrol
@@ -20,6 +23,14 @@ from job.auth import Refused, Unavailable, bearer_token
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 CLOCK_SKEW_S = 10  # between Google's clock and ours; Pub/Sub's tokens live an hour
+# google-auth's words -> what a refused caller is told
+REASONS = (
+    ("audience", "its audience is not this dispatcher's (PUSH_AUDIENCE)"),
+    ("expired", "it has expired"),
+    ("too early", "it is not valid yet (too early)"),
+    ("signature", "its signature does not verify against Google's certificates"),
+    ("key id", "its signing key is not among Google's certificates (key id not found)"),
+)
 
 
 class PushTokens:
@@ -47,7 +58,10 @@ class PushTokens:
         except exceptions.TransportError as exc:
             raise Unavailable(f"Google's signing certificates are out of reach: {exc}") from None
         except (ValueError, exceptions.GoogleAuthError) as exc:
-            raise Refused(f"the push token is not valid for PUSH_AUDIENCE: {exc}") from None
+            reason = next((why for words, why in REASONS if words in str(exc)), None)
+            raise Refused(
+                f"the push token is not valid: {reason or 'not a Google ID token'}", detail=exc
+            ) from None
         if claims.get("iss") not in GOOGLE_ISSUERS:
             raise Refused(f"the push token was issued by {claims.get('iss')!r}, not Google")
         if self.service_accounts and not (

@@ -100,6 +100,14 @@ def load_dispatcher_settings(environ=None, **overrides) -> DispatcherSettings:
         ),
         **values,
     )
+    if settings.push_audience and not settings.push_service_accounts:
+        # Anyone can mint a Google-signed token for any audience from a service account in
+        # their own project: the audience alone admits the world.
+        raise ConfigError(
+            "PUSH_AUDIENCE is set without PUSH_SERVICE_ACCOUNT: name the push subscription's "
+            "service account (and the scheduler's), or any Google-signed token for the "
+            "audience would pass"
+        )
     if settings.push_service_accounts and not settings.push_audience:
         raise ConfigError(
             "PUSH_SERVICE_ACCOUNT is set without PUSH_AUDIENCE: set the push "

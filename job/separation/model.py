@@ -9,7 +9,7 @@ PRECISION=auto runs the model in reduced precision where the hardware does that 
 bf16 (fp16 where bf16 is missing) on CUDA, bf16 on CPUs with bf16 instructions (the
 `avx512_bf16` / `amx_bf16` flags), exact fp32 elsewhere. Either way the first window with signal
 is checked against fp32 (engine.PARITY_DB) before reduced precision is kept; on the CPU that
-check's verdict is recorded next to the model (or in the user's cache) and reused by later
+check's verdict is recorded in the user's cache (never in the model's folder) and reused by later
 processes on the same kind of CPU (separation/precision.py); `stem-job prefetch-model` records
 it.
 """
@@ -269,7 +269,7 @@ def build_engine(s, device) -> "Engine":
         s.shifts,
         s.seed,
         probe=probe,
-        verdicts=Verdicts(verdict_folders(s.model_dir)),
+        verdicts=Verdicts(verdict_folders()),
         hardware=cpu_kind(cpuinfo),
     )
     log.info(

@@ -10,9 +10,10 @@ input/output normalisation and the positional embeddings stay fp32.
 Why remember the check: reduced precision is kept only once it has been shown to agree with
 fp32 (engine.PARITY_DB), and the check costs one extra fp32 window, most of the gain on a
 short track. Its verdict depends only on the weights, the kind of CPU and torch, so it is
-recorded (by `stem-job prefetch-model` at image build, or by the first run) under a key made
-of exactly these, and a later process on the same kind of CPU reuses it instead of checking
-again. The store never fails a job: an unreadable or unwritable folder only means checking.
+recorded (by `stem-job prefetch-model` at image build, or by the first run) in the user's
+cache under a key made of exactly these, and a later process on the same kind of CPU reuses it
+instead of checking again. The store never fails a job: an unreadable or unwritable folder only
+means checking.
 """
 
 import copy
@@ -92,10 +93,12 @@ def weights_digest(models) -> str:
     return digest.hexdigest()
 
 
-def verdict_folders(model_dir: str = "") -> list:
-    """Where verdicts are looked for, in order: next to the model, then the user's cache."""
+def verdict_folders() -> list:
+    """Where verdicts are kept: the user's cache (XDG_CACHE_HOME), never the model's folder,
+    which holds pickles `torch.load` runs and must stay read-only to the job (a folder the job
+    may write is one a decoder subverted by a file may write too)."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return ([Path(model_dir)] if model_dir else []) + [Path(cache) / "stem-job"]
+    return [Path(cache) / "stem-job"]
 
 
 class Verdicts:

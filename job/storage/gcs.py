@@ -177,8 +177,7 @@ class GcsStorage:
         bucket, name = parse_gs_uri(original.uri)
         generation = original.identity.get("generation")
         blob = self.client.bucket(bucket).blob(name, generation=generation)
-        suffix = re.sub(r"[^A-Za-z0-9]", "", Path(name).suffix)[:8].lower()
-        target = Path(folder) / ("original." + suffix if suffix else "original")
+        target = Path(folder) / "original"  # no suffix: the content decides how it is read
         changed = JobError(
             "input_changed",
             f"{original.uri} changed or vanished since it was "

@@ -10,6 +10,7 @@ from pathlib import Path
 from job.errors import JobError
 from job.manifest import sha256_of
 from job.messages import check_id
+from job.storage import filestamps
 from job.storage.base import MANIFEST, Original, atomic_write, check_size
 
 
@@ -82,7 +83,8 @@ class LocalStorage:
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
         """The manifest of a complete set; None when absent, unreadable, or when a file it
-        names is missing or no longer holds the bytes it names (`fileChecksums`)."""
+        names is missing or no longer holds the bytes it names (`fileChecksums`). A file whose
+        stamp (`fileStamps`, job/storage/filestamps.py) still matches is not read again."""
         folder = self.track_dir(release_id, track_id)
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
@@ -90,11 +92,15 @@ class LocalStorage:
             return None
         if not isinstance(manifest, dict):
             return None
+        stamps = manifest.get("fileStamps") or {}
         for name, checksum in (manifest.get("fileChecksums") or {}).items():
             try:
-                if Path(name).name != name or sha256_of(folder / name) != checksum:
+                if Path(name).name != name:
                     return None
-            except OSError:
+                if stamps.get(name) != filestamps.stamp(folder / name):
+                    if sha256_of(folder / name) != checksum:
+                        return None
+            except (OSError, AttributeError):
                 return None
         return manifest
 
@@ -110,7 +116,7 @@ class LocalCommit:
 
     def __init__(self, storage: LocalStorage, release_id: str, track_id: str):
         self.storage, self.release_id, self.track_id = storage, release_id, track_id
-        self.checksums = {}
+        self.checksums, self.stamps = {}, {}
         self._lock = None
 
     def __enter__(self) -> "LocalCommit":
@@ -148,11 +154,17 @@ class LocalCommit:
             if target.is_symlink():
                 target.unlink()
             atomic_write(target, source=source)
-            self.checksums[source.name] = sha256_of(target)
             urls[key] = self.storage.stem_url(self.release_id, self.track_id, source.name)
+        written = [self.folder / source.name for source in files.values()]
+        clock = filestamps.settled(self.folder, written) if written else None
+        for target in written:  # hashed as stored, after the filesystem's clock moved on
+            checksum, stamp = filestamps.hashed_with_stamp(target, clock, sha256_of)
+            self.checksums[target.name] = checksum
+            if stamp is not None:
+                self.stamps[target.name] = stamp
         return urls
 
     def write_manifest(self, manifest: dict) -> dict:
-        body = {**manifest, "fileChecksums": dict(self.checksums)}
+        body = {**manifest, "fileChecksums": dict(self.checksums), "fileStamps": self.stamps}
         atomic_write(self.folder / MANIFEST, json.dumps(body, indent=2).encode())
         return manifest
