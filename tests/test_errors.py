@@ -1,5 +1,5 @@
-"""The error-code registry: every code the job raises is in it once, and the README's table is
-the registry's."""
+"""The error-code registry: every code the job raises is in it once, and the table in
+docs/errors.md is the registry's."""
 
 import re
 from pathlib import Path
@@ -40,9 +40,9 @@ def test_every_code_raised_in_the_job_is_registered():
     assert Interrupted().code in CODES
 
 
-def test_the_readme_table_is_the_registry():
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Error codes") :]
+def test_the_documented_table_is_the_registry():
+    text = (REPO / "docs" / "errors.md").read_text()
+    section = text[text.index("\n## Error codes\n") :]
     rows = re.findall(
         r"^\| `([a-z_]+)` \| (\d+) \| (yes|no) \| (\d{3}) \| (.+) \|$", section, re.MULTILINE
     )
@@ -66,6 +66,6 @@ def test_a_code_decides_retry_exit_and_status():
 
 def test_an_unregistered_code_is_a_programming_error_not_a_bad_input():
     """Without the registry's word a code would pass for a final bad input (exit 65) that no
-    dashboard, README or retry policy knows: it is refused where it is made."""
+    dashboard, document or retry policy knows: it is refused where it is made."""
     with pytest.raises(ValueError, match="CODES"):
         JobError("no_such_code", "x")

@@ -442,7 +442,7 @@ def test_pods_carry_no_more_rights_than_they_need(directory):
     assert volume == {"name": mount["name"], "emptyDir": {}}
 
 
-# Peak RSS of one track (README "Development"): `stem-job run`, full-size model, CPU, 1.74 GB at
+# Peak RSS of one track (docs/benchmarks.md): `stem-job run`, full-size model, CPU, 1.74 GB at
 # 2 minutes, flat in the length beyond that; a long track's is taken as 1.8 GB. The limits
 # must hold it with room (HEADROOM), yet not reserve a node's worth for nothing (CPU: at most
 # WASTE times it; on GPU nodes CUDA's host-side libraries come on top, not measured here).
