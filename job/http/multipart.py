@@ -4,7 +4,8 @@ checks that refuse a request from its headers alone.
 Nothing is held in memory: each part's headers are bounded (count and line size) and so is the
 number of parts, so a body of endless headers or parts is refused, not buffered. The first byte
 over MAX_INPUT_BYTES stops the upload with 413; a declared Content-Length over it is refused
-before the body is read.
+before the body is read (a client that sends `Expect: 100-continue` never sends it). Uvicorn
+discards what the client still sends after an early answer.
 """
 
 import hashlib
