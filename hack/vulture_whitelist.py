@@ -16,6 +16,8 @@ _.benchmark  # noqa: B018, F821
 _.cache_control  # noqa: B018, F821
 # a click command, registered by its decorator
 prefetch_model  # noqa: B018, F821
+# a FastAPI route, registered by its decorator
+post_separate  # noqa: B018, F821
 # the exit-code table (click's usage error is 2; the k8s podFailurePolicy names it)
 EXIT_USAGE  # noqa: B018, F821
 # the Storage protocol's Commit: the interface both backends' commits implement

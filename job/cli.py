@@ -171,10 +171,10 @@ def run(
         )
     except JobError as error:
         finish_run(settings, messages.failed_result(messages.salvage_ids(raw), error), attempt)
-    finish_run(settings, separate(settings, request, trusted, cancel, attempt), attempt)
+    finish_run(settings, run_track(settings, request, trusted, cancel, attempt), attempt)
 
 
-def separate(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
+def run_track(settings, request, trusted: bool, cancel: Cancel, attempt) -> dict:
     """The track's result, whatever happens: a configuration error or a fault nobody foresaw
     becomes a failed result too, so it is printed and, where it is final, published."""
     ids = messages.request_ids(request)
@@ -281,7 +281,7 @@ def serve(host=None, port=None):
     """The original worker's HTTP API: POST /separate/{release_id}/{track_id}, GET /health."""
     settings = settings_or_exit(http_host=host, http_port=port)
     setup_logging(settings.log_format)
-    from job.http import serve as run_server  # FastAPI and uvicorn: only `serve` needs them
+    from job.http.server import serve as run_server  # FastAPI and uvicorn: only `serve` needs them
 
     try:
         run_server(settings)

@@ -25,7 +25,7 @@ CANCELLED_FETCH_WAIT_S = 3.0
 
 
 @dataclass
-class Taken:
+class TrackInput:
     """A located original and, unless its stems are already complete, its decoded audio."""
 
     original: Original
@@ -35,9 +35,9 @@ class Taken:
 
 
 class Intake:
-    """Locate, skip check, download and decode one track; its scratch folder lives until
-    `close()`. One class because the same steps run in the caller's thread or ahead in a
-    thread of their own, and `wait`/`close` must see either the same way."""
+    """One track's locate, skip check, download and decode, run in the caller's thread or ahead
+    in a thread of its own; `wait()` hands over the TrackInput (or raises the failure) either
+    way, and the scratch folder lives until `close()`."""
 
     def __init__(
         self,
@@ -76,7 +76,7 @@ class Intake:
         except BaseException as exc:  # re-raised by wait() in the caller's thread
             self._outcome = (None, exc)
 
-    def _fetch(self) -> Taken:
+    def _fetch(self) -> TrackInput:
         request, storage = self.request, self.storage
         with stage(self.timings, "locate"):
             original = storage.describe_original(request.original_uri, trusted=self.trusted)
@@ -87,7 +87,7 @@ class Intake:
         if manifest.matches(
             found, original.identity, self.settings, outputs_of(request, self.settings), model
         ):
-            return Taken(original, found)
+            return TrackInput(original, found)
         if self.model_cache is not None:
             self.model_cache.warm()  # the model loads while the original downloads
         scratch = self._scratch.enter_context(scratch_folder())
@@ -109,9 +109,9 @@ class Intake:
             decoded.duration_s,
             ", ahead of its turn" if self.ahead else "",
         )
-        return Taken(original, found, decoded, scratch)
+        return TrackInput(original, found, decoded, scratch)
 
-    def wait(self) -> Taken:
+    def wait(self) -> TrackInput:
         if self._thread is not None:
             self._thread.join()
         fetched, error = self._outcome

@@ -18,7 +18,7 @@ from synthetic import SOURCES, music, write_model_folder
 from job import outputs
 from job.analysis.loudness import LoudnessMeter
 from job.analysis.peaks import Peaks
-from job.audio.encode import MixMeter, StemEncoder, open_encoders
+from job.audio.encode import Encoding, MixMeter, StemEncoder, open_encoders
 from job.config import Settings
 from job.errors import JobError
 from job.manifest import is_silent
@@ -460,6 +460,6 @@ def test_an_output_that_cannot_be_opened_leaves_no_encoder_running(tmp_path):
     (tmp_path / "bass.mp3").mkdir()
     ours = {thread for thread in threading.enumerate() if thread.name.startswith("encode-")}
     with pytest.raises(IsADirectoryError):
-        open_encoders(tmp_path, ("vocals", "drums", "bass", "guitar"), Settings())
+        open_encoders(tmp_path, ("vocals", "drums", "bass", "guitar"), Encoding.of(Settings()))
     left = [t for t in threading.enumerate() if t.name.startswith("encode-") and t not in ours]
     assert left == [], f"encoder threads left waiting: {[t.name for t in left]}"

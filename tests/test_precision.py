@@ -238,7 +238,7 @@ def test_a_recorded_verdict_replaces_the_fp32_check(small, mix, exact, unprobed_
     assert len(files) == 1 and json.loads(files[0].read_text())["db"] == first.probe_db
 
     again, got = probed(small, mix, [tmp_path])
-    assert again.probe_recorded and again.probe_db == first.probe_db and not again.probe
+    assert again.probe_recorded and again.probe_db == first.probe_db and not again.probe_pending
     # every window in bf16, the first one too: no fp32 window was computed
     np.testing.assert_array_equal(got, unprobed_bf16[0])
     assert engine.PARITY_DB <= agreement_db(exact[None], got[None]) < 100

@@ -10,7 +10,7 @@ import pytest
 import requests
 from test_http import BOUNDARY, JUNK, launch, multipart_chunks, wait_ready
 
-from job.http import MAX_PART_HEADER_BYTES, MAX_PART_HEADERS, MAX_PARTS
+from job.http.multipart import MAX_PART_HEADER_BYTES, MAX_PART_HEADERS, MAX_PARTS
 
 
 @pytest.fixture(scope="module")

@@ -108,9 +108,8 @@ class TruePeak:
 
     Output position m is the interval from sample m to m + 1, interpolated from the window
     x[m-15 .. m+16] (phase 0 is the sample itself). The stream's edges are mirrored as
-    libswresample mirrors them: x[-j] = x[j] before it, x[n-1+j] = x[n-j] after it.
-    One class because the carried edge samples tie `add` and `result` together; each method
-    is short."""
+    libswresample mirrors them: x[-j] = x[j] before it, x[n-1+j] = x[n-j] after it. The
+    samples carried between blocks make a stream's peak the same however it is cut."""
 
     def __init__(self, exact: bool = False):
         self.exact = exact  # interpolate everything (what the bound is tested against)

@@ -12,6 +12,7 @@ for samples to bend.
 """
 
 import contextlib
+import dataclasses
 import queue
 import threading
 from pathlib import Path
@@ -195,19 +196,39 @@ class NiStemsEncoder(BlockWorker):
         return {"limitedSamples": self.limited, "samples": self.samples, "slots": self.slots}
 
 
-def open_encoders(folder: Path, outputs, settings, ni_slots: dict | None = None) -> dict:
-    """{output: encoder} writing FOLDER/OUTPUT.FORMAT as `settings` say, and the NI Stems file
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """How the outputs are written and measured: settings OUTPUT_FORMAT, MP3_BITRATE,
+    MP3_QUALITY, OUTPUT_ANALYSIS and the PEAKS_* (README), under the settings' own names."""
+
+    output_format: str
+    mp3_bitrate: int
+    mp3_quality: int
+    output_analysis: bool
+    peaks_samples_per_pixel: int
+    peaks_bits: int
+    peaks_split_channels: bool
+
+    @classmethod
+    def of(cls, settings) -> "Encoding":
+        return cls(
+            **{field.name: getattr(settings, field.name) for field in dataclasses.fields(cls)}
+        )
+
+
+def open_encoders(folder: Path, outputs, encoding: Encoding, ni_slots: dict | None = None) -> dict:
+    """{output: encoder} writing FOLDER/OUTPUT.FORMAT as `encoding` says, and the NI Stems file
     FOLDER/ni_stems.stem.mp4 with the stems `ni_slots` names ({slot: [source, ...]}); when one
     cannot be opened, those opened before it are stopped before the error is raised."""
 
     def peaks():
-        if settings.output_analysis:
+        if encoding.output_analysis:
             return Peaks(
-                settings.peaks_samples_per_pixel, settings.peaks_bits, settings.peaks_split_channels
+                encoding.peaks_samples_per_pixel, encoding.peaks_bits, encoding.peaks_split_channels
             )
         return None
 
-    fmt = settings.output_format
+    fmt = encoding.output_format
     encoders = {}
     try:
         for name in outputs:
@@ -217,8 +238,8 @@ def open_encoders(folder: Path, outputs, settings, ni_slots: dict | None = None)
                 else StemEncoder(
                     Path(folder) / f"{name}.{fmt}",
                     fmt,
-                    settings.mp3_bitrate,
-                    settings.mp3_quality,
+                    encoding.mp3_bitrate,
+                    encoding.mp3_quality,
                     peaks(),
                 )
             )

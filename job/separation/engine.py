@@ -46,7 +46,7 @@ def agreement_db(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(np.min(10 * np.log10(np.maximum(signal, 1e-30) / np.maximum(noise, 1e-30))))
 
 
-class Probe:
+class PrecisionProbe:
     """Whether the reduced precision is kept, decided once per process: one window with signal
     computed in fp32 and in the reduced precision must agree to PARITY_DB, or a verdict recorded
     for these weights on this kind of CPU decides at once."""
@@ -117,9 +117,8 @@ class TrackRun:
 
     Only the forward passes are abortable (`cancel.abortable()`): they cannot be checked mid-way
     and take seconds on a CPU. Adding up and emitting a block are not cut off half done: a set
-    `cancel` stops the run before its next batch. One class, a little over ~80 lines: the
-    read-ahead, the batch in flight and the NaN guard share one track's state; each method is
-    short.
+    `cancel` stops the run before its next batch. A window whose reduced-precision output is not
+    finite is computed again in fp32 before it is added up.
     """
 
     def __init__(self, engine: "Engine", read, length: int, mean, std, emit, progress, cancel):
@@ -169,7 +168,7 @@ class TrackRun:
     def launch(self, model, inputs: torch.Tensor, slot: int) -> Pending:
         """Start the batch's forward pass: the probe's, or in the precision that runs (fp32
         for silence before the probe has decided)."""
-        probe = self.engine.probe_state
+        probe = self.engine.precision_probe
         if probe.wants(inputs):
             return Pending(model, inputs, probe.batch(model, inputs), probe.precision)
         precision = "fp32" if probe.pending else probe.precision
@@ -212,19 +211,21 @@ class TrackRun:
 
 
 class Engine:
-    """A loaded model and how to run it: `separate()` streams one track through it, `check()`
-    runs the precision probe alone. Over ~80 lines only by those two methods' parameter docs:
-    the work is in Probe, Passes and TrackRun.
+    """A loaded model and how to run it, kept for every later track: `separate()` streams one
+    track through it, `check()` runs the precision probe alone (the work is in PrecisionProbe,
+    Passes and TrackRun).
 
     `batch`: windows per forward pass, the same for every precision; a dict gives it per
     precision ({"fp32": 4, "bf16": 8}); None (or a precision the dict lacks) sizes it from the
     device's free memory (`passes.auto_batch`) when that precision first runs.
     """
 
-    precision = property(lambda self: self.probe_state.precision, doc="fp32, bf16 or fp16")
-    probe = property(lambda self: self.probe_state.pending, doc="reduced, not yet checked")
-    probe_db = property(lambda self: self.probe_state.db, doc="the agreement with fp32")
-    probe_recorded = property(lambda self: self.probe_state.recorded, doc="db was recorded")
+    precision = property(lambda self: self.precision_probe.precision, doc="fp32, bf16 or fp16")
+    probe_pending = property(
+        lambda self: self.precision_probe.pending, doc="reduced, not yet checked"
+    )
+    probe_db = property(lambda self: self.precision_probe.db, doc="the agreement with fp32")
+    probe_recorded = property(lambda self: self.precision_probe.recorded, doc="db was recorded")
     halvings = property(lambda self: self.passes.halvings, doc="OOM halvings, last track")
     batch = property(lambda self: self.passes.size(self.precision), doc="windows per pass now")
 
@@ -250,7 +251,9 @@ class Engine:
         # result (figures: docs/benchmarks.md). Process-wide, set on purpose.
         torch.backends.mha.set_fastpath_enabled(False)
         self.passes = Passes(Runner(device, self.models, precision), batch)
-        self.probe_state = Probe(self.models, precision, probe, self.passes, verdicts, hardware)
+        self.precision_probe = PrecisionProbe(
+            self.models, precision, probe, self.passes, verdicts, hardware
+        )
         self.fallback_windows = 0  # windows of the last track redone in fp32 (NaN/Inf)
 
     def check(self, mix: np.ndarray) -> float | None:
@@ -265,14 +268,14 @@ class Engine:
         when the reduced output was not finite), the recorded one when a verdict was found,
         or None when nothing is probed (fp32, or a precision asked for explicitly).
         """
-        if self.probe:
+        if self.probe_pending:
             model = self.models[0]
             stream = plan_streams([model], mix.shape[1], 0, 0)[0]
             size = stream.input_size(stream.segment)
             window = np.zeros((2, size), np.float32)
             window[:, : min(size, mix.shape[1])] = mix[:, :size]
             mono = window.mean(0)
-            self.probe_state.window(
+            self.precision_probe.window(
                 model, torch.from_numpy((window - mono.mean()) / mono.std())[None]
             )
         return self.probe_db
