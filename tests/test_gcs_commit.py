@@ -203,13 +203,13 @@ def test_a_set_made_from_a_replaced_original_is_not_vouched_for(
 
 @pytest.fixture
 def proxied(gcs_emulator, bucket):
-    """writers() through tests/precondition_proxy.py, which enforces `ifGenerationMatch` on
+    """writers() through hack/gcs_proxy.py, which enforces `ifGenerationMatch` on
     resumable uploads (fake-gcs-server ignores it there)."""
+    from gcs_proxy import GcsProxy
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
-    from precondition_proxy import PreconditionProxy
 
-    proxy = PreconditionProxy(gcs_emulator.port)
+    proxy = GcsProxy(gcs_emulator.port)
     client = storage.Client(
         project="stem-test",
         credentials=AnonymousCredentials(),

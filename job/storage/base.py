@@ -17,6 +17,7 @@ from typing import Protocol
 from job.errors import JobError
 
 MANIFEST = "manifest.json"
+CLAIM = ".claim.json"  # GCS: a writer's fencing token beside the manifest (commit.py)
 CONTENT_TYPES = {
     "mp3": "audio/mpeg",
     "wav": "audio/wav",
