@@ -9,7 +9,8 @@ that every write through the proxy takes, then forwards the request or answers 4
 Storage does. Everything else passes through untouched.
 
 Faults, each aimed by the written object's name (a `match(name)` predicate):
-- `fail(match, status)`: answer every such write with `status` (503: the service is down for it).
+- `fail(match, status, methods)`: answer every such write (of those HTTP methods) with `status`
+  (503: the service is down for it).
 - `damage(match, after)`: commit the next such write that completes an object, then answer with
   its reply cut to its first `after` bytes (a damaged body the client cannot parse).
 - `drop_reply_to` (bytes): commit the next write whose body holds them, then drop the connection
@@ -103,8 +104,8 @@ class GcsProxy:
         self.server.server_close()
 
     # -- faults -------------------------------------------------------------------------
-    def fail(self, match, status: int = 503) -> None:
-        self.failing.append((match, status))
+    def fail(self, match, status: int = 503, methods=("POST", "PUT", "DELETE", "PATCH")) -> None:
+        self.failing.append((match, status, methods))
 
     def damage(self, match, after: int = 64) -> None:
         self.damaging.append((match, after))
@@ -128,7 +129,14 @@ class GcsProxy:
         with self.writes:
             if query.get("uploadType") == ["resumable"] and "upload_id" not in query:
                 return self.start_session(handler, body, url, query, name)
-            status = next((s for match, s in self.failing if name and match(name)), None)
+            status = next(
+                (
+                    s
+                    for m, s, methods in self.failing
+                    if name and m(name) and handler.command in methods
+                ),
+                None,
+            )
             if status is not None:
                 self.failed += 1
                 return self.answer(handler, status, {"error": {"code": status}})

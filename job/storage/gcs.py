@@ -8,10 +8,10 @@ connections) are retried with exponential backoff and jitter for a bounded time,
 The client's own retries are switched off (retry=None) so that this is the only retry layer and
 the bound holds.
 
-Writing a track's set, while another job may write the same track, is gcs_commit.py's: the
-manifest is created and replaced only with generation preconditions and names the generation of
-each object it vouches for (`objectGenerations`); `read_manifest` returns it only while the
-objects still carry those generations.
+Writing a track's set, while another job may write the same track, is commit.py's: every write
+is fenced by a generation precondition, the manifest names the generation of each object it
+vouches for (`objectGenerations`), and `read_manifest` returns it only while the objects still
+carry those generations.
 """
 
 import base64
@@ -241,7 +241,8 @@ class GcsStorage:
             futures = {name: pool.submit(upload) for name, upload in uploads.items()}
         return {name: future.result() for name, future in futures.items()}
 
-    def put_manifest(self, name: str, body: dict, if_generation_match: int) -> int:
+    def put_json(self, name: str, body: dict, if_generation_match: int) -> int:
+        """A manifest or claim (never cached); its new generation."""
         blob = self.bucket.blob(name)
         blob.cache_control = self.manifest_cache_control
         self._call(
@@ -252,6 +253,25 @@ class GcsStorage:
             if_generation_match=if_generation_match,
         )
         return blob.generation
+
+    def delete(self, name: str, if_generation_match: int) -> bool:
+        """Delete the object if it is still at that generation: False when it is not (another
+        writer's is there); True when deleted, or gone already (a retry after a lost answer)."""
+        gone = JobError("storage_not_found", f"gs://{self.bucket.name}/{name} is gone")
+        try:
+            self._call(
+                f"deleting gs://{self.bucket.name}/{name}",
+                self.bucket.blob(name).delete,
+                if_generation_match=if_generation_match,
+                not_found=gone,
+            )
+        except JobError as error:
+            if error is gone:
+                return True
+            if isinstance(error.__cause__, exceptions.PreconditionFailed):
+                return False
+            raise
+        return True
 
     def download_json(self, name: str) -> tuple[dict, int] | None:
         """(the object's JSON, its generation); None when absent or not a JSON object."""
@@ -304,8 +324,9 @@ class GcsStorage:
             )
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
-        """The manifest of a complete set; None when absent, unreadable, a writer's claim, or
-        when an object it names no longer carries the generation it names."""
+        """The manifest of a complete set; None when absent, unreadable, a writer's claim (as
+        versions before the claim object stored it), or when an object it names no longer
+        carries the generation it names."""
         prefix = self.prefix(release_id, track_id)
         found = self.download_json(prefix + MANIFEST)
         if found is None or "claim" in found[0]:
