@@ -9,8 +9,8 @@ that every write through the proxy takes, then forwards the request or answers 4
 Storage does. Everything else passes through untouched.
 
 Faults, each aimed by the written object's name (a `match(name)` predicate):
-- `fail(match, status, methods)`: answer every such write (of those HTTP methods) with `status`
-  (503: the service is down for it).
+- `fail(match, status, methods)`: answer every request for such an object (by those HTTP
+  methods: writes unless told) with `status` (503: the service is down for it).
 - `damage(match, after)`: commit the next such write that completes an object, then answer with
   its reply cut to its first `after` bytes (a damaged body the client cannot parse).
 - `drop_reply_to` (bytes): commit the next write whose body holds them, then drop the connection
@@ -120,26 +120,20 @@ class GcsProxy:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         url = urllib.parse.urlsplit(handler.path)
         query = urllib.parse.parse_qs(url.query)
+        name = self.target(handler.command, url, query, body)
+        method = handler.command
+        status = next((s for m, s, ms in self.failing if name and m(name) and method in ms), None)
+        if status is not None:
+            self.failed += 1
+            return self.answer(handler, status, {"error": {"code": status}})
         if not write:
             return self.forward(handler, body)
-        name = self.target(handler.command, url, query, body)
         if not self.held(name, body):
             handler.close_connection = True  # dropped, never answered
             return
         with self.writes:
             if query.get("uploadType") == ["resumable"] and "upload_id" not in query:
                 return self.start_session(handler, body, url, query, name)
-            status = next(
-                (
-                    s
-                    for m, s, methods in self.failing
-                    if name and m(name) and handler.command in methods
-                ),
-                None,
-            )
-            if status is not None:
-                self.failed += 1
-                return self.answer(handler, status, {"error": {"code": status}})
             completes = self.completes(handler, query)
             if not self.precondition_holds(handler.command, url, query, completes):
                 self.refused += 1
@@ -171,12 +165,12 @@ class GcsProxy:
         return hold.forward
 
     def target(self, method: str, url, query: dict, body: bytes) -> str | None:
-        """The object a write creates, replaces or deletes (None when it names none)."""
+        """The object a request reads, creates, replaces or deletes (None when it names none)."""
         if "upload_id" in query:
             return (self.sessions.get(query["upload_id"][0]) or (None, None))[1]
         if "name" in query:
             return query["name"][0]
-        if method in ("DELETE", "PATCH") and (found := OBJECT_PATH.search(url.path)):
+        if method in ("GET", "DELETE", "PATCH") and (found := OBJECT_PATH.search(url.path)):
             return urllib.parse.unquote(found.group(2))
         if found := re.search(rb'"name":\s*"((?:[^"\\]|\\.)*)"', body):
             return json.loads(b'"' + found.group(1) + b'"')

@@ -31,7 +31,7 @@ from job.errors import JobError
 from job.faults import storage_fault
 from job.messages import check_id
 from job.retry import bounded, is_transient
-from job.storage.base import CONTENT_TYPES, MANIFEST, Original, check_size
+from job.storage.base import CONTENT_TYPES, MANIFEST, Original, check_size, published_name
 from job.storage.commit import GcsCommit
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,17 @@ class GcsStorage:
             lambda **kw: list(self.client.list_blobs(self.bucket, prefix=prefix, **kw)),
         )
         return {blob.name: blob.generation for blob in listing}
+
+    def published(self, message_id: str) -> dict | None:
+        found = self.download_json(published_name(message_id))
+        return found[0] if found is not None else None
+
+    def record_published(self, message_id: str, record: dict) -> None:
+        try:
+            self.put_json(published_name(message_id), record, if_generation_match=0)
+        except JobError as error:
+            if not isinstance(error.__cause__, exceptions.PreconditionFailed):
+                raise
 
     def check_input_unchanged(self, identity) -> None:
         """A set made from an original that has been replaced since must not be vouched for:
