@@ -58,105 +58,16 @@ class Pulled:
             return cls(received, refusal=messages.failed_result(messages.salvage_ids(data), error))
 
 
-class Drainer:
-    """One drain process: its clients, its model cache and the track finishing in the
-    background while the next separates. Longer than a unit should be because that state is
-    shared by every step of a batch (pull, fetch ahead, handle, finish, conclude); each
-    method is one step."""
+class Concluder:
+    """How a delivery ends: its result published and the message acked, or the message given
+    back for a retry, so that each message gets one result. Its own unit, apart from the
+    clients and the model, so that tests/test_protocol_commit.py drives it over many
+    deliveries."""
 
-    def __init__(self, settings):
-        self.settings = settings
-        self.cancel = Cancel()
-        self.subscriber = pubsub_v1.SubscriberClient()
-        self.subscription = resource_path(
-            settings.gcp_project_id, "subscriptions", settings.pubsub_subscription
-        )
-        self.publisher = runtime.results_publisher(settings)
-        self.storage = runtime.make_storage(settings, restrict_inputs=True)
-        self.model_cache = None
-        self.last_delivery = 0  # the delivery attempt that is a message's last (0: none is)
-        self.outcomes = []
-        self.finishing = None  # ((release, track), thread) of the track finishing
-        self.finish_error = None
-
-    def job(self, request, earlier: int | None = None):
-        # imported on the first message, not at start: torch costs seconds, and an
-        # empty-queue job must exit in seconds
-        from job.pipeline import Job
-        from job.separation.model import ModelCache
-
-        if self.model_cache is None:
-            self.model_cache = ModelCache(self.settings)
-        return Job(
-            self.settings,
-            self.storage,
-            self.model_cache,
-            self.cancel,
-            runtime.progress_reporter(self.settings, request),
-            attempt=earlier,
-        )
-
-    def fetch_ahead(self, current, later):
-        """Start downloading and decoding the next valid message's track (another track than
-        `current`'s: a duplicate must find the first one's stems, not fetch again)."""
-        for delivery in later:
-            request = delivery.request
-            if request is not None:
-                if (request.release_id, request.track_id) == (current.release_id, current.track_id):
-                    return None
-                earlier = earlier_deliveries(delivery.received)
-                return self.job(request, earlier).fetch(request, ahead=True)
-        return None
-
-    def handle(self, delivery: Pulled, keeper: LeaseKeeper, fetch=None) -> None:
-        """Separate this message's track, then finish it (encoders' tail, upload, result, ack)
-        in a thread of its own while the next message separates: the model never waits for
-        them. One track finishes at a time, so results and acks keep the messages' order."""
-        received, request = delivery.received, delivery.request
-        log.info(
-            "message %s (delivery attempt %s)",
-            received.message.message_id,
-            delivery_attempt(received),
-        )
-        if request is None:
-            self.settle()
-            if not self.published_before(received, keeper):
-                self.conclude(received, delivery.refusal, keeper)
-            return
-        if self.finishing is not None and self.finishing[0] == (
-            request.release_id,
-            request.track_id,
-        ):
-            self.settle()  # the same track: its set must be complete first
-        if self.published_before(received, keeper):
-            return
-        from job.pipeline import start  # loaded with the model, see job()
-
-        finishing = start(request, self.job(request, earlier_deliveries(received)), fetch=fetch)
-        self.settle()
-        thread = threading.Thread(
-            target=self._finish,
-            args=(finishing, received, keeper),
-            name=f"finish-{request.job_id}",
-            daemon=True,
-        )
-        self.finishing = ((request.release_id, request.track_id), thread)
-        thread.start()
-
-    def _finish(self, finishing, received, keeper) -> None:
-        try:
-            self.conclude(received, finishing.result(), keeper)
-        except BaseException as exc:  # raised in the main thread by settle()
-            self.finish_error = exc
-
-    def settle(self) -> None:
-        """Wait until the track finishing (if any) has its result published and acked."""
-        if self.finishing is not None:
-            self.finishing[1].join()
-            self.finishing = None
-        error, self.finish_error = self.finish_error, None
-        if error is not None:
-            raise error
+    def __init__(self, publisher, storage, last_delivery: int = 0):
+        self.publisher, self.storage = publisher, storage
+        self.last_delivery = last_delivery  # the delivery attempt that is a message's last
+        self.outcomes = []  # an exit code per message concluded or given back
 
     def conclude(self, received, result: dict, keeper: LeaseKeeper) -> None:
         """Publish the result and ack, or nack where a retry may help, unless this is the
@@ -248,6 +159,107 @@ class Drainer:
         self.outcomes.append(EXIT_OK)
         return True
 
+
+class Drainer:
+    """One drain process: its clients, its model cache and the track finishing in the
+    background while the next separates. Longer than a unit should be because that state is
+    shared by every step of a batch (pull, fetch ahead, handle, finish, conclude); each
+    method is one step."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.cancel = Cancel()
+        self.subscriber = pubsub_v1.SubscriberClient()
+        self.subscription = resource_path(
+            settings.gcp_project_id, "subscriptions", settings.pubsub_subscription
+        )
+        self.publisher = runtime.results_publisher(settings)
+        self.storage = runtime.make_storage(settings, restrict_inputs=True)
+        self.model_cache = None
+        self.concluder = Concluder(self.publisher, self.storage)
+        self.outcomes = self.concluder.outcomes
+        self.finishing = None  # ((release, track), thread) of the track finishing
+        self.finish_error = None
+
+    def job(self, request, earlier: int | None = None):
+        # imported on the first message, not at start: torch costs seconds, and an
+        # empty-queue job must exit in seconds
+        from job.pipeline import Job
+        from job.separation.model import ModelCache
+
+        if self.model_cache is None:
+            self.model_cache = ModelCache(self.settings)
+        return Job(
+            self.settings,
+            self.storage,
+            self.model_cache,
+            self.cancel,
+            runtime.progress_reporter(self.settings, request),
+            attempt=earlier,
+        )
+
+    def fetch_ahead(self, current, later):
+        """Start downloading and decoding the next valid message's track (another track than
+        `current`'s: a duplicate must find the first one's stems, not fetch again)."""
+        for delivery in later:
+            request = delivery.request
+            if request is not None:
+                if (request.release_id, request.track_id) == (current.release_id, current.track_id):
+                    return None
+                earlier = earlier_deliveries(delivery.received)
+                return self.job(request, earlier).fetch(request, ahead=True)
+        return None
+
+    def handle(self, delivery: Pulled, keeper: LeaseKeeper, fetch=None) -> None:
+        """Separate this message's track, then finish it (encoders' tail, upload, result, ack)
+        in a thread of its own while the next message separates: the model never waits for
+        them. One track finishes at a time, so results and acks keep the messages' order."""
+        received, request = delivery.received, delivery.request
+        log.info(
+            "message %s (delivery attempt %s)",
+            received.message.message_id,
+            delivery_attempt(received),
+        )
+        if request is None:
+            self.settle()
+            if not self.concluder.published_before(received, keeper):
+                self.concluder.conclude(received, delivery.refusal, keeper)
+            return
+        if self.finishing is not None and self.finishing[0] == (
+            request.release_id,
+            request.track_id,
+        ):
+            self.settle()  # the same track: its set must be complete first
+        if self.concluder.published_before(received, keeper):
+            return
+        from job.pipeline import start  # loaded with the model, see job()
+
+        finishing = start(request, self.job(request, earlier_deliveries(received)), fetch=fetch)
+        self.settle()
+        thread = threading.Thread(
+            target=self._finish,
+            args=(finishing, received, keeper),
+            name=f"finish-{request.job_id}",
+            daemon=True,
+        )
+        self.finishing = ((request.release_id, request.track_id), thread)
+        thread.start()
+
+    def _finish(self, finishing, received, keeper) -> None:
+        try:
+            self.concluder.conclude(received, finishing.result(), keeper)
+        except BaseException as exc:  # raised in the main thread by settle()
+            self.finish_error = exc
+
+    def settle(self) -> None:
+        """Wait until the track finishing (if any) has its result published and acked."""
+        if self.finishing is not None:
+            self.finishing[1].join()
+            self.finishing = None
+        error, self.finish_error = self.finish_error, None
+        if error is not None:
+            raise error
+
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
         deliveries = [Pulled.parse(received) for received in batch]
         ahead = None  # the Intake of a later message, under way
@@ -271,7 +283,7 @@ class Drainer:
     def run(self) -> int:
         wanted = self.settings.max_messages
         runtime.preflight(self.settings, self.storage, self.publisher)
-        self.last_delivery = dead_letter_limit(
+        self.concluder.last_delivery = dead_letter_limit(
             self.subscriber, self.subscription, self.settings.max_delivery_attempts
         )
         with LeaseKeeper(self.subscriber, self.subscription, LEASE_S) as keeper:

@@ -304,12 +304,14 @@ class GcsStorage:
         return {blob.name: blob.generation for blob in listing}
 
     def published(self, message_id: str) -> dict | None:
-        found = self.download_json(published_name(message_id))
+        """Under stems/ (`stems/.published/ID.json`: no release id starts with a dot), where the
+        job's role already reaches."""
+        found = self.download_json("stems/" + published_name(message_id))
         return found[0] if found is not None else None
 
     def record_published(self, message_id: str, record: dict) -> None:
         try:
-            self.put_json(published_name(message_id), record, if_generation_match=0)
+            self.put_json("stems/" + published_name(message_id), record, if_generation_match=0)
         except JobError as error:
             if not isinstance(error.__cause__, exceptions.PreconditionFailed):
                 raise
