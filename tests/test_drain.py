@@ -589,7 +589,7 @@ def test_the_last_delivery_publishes_its_failure_instead_of_dead_lettering_it(
     publishes the `failed` result and acks, so stem-results hears of it and nothing is
     dead-lettered unheard."""
     work = make_subscription(dead_letter=True, max_delivery_attempts=5)
-    dead = make_subscription(topic=work.dead)
+    dead = make_subscription(topic=work.dead_letter_topic)
     uri = cloud.upload("originals/dl.mp3", song.read_bytes())
     proxy.fail(lambda name: name == "originals/dl.mp3", methods=("GET",))
     pubsub_emulator.publisher.publish(
