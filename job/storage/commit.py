@@ -101,7 +101,10 @@ class GcsCommit:
         """A writer done drops its claim; a failed one leaves it (never a manifest) for the
         next writer to take over: a cleanup could outlast the fault that failed it."""
         if failed is None:
-            self.storage.delete(self.claim_name, if_generation_match=self.claim)
+            try:  # the set stands either way; a claim left is taken over like any other
+                self.storage.delete(self.claim_name, if_generation_match=self.claim)
+            except JobError as error:
+                log.warning("claim %s left behind: %s", self.claim_name, error.message)
 
     def _unvouch(self) -> None:
         """Delete the old manifest before any object of its set is replaced."""
