@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from google.cloud import pubsub_v1
 
 from job import messages, runtime
-from job.errors import EXIT_OK, EXIT_RETRY, Cancel, ConfigError, JobError
+from job.errors import EXIT_OK, EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError
 from job.pubsub import (
     LeaseKeeper,
     dead_letter_limit,
@@ -262,6 +262,33 @@ class Drainer:
 
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
         deliveries = [Pulled.parse(received) for received in batch]
+        stopped = None  # why the rest of the batch goes back unstarted
+        try:
+            self.handle_all(deliveries, keeper)
+        except ConfigError as error:
+            stopped = JobError("config", str(error))
+            raise
+        finally:
+            if stopped is None and self.cancel.is_set():
+                stopped = Interrupted()
+            if stopped is not None:
+                self.conclude_last_deliveries(deliveries, keeper, stopped)
+
+    def conclude_last_deliveries(self, deliveries, keeper: LeaseKeeper, stopped: JobError):
+        """Messages given back unstarted (SIGTERM, a configuration error) that are on their
+        last delivery: this failure is their result, or they would be dead-lettered unheard."""
+        held = set(keeper.held_ack_ids())
+        for delivery in deliveries:
+            received = delivery.received
+            if received.ack_id in held and self.concluder.is_last(received):
+                ids = messages.salvage_ids(received.message.data)
+                result = messages.failed_result(ids, stopped)
+                try:
+                    self.concluder.conclude(received, result, keeper)
+                except ConfigError:
+                    pass  # raised already, or about to be
+
+    def handle_all(self, deliveries, keeper: LeaseKeeper) -> None:
         ahead = None  # the Intake of a later message, under way
         try:
             for index, delivery in enumerate(deliveries):

@@ -673,3 +673,48 @@ def test_a_job_killed_during_its_uploads_leaves_no_manifest(cloud, proxy, song, 
     assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else EXIT_RETRY)
     assert "stems/rel_1/trk_kill/manifest.json" not in stems_in_bucket(cloud, "trk_kill")
     assert cloud.results_now(1, timeout=3) == []
+
+
+def test_sigterm_on_the_last_delivery_publishes_the_interruption_for_the_whole_batch(
+    cloud, pubsub_emulator, make_subscription, tmp_path
+):
+    """Two messages on their 5th and last delivery, pulled in one batch; SIGTERM while the
+    first separates. Neither goes back to be dead-lettered unheard: each gets one `failed`
+    (interrupted) result and is acked, the second one unstarted."""
+    work = make_subscription(dead_letter=True, max_delivery_attempts=5)
+    song = write_audio(tmp_path / "last.flac", music(40, seed=8)).read_bytes()
+    for track in ("trk_l1", "trk_l2"):
+        uri = cloud.upload(f"originals/{track}.flac", song)
+        pubsub_emulator.publisher.publish(
+            work.topic, json.dumps(message(cloud, uri, track)).encode()
+        ).result(timeout=10)
+    attempts, deadline = {}, time.monotonic() + 60
+    while min(attempts.values(), default=0) < 4 or len(attempts) < 2:  # deliveries 1-4, nacked
+        assert time.monotonic() < deadline, attempts
+        response = pubsub_emulator.subscriber.pull(
+            request={"subscription": work.path, "max_messages": 10}, timeout=5
+        )
+        for received in response.received_messages:
+            attempts[received.message.message_id] = received.delivery_attempt
+        if response.received_messages:
+            pubsub_emulator.subscriber.modify_ack_deadline(
+                request={
+                    "subscription": work.path,
+                    "ack_ids": [r.ack_id for r in response.received_messages],
+                    "ack_deadline_seconds": 0,
+                }
+            )
+    assert set(attempts.values()) == {4}, attempts
+    env = cloud.env | {"PUBSUB_SUBSCRIPTION": work.path.rsplit("/", 1)[1]}
+    proc = start_drain(env, "--max-messages", "2")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_RETRY, stderr[-3000:]
+    results = cloud.results_now(2)
+    assert sorted(r["jobId"] for r, _ in results) == ["job_trk_l1", "job_trk_l2"], results
+    assert {r["error"]["code"] for r, _ in results} == {"interrupted"}, results
+    assert cloud.results_now(1, timeout=3) == []
+    response = pubsub_emulator.subscriber.pull(
+        request={"subscription": work.path, "max_messages": 10}, timeout=5
+    )
+    assert not response.received_messages, "both acked"
