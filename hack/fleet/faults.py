@@ -17,6 +17,7 @@ A fault due with no worker to aim at waits for one; one whose moment passed befo
 still planned when the run ends is reported, not injected.
 """
 
+import json
 import os
 import signal
 import threading
@@ -170,7 +171,8 @@ def between_stems_and_manifest(site, worker):
     however loaded the machine: nothing depends on a poll catching a two-request window."""
     message = worker.finishing
     prefix = f"stems/{RELEASE}/{message.track}/"
-    hold = site.proxy.hold(lambda name, body: name == prefix + MANIFEST)
+    job = f'"jobId": {json.dumps(message.job_id)}'.encode()  # not another job's for the track
+    hold = site.proxy.hold(lambda name, body: name == prefix + MANIFEST and job in body)
     deadline = time.time() + 120
     while time.time() < deadline and worker.process.poll() is None and worker.finishing is message:
         if hold.arrived.wait(0.05):
