@@ -24,6 +24,7 @@ import http.client
 import http.server
 import json
 import re
+import sys
 import threading
 import urllib.parse
 
@@ -52,6 +53,15 @@ class Hold:
     def release(self, forward: bool = True) -> None:
         self.forward = forward
         self.released.set()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client gone mid-request (a killed worker) is no error of the proxy's."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class GcsProxy:
@@ -91,8 +101,7 @@ class GcsProxy:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.env = {"STORAGE_EMULATOR_HOST": self.url}
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
