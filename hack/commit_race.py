@@ -7,15 +7,16 @@ they ask for different outputs (six stems, vocals, vocals and drums), one of the
 its stems and its manifest (unless it lost the track before), and the original is re-uploaded
 while they run. The invariant, checked from what is stored and what each writer reported:
 
-- the manifest (unless a writer's claim is all that is left) names one set: every object it
-  names is at the named generation and holds its writer's bytes, exactly the outputs that
-  writer asked for, from the input that writer read;
+- `manifest.json`, when it exists, is a whole set's manifest (never a writer's claim): every
+  object it names is at the named generation and holds its writer's bytes, exactly the outputs
+  that writer asked for, from the input that writer read;
 - a writer that reported `completed` was answered with a set for its own request, and that
   set was whole when it was checked right after (unless a newer writer had claimed the track
   by then, which is counted, not judged).
 
 tests/test_commit_race.py runs a few seeds; `.venv/bin/python hack/commit_race.py --seeds 200`
-runs more (it starts its own stand-in).
+runs more (it starts its own stand-in). The writers reach it through hack/gcs_proxy.py, which
+enforces the delete and resumable-upload preconditions fake-gcs-server leaves out.
 """
 
 import argparse
@@ -34,6 +35,7 @@ from google.api_core.exceptions import NotFound
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emulators import GcsEmulator, ensure_bucket  # noqa: E402
+from gcs_proxy import GcsProxy  # noqa: E402
 
 from job import manifest as manifests  # noqa: E402
 from job.errors import JobError  # noqa: E402
@@ -132,9 +134,11 @@ def verdict(objects, reports: list) -> list:
     """The problems with what is stored and what was reported (empty: the invariant held)."""
     problems = []
     blob = objects.get_blob(PREFIX + "manifest.json")
-    found = json.loads(blob.download_as_bytes()) if blob is not None else {"claim": None}
+    found = json.loads(blob.download_as_bytes()) if blob is not None else None
     requests = {report["job"]: report for report in reports}
-    if "claim" not in found:
+    if found is not None and "claim" in found:
+        problems.append(f"manifest.json holds a writer's claim: {found}")
+    elif found is not None:
         asked = requests.get(found.get("jobId"))
         names = {PREFIX + f"{name}.mp3" for name in found.get("outputs", ())}
         if asked is None:
@@ -160,8 +164,17 @@ def verdict(objects, reports: list) -> list:
     return problems
 
 
-def race(url: str, objects, seed: int, writers: int = 5, folder: Path | None = None) -> dict:
-    """One seed: `writers` processes on one track, the original re-uploaded among them."""
+def race(port: int, objects, seed: int, writers: int = 5, folder: Path | None = None) -> dict:
+    """One seed: `writers` processes on one track (through a proxy in front of the stand-in on
+    `port`), the original re-uploaded among them."""
+    proxy = GcsProxy(port)
+    try:
+        return race_through(proxy.url, objects, seed, writers, folder)
+    finally:
+        proxy.close()
+
+
+def race_through(url: str, objects, seed: int, writers: int, folder: Path | None) -> dict:
     rng = random.Random(seed)
     for old in objects.client.list_blobs(objects, prefix=PREFIX):
         old.delete()
@@ -219,7 +232,7 @@ def main() -> int:
         objects = ensure_bucket(gcs.client("race"), "race-bucket")
         totals, failed = {"inconclusive": 0}, 0
         for seed in range(args.seeds):
-            result = race(gcs.url, objects, seed, args.writers)
+            result = race(gcs.port, objects, seed, args.writers)
             totals["inconclusive"] += result["inconclusive"]
             for outcome in result["outcomes"]:
                 totals[outcome] = totals.get(outcome, 0) + 1

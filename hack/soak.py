@@ -93,7 +93,10 @@ class Fleet:
             ),
             empty_queue_drain_s=supervisor.time_empty_drain(pool.env),
         )
-        return verdict.report(c, site, ledger, self.faults, outcome)
+        try:
+            return verdict.report(c, site, ledger, self.faults, outcome)
+        finally:
+            site.proxy.close()
 
 
 def table(report: dict, fault_log: list) -> str:

@@ -53,6 +53,9 @@ class Settings:
     allowed_input_buckets: tuple = ()
     max_messages: int = 1
     idle_timeout_s: float = 10.0
+    # drain: the work subscription's max_delivery_attempts, used when its dead-letter policy
+    # cannot be read (the subscriber role may not get the subscription)
+    max_delivery_attempts: int = 5
     retry_deadline_s: float = 60.0
     max_retries: int = 3  # Cloud Run: the job's maxRetries (its default is 3)
     progress_events: bool = False
@@ -240,6 +243,7 @@ ENV = {
     "ALLOWED_INPUT_BUCKETS": ("allowed_input_buckets", parse_buckets),
     "MAX_MESSAGES": ("max_messages", lambda n, v: parse_int(n, v, 1, 1000)),
     "IDLE_TIMEOUT_S": ("idle_timeout_s", lambda n, v: parse_float(n, v, 0)),
+    "MAX_DELIVERY_ATTEMPTS": ("max_delivery_attempts", lambda n, v: parse_int(n, v, 5, 100)),
     "RETRY_DEADLINE_S": ("retry_deadline_s", lambda n, v: parse_float(n, v, 0)),
     "MAX_RETRIES": ("max_retries", lambda n, v: parse_int(n, v, 0, 10)),
     "PROGRESS_EVENTS": ("progress_events", parse_bool),

@@ -10,6 +10,13 @@ KEDA's lagging metric starts jobs that find the queue empty, and those must cost
 A configuration error (the model cannot load, no CUDA device, the stems bucket or results
 topic missing or forbidden) nacks everything held and exits 78: no message can succeed on this
 worker, and none may be concluded as failed for it.
+
+Exactly one result per message: on its last delivery before the dead-letter topic (the
+subscription's dead-letter policy, read at start, or MAX_DELIVERY_ATTEMPTS) a retryable failure
+is published as `failed` and acked rather than dead-lettered unheard. An ack that fails after
+the publish is logged, not raised: the message may come back, and each delivery first looks for
+the record the drain keeps of every result it published (`Storage.published`), so a redelivery
+is acked without a second result or a second separation.
 """
 
 import logging
@@ -19,8 +26,15 @@ from dataclasses import dataclass
 from google.cloud import pubsub_v1
 
 from job import messages, runtime
-from job.errors import EXIT_OK, EXIT_RETRY, Cancel, ConfigError, JobError
-from job.pubsub import LeaseKeeper, delivery_attempt, earlier_deliveries, pull, resource_path
+from job.errors import EXIT_OK, EXIT_RETRY, Cancel, ConfigError, Interrupted, JobError
+from job.pubsub import (
+    LeaseKeeper,
+    dead_letter_limit,
+    delivery_attempt,
+    earlier_deliveries,
+    pull,
+    resource_path,
+)
 
 log = logging.getLogger(__name__)
 LEASE_S = 60
@@ -44,6 +58,108 @@ class Pulled:
             return cls(received, refusal=messages.failed_result(messages.salvage_ids(data), error))
 
 
+class Concluder:
+    """How a delivery ends: its result published and the message acked, or the message given
+    back for a retry, so that each message gets one result. Its own unit, apart from the
+    clients and the model, so that tests/test_protocol_commit.py drives it over many
+    deliveries."""
+
+    def __init__(self, publisher, storage, last_delivery: int = 0):
+        self.publisher, self.storage = publisher, storage
+        self.last_delivery = last_delivery  # the delivery attempt that is a message's last
+        self.outcomes = []  # an exit code per message concluded or given back
+
+    def conclude(self, received, result: dict, keeper: LeaseKeeper) -> None:
+        """Publish the result and ack, or nack where a retry may help, unless this is the
+        message's last delivery: then its failure is published too. A fault of ours
+        (configuration, a role) stops the drain: raises ConfigError."""
+        error = result.get("error")
+        failure = JobError(**error) if error and error["retryable"] else None
+        if failure is not None and self.is_last(received):
+            log.warning(
+                "job %s: delivery %d is the message's last before the dead-letter topic: "
+                "its failure (%s) is its result",
+                result.get("jobId"),
+                delivery_attempt(received),
+                failure.code,
+            )
+        elif failure is not None:
+            return self.give_back(received, failure, keeper)
+        try:
+            self.publisher.publish_result(result)
+        except JobError as publish_error:
+            log.error(
+                "result of %s not published, returning the message: %s",
+                result.get("jobId"),
+                publish_error.message,
+            )
+            return self.give_back(received, publish_error, keeper)
+        self.record(received, result)
+        self.acknowledge(received, keeper)
+        self.outcomes.append(EXIT_OK)
+        if failure is not None and failure.is_config:
+            raise ConfigError(failure.message)
+
+    def give_back(self, received, failure: JobError, keeper: LeaseKeeper) -> None:
+        keeper.nack(received)  # not finished: another job takes it at once
+        self.outcomes.append(EXIT_RETRY)
+        if failure.is_config:
+            raise ConfigError(failure.message)
+
+    def is_last(self, received) -> bool:
+        return bool(self.last_delivery) and delivery_attempt(received) >= self.last_delivery
+
+    def record(self, received, result: dict) -> None:
+        """Keep the record that this message's result is published (before the ack, which
+        may fail or be lost). Without it a redelivery would publish again; a failure here is
+        logged: the ack usually holds, and nothing is lost either way."""
+        try:
+            self.storage.record_published(
+                received.message.message_id,
+                {"jobId": result.get("jobId"), "status": result.get("status")},
+            )
+        except JobError as error:
+            log.warning(
+                "the record that %s's result is published was not kept: %s",
+                received.message.message_id,
+                error.message,
+            )
+
+    @staticmethod
+    def acknowledge(received, keeper: LeaseKeeper) -> None:
+        """Ack; one that fails is logged, not raised: the result is out, and a redelivery
+        finds the record of it (`published_before`)."""
+        try:
+            keeper.ack(received)
+        except JobError as error:
+            log.warning(
+                "ack of %s failed after its result was published (it may be delivered again "
+                "and will then be acked without a second result): %s",
+                received.message.message_id,
+                error.message,
+            )
+
+    def published_before(self, received, keeper: LeaseKeeper) -> bool:
+        """Whether an earlier delivery of this message published its result (then acked
+        here, with nothing published or separated again)."""
+        try:
+            found = self.storage.published(received.message.message_id)
+        except JobError as error:  # not known: the message is handled (never lost)
+            log.warning("published-record of %s not read: %s", received.message.message_id, error)
+            return False
+        if found is None:
+            return False
+        log.info(
+            "message %s: its result (job %s %s) was published by an earlier delivery; acked",
+            received.message.message_id,
+            found.get("jobId"),
+            found.get("status"),
+        )
+        self.acknowledge(received, keeper)
+        self.outcomes.append(EXIT_OK)
+        return True
+
+
 class Drainer:
     """One drain process: its clients, its model cache and the track finishing in the
     background while the next separates. Longer than a unit should be because that state is
@@ -60,7 +176,8 @@ class Drainer:
         self.publisher = runtime.results_publisher(settings)
         self.storage = runtime.make_storage(settings, restrict_inputs=True)
         self.model_cache = None
-        self.outcomes = []
+        self.concluder = Concluder(self.publisher, self.storage)
+        self.outcomes = self.concluder.outcomes
         self.finishing = None  # ((release, track), thread) of the track finishing
         self.finish_error = None
 
@@ -105,13 +222,16 @@ class Drainer:
         )
         if request is None:
             self.settle()
-            self.conclude(received, delivery.refusal, keeper)
+            if not self.concluder.published_before(received, keeper):
+                self.concluder.conclude(received, delivery.refusal, keeper)
             return
         if self.finishing is not None and self.finishing[0] == (
             request.release_id,
             request.track_id,
         ):
             self.settle()  # the same track: its set must be complete first
+        if self.concluder.published_before(received, keeper):
+            return
         from job.pipeline import start  # loaded with the model, see job()
 
         finishing = start(request, self.job(request, earlier_deliveries(received)), fetch=fetch)
@@ -127,7 +247,7 @@ class Drainer:
 
     def _finish(self, finishing, received, keeper) -> None:
         try:
-            self.conclude(received, finishing.result(), keeper)
+            self.concluder.conclude(received, finishing.result(), keeper)
         except BaseException as exc:  # raised in the main thread by settle()
             self.finish_error = exc
 
@@ -140,32 +260,35 @@ class Drainer:
         if error is not None:
             raise error
 
-    def conclude(self, received, result: dict, keeper: LeaseKeeper) -> None:
-        """Publish the result and ack, or nack where a retry may help. A fault of ours
-        (configuration, a role) nacks and stops the drain: raises ConfigError."""
-        error = result.get("error")
-        failure = JobError(**error) if error and error["retryable"] else None
-        if failure is None:
-            try:
-                self.publisher.publish_result(result)
-            except JobError as publish_error:
-                log.error(
-                    "result of %s not published, returning the message: %s",
-                    result.get("jobId"),
-                    publish_error.message,
-                )
-                failure = publish_error
-        if failure is not None:
-            keeper.nack(received)  # not finished: another job takes it at once
-            self.outcomes.append(EXIT_RETRY)
-            if failure.is_config:
-                raise ConfigError(failure.message)
-            return
-        keeper.ack(received)
-        self.outcomes.append(EXIT_OK)
-
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
         deliveries = [Pulled.parse(received) for received in batch]
+        stopped = None  # why the rest of the batch goes back unstarted
+        try:
+            self.handle_all(deliveries, keeper)
+        except ConfigError as error:
+            stopped = JobError("config", str(error))
+            raise
+        finally:
+            if stopped is None and self.cancel.is_set():
+                stopped = Interrupted()
+            if stopped is not None:
+                self.conclude_last_deliveries(deliveries, keeper, stopped)
+
+    def conclude_last_deliveries(self, deliveries, keeper: LeaseKeeper, stopped: JobError):
+        """Messages given back unstarted (SIGTERM, a configuration error) that are on their
+        last delivery: this failure is their result, or they would be dead-lettered unheard."""
+        held = set(keeper.held_ack_ids())
+        for delivery in deliveries:
+            received = delivery.received
+            if received.ack_id in held and self.concluder.is_last(received):
+                ids = messages.salvage_ids(received.message.data)
+                result = messages.failed_result(ids, stopped)
+                try:
+                    self.concluder.conclude(received, result, keeper)
+                except ConfigError:
+                    pass  # raised already, or about to be
+
+    def handle_all(self, deliveries, keeper: LeaseKeeper) -> None:
         ahead = None  # the Intake of a later message, under way
         try:
             for index, delivery in enumerate(deliveries):
@@ -187,6 +310,9 @@ class Drainer:
     def run(self) -> int:
         wanted = self.settings.max_messages
         runtime.preflight(self.settings, self.storage, self.publisher)
+        self.concluder.last_delivery = dead_letter_limit(
+            self.subscriber, self.subscription, self.settings.max_delivery_attempts
+        )
         with LeaseKeeper(self.subscriber, self.subscription, LEASE_S) as keeper:
             while len(self.outcomes) < wanted and not self.cancel.is_set():
                 batch = pull(

@@ -246,6 +246,8 @@ def _store(request, job: Job, fetched, model, encoded, timings, chosen) -> dict:
     with stage(timings, "upload"):
         with storage.commit(request.release_id, request.track_id) as commit:
             urls = commit.write_stems(files)
+            if job.cancel.is_set():  # SIGTERM during the uploads: no manifest, the claim stays
+                raise Interrupted()
             built = manifest.build(
                 request,
                 s,

@@ -124,6 +124,29 @@ def delivery_attempt(message) -> int:
     return message.delivery_attempt
 
 
+def dead_letter_limit(subscriber, subscription_path: str, fallback: int) -> int:
+    """The delivery attempt after which the subscription dead-letters a message: its
+    dead-letter policy's `max_delivery_attempts` (0: it has none, nothing is dead-lettered),
+    read once at start; `fallback` (MAX_DELIVERY_ATTEMPTS) when the policy cannot be read,
+    as with the subscriber role alone, which may pull but not get the subscription."""
+    try:
+        subscription = subscriber.get_subscription(
+            request={"subscription": subscription_path}, timeout=10.0, retry=None
+        )
+    except Exception as exc:  # denied, or a fault of the moment: the setting stands
+        log.info(
+            "dead-letter policy of %s not read (%s): MAX_DELIVERY_ATTEMPTS=%d",
+            subscription_path,
+            type(exc).__name__,
+            fallback,
+        )
+        return fallback
+    policy = subscription.dead_letter_policy
+    if not policy.dead_letter_topic:
+        return 0
+    return policy.max_delivery_attempts or 5  # the API's default when the policy leaves it out
+
+
 def earlier_deliveries(message) -> int | None:
     """The tries of a pulled message before this one (Job.attempt); None without a
     dead-letter policy, where Pub/Sub does not count them."""

@@ -6,6 +6,8 @@ Cloud Run Admin API), to "may a retry help?": the service was busy, throttled or
 or the bytes arrived damaged. Anything else (not found, denied, invalid) fails at once.
 """
 
+import json
+
 import requests
 import tenacity
 import urllib3
@@ -36,6 +38,9 @@ TRANSIENT_TRANSPORT_ERRORS = (
     ConnectionError,
     TimeoutError,
     DataCorruption,
+    # a reply cut or damaged inside a body that parsed as far as its headers: the client fails
+    # to decode it (the call may have been committed; a retry meets its own write as a 412)
+    json.JSONDecodeError,
 )
 
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import job_env, last_json, run_job
+from gcs_proxy import GcsProxy
 from ni_reader import check_ni_stems, decode
 from stand_ins import PROJECT
 from synthetic import FOUR, music, write_audio
@@ -569,3 +570,151 @@ def test_sigterm_while_a_track_finishes_nacks_both(cloud, tmp_path):
         )
         back |= {json.loads(r.message.data)["trackId"] for r in response.received_messages}
     assert back == {"trk_fa", "trk_fb"}, "both messages must be back on the queue"
+
+
+# -- exactly one result per message: the last delivery, a failed ack, storage faults ----------
+@pytest.fixture
+def proxy(gcs_emulator):
+    """hack/gcs_proxy.py in front of the GCS stand-in, to aim faults at single objects."""
+    proxy = GcsProxy(gcs_emulator.port)
+    yield proxy
+    proxy.close()
+
+
+def test_the_last_delivery_publishes_its_failure_instead_of_dead_lettering_it(
+    cloud, proxy, pubsub_emulator, make_subscription, song
+):
+    """A retryable failure on every delivery (the original unreadable: 503): deliveries 1-4
+    are nacked for a retry; the 5th, the subscription's last before its dead-letter topic,
+    publishes the `failed` result and acks, so stem-results hears of it and nothing is
+    dead-lettered unheard."""
+    work = make_subscription(dead_letter=True, max_delivery_attempts=5)
+    dead = make_subscription(topic=work.dead_letter_topic)
+    uri = cloud.upload("originals/dl.mp3", song.read_bytes())
+    proxy.fail(lambda name: name == "originals/dl.mp3", methods=("GET",))
+    pubsub_emulator.publisher.publish(
+        work.topic, json.dumps(message(cloud, uri, "trk_dl")).encode()
+    ).result(timeout=10)
+    env = cloud.env | proxy.env
+    env.update(PUBSUB_SUBSCRIPTION=work.path.rsplit("/", 1)[1], RETRY_DEADLINE_S="1")
+    proc = run_job(["drain", "--max-messages", "5"], env)
+    assert proc.returncode == EXIT_RETRY, proc.stderr[-3000:]
+    assert "delivery 5 is the message's last" in proc.stderr
+    ((result, attributes),) = cloud.results_now(1)
+    assert attributes["status"] == "failed" and result["jobId"] == "job_trk_dl"
+    assert result["error"]["retryable"] is True, result
+    assert cloud.results_now(1, timeout=3) == [], "one result, not one per delivery"
+    for subscription in (work.path, dead.path):
+        response = pubsub_emulator.subscriber.pull(
+            request={"subscription": subscription, "max_messages": 10}, timeout=5
+        )
+        assert not response.received_messages, f"{subscription} still holds the message"
+
+
+def test_an_ack_that_fails_after_the_publish_is_logged_and_its_redelivery_publishes_nothing(
+    cloud, monkeypatch, caplog
+):
+    """The ack fails (here: refused by the service) after the result is out. The drain logs it
+    and goes on (before: it raised in the finishing thread, exit 75, the rest of the batch
+    nacked). The message comes back after its ack deadline; the next delivery finds the record
+    of the published result and acks it: no second result, nothing separated again."""
+    for key, value in cloud.env.items():
+        monkeypatch.setenv(key, value)
+    from job.config import load_settings
+    from job.drain import Drainer, Pulled
+    from job.pubsub import LeaseKeeper, pull
+
+    cloud.publish(b"not json: a bad message gets one failed result")
+    drainer = Drainer(load_settings())
+    (received,) = pull(drainer.subscriber, drainer.subscription, 1, 10)
+    with LeaseKeeper(drainer.subscriber, drainer.subscription, 10) as keeper:
+        keeper.hold([received])
+        keeper.subscription_path += "-gone"  # the ack goes nowhere: NotFound, not retried
+        drainer.concluder.conclude(received, Pulled.parse(received).refusal, keeper)
+    assert drainer.outcomes == [EXIT_OK]
+    assert "failed after its result was published" in caplog.text
+    ((first, attributes),) = cloud.results_now(1)
+    assert attributes["status"] == "failed"
+    time.sleep(11)  # the ack deadline: the message is delivered again
+    proc = run_job(["drain", "--max-messages", "1"], cloud.env)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    assert "was published by an earlier delivery" in proc.stderr
+    assert cloud.results_now(1, timeout=3) == [], "no second result"
+    assert cloud.queue_is_empty()
+
+
+def test_every_stem_upload_failing_exits_75_and_leaves_no_manifest(cloud, proxy, song):
+    """503 on every stem upload: retryable, the message goes back (exit 75), and manifest.json
+    does not exist: before, the writer's claim was left under that name."""
+    uri = cloud.upload("originals/s503.mp3", song.read_bytes())
+    cloud.publish(message(cloud, uri, "trk_503"))
+    proxy.fail(lambda name: name.startswith("stems/") and name.endswith((".mp3", ".peaks.json")))
+    env = cloud.env | proxy.env | {"RETRY_DEADLINE_S": "2"}
+    proc = run_job(["drain", "--max-messages", "1"], env)
+    assert proc.returncode == EXIT_RETRY, proc.stderr[-3000:]
+    assert proxy.failed and "storage_unavailable" in proc.stderr
+    assert "stems/rel_1/trk_503/manifest.json" not in stems_in_bucket(cloud, "trk_503")
+    assert cloud.results_now(1, timeout=3) == []
+    assert not cloud.queue_is_empty(), "the message is back for a retry"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_job_killed_during_its_uploads_leaves_no_manifest(cloud, proxy, song, sig):
+    """SIGKILL or SIGTERM while a stem upload is in flight (held at the proxy): whatever the
+    job left, manifest.json is not among it (SIGTERM: exit 75, the message back at once)."""
+    uri = cloud.upload("originals/kill.mp3", song.read_bytes())
+    cloud.publish(message(cloud, uri, "trk_kill"))
+    hold = proxy.hold(lambda name, _: name == "stems/rel_1/trk_kill/vocals.mp3")
+    proc = start_drain(cloud.env | proxy.env, "--max-messages", "1")
+    assert hold.arrived.wait(120), "the upload began"
+    proc.send_signal(sig)
+    hold.release(forward=sig == signal.SIGTERM)  # a SIGTERMed job's upload may still land
+    proc.communicate(timeout=60)
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else EXIT_RETRY)
+    assert "stems/rel_1/trk_kill/manifest.json" not in stems_in_bucket(cloud, "trk_kill")
+    assert cloud.results_now(1, timeout=3) == []
+
+
+def test_sigterm_on_the_last_delivery_publishes_the_interruption_for_the_whole_batch(
+    cloud, pubsub_emulator, make_subscription, tmp_path
+):
+    """Two messages on their 5th and last delivery, pulled in one batch; SIGTERM while the
+    first separates. Neither goes back to be dead-lettered unheard: each gets one `failed`
+    (interrupted) result and is acked, the second one unstarted."""
+    work = make_subscription(dead_letter=True, max_delivery_attempts=5)
+    song = write_audio(tmp_path / "last.flac", music(40, seed=8)).read_bytes()
+    for track in ("trk_l1", "trk_l2"):
+        uri = cloud.upload(f"originals/{track}.flac", song)
+        pubsub_emulator.publisher.publish(
+            work.topic, json.dumps(message(cloud, uri, track)).encode()
+        ).result(timeout=10)
+    attempts, deadline = {}, time.monotonic() + 60
+    while min(attempts.values(), default=0) < 4 or len(attempts) < 2:  # deliveries 1-4, nacked
+        assert time.monotonic() < deadline, attempts
+        response = pubsub_emulator.subscriber.pull(
+            request={"subscription": work.path, "max_messages": 10}, timeout=5
+        )
+        for received in response.received_messages:
+            attempts[received.message.message_id] = received.delivery_attempt
+        if response.received_messages:
+            pubsub_emulator.subscriber.modify_ack_deadline(
+                request={
+                    "subscription": work.path,
+                    "ack_ids": [r.ack_id for r in response.received_messages],
+                    "ack_deadline_seconds": 0,
+                }
+            )
+    assert set(attempts.values()) == {4}, attempts
+    env = cloud.env | {"PUBSUB_SUBSCRIPTION": work.path.rsplit("/", 1)[1]}
+    proc = start_drain(env, "--max-messages", "2")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_RETRY, stderr[-3000:]
+    results = cloud.results_now(2)
+    assert sorted(r["jobId"] for r, _ in results) == ["job_trk_l1", "job_trk_l2"], results
+    assert {r["error"]["code"] for r, _ in results} == {"interrupted"}, results
+    assert cloud.results_now(1, timeout=3) == []
+    response = pubsub_emulator.subscriber.pull(
+        request={"subscription": work.path, "max_messages": 10}, timeout=5
+    )
+    assert not response.received_messages, "both acked"

@@ -1,19 +1,41 @@
 """Writing a track's set on the GCS stand-in while other writers write the same track: each
 interleaving that the fencing in job/storage/commit.py must survive, step by step."""
 
+import threading
+
 import pytest
 from commit_race import body  # the manifest the writers in the race build
+from gcs_proxy import GcsProxy
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
 
 from job.errors import JobError
 from job.messages import STEMS
+from job.storage.base import CLAIM, MANIFEST
 from job.storage.gcs import GcsStorage
 
 ORIGINAL = "uploads/rel/song.flac"
+MANIFEST_NAME = "stems/rel/trk/" + MANIFEST
+CLAIM_NAME = "stems/rel/trk/" + CLAIM
 
 
 @pytest.fixture
-def client(gcs_emulator):
-    return gcs_emulator.client()
+def proxy(gcs_emulator):
+    """hack/gcs_proxy.py in front of the stand-in: every writer goes through it, so a delete's
+    and a resumable upload's `ifGenerationMatch` hold as on Cloud Storage (fake-gcs-server
+    ignores both), and a test can aim a fault at one write."""
+    proxy = GcsProxy(gcs_emulator.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def client(proxy):
+    return storage.Client(
+        project="stem-test",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": proxy.url},
+    )
 
 
 @pytest.fixture
@@ -82,14 +104,16 @@ def test_a_public_bucket_gets_the_public_cache_headers(writers, objects, identit
     assert objects.get_blob("stems/rel/trk/manifest.json").cache_control == "no-cache"
 
 
-def test_claiming_a_track_stops_its_old_set_being_vouched_for(writers, identity, tmp_path):
+def test_claiming_a_track_stops_its_old_set_being_vouched_for(writers, objects, identity, tmp_path):
     store = writers()
     with store.commit("rel", "trk") as commit:
         commit.write_stems(files_of(tmp_path, "a"))
         commit.write_manifest(body("a", identity))
     with writers().commit("rel", "trk"):
         assert store.read_manifest("rel", "trk") is None
-    assert store.read_manifest("rel", "trk") is None, "a claim left behind is not a set"
+        assert objects.get_blob(MANIFEST_NAME) is None, "the old set's manifest is gone"
+    assert store.read_manifest("rel", "trk") is None
+    assert objects.get_blob(MANIFEST_NAME) is None, "no manifest.json but a whole set's"
     with writers().commit("rel", "trk") as commit:  # and the next writer takes it over
         commit.write_stems(files_of(tmp_path, "c"))
         commit.write_manifest(body("c", identity))
@@ -202,26 +226,8 @@ def test_a_set_made_from_a_replaced_original_is_not_vouched_for(
 
 
 @pytest.fixture
-def proxied(gcs_emulator, bucket):
-    """writers() through tests/precondition_proxy.py, which enforces `ifGenerationMatch` on
-    resumable uploads (fake-gcs-server ignores it there)."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-    from precondition_proxy import PreconditionProxy
-
-    proxy = PreconditionProxy(gcs_emulator.port)
-    client = storage.Client(
-        project="stem-test",
-        credentials=AnonymousCredentials(),
-        client_options={"api_endpoint": proxy.url},
-    )
-    try:
-        yield (
-            proxy,
-            lambda: GcsStorage(bucket, (bucket,), 1_000_000, client=client, retry_deadline_s=5),
-        )
-    finally:
-        proxy.close()
+def proxied(proxy, writers):
+    return proxy, writers
 
 
 def test_a_stale_writers_late_large_stem_is_refused_too(proxied, objects, identity, tmp_path):
@@ -262,4 +268,124 @@ def test_a_manifest_committed_whose_answer_was_lost_counts_as_written(
         standing = commit.write_manifest(ours)
     assert proxy.drop_reply_to is None, "the answer was dropped"
     assert standing is ours, "reported as its own write, not as another job's set"
+    assert store.read_manifest("rel", "trk")["jobId"] == "a"
+
+
+def stems_only(name: str) -> bool:
+    """The set's objects (audio and peaks), not the manifest or the claim beside it."""
+    return name.startswith("stems/") and not name.endswith((MANIFEST, CLAIM))
+
+
+def test_a_writer_that_fails_leaves_no_manifest_json(proxy, writers, objects, identity, tmp_path):
+    """manifest.json is only ever a whole set's manifest: a writer's claim is an object of its
+    own, and a writer whose every stem upload fails (503) leaves no manifest.json at all."""
+    store = writers()
+    with store.commit("rel", "trk") as commit:
+        assert objects.get_blob(MANIFEST_NAME) is None, "claimed: still no manifest.json"
+        commit.write_stems(files_of(tmp_path, "a"))
+        assert objects.get_blob(MANIFEST_NAME) is None, "stems up: still no manifest.json"
+        commit.write_manifest(body("a", identity))
+    assert objects.get_blob(CLAIM_NAME) is None, "a writer done drops its claim"
+    proxy.fail(stems_only)
+    with pytest.raises(JobError) as raised, store.commit("rel", "trk") as commit:
+        commit.write_stems(files_of(tmp_path, "b"))
+    assert raised.value.code == "storage_unavailable" and proxy.failed
+    assert objects.get_blob(MANIFEST_NAME) is None, "the old set is no longer vouched for"
+    assert objects.get_blob(CLAIM_NAME) is not None, "the failed writer's claim stays"
+    proxy.failing.clear()
+    with writers().commit("rel", "trk") as commit:  # the next writer takes the claim over
+        commit.write_stems(files_of(tmp_path, "c"))
+        commit.write_manifest(body("c", identity))
+    found = store.read_manifest("rel", "trk")
+    assert found["jobId"] == "c" and written_by(objects, found) == {"c"}
+
+
+def test_a_stale_manifest_racing_a_newer_claim_is_deleted_by_its_writer(
+    proxy, writers, objects, identity, tmp_path
+):
+    """The one window GCS cannot fence: A checks its claim, B claims and replaces A's stems,
+    then A's manifest lands. A checks again after writing, finds the claim lost and deletes
+    its own manifest; B's set then completes."""
+    stale, result = window(proxy, writers, identity, tmp_path)
+    assert isinstance(result, JobError) and result.code == "concurrent_write", result
+    assert objects.get_blob(MANIFEST_NAME) is None
+    stale.write_manifest(body("b", identity))
+    found = writers().read_manifest("rel", "trk")
+    assert found["jobId"] == "b" and written_by(objects, found) == {"b"}
+
+
+def test_a_stale_manifest_left_by_a_dead_writer_is_detectable_and_replaced(
+    proxy, writers, objects, identity, tmp_path
+):
+    """As above, but A dies before it can delete its manifest (its delete fails): manifest.json
+    then names generations that are no longer the objects' (B replaced them), which the
+    manifest's `objectGenerations` show any reader; B's manifest replaces it."""
+    proxy.fail(lambda name: name == MANIFEST_NAME, methods=("DELETE",))
+    newer, result = window(proxy, writers, identity, tmp_path)
+    assert isinstance(result, JobError) and result.code == "storage_unavailable", result
+    left = writers().download_json(MANIFEST_NAME)[0]
+    assert left["jobId"] == "a"
+    current = {b.name: b.generation for b in objects.client.list_blobs(objects, prefix="stems/")}
+    assert all(current[n] != g for n, g in left["objectGenerations"].items()), "detectable"
+    assert writers().read_manifest("rel", "trk") is None, "and read_manifest detects it"
+    proxy.failing.clear()
+    assert newer.write_manifest(body("b", identity))["jobId"] == "b"
+    found = writers().read_manifest("rel", "trk")
+    assert found["jobId"] == "b" and written_by(objects, found) == {"b"}
+
+
+def window(proxy, writers, identity, tmp_path):
+    """A's manifest write held at the proxy while B claims and uploads; then let through.
+    (B's open commit, what A's write_manifest returned or raised)."""
+    a = writers().commit("rel", "trk").__enter__()
+    a.write_stems(files_of(tmp_path, "a"))
+    hold = proxy.hold(lambda name, _: name == MANIFEST_NAME)
+    outcome = []
+
+    def finish():
+        try:
+            outcome.append(a.write_manifest(body("a", identity)))
+        except JobError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    assert hold.arrived.wait(10), "A checked its claim and sent its manifest"
+    b = writers().commit("rel", "trk").__enter__()
+    b.write_stems(files_of(tmp_path, "b"))
+    hold.release()
+    thread.join(30)
+    return b, outcome[0]
+
+
+def test_a_damaged_reply_to_a_committed_large_stem_is_retried(proxy, writers, identity, tmp_path):
+    """The final chunk of a resumable upload is committed, its reply cut to 64 bytes (the
+    client fails to parse it): transient. The retry meets a 412 (the object exists now) and
+    the writer, whose claim stands, uploads it again."""
+    big = tmp_path / "big" / "bass.mp3"
+    big.parent.mkdir()
+    big.write_bytes(b"a:bass" * (1 << 20) * 2)  # 12 MiB: a resumable upload
+    store = writers()
+    proxy.damage(lambda name: name.endswith("bass.mp3"), after=64)
+    with store.commit("rel", "trk") as commit:
+        commit.write_stems({"bass": big})
+        commit.write_manifest(body("a", identity, ["bass"]))
+    assert proxy.damaged == 1 and proxy.refused == 1
+    found = store.read_manifest("rel", "trk")
+    assert found["jobId"] == "a"
+    assert store.bucket.blob("stems/rel/trk/bass.mp3").download_as_bytes() == big.read_bytes()
+
+
+def test_a_damaged_reply_to_a_committed_manifest_counts_as_written(
+    proxy, writers, identity, tmp_path
+):
+    """The manifest's reply cut after 64 bytes: the retry meets a 412 and the writer's token in
+    the stored manifest tells it the write was its own."""
+    store = writers()
+    proxy.damage(lambda name: name == MANIFEST_NAME, after=64)
+    with store.commit("rel", "trk") as commit:
+        commit.write_stems(files_of(tmp_path, "a"))
+        ours = body("a", identity)
+        assert commit.write_manifest(ours) is ours
+    assert proxy.damaged == 1
     assert store.read_manifest("rel", "trk")["jobId"] == "a"

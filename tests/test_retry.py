@@ -1,6 +1,8 @@
 """job.retry: the one transient-error classifier (GCS, Pub/Sub, Cloud Run API) and the bounded
 retry policy, on the exceptions the real client libraries raise."""
 
+import json
+
 import pytest
 import requests
 import urllib3
@@ -27,6 +29,9 @@ from job.retry import bounded, is_transient
         ConnectionResetError(),
         TimeoutError(),
         DataCorruption(None, "crc32c mismatch"),
+        # a reply body cut or damaged: the client fails to parse it (issue 30, case 9)
+        json.JSONDecodeError("Unterminated string", '{"kind": "storage#obj', 20),
+        requests.exceptions.JSONDecodeError("Expecting value", "{", 1),
     ],
     ids=repr,
 )

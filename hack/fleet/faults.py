@@ -3,7 +3,8 @@ and how each kind is applied.
 
 - sigkill_separation, sigterm: a worker separating a track gets the signal (SIGTERM's exit code
   and how long the worker took to exit are recorded: 75 within 10 s, or the verdict says so).
-- sigkill_upload: SIGKILL in the moment between a track's stems and its manifest.
+- sigkill_upload: SIGKILL in the moment between a track's stems and its manifest (its manifest
+  write held at the fleet's GCS proxy, hack/gcs_proxy.py, then dropped).
 - sigstop_race: SIGSTOP (mid-separation, or between the stems and the manifest) past the lease,
   then SIGCONT once another worker has taken the same message and gone as far: both then write
   the same track.
@@ -11,18 +12,21 @@ and how each kind is applied.
   emulator frozen (SIGSTOP of its process group: unreachable, state kept; a killed emulator
   would lose every message, which real Pub/Sub never does).
 
-A fault due with no worker to aim at waits for one; one whose moment passed unseen is planned
-again (up to 8 misses a run); what is still planned when the run ends is reported, not injected.
+A fault due with no worker to aim at waits for one; one whose moment passed before it was aimed
+(the track's manifest was written already) is planned again (up to 8 misses a run); what is
+still planned when the run ends is reported, not injected.
 """
 
+import json
 import os
 import signal
 import threading
 import time
 
 from job.drain import LEASE_S  # a frozen or killed worker's messages are back after this
+from job.storage.base import CLAIM, MANIFEST
 
-from .config import RELEASE, SET_FILES, Config
+from .config import RELEASE, Config
 
 OUTAGES = ("gcs_restart", "pubsub_outage")  # the other kinds aim at a worker
 
@@ -157,55 +161,50 @@ def candidates(pool, at: str) -> list:
     return [w for w in active if w.phase == at and w.message is not None]
 
 
-def between_stems_and_manifest(site, worker) -> int:
-    """Wait until every file of the worker's uploading track has been rewritten while its
-    manifest is still the writer's claim (job/storage/commit.py), not a complete set: the
-    moment between the stems and the manifest. The number of files rewritten, or 0 when the
-    worker got past it unseen.
+def between_stems_and_manifest(site, worker):
+    """Hold the manifest write of the worker's uploading track at the fleet's GCS proxy: once
+    it arrives every file of the set is up and the manifest is not. The hold (its `.written`:
+    the files rewritten, read while it holds), or None when the worker got past the moment
+    before the hold was set (the track ended, or the worker did).
 
-    The moment lasts two requests of the worker's, so the poll decides from one listing where
-    it can: a writer claims before it uploads, so a manifest generation listed while only part
-    of the set was rewritten is a claim, and one still listed once all of it is means the
-    manifest is not written yet. Only a set seen whole at once costs a read of the manifest."""
+    A writer sends its manifest only after its stems, so the held write is the moment itself,
+    however loaded the machine: nothing depends on a poll catching a two-request window."""
     message = worker.finishing
     prefix = f"stems/{RELEASE}/{message.track}/"
-    try:
-        before = site.listing(prefix)
-    except Exception:
-        before = {}
-    claims = set()  # manifest generations listed while part of the set was rewritten
-    deadline = time.time() + 60
+    job = f'"jobId": {json.dumps(message.job_id)}'.encode()  # not another job's for the track
+    hold = site.proxy.hold(lambda name, body: name == prefix + MANIFEST and job in body)
+    deadline = time.time() + 120
     while time.time() < deadline and worker.process.poll() is None and worker.finishing is message:
-        try:
-            now = site.listing(prefix)
-        except Exception:
-            time.sleep(0.2)
-            continue
-        changed = [n for n, g in now.items() if n != "manifest.json" and before.get(n) != g]
-        if len(changed) < SET_FILES:
-            claims.update([now.get("manifest.json")] if changed else [])
-        elif now.get("manifest.json") in claims or not site.vouched(prefix):
-            return len(changed)
-        time.sleep(0.02)
-    return 0
+        if hold.arrived.wait(0.05):
+            hold.written = len(set(site.listing(prefix)) - {MANIFEST, CLAIM})
+            return hold
+    if hold in site.proxy.holds:
+        site.proxy.holds.remove(hold)
+    if hold.arrived.is_set():  # it came in as the worker was seen going on
+        hold.release()
+    return None
 
 
 def kill_mid_upload(faults: Faults, worker, fault: dict) -> None:
-    if not (written := between_stems_and_manifest(faults.site, worker)):
+    if not (hold := between_stems_and_manifest(faults.site, worker)):
         return faults.missed(worker, fault)
     faults.send(worker, signal.SIGKILL)
-    fault["stems_written"] = written
+    hold.release(forward=False)  # the killed writer's manifest never reaches the service
+    fault["stems_written"] = hold.written
     time.sleep(0.5)
     fault["manifest_after_kill"] = faults.site.vouched(f"stems/{RELEASE}/{fault['track']}/")
 
 
 def stall(faults: Faults, worker, fault: dict) -> None:
     """SIGSTOP, then SIGCONT once another worker has taken the same message (its lease ran out)
-    and gone as far (or after the lease and 90 s more)."""
+    and gone as far (or after the lease and 90 s more). At the upload, the frozen writer's
+    held manifest write goes on to the service just before SIGCONT: it arrives late, as a
+    stale writer's would."""
+    hold = None
     if fault["at"] == "upload":
-        if not (written := between_stems_and_manifest(faults.site, worker)):
+        if not (hold := between_stems_and_manifest(faults.site, worker)):
             return faults.missed(worker, fault)
-        fault["stems_written"] = written
+        fault["stems_written"] = hold.written
     message = worker.finishing if fault["at"] == "upload" else worker.message
     worker.stopped = True
     faults.send(worker, signal.SIGSTOP)
@@ -216,6 +215,8 @@ def stall(faults: Faults, worker, fault: dict) -> None:
             break
         time.sleep(0.05)
     fault["stopped_s"] = round(time.time() - worker.signalled[1], 1)
+    if hold is not None:
+        hold.release()
     worker.process.send_signal(signal.SIGCONT)
     worker.stopped = False
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 from job.messages import STEMS
+from job.storage.base import CLAIM
 
 from .config import RELEASE
 
@@ -13,7 +14,11 @@ from .config import RELEASE
 def check_track(site, durations: dict, track: str, problems: list) -> str:
     """The state of `track`'s set; what is wrong with it goes to `problems`."""
     prefix = f"stems/{RELEASE}/{track}/"
-    blobs = {b.name: b for b in site.storage.list_blobs(site.bucket, prefix=prefix)}
+    blobs = {  # a claim beside the set is a writer's fencing token, not part of the set
+        b.name: b
+        for b in site.storage.list_blobs(site.bucket, prefix=prefix)
+        if b.name != prefix + CLAIM
+    }
     if prefix + "manifest.json" not in blobs:
         problems.append(f"{track}: no manifest ({len(blobs)} objects)")
         return "missing"

@@ -6,12 +6,14 @@ import uuid
 from dataclasses import dataclass
 
 from emulators import GcsEmulator, PubSubEmulator, ensure_bucket, ensure_subscription, ensure_topic
+from gcs_proxy import GcsProxy
 
 
 @dataclass
 class Site:
     pubsub: PubSubEmulator
     gcs: GcsEmulator
+    proxy: GcsProxy  # the workers reach the GCS stand-in through it (faults aim at its holds)
     storage: object  # google.cloud.storage.Client bound to the GCS stand-in
     bucket: str
     topic: str  # the work topic and its subscription, dead-lettered to the topic dead_sub reads
@@ -32,6 +34,7 @@ class Site:
         return cls(
             pubsub,
             gcs,
+            GcsProxy(gcs.port),
             storage,
             f"soak-{run}",
             topic,

@@ -43,7 +43,7 @@ def worker_env(config: Config, site, model_dir: Path, workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("JOB_MESSAGE", "INPUT_DIR")}
     env.update(
         site.pubsub.env,
-        **site.gcs.env,
+        **site.proxy.env,
         PYTHONPATH=str(REPO),
         MODEL_DIR=str(model_dir),
         DEVICE="cpu",

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from job.messages import STEMS
+from job.storage.base import PUBLISHED
 
 from .config import FAULT_KINDS, RELEASE
 from .ledger import result_key
@@ -141,8 +142,10 @@ def report(config, site, ledger, faults: list, outcome: Outcome) -> dict:
     """The verdict and figures of a run; `faults` is the record of what was injected."""
     tracks = sorted({m.track for m in ledger.messages if m.track})
     left, dead, states, problems = read_storage(site, ledger, tracks)
-    stem_prefixes = {
-        b.name.rsplit("/", 1)[0] for b in site.storage.list_blobs(site.bucket, prefix="stems/")
+    stem_prefixes = {  # not the drain's published-records (stems/.published/), no set's
+        b.name.rsplit("/", 1)[0]
+        for b in site.storage.list_blobs(site.bucket, prefix="stems/")
+        if not b.name.startswith(f"stems/{PUBLISHED}/")
     }
     orphans = sorted(p for p in stem_prefixes if p.rsplit("/", 1)[1] not in tracks)
     problems += [f"{p}: stems of no good track" for p in orphans]

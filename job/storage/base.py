@@ -8,6 +8,7 @@ makes sure that a manifest only ever names the set its own writer wrote.
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Protocol
 from job.errors import JobError
 
 MANIFEST = "manifest.json"
+CLAIM = ".claim.json"  # GCS: a writer's fencing token beside the manifest (commit.py)
+PUBLISHED = ".published"  # the drain's records of the messages whose result it published
 CONTENT_TYPES = {
     "mp3": "audio/mpeg",
     "wav": "audio/wav",
@@ -24,6 +27,9 @@ CONTENT_TYPES = {
     "mp4": "audio/mp4",  # NI Stems
     "json": "application/json",
 }  # peaks files
+
+
+MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,20 @@ class Storage(Protocol):
 
     def commit(self, release_id: str, track_id: str) -> contextlib.AbstractContextManager:
         """A `Commit` (entered: the old set is no longer vouched for) to write the next set."""
+
+    def published(self, message_id: str) -> dict | None:
+        """The record that this message's result was published (by an earlier delivery whose
+        ack failed or was lost), or None."""
+
+    def record_published(self, message_id: str, record: dict) -> None:
+        """Keep that record (create-only: the first delivery's stands)."""
+
+
+def published_name(message_id: str) -> str:
+    """Where a message's published-record lives, relative to the stems root."""
+    if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
+        raise JobError("invalid_message", f"message id {str(message_id)[:80]!r} is not one")
+    return f"{PUBLISHED}/{message_id}.json"
 
 
 def check_size(size: int, max_bytes: int, uri: str) -> None:

@@ -8,10 +8,10 @@ connections) are retried with exponential backoff and jitter for a bounded time,
 The client's own retries are switched off (retry=None) so that this is the only retry layer and
 the bound holds.
 
-Writing a track's set, while another job may write the same track, is gcs_commit.py's: the
-manifest is created and replaced only with generation preconditions and names the generation of
-each object it vouches for (`objectGenerations`); `read_manifest` returns it only while the
-objects still carry those generations.
+Writing a track's set, while another job may write the same track, is commit.py's: every write
+is fenced by a generation precondition, the manifest names the generation of each object it
+vouches for (`objectGenerations`), and `read_manifest` returns it only while the objects still
+carry those generations.
 """
 
 import base64
@@ -31,7 +31,7 @@ from job.errors import JobError
 from job.faults import storage_fault
 from job.messages import check_id
 from job.retry import bounded, is_transient
-from job.storage.base import CONTENT_TYPES, MANIFEST, Original, check_size
+from job.storage.base import CONTENT_TYPES, MANIFEST, Original, check_size, published_name
 from job.storage.commit import GcsCommit
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,8 @@ class GcsStorage:
             futures = {name: pool.submit(upload) for name, upload in uploads.items()}
         return {name: future.result() for name, future in futures.items()}
 
-    def put_manifest(self, name: str, body: dict, if_generation_match: int) -> int:
+    def put_json(self, name: str, body: dict, if_generation_match: int) -> int:
+        """A manifest or claim (never cached); its new generation."""
         blob = self.bucket.blob(name)
         blob.cache_control = self.manifest_cache_control
         self._call(
@@ -252,6 +253,25 @@ class GcsStorage:
             if_generation_match=if_generation_match,
         )
         return blob.generation
+
+    def delete(self, name: str, if_generation_match: int) -> bool:
+        """Delete the object if it is still at that generation: False when it is not (another
+        writer's is there); True when deleted, or gone already (a retry after a lost answer)."""
+        gone = JobError("storage_not_found", f"gs://{self.bucket.name}/{name} is gone")
+        try:
+            self._call(
+                f"deleting gs://{self.bucket.name}/{name}",
+                self.bucket.blob(name).delete,
+                if_generation_match=if_generation_match,
+                not_found=gone,
+            )
+        except JobError as error:
+            if error is gone:
+                return True
+            if isinstance(error.__cause__, exceptions.PreconditionFailed):
+                return False
+            raise
+        return True
 
     def download_json(self, name: str) -> tuple[dict, int] | None:
         """(the object's JSON, its generation); None when absent or not a JSON object."""
@@ -283,6 +303,19 @@ class GcsStorage:
         )
         return {blob.name: blob.generation for blob in listing}
 
+    def published(self, message_id: str) -> dict | None:
+        """Under stems/ (`stems/.published/ID.json`: no release id starts with a dot), where the
+        job's role already reaches."""
+        found = self.download_json("stems/" + published_name(message_id))
+        return found[0] if found is not None else None
+
+    def record_published(self, message_id: str, record: dict) -> None:
+        try:
+            self.put_json("stems/" + published_name(message_id), record, if_generation_match=0)
+        except JobError as error:
+            if not isinstance(error.__cause__, exceptions.PreconditionFailed):
+                raise
+
     def check_input_unchanged(self, identity) -> None:
         """A set made from an original that has been replaced since must not be vouched for:
         a retry separates the new version (and the message that replaced it may be done)."""
@@ -304,8 +337,9 @@ class GcsStorage:
             )
 
     def read_manifest(self, release_id: str, track_id: str) -> dict | None:
-        """The manifest of a complete set; None when absent, unreadable, a writer's claim, or
-        when an object it names no longer carries the generation it names."""
+        """The manifest of a complete set; None when absent, unreadable, a writer's claim (as
+        versions before the claim object stored it), or when an object it names no longer
+        carries the generation it names."""
         prefix = self.prefix(release_id, track_id)
         found = self.download_json(prefix + MANIFEST)
         if found is None or "claim" in found[0]:

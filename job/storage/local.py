@@ -11,7 +11,7 @@ from job.errors import JobError
 from job.manifest import sha256_of
 from job.messages import check_id
 from job.storage import filestamps
-from job.storage.base import MANIFEST, Original, atomic_write, check_size
+from job.storage.base import MANIFEST, Original, atomic_write, check_size, published_name
 
 
 class LocalStorage:
@@ -106,6 +106,18 @@ class LocalStorage:
 
     def commit(self, release_id: str, track_id: str) -> "LocalCommit":
         return LocalCommit(self, release_id, track_id)
+
+    def published(self, message_id: str) -> dict | None:
+        try:
+            return json.loads((self.output_dir / published_name(message_id)).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def record_published(self, message_id: str, record: dict) -> None:
+        target = self.output_dir / published_name(message_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            atomic_write(target, json.dumps(record).encode())
 
 
 class LocalCommit:
