@@ -128,14 +128,16 @@ def test_matches_reference_within_60_db(model, long_mix, expected_long, ours_lon
         assert sdr(expected[index], got[index]) >= 60, name
 
 
-@pytest.mark.parametrize("shifts", [1, 2])
 def test_shift_trick_matches_reference_with_the_same_offsets(
-    model, long_mix, ours_long, shifts, monkeypatch
+    model, long_mix, ours_long, monkeypatch
 ):
     """demucs draws each shift's offset with the global `random.randint`, but its transformer
     also consumes the global generator on every forward pass (`random.randrange` for the
     positional embedding), so only the first offset follows from a seed. The reference gets the
-    offsets our seeded plan draws, and must then agree with our streamed passes."""
+    offsets our seeded plan draws, and must then agree with our streamed passes. Two shifts:
+    each shifted stream is placed by its own offset and the streams are averaged, which one
+    shift alone would not show (the code has no path that only one shift takes)."""
+    shifts = 2
     streams = plan_streams(bag_of(model)[0], long_mix.shape[1], shifts, seed=7)
     max_shift = int(0.5 * model.samplerate)
     offsets = iter([s.offset + max_shift for s in streams])

@@ -157,7 +157,10 @@ def test_silence_before_the_probe_runs_in_passes_sized_for_fp32(small, mix):
     """Silent lead-in windows run in fp32 before the probe has decided: with one size for all
     precisions, the fp32 pass that does not fit is halved; with sizes per precision, they go
     in fp32-sized passes and nothing runs out of memory. The output is the same."""
-    quiet = np.concatenate([np.zeros((2, 16 * 44100), np.float32), mix], 1)  # 2 silent windows
+    # 2 silent windows, then 2 of music: the probe's (fp32) and one after it in bf16; music
+    # of zero mean, so that the lead-in stays silent once the track is normalised
+    tail = mix[:, : 7 * 44100] - mix[:, : 7 * 44100].mean()
+    quiet = np.concatenate([np.zeros((2, 16 * 44100), np.float32), tail], 1)
     exact = separated(Engine(small, torch.device("cpu")), quiet)[0]
     device = SmallDevice(small, fp32=1, reduced=2)
     one_size = Engine(device, torch.device("cpu"), batch=2, precision="bf16", probe=True)
