@@ -1,6 +1,8 @@
 """Starting one execution of the Cloud Run job for one request: the message travels as the
-JOB_MESSAGE env override (the job reads it with the same parser). Quota and transient API faults
-are retried within the dispatcher's budget."""
+JOB_MESSAGE env override (the job reads it with the same parser), and the job's maxRetries as
+read from the Admin API just before as MAX_RETRIES, so the job's last-attempt decision follows
+the platform's count even after `gcloud run jobs update --max-retries`. Quota and transient API
+faults are retried within the dispatcher's budget."""
 
 import json
 
@@ -17,12 +19,26 @@ def make_jobs_client():
     return run_v2.JobsClient()
 
 
-def start_execution(client, settings: DispatcherSettings, request: JobRequest) -> str:
-    """Run the job with `request` as its JOB_MESSAGE; returns the execution's name."""
+def job_max_retries(client, settings: DispatcherSettings) -> int:
+    """The job's maxRetries now (its template), which the next execution gets."""
+    job = bounded(settings.api_deadline_s, max_attempts=settings.api_attempts)(
+        client.get_job, name=settings.job_name, timeout=min(20.0, settings.api_deadline_s)
+    )
+    return int(job.template.template.max_retries)
+
+
+def start_execution(
+    client, settings: DispatcherSettings, request: JobRequest, max_retries: int
+) -> str:
+    """Run the job with `request` as its JOB_MESSAGE and `max_retries` as its MAX_RETRIES;
+    returns the execution's name."""
     from google.cloud import run_v2
 
     message = json.dumps(to_message(request), separators=(",", ":"))
-    env = [run_v2.EnvVar(name="JOB_MESSAGE", value=message)]
+    env = [
+        run_v2.EnvVar(name="JOB_MESSAGE", value=message),
+        run_v2.EnvVar(name="MAX_RETRIES", value=str(max_retries)),
+    ]
     run_request = run_v2.RunJobRequest(
         name=settings.job_name,
         overrides=run_v2.RunJobRequest.Overrides(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import Pushed
-from job.dispatcher.executions import make_jobs_client, start_execution
+from job.dispatcher.executions import job_max_retries, make_jobs_client, start_execution
 from job.dispatcher.settings import DispatcherSettings
 from job.dispatcher.sweep import SweepClients, Sweeper
 from job.errors import ConfigError, JobError
@@ -102,30 +102,35 @@ class Dispatcher:
         """Report the tracks of executions that ended without a result (sweep.py)."""
         with self._lock:
             clients = self._sweep_clients = self._sweep_clients or SweepClients()
-        return Outcome(200, {"status": "swept", **Sweeper(self, clients).sweep()})
+        sweeper = Sweeper(self, clients, self.settings.sweep_limit, self.settings.sweep_budget_s)
+        return Outcome(200, {"status": "swept", **sweeper.sweep()})
 
     def dispatch(self, delivery: Pushed) -> Outcome:
         """One push: a bad message is reported and acked; a duplicate starts nothing; a new
-        message claims its marker, starts one execution and records it there."""
+        message claims its marker, starts one execution and records it there. A push with no
+        messageId could not be deduped or swept: it is refused, as no Pub/Sub push lacks one."""
+        if not delivery.message_id:
+            return Outcome(
+                400, {"status": "invalid_envelope", "error": "the delivery has no messageId"}
+            )
         try:
             request = parse_message(delivery.data)
         except JobError as error:
             return self._refuse(delivery, error)
         ids = {"jobId": request.job_id, "messageId": delivery.message_id}
-        key = marker_key(delivery.message_id) if delivery.message_id else None
-        generation = None
-        if key:
-            generation = self._claim(key, request, delivery, ids)
-            if isinstance(generation, Outcome):
-                return generation
+        key = marker_key(delivery.message_id)
+        generation = self._claim(key, request, delivery, ids)
+        if isinstance(generation, Outcome):
+            return generation
         try:
-            execution = start_execution(self.jobs, self.settings, request)
+            max_retries = job_max_retries(self.jobs, self.settings)
+            execution = start_execution(self.jobs, self.settings, request, max_retries)
         except Exception as exc:
-            if key:
-                self.claims.release(key, generation)
+            self.claims.release(key, generation)
             return self._not_started(request, exc, ids)
-        if key:
-            self.claims.record(key, generation, request.job_id, execution, to_message(request))
+        message = to_message(request)
+        if not self.claims.record(key, generation, request.job_id, execution, message, max_retries):
+            log.error("%s runs unrecorded: no sweep will report it if it is killed", execution)
         log.info(
             "started %s for job %s (message %s via %s)",
             execution,
