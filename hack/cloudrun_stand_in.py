@@ -1,6 +1,6 @@
 """A local stand-in for a Cloud Run job: the Admin API calls the dispatcher and the sweep make
-(jobs.get, jobs:run, executions.get, tasks.list, over REST as google-cloud-run sends them) and the tasks
-themselves, each the real `stem-job run` as a subprocess.
+(jobs.get, jobs:run, executions.list/get, tasks.list, over REST as google-cloud-run sends them)
+and the tasks themselves, each the real `stem-job run` as a subprocess.
 
 It behaves as Cloud Run documents: a task is retried after any non-zero exit (or a kill) up to
 `max_retries` times, with CLOUD_RUN_TASK_ATTEMPT (0-based), CLOUD_RUN_TASK_INDEX/COUNT,
@@ -168,6 +168,9 @@ class CloudRunJobStandIn:
         with self._lock:
             if method == "GET" and name == self.job:
                 return 200, {"name": self.job, "template": {"template": self.template()}}
+            if method == "GET" and name == f"{self.job}/executions":  # newest first
+                listed = sorted(self.executions.values(), key=lambda e: -e.index)
+                return 200, {"executions": [e.as_json() for e in listed]}
             if method == "GET" and name in self.executions:
                 return 200, self.executions[name].as_json()
             if method == "GET" and name.endswith("/tasks") and name[:-6] in self.executions:

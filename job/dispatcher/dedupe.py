@@ -187,8 +187,10 @@ class Claims:
         self.markers = markers
         self.ttl_s = ttl_s
 
-    def claim(self, key, job_id) -> Claim:
-        doc = {"state": "claimed", "jobId": job_id, "claimedAt": time.time()}
+    def claim(self, key, job_id, message=None, find=None) -> Claim:
+        """Claim `key` for a new execution. A stale claim is taken over only once `find(key,
+        claimed_at)` (the Admin API's executions) says its dispatcher started nothing."""
+        doc = {"state": "claimed", "jobId": job_id, "claimedAt": time.time(), "message": message}
         for _ in range(3):
             generation = self.markers.create(key, doc)
             if generation is not None:
@@ -205,6 +207,15 @@ class Claims:
             opened = self.markers.read(OPEN + key)
             if opened is not None:  # started, though the marker missed its record
                 return Claim(started=opened[0])
+            found = find(key, claimed_at or 0.0) if find else None
+            if found is not None:  # its dispatcher died after run_job: record what it started
+                execution, max_retries = found
+                job = existing.get("jobId")
+                if not self.record(
+                    key, generation, job, execution, existing.get("message"), max_retries
+                ):
+                    raise RuntimeError(f"could not record {execution} for message {key}")
+                return Claim(started={"jobId": job, "execution": execution})
             generation = self.markers.replace(key, doc, generation)  # take over a stale claim
             if generation is not None:
                 log.warning("took over a stale claim for message %s", key)
@@ -219,7 +230,8 @@ class Claims:
 
     def record(self, key, generation, job_id, execution, message=None, max_retries=None) -> bool:
         """The open entry (what the sweep lists), then the marker; each write tried again over
-        transient faults. False when neither could be written: the execution runs unseen."""
+        transient faults. False when the entry could not be written: the marker is then left a
+        claim, which a redelivery resolves once it is stale (claim's `find`)."""
         doc = {
             "state": "started",
             "jobId": job_id,
@@ -228,19 +240,17 @@ class Claims:
             "message": message,
             "maxRetries": max_retries,
         }
-        opened = marked = False
         try:
             persistently(lambda: self.markers.create(OPEN + key, doc), f"opening {key}")
-            opened = True
         except Exception as exc:
             log.error("could not open the entry of %s for %s: %s", execution, key, exc)
+            return False
         try:
-            marked = persistently(lambda: self.markers.replace(key, doc, generation), key)
-            if marked is None:
+            if persistently(lambda: self.markers.replace(key, doc, generation), key) is None:
                 log.warning("claim for message %s changed while starting %s", key, execution)
-        except Exception as exc:
-            log.error("could not record %s for message %s: %s", execution, key, exc)
-        return opened or bool(marked)
+        except Exception as exc:  # the open entry stands for it (claim reads it)
+            log.warning("could not record %s for message %s: %s", execution, key, exc)
+        return True
 
     def close(self, key, generation, doc, outcome: str) -> bool:
         """The message has its result: the marker says so, the open entry goes. False when the

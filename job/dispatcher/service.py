@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 
 from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import Pushed
-from job.dispatcher.executions import job_max_retries, make_jobs_client, start_execution
+from job.dispatcher.executions import (
+    find_execution,
+    job_max_retries,
+    make_jobs_client,
+    start_execution,
+)
 from job.dispatcher.settings import DispatcherSettings
 from job.dispatcher.sweep import SweepClients, Sweeper
 from job.errors import ConfigError, JobError
@@ -98,11 +103,16 @@ class Dispatcher:
                 )
             return self._results
 
+    @property
+    def admin(self) -> SweepClients:
+        """The Admin API's executions and tasks, and Cloud Storage: what the sweep reads."""
+        with self._lock:
+            self._sweep_clients = self._sweep_clients or SweepClients()
+            return self._sweep_clients
+
     def sweep(self) -> Outcome:
         """Report the tracks of executions that ended without a result (sweep.py)."""
-        with self._lock:
-            clients = self._sweep_clients = self._sweep_clients or SweepClients()
-        sweeper = Sweeper(self, clients, self.settings.sweep_limit, self.settings.sweep_budget_s)
+        sweeper = Sweeper(self, self.admin, self.settings.sweep_limit, self.settings.sweep_budget_s)
         return Outcome(200, {"status": "swept", **sweeper.sweep()})
 
     def dispatch(self, delivery: Pushed) -> Outcome:
@@ -124,13 +134,16 @@ class Dispatcher:
             return generation
         try:
             max_retries = job_max_retries(self.jobs, self.settings)
-            execution = start_execution(self.jobs, self.settings, request, max_retries)
+            execution = start_execution(self.jobs, self.settings, request, max_retries, key)
         except Exception as exc:
             self.claims.release(key, generation)
             return self._not_started(request, exc, ids)
         message = to_message(request)
         if not self.claims.record(key, generation, request.job_id, execution, message, max_retries):
-            log.error("%s runs unrecorded: no sweep will report it if it is killed", execution)
+            # Pub/Sub redelivers; once the claim is stale the redelivery finds the execution
+            return Outcome(
+                503, {"status": "retry", "reason": "execution started, not recorded", **ids}
+            )
         log.info(
             "started %s for job %s (message %s via %s)",
             execution,
@@ -143,7 +156,7 @@ class Dispatcher:
     def _claim(self, key: str, request, delivery: Pushed, ids: dict):
         """The marker's generation, now this delivery's; or the Outcome when it is not."""
         try:
-            claim = self.claims.claim(key, request.job_id)
+            claim = self.claims.claim(key, request.job_id, to_message(request), self._find)
         except Exception as exc:  # GCS down: we cannot tell a duplicate, so Pub/Sub retries
             log.warning("dedupe marker unavailable for message %s: %s", key, exc)
             return Outcome(503, {"status": "retry", "reason": "dedupe marker unavailable", **ids})
@@ -160,6 +173,10 @@ class Dispatcher:
         if claim.generation is None:
             return Outcome(409, {"status": "in_progress", "messageId": delivery.message_id})
         return claim.generation
+
+    def _find(self, key: str, since: float):
+        """What a stale claim's dispatcher may have started (executions.find_execution)."""
+        return find_execution(self.admin.fill().executions, self.settings, key, since)
 
     def _not_started(self, request, exc: Exception, ids: dict) -> Outcome:
         """run_job failed: Pub/Sub redelivers (503 when a retry may help, else 500)."""

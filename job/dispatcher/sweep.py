@@ -159,7 +159,8 @@ class Sweeper:
         result = self.result_for(doc, template_env(execution))
         # ours to report: say so on the entry first, so that no sweep ever publishes it again
         held = self.markers.replace(
-            OPEN + key, {**doc, "state": "publishing", "sweptAt": time.time(), "result": result},
+            OPEN + key,
+            {**doc, "state": "publishing", "sweptAt": time.time(), "result": result},
             generation,
         )
         if held is None:
