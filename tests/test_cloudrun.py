@@ -42,6 +42,7 @@ from job.config import ENV, load_settings
 from job.dispatcher import DispatcherSettings, create_app, load_dispatcher_settings
 from job.dispatcher.dedupe import GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import parse_envelope
+from job.dispatcher.sweep import SweepClients
 from job.dispatcher.settings import ENV as DISPATCHER_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
@@ -524,7 +525,13 @@ class FakeCloudRunApi:
         self.requests, self.script = [], []
         self.http = JsonServer(self._answer)
 
+    max_retries = 1  # the job's maxRetries, as jobs.get answers it
+
     def _answer(self, method, url, body):
+        if method == "GET":  # jobs.get and executions.list: read, not recorded
+            if url.path.endswith("/executions"):
+                return 200, {"executions": []}
+            return 200, {"template": {"template": {"maxRetries": self.max_retries}}}
         self.requests.append({"path": url.path, "body": json.loads(body or b"{}")})
         if self.script:
             return self.script.pop(0)
@@ -544,12 +551,15 @@ class FakeCloudRunApi:
                 )
             )
 
-    def client(self) -> run_v2.JobsClient:
-        return run_v2.JobsClient(
+    def client(self, kind=run_v2.JobsClient):
+        return kind(
             transport="rest",
             credentials=AnonymousCredentials(),
             client_options={"api_endpoint": self.http.url},
         )
+
+    def admin(self) -> SweepClients:
+        return SweepClients(self.client(run_v2.ExecutionsClient), self.client(run_v2.TasksClient))
 
 
 class Uvicorn:
@@ -628,6 +638,7 @@ def dispatcher(cloud_run, results, pubsub_emulator):
             jobs_client=cloud_run.client(),
             publisher_client=pubsub_emulator.publisher,
             markers=markers if markers is not None else MemoryMarkers(),
+            sweep_clients=cloud_run.admin(),
         )
         servers.append(Uvicorn(app))
         return servers[-1].url
@@ -718,7 +729,12 @@ def test_a_good_message_starts_one_execution(dispatcher, cloud_run, results, pos
     [request] = cloud_run.requests
     assert request["path"] == JOB_PATH
     env = run_request_env(request)
-    assert env == {"JOB_MESSAGE": env["JOB_MESSAGE"]}  # the message, nothing the job ignores
+    # the message, the job's maxRetries as jobs.get says, the marker key a lookup matches
+    assert env == {
+        "JOB_MESSAGE": env["JOB_MESSAGE"],
+        "MAX_RETRIES": "1",
+        "DISPATCH_MESSAGE_KEY": "4711",
+    }
     assert json.loads(env["JOB_MESSAGE"]) == GOOD
     # The job reads JOB_MESSAGE with the same parser.
     from job.messages import parse_message
@@ -1041,7 +1057,6 @@ def test_the_sweep_reports_a_killed_execution_once_and_a_complete_set_as_complet
     from cloudrun_stand_in import CloudRunJobStandIn
     from conftest import job_env, last_json, run_job
 
-    from job.dispatcher.sweep import SweepClients
 
     client = gcs_emulator.client(PROJECT)
     bucket = client.create_bucket(unique_name("sweep")).name

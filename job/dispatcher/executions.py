@@ -64,8 +64,11 @@ def start_execution(
 def find_execution(client, settings: DispatcherSettings, key: str, since: float):
     """(name, its MAX_RETRIES) of the execution started for marker `key` at or after `since`
     (epoch seconds), if any: what a claim whose dispatcher died after run_job left behind."""
+    from google.cloud import run_v2
+
     pages = client.list_executions(
-        parent=settings.job_name, page_size=100, timeout=min(20.0, settings.api_deadline_s)
+        request=run_v2.ListExecutionsRequest(parent=settings.job_name, page_size=100),
+        timeout=min(20.0, settings.api_deadline_s),
     ).pages
     for number, page in enumerate(pages):
         for execution in page.executions:
