@@ -11,6 +11,7 @@ retry can fix:
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
@@ -136,8 +137,11 @@ class Dispatcher:
             max_retries = job_max_retries(self.jobs, self.settings)
             execution = start_execution(self.jobs, self.settings, request, max_retries, key)
         except Exception as exc:
-            self.claims.release(key, generation)
-            return self._not_started(request, exc, ids)
+            found = self._started_anyway(key, exc)
+            if found is None:
+                self.claims.release(key, generation)
+                return self._not_started(request, exc, ids)
+            execution, max_retries = found
         message = to_message(request)
         if not self.claims.record(key, generation, request.job_id, execution, message, max_retries):
             # Pub/Sub redelivers; once the claim is stale the redelivery finds the execution
@@ -177,6 +181,17 @@ class Dispatcher:
     def _find(self, key: str, since: float):
         """What a stale claim's dispatcher may have started (executions.find_execution)."""
         return find_execution(self.admin.fill().executions, self.settings, key, since)
+
+    def _started_anyway(self, key: str, exc: Exception):
+        """After a run_job that failed transiently (its reply lost, say): the execution Cloud
+        Run may have started all the same, so that the claim is not released over it."""
+        if not is_transient(exc):
+            return None
+        try:
+            return self._find(key, time.time() - self.settings.claim_ttl_s)
+        except Exception as lookup:  # unknown: released, as before
+            log.warning("could not look for an execution of message %s: %s", key, lookup)
+            return None
 
     def _not_started(self, request, exc: Exception, ids: dict) -> Outcome:
         """run_job failed: Pub/Sub redelivers (503 when a retry may help, else 500)."""

@@ -51,6 +51,7 @@ class SweepClients:
     executions: object = None
     tasks: object = None
     storage: object = None
+    stems: object = None  # a job.storage Storage over the stems bucket; else made from `storage`
 
     def fill(self) -> "SweepClients":
         """Made when the first open marker needs them: a sweep with nothing open calls no API."""
@@ -216,7 +217,7 @@ class Sweeper:
         except ConfigError as exc:
             log.warning("the execution's settings do not load (%s): no set is vouched", exc)
             return None
-        storage = GcsStorage(
+        storage = self.clients.stems or GcsStorage(
             bucket,
             client=self.clients.storage,
             retry_deadline_s=self.dispatcher.settings.api_deadline_s,
