@@ -30,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from job import cli, manifest, messages, outputs, runtime
 from job.config import load_settings
 from job.dispatcher import dedupe, service, sweep
-from job.dispatcher.dedupe import OPEN, MemoryMarkers
+from job.dispatcher.dedupe import MemoryMarkers
 from job.dispatcher.envelope import Pushed
 from job.dispatcher.service import Dispatcher
 from job.dispatcher.settings import DispatcherSettings
@@ -340,7 +340,8 @@ class DispatchProtocol(RuleBasedStateMachine):
         ids = messages.request_ids(request)
         if exit in ("0", "sigkill-after-manifest"):
             identity = self.stems.identity(request.original_uri)
-            made = self.stems.made_for(request, messages.outputs_of(request, job_settings), identity)
+            asked = messages.outputs_of(request, job_settings)
+            made = self.stems.made_for(request, asked, identity)
             self.stems.manifests[request.track_id] = made
         if exit.startswith("sigkill"):
             outcome = (137, 9)
