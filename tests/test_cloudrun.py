@@ -42,8 +42,8 @@ from job.config import ENV, load_settings
 from job.dispatcher import DispatcherSettings, create_app, load_dispatcher_settings
 from job.dispatcher.dedupe import GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import parse_envelope
-from job.dispatcher.sweep import SweepClients
 from job.dispatcher.settings import ENV as DISPATCHER_ENV
+from job.dispatcher.sweep import SweepClients
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 from cloudrun_stand_in import JsonServer  # noqa: E402
@@ -1056,7 +1056,6 @@ def test_the_sweep_reports_a_killed_execution_once_and_a_complete_set_as_complet
     and `execution_lost`, once: a second sweep finds nothing open."""
     from cloudrun_stand_in import CloudRunJobStandIn
     from conftest import job_env, last_json, run_job
-
 
     client = gcs_emulator.client(PROJECT)
     bucket = client.create_bucket(unique_name("sweep")).name
