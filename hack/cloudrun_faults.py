@@ -217,6 +217,7 @@ def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None =
                     published[job_id] = "bad" if bad else "good"
                     if rng.random() < 0.3:
                         stale_manifest(client.bucket(bucket), f"trk_{run_seed}_{index}")
+                        drawn["staleManifest"] += 1
                     message = {
                         "jobId": job_id,
                         "releaseId": "rel_faults",
