@@ -437,8 +437,9 @@ def test_setup_sh_creates_nothing_that_exists():
 
 
 def test_setup_sh_bucket_roles_are_limited_to_their_prefix():
-    """The bucket roles setup.sh grants, with the condition files it passes: the job reads the
-    originals (INPUT_BUCKET, by default the stems bucket); every other role is limited to objects
+    """The bucket roles setup.sh grants, with the condition files it passes: the job and the
+    dispatcher (whose sweep checks a set against its original's generation) read the originals
+    (INPUT_BUCKET, by default the stems bucket); every other role is limited to objects
     under its prefix and listings of it. The new bucket's lifecycle rule deletes dispatcher
     markers only."""
     conditions, plain = {}, set()
@@ -459,7 +460,8 @@ def test_setup_sh_bucket_roles_are_limited_to_their_prefix():
         (dispatcher, "roles/storage.objectViewer"): "stems/",
     }
     assert set(conditions) == set(expected)
-    assert plain == {(job, "roles/storage.objectViewer")}, "only the originals, unconditionally"
+    originals = {(job, "roles/storage.objectViewer"), (dispatcher, "roles/storage.objectViewer")}
+    assert plain == originals, "only the originals, unconditionally"
     for key, prefix in expected.items():
         assert conditions[key]["expression"] == (
             f'resource.name.startsWith("projects/_/buckets/my-stems/objects/{prefix}") || '
