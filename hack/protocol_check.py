@@ -84,11 +84,9 @@ def notes_of(failure: BaseException) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=40, help="steps per example at most")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    verdict = check(args.examples, args.steps, args.seed)
+    for flag, default in (("--examples", 2000), ("--steps", 40), ("--seed", 0)):
+        parser.add_argument(flag, type=int, default=default)
+    verdict = check(**vars(parser.parse_args(argv)))
     print(json.dumps(verdict, indent=2))
     return 1 if verdict["failures"] else 0
 

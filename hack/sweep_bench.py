@@ -102,8 +102,8 @@ def bench(closed: int, opened: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--closed", type=int, default=10_000)
-    parser.add_argument("--open", type=int, default=50)
+    for flag, default in (("--closed", 10_000), ("--open", 50)):
+        parser.add_argument(flag, type=int, default=default)
     args = parser.parse_args(argv)
     print(json.dumps(bench(args.closed, args.open), indent=2))
     return 0

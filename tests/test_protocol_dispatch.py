@@ -276,25 +276,25 @@ class DispatchProtocol(RuleBasedStateMachine):
         self.clock.now += seconds
 
     # -- faults -----------------------------------------------------------------------------
-    @rule(count=st.integers(1, 4))
-    def marker_writes_fail(self, count):
-        self.markers.failing = count
-        self.note("marker_writes_fail", count)
-
-    @rule()
-    def writer_dies_at_next_marker_write(self):
-        self.markers.crash = True
-        self.note("writer_dies_at_next_marker_write")
-
-    @rule(count=st.integers(1, 3))
-    def publishes_fail(self, count):
-        self.results.failing = count
-        self.note("publishes_fail", count)
-
-    @rule()
-    def run_job_reply_lost(self):
-        self.platform.lose_reply = True
-        self.note("run_job_reply_lost")
+    @rule(
+        fault=st.sampled_from(
+            ["marker_writes_fail", "writer_dies_at_next_marker_write", "publishes_fail"]
+            + ["run_job_reply_lost"]
+        ),
+        count=st.integers(1, 3),
+    )
+    def inject(self, fault, count):
+        """The next marker writes fail (GCS unavailable) or the next one kills its writer (a
+        dispatcher or a sweep), the next publishes fail, run_job's reply is lost."""
+        if fault == "marker_writes_fail":
+            self.markers.failing = count
+        elif fault == "writer_dies_at_next_marker_write":
+            self.markers.crash = True
+        elif fault == "publishes_fail":
+            self.results.failing = count
+        else:
+            self.platform.lose_reply = True
+        self.note(fault, count)
 
     @rule(value=st.integers(0, 3))
     def max_retries_changed(self, value):
