@@ -63,16 +63,18 @@ class Clock:
 
 
 class Markers(MemoryMarkers):
-    """MemoryMarkers whose next writes can fail (a transient fault) or kill the writer."""
+    """MemoryMarkers whose next writes can fail (a transient fault), or one of which kills its
+    writer."""
 
     def __init__(self):
         super().__init__()
-        self.failing, self.crash = 0, False
+        self.failing, self.crash = 0, 0
 
     def _fault(self):
-        if self.crash:
-            self.crash = False
-            raise Crash()
+        if self.crash:  # dies at the crash-th write from now
+            self.crash -= 1
+            if not self.crash:
+                raise Crash()
         if self.failing:
             self.failing -= 1
             raise ConnectionError("GCS unavailable (injected)")
@@ -278,18 +280,18 @@ class DispatchProtocol(RuleBasedStateMachine):
     # -- faults -----------------------------------------------------------------------------
     @rule(
         fault=st.sampled_from(
-            ["marker_writes_fail", "writer_dies_at_next_marker_write", "publishes_fail"]
+            ["marker_writes_fail", "writer_dies_at_a_marker_write", "publishes_fail"]
             + ["run_job_reply_lost"]
         ),
-        count=st.integers(1, 3),
+        count=st.integers(1, 5),
     )
     def inject(self, fault, count):
-        """The next marker writes fail (GCS unavailable) or the next one kills its writer (a
-        dispatcher or a sweep), the next publishes fail, run_job's reply is lost."""
+        """The next `count` marker writes fail (GCS unavailable) or the count-th kills its
+        writer (a dispatcher or a sweep), the next publishes fail, run_job's reply is lost."""
         if fault == "marker_writes_fail":
             self.markers.failing = count
-        elif fault == "writer_dies_at_next_marker_write":
-            self.markers.crash = True
+        elif fault == "writer_dies_at_a_marker_write":
+            self.markers.crash = count
         elif fault == "publishes_fail":
             self.results.failing = count
         else:
@@ -379,7 +381,7 @@ class DispatchProtocol(RuleBasedStateMachine):
     @rule()
     def sweep_dies_inside_a_publish(self):
         self.results.die = True
-        self.markers.crash = True  # its handler does not run either
+        self.markers.crash = 1  # its handler does not run either
         self.note("sweep_dies_inside_a_publish")
 
     @rule()
@@ -421,7 +423,7 @@ class DispatchProtocol(RuleBasedStateMachine):
     def quiesce(self):
         """Faults end; every message is delivered until it is answered 200, every execution
         ends, and the sweep runs until nothing is left open."""
-        self.markers.failing, self.markers.crash = 0, False
+        self.markers.failing, self.markers.crash = 0, 0
         self.results.failing, self.results.die = 0, False
         self.platform.lose_reply = False
         self.paused = None
@@ -461,7 +463,7 @@ class QuiescentProtocol(DispatchProtocol):
 
 
 QuiescentProtocol.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=200,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=list(HealthCheck),
