@@ -64,9 +64,9 @@ def plan(seed: int, job_id: str, attempt: int, dead_storage: str) -> tuple[str, 
     rng = random.Random(f"{seed}/{job_id}/{attempt}")
     kind = rng.choices(list(FAULTS), weights=list(FAULTS.values()))[0]
     if kind == "kill":
-        return kind, Fault(kill_after_s=rng.uniform(0.3, 12.0))
+        return kind, Fault(kill_after_s=rng.uniform(0.3, 3.0))
     if kind == "timeout":
-        return kind, Fault(timeout_s=rng.uniform(0.3, 12.0))
+        return kind, Fault(timeout_s=rng.uniform(0.3, 3.0))
     if kind == "outage":
         return kind, Fault(env={"STORAGE_EMULATOR_HOST": dead_storage, "RETRY_DEADLINE_S": "2"})
     return kind, Fault()
