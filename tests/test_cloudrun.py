@@ -1038,8 +1038,9 @@ def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_pa
     """A slice of hack/cloudrun-faults: Pub/Sub push -> the dispatcher -> the Cloud Run job
     stand-in running `stem-job run` tasks (maxRetries 1), then the sweep and a redelivery of
     each message. Seed 33's first run SIGKILLs one message's first attempt 0.5 s in (before any
-    task can finish) and sends the other a task timeout 1.0 s in; what follows depends on how fast the tasks run, the invariant must
-    hold whatever it is (test_the_sweep_reports_... covers the sweep's cases one by one)."""
+    task can finish) and sends the other a task timeout 1.0 s in; what follows depends on how
+    fast the tasks run, the invariant must hold whatever it is (test_the_sweep_reports_...
+    covers the sweep's cases one by one)."""
     sys.path.insert(0, str(REPO / "hack"))
     from cloudrun_faults import run
 
