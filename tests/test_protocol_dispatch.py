@@ -468,5 +468,6 @@ QuiescentProtocol.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,
+    database=None,  # nothing written into the checkout
 )
 test_the_dispatch_protocol = QuiescentProtocol.TestCase
