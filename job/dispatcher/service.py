@@ -2,9 +2,11 @@
 retry can fix:
 
   bad message       -> a `failed` result on the results topic, 200 (never retried)
-  started / dup     -> 200
+  started / dup     -> 200 (a redelivery after the sweep closed the marker too)
   transient fault   -> 503 (Cloud Run API quota or outage after bounded retries, GCS or
-                       Pub/Sub unavailable); 409 while another delivery holds the claim
+                       Pub/Sub unavailable, an execution started but not recorded); 409
+                       while another delivery holds the claim
+  no messageId      -> 400 (nothing to dedupe or sweep by; no Pub/Sub push lacks one)
   job misconfigured -> 500 (not found, permission denied): redelivered until the operator
                        fixes it or the dead-letter policy takes the message
 """
