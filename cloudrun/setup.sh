@@ -137,6 +137,9 @@ gcloud run jobs add-iam-policy-binding stem-job --region="$REGION" \
 gcloud storage buckets add-iam-policy-binding "gs://$BUCKET_NAME" \
   --member="serviceAccount:$DISPATCHER_SA" --role=roles/storage.objectViewer \
   --condition-from-file="$(prefix_condition stems/ stems-prefix-read)"
+# ... made from the original as it is now (its generation, read from its metadata).
+gcloud storage buckets add-iam-policy-binding "gs://$INPUT_BUCKET" \
+  --member="serviceAccount:$DISPATCHER_SA" --role=roles/storage.objectViewer
 
 # -- The dispatcher ---------------------------------------------------------------------------
 say "Cloud Run service stem-dispatcher"

@@ -5,13 +5,17 @@ the real dispatcher (uvicorn, `job.dispatcher.create_app`); the dispatcher dedup
 the GCS stand-in and starts executions through the real google-cloud-run client against the
 Cloud Run job stand-in (hack/cloudrun_stand_in.py), which runs the real `stem-job run` as tasks
 with attempts and `maxRetries`, a task timeout (SIGTERM, then SIGKILL 10 s later) and kills.
-After every execution has ended, Cloud Scheduler's call of POST /sweep is made once.
+After every execution has ended, Cloud Scheduler's call of POST /sweep is made once, and then
+every message is pushed again with its messageId (Pub/Sub redelivers a push whose 200 was lost or
+late, even after the sweep): none may start a second execution.
 
 Faults, drawn per attempt from the seed: SIGKILL at a random moment (out of memory, host loss),
 the task timeout at a random moment, Cloud Storage unreachable for the whole attempt, or none.
-Some messages name an original that is not audio (bad input). The invariant, read from the
-results topic and the bucket only: every published message has exactly one terminal result
-(`completed` or `failed`), and a `completed` one names a complete set (its manifest exists).
+Some messages name an original that is not audio (bad input); some tracks already hold a stale
+manifest, made for another request (another original), when their message comes. The invariant,
+read from the results topic and the bucket only: every published message has exactly one terminal
+result (`completed` or `failed`), and a `completed` one names a complete set made from its own
+original (its manifest exists and records that original).
 
   hack/cloudrun-faults [--runs 20] [--seed 0] [--messages 2]
 """
@@ -60,9 +64,9 @@ def plan(seed: int, job_id: str, attempt: int, dead_storage: str) -> tuple[str, 
     rng = random.Random(f"{seed}/{job_id}/{attempt}")
     kind = rng.choices(list(FAULTS), weights=list(FAULTS.values()))[0]
     if kind == "kill":
-        return kind, Fault(kill_after_s=rng.uniform(0.3, 12.0))
+        return kind, Fault(kill_after_s=rng.uniform(0.3, 3.0))
     if kind == "timeout":
-        return kind, Fault(timeout_s=rng.uniform(0.3, 12.0))
+        return kind, Fault(timeout_s=rng.uniform(0.3, 3.0))
     if kind == "outage":
         return kind, Fault(env={"STORAGE_EMULATOR_HOST": dead_storage, "RETRY_DEADLINE_S": "2"})
     return kind, Fault()
@@ -190,7 +194,7 @@ def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None =
                 ),
             )
         )
-        published, swept = {}, []
+        published, swept, redelivered = {}, [], []
         try:
             for number in range(runs):
                 run_seed = seed * 1000 + number
@@ -206,10 +210,14 @@ def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None =
                         "push_config": {"push_endpoint": f"{dispatcher.url}/pubsub"},
                     }
                 ).name
+                sent = {}
                 for index in range(messages):
                     bad = rng.random() < 0.25
                     job_id = f"job_{run_seed}_{index}"
                     published[job_id] = "bad" if bad else "good"
+                    if rng.random() < 0.3:
+                        stale_manifest(client.bucket(bucket), f"trk_{run_seed}_{index}")
+                        drawn["staleManifest"] += 1
                     message = {
                         "jobId": job_id,
                         "releaseId": "rel_faults",
@@ -218,10 +226,12 @@ def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None =
                         "originalStemUri": f"gs://{bucket}/originals/"
                         f"{'doc' if bad else 'song'}.mp3",
                     }
-                    pubsub.publisher.publish(topic, json.dumps(message).encode()).result(10)
+                    data = json.dumps(message).encode()
+                    sent[pubsub.publisher.publish(topic, data).result(10)] = data
                 if not cloud_run.wait(len(published), timeout_s=120 + 90 * messages):
                     raise TimeoutError(f"run {number}: executions did not end")
                 swept.append(dispatcher_sweep(dispatcher.url))
+                redelivered += [redeliver(dispatcher.url, mid, data) for mid, data in sent.items()]
                 pubsub.subscriber.delete_subscription(request={"subscription": push})
             time.sleep(3)  # the last results reach the reading subscription
         finally:
@@ -229,6 +239,7 @@ def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None =
             cloud_run.close()
             results.close()
         return verdict(
+            redelivered,
             published,
             results.by_job,
             client.bucket(bucket),
@@ -241,6 +252,31 @@ def run(runs: int = 20, seed: int = 0, messages: int = 2, workdir: Path | None =
         )
 
 
+def stale_manifest(bucket, track_id: str) -> None:
+    """A set made for another request: another original, one stem (a manifest left from an
+    earlier request for this track)."""
+    other = {"uri": f"gs://{bucket.name}/originals/other.mp3", "generation": 1, "size": 1}
+    found = {
+        "version": 1,
+        "input": other,
+        "stems": {"vocals": {"url": f"gs://{bucket.name}/stale/vocals.mp3"}},
+    }
+    bucket.blob(f"stems/rel_faults/{track_id}/manifest.json").upload_from_string(
+        json.dumps(found), content_type="application/json"
+    )
+
+
+def redeliver(url: str, message_id: str, data: bytes) -> str:
+    """The push again with its messageId, as Pub/Sub redelivers one; the dispatcher's answer."""
+    import base64
+
+    import requests
+
+    body = {"message": {"data": base64.b64encode(data).decode(), "messageId": message_id}}
+    reply = requests.post(url + "/pubsub", json=body, timeout=60)
+    return reply.json().get("status", str(reply.status_code))
+
+
 def dispatcher_sweep(url: str) -> dict:
     import requests
 
@@ -249,8 +285,8 @@ def dispatcher_sweep(url: str) -> dict:
     return reply.json()
 
 
-def verdict(published, by_job, bucket, cloud_run, drawn, swept, runs, seed, seconds) -> dict:
-    violations = []
+def verdict(redelivered, published, by_job, bucket, cloud_run, drawn, swept, runs, seed, seconds):
+    violations = [{"redelivery": status} for status in redelivered if status != "duplicate"]
     outcomes = defaultdict(int)
     for job_id, kind in published.items():
         got = by_job.get(job_id, [])
@@ -268,8 +304,10 @@ def verdict(published, by_job, bucket, cloud_run, drawn, swept, runs, seed, seco
         outcomes[f"{result['status']}:{code}" if code else result["status"]] += 1
         if result["status"] == "completed":
             prefix = f"stems/{result['releaseId']}/{result['trackId']}/manifest.json"
-            if not bucket.blob(prefix).exists():
-                violations.append({"jobId": job_id, "completedWithoutManifest": prefix})
+            blob = bucket.get_blob(prefix)
+            made_from = json.loads(blob.download_as_bytes()).get("input", {}) if blob else {}
+            if made_from.get("uri") != f"gs://{bucket.name}/originals/song.mp3":
+                violations.append({"jobId": job_id, "completedWithoutItsSet": made_from})
         if kind == "bad" and result["status"] != "failed":
             violations.append({"jobId": job_id, "badInputNotFailed": result["status"]})
     attempts = [a for e in cloud_run.executions.values() for a in e.attempts]
@@ -289,6 +327,7 @@ def verdict(published, by_job, bucket, cloud_run, drawn, swept, runs, seed, seco
         "attemptSeconds": sorted(a.seconds for a in attempts),
         "outcomes": dict(outcomes),
         "sweptPublished": sum(s.get("published", 0) for s in swept),
+        "redelivered": len(redelivered),
         "violations": violations,
         "seconds": round(seconds, 1),
     }

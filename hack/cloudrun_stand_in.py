@@ -1,6 +1,6 @@
 """A local stand-in for a Cloud Run job: the Admin API calls the dispatcher and the sweep make
-(jobs:run, executions.get, tasks.list, over REST as google-cloud-run sends them) and the tasks
-themselves, each the real `stem-job run` as a subprocess.
+(jobs.get, jobs:run, executions.list/get, tasks.list, over REST as google-cloud-run sends them)
+and the tasks themselves, each the real `stem-job run` as a subprocess.
 
 It behaves as Cloud Run documents: a task is retried after any non-zero exit (or a kill) up to
 `max_retries` times, with CLOUD_RUN_TASK_ATTEMPT (0-based), CLOUD_RUN_TASK_INDEX/COUNT,
@@ -56,6 +56,7 @@ class Execution:
     name: str
     env: dict
     index: int
+    max_retries: int = 1
     attempts: list = field(default_factory=list)
     created: float = field(default_factory=time.time)
     completed: float | None = None
@@ -71,6 +72,10 @@ class Execution:
             "failedCount": int(self.completed is not None and not self.succeeded),
             "retriedCount": max(0, len(self.attempts) - 1),
             "runningCount": int(self.completed is None),
+            "template": {
+                "maxRetries": self.max_retries,
+                "containers": [{"env": [{"name": k, "value": v} for k, v in self.env.items()]}],
+            },
         }
         if self.completed is not None:
             execution["completionTime"] = stamp(self.completed)
@@ -161,11 +166,21 @@ class CloudRunJobStandIn:
                 "metadata": {"@type": EXECUTION_TYPE, "name": execution.name},
             }
         with self._lock:
+            if method == "GET" and name == self.job:
+                return 200, {"name": self.job, "template": {"template": self.template()}}
+            if method == "GET" and name == f"{self.job}/executions":  # newest first
+                listed = sorted(self.executions.values(), key=lambda e: -e.index)
+                return 200, {"executions": [e.as_json() for e in listed]}
             if method == "GET" and name in self.executions:
                 return 200, self.executions[name].as_json()
             if method == "GET" and name.endswith("/tasks") and name[:-6] in self.executions:
                 return 200, {"tasks": [self.executions[name[:-6]].task_json()]}
         return 404, {"error": {"code": 404, "status": "NOT_FOUND", "message": f"{name} not found"}}
+
+    def template(self) -> dict:
+        """The job's task template as jobs.get answers it (maxRetries may change between
+        executions, as `gcloud run jobs update --max-retries` does)."""
+        return {"maxRetries": self.max_retries, "timeout": f"{self.task_timeout_s:g}s"}
 
     def start(self, request: dict) -> Execution:
         overrides = {}
@@ -176,7 +191,7 @@ class CloudRunJobStandIn:
         with self._lock:
             index = len(self.executions) + 1
             name = f"{self.job}/executions/{self.job.rsplit('/', 1)[1]}-{index:05d}"
-            execution = Execution(name, {**self.env, **overrides}, index)
+            execution = Execution(name, {**self.env, **overrides}, index, self.max_retries)
             self.executions[name] = execution
         self._queue.put(execution)
         return execution
@@ -191,7 +206,7 @@ class CloudRunJobStandIn:
             self._execute(execution)
 
     def _execute(self, execution: Execution) -> None:
-        for number in range(self.max_retries + 1):
+        for number in range(execution.max_retries + 1):
             attempt = Attempt(number, self.faults(execution, number))
             with self._lock:
                 execution.attempts.append(attempt)

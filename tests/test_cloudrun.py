@@ -43,6 +43,7 @@ from job.dispatcher import DispatcherSettings, create_app, load_dispatcher_setti
 from job.dispatcher.dedupe import GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import parse_envelope
 from job.dispatcher.settings import ENV as DISPATCHER_ENV
+from job.dispatcher.sweep import SweepClients
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 from cloudrun_stand_in import JsonServer  # noqa: E402
@@ -436,8 +437,9 @@ def test_setup_sh_creates_nothing_that_exists():
 
 
 def test_setup_sh_bucket_roles_are_limited_to_their_prefix():
-    """The bucket roles setup.sh grants, with the condition files it passes: the job reads the
-    originals (INPUT_BUCKET, by default the stems bucket); every other role is limited to objects
+    """The bucket roles setup.sh grants, with the condition files it passes: the job and the
+    dispatcher (whose sweep checks a set against its original's generation) read the originals
+    (INPUT_BUCKET, by default the stems bucket); every other role is limited to objects
     under its prefix and listings of it. The new bucket's lifecycle rule deletes dispatcher
     markers only."""
     conditions, plain = {}, set()
@@ -458,7 +460,8 @@ def test_setup_sh_bucket_roles_are_limited_to_their_prefix():
         (dispatcher, "roles/storage.objectViewer"): "stems/",
     }
     assert set(conditions) == set(expected)
-    assert plain == {(job, "roles/storage.objectViewer")}, "only the originals, unconditionally"
+    originals = {(job, "roles/storage.objectViewer"), (dispatcher, "roles/storage.objectViewer")}
+    assert plain == originals, "only the originals, unconditionally"
     for key, prefix in expected.items():
         assert conditions[key]["expression"] == (
             f'resource.name.startsWith("projects/_/buckets/my-stems/objects/{prefix}") || '
@@ -524,7 +527,13 @@ class FakeCloudRunApi:
         self.requests, self.script = [], []
         self.http = JsonServer(self._answer)
 
+    max_retries = 1  # the job's maxRetries, as jobs.get answers it
+
     def _answer(self, method, url, body):
+        if method == "GET":  # jobs.get and executions.list: read, not recorded
+            if url.path.endswith("/executions"):
+                return 200, {"executions": []}
+            return 200, {"template": {"template": {"maxRetries": self.max_retries}}}
         self.requests.append({"path": url.path, "body": json.loads(body or b"{}")})
         if self.script:
             return self.script.pop(0)
@@ -544,12 +553,15 @@ class FakeCloudRunApi:
                 )
             )
 
-    def client(self) -> run_v2.JobsClient:
-        return run_v2.JobsClient(
+    def client(self, kind=run_v2.JobsClient):
+        return kind(
             transport="rest",
             credentials=AnonymousCredentials(),
             client_options={"api_endpoint": self.http.url},
         )
+
+    def admin(self) -> SweepClients:
+        return SweepClients(self.client(run_v2.ExecutionsClient), self.client(run_v2.TasksClient))
 
 
 class Uvicorn:
@@ -628,6 +640,7 @@ def dispatcher(cloud_run, results, pubsub_emulator):
             jobs_client=cloud_run.client(),
             publisher_client=pubsub_emulator.publisher,
             markers=markers if markers is not None else MemoryMarkers(),
+            sweep_clients=cloud_run.admin(),
         )
         servers.append(Uvicorn(app))
         return servers[-1].url
@@ -718,7 +731,12 @@ def test_a_good_message_starts_one_execution(dispatcher, cloud_run, results, pos
     [request] = cloud_run.requests
     assert request["path"] == JOB_PATH
     env = run_request_env(request)
-    assert env == {"JOB_MESSAGE": env["JOB_MESSAGE"]}  # the message, nothing the job ignores
+    # the message, the job's maxRetries as jobs.get says, the marker key a lookup matches
+    assert env == {
+        "JOB_MESSAGE": env["JOB_MESSAGE"],
+        "MAX_RETRIES": "1",
+        "DISPATCH_MESSAGE_KEY": "4711",
+    }
     assert json.loads(env["JOB_MESSAGE"]) == GOOD
     # The job reads JOB_MESSAGE with the same parser.
     from job.messages import parse_message
@@ -1018,10 +1036,11 @@ def test_dispatch_without_credentials_is_one_line_and_exit_78(tmp_path):
 # -- the whole Cloud Run path under faults -------------------------------------------------------
 def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_path):
     """A slice of hack/cloudrun-faults: Pub/Sub push -> the dispatcher -> the Cloud Run job
-    stand-in running `stem-job run` tasks (maxRetries 1), then the sweep. Seed 33's first run
-    SIGKILLs one message's first attempt 1.4 s in (before any task can finish) and sends the
-    other task timeouts; what follows depends on how fast the tasks run, the invariant must
-    hold whatever it is (test_the_sweep_reports_... covers the sweep's cases one by one)."""
+    stand-in running `stem-job run` tasks (maxRetries 1), then the sweep and a redelivery of
+    each message. Seed 33's first run SIGKILLs one message's first attempt 0.5 s in (before any
+    task can finish) and sends the other a task timeout 1.0 s in; what follows depends on how
+    fast the tasks run, the invariant must hold whatever it is (test_the_sweep_reports_...
+    covers the sweep's cases one by one)."""
     sys.path.insert(0, str(REPO / "hack"))
     from cloudrun_faults import run
 
@@ -1032,70 +1051,210 @@ def test_every_message_ends_with_exactly_one_terminal_result_under_faults(tmp_pa
     assert sum(verdict["outcomes"].values()) == 2, verdict
 
 
-def test_the_sweep_reports_a_killed_execution_once_and_a_complete_set_as_completed(
-    pubsub_emulator, gcs_emulator, results, unique_name, model_dir, song, tmp_path
+KILLED = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+
+
+class Stand:
+    """The Cloud Run path on the emulators: the job stand-in running `argv` as its tasks, the
+    dispatcher (GCS markers in `bucket`) in front of it, the results topic read by `results`."""
+
+    def __init__(self, pubsub, client, bucket, results, argv, env, max_retries, **settings):
+        from cloudrun_stand_in import CloudRunJobStandIn
+
+        job = f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
+        self.cloud_run = CloudRunJobStandIn(job, env, max_retries=max_retries, argv=argv)
+        rest = {
+            "transport": "rest",
+            "credentials": AnonymousCredentials(),
+            "client_options": {"api_endpoint": self.cloud_run.url},
+        }
+        self.markers = GcsMarkers(bucket, client=client)
+        self.app = create_app(
+            settings_for(results.topic, marker_bucket=bucket, stems_bucket=bucket, **settings),
+            jobs_client=run_v2.JobsClient(**rest),
+            publisher_client=pubsub.publisher,
+            markers=self.markers,
+            sweep_clients=SweepClients(
+                run_v2.ExecutionsClient(**rest), run_v2.TasksClient(**rest), client
+            ),
+        )
+        self.server = Uvicorn(self.app)
+        self.url = self.server.url
+
+    def push(self, message, message_id) -> dict:
+        return post_push(self.url, message, message_id=message_id).json()
+
+    def sweep(self) -> dict:
+        return requests.post(self.url + "/sweep", timeout=60).json()
+
+    def close(self):
+        self.server.close()
+        self.cloud_run.close()
+
+
+@pytest.fixture
+def stand(pubsub_emulator, gcs_emulator, results, unique_name):
+    """stand(argv, env=None, max_retries=1, **settings) -> a Stand; `.bucket` and `.client`."""
+    client = gcs_emulator.client(PROJECT)
+    bucket = client.create_bucket(unique_name("stand")).name
+    made = []
+
+    def start(argv=KILLED, env=None, max_retries=1, **kw):
+        env = env or {}
+        made.append(Stand(pubsub_emulator, client, bucket, results, argv, env, max_retries, **kw))
+        return made[-1]
+
+    start.bucket, start.client = bucket, client
+    yield start
+    for one in made:
+        one.close()
+
+
+def test_the_sweep_reports_a_killed_execution_once_and_only_the_asked_set_as_completed(
+    stand, gcs_emulator, results, model_dir, song, tmp_path
 ):
-    """Two executions whose task is SIGKILLed on its last attempt: one track's set was complete
-    before the kill (its manifest exists), the other's was not. The sweep publishes `completed`
-    and `execution_lost`, once: a second sweep finds nothing open."""
-    from cloudrun_stand_in import CloudRunJobStandIn
+    """Executions whose task is SIGKILLed on its last attempt: one track's set was complete
+    before the kill (its manifest exists), one's was not, one asks for an output its set lacks,
+    and one's original was uploaded again after its set was made. The sweep publishes
+    `completed` for the first only (what the job itself would accept), once: a second sweep
+    finds nothing open."""
     from conftest import job_env, last_json, run_job
 
-    from job.dispatcher.sweep import SweepClients
-
-    client = gcs_emulator.client(PROJECT)
-    bucket = client.create_bucket(unique_name("sweep")).name
-    client.bucket(bucket).blob("originals/song.mp3").upload_from_filename(str(song))
+    bucket, client = stand.bucket, stand.client
+    for name in ("song", "again"):
+        client.bucket(bucket).blob(f"originals/{name}.mp3").upload_from_filename(str(song))
     done = {
         **GOOD,
         "jobId": "job_done",
         "trackId": "trk_done",
         "originalStemUri": f"gs://{bucket}/originals/song.mp3",
     }
+    again = {**done, "jobId": "job_again", "trackId": "trk_again"}
+    again["originalStemUri"] = f"gs://{bucket}/originals/again.mp3"
     lost = {**done, "jobId": "job_lost", "trackId": "trk_lost"}
+    other = {**done, "jobId": "job_other", "outputs": ["vocals", "instrumental"]}
     env = job_env(
         model_dir, tmp_path / "unused", STORAGE_MODE="gcs", GCS_BUCKET=bucket, **gcs_emulator.env
     )
     finished = run_job(["run", "--message", json.dumps(done)], env)  # the set of trk_done
     assert finished.returncode == 0 and last_json(finished.stdout)["status"] == "completed"
-    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
-    job = f"projects/{PROJECT}/locations/europe-west4/jobs/stem-job"
-    cloud_run = CloudRunJobStandIn(job, {}, max_retries=1, argv=killed)
-    rest = {
-        "transport": "rest",
-        "credentials": AnonymousCredentials(),
-        "client_options": {"api_endpoint": cloud_run.url},
-    }
-    app = create_app(
-        settings_for(results.topic, marker_bucket=bucket, stems_bucket=bucket),
-        jobs_client=run_v2.JobsClient(**rest),
-        publisher_client=pubsub_emulator.publisher,
-        markers=GcsMarkers(bucket, client=client),
-        sweep_clients=SweepClients(
-            run_v2.ExecutionsClient(**rest), run_v2.TasksClient(**rest), client
-        ),
+    made = run_job(["run", "--message", json.dumps(again)], env)
+    assert made.returncode == 0
+    client.bucket(bucket).blob("originals/again.mp3").upload_from_filename(str(song))  # new master
+    path = stand(KILLED, env)
+    for number, message in enumerate((done, lost, other, again)):
+        assert path.push(message, f"77{number}")["status"] == "started"
+    assert path.cloud_run.wait(4, timeout_s=60)
+    assert all(
+        [a.term_signal for a in e.attempts] == [9, 9] for e in path.cloud_run.executions.values()
+    ), "every attempt killed"
+    reply = path.sweep()
+    assert (reply["open"], reply["published"]) == (4, 4), reply
+    published = {json.loads(m.data)["jobId"]: json.loads(m.data) for m in results(4)}
+    assert published["job_done"]["status"] == "completed"
+    assert published["job_done"]["stems"] == last_json(finished.stdout)["stems"]
+    for job_id in ("job_lost", "job_other", "job_again"):
+        assert published[job_id]["status"] == "failed", job_id
+        assert published[job_id]["error"]["code"] == "execution_lost"
+        assert published[job_id]["error"]["retryable"] is True
+    again = path.sweep()
+    assert again["open"] == 0 and results(1, timeout_s=3) == []
+
+
+def test_a_redelivery_after_the_sweep_starts_nothing(stand, results):
+    """Pub/Sub redelivers a push whose 200 was lost after the sweep reported its execution:
+    the closed marker is terminal for that messageId."""
+    path = stand()
+    assert path.push(GOOD, "881")["status"] == "started"
+    assert path.cloud_run.wait(1, timeout_s=60)
+    assert path.sweep()["published"] == 1
+    [result] = results(1)
+    assert json.loads(result.data)["error"]["code"] == "execution_lost"
+    reply = path.push(GOOD, "881")
+    assert reply["status"] == "duplicate", reply
+    assert len(path.cloud_run.executions) == 1
+    assert path.sweep()["open"] == 0 and results(1, timeout_s=3) == []
+
+
+def test_a_push_without_a_message_id_starts_nothing(stand):
+    path = stand()
+    body = push_body(GOOD)
+    del body["message"]["messageId"], body["message"]["message_id"]
+    reply = requests.post(path.url + "/pubsub", json=body, timeout=30)
+    assert reply.status_code == 400 and "messageId" in reply.json()["error"]
+    assert path.cloud_run.executions == {}
+
+
+def test_a_stale_claim_whose_execution_started_is_recorded_not_run_again(stand, results):
+    """A dispatcher died after run_job, before recording: its claim goes stale. The
+    redelivery finds the execution (by the marker key it carries) instead of starting a
+    second one, and the sweep then reports it."""
+    path = stand()
+    path.markers.create("991", {"state": "claimed", "claimedAt": time.time() - 600})
+    started = {"overrides": {"containerOverrides": [{"env": [
+        {"name": "JOB_MESSAGE", "value": json.dumps(GOOD)},
+        {"name": "DISPATCH_MESSAGE_KEY", "value": "991"},
+    ]}]}}  # fmt: skip
+    path.cloud_run.start(started)
+    reply = path.push(GOOD, "991")
+    assert reply["status"] == "duplicate", reply
+    assert len(path.cloud_run.executions) == 1
+    assert path.cloud_run.wait(1, timeout_s=60)
+    assert path.sweep()["published"] == 1 and len(results(1)) == 1
+
+
+def test_a_sweep_lists_only_open_entries_a_page_at_a_time(stand, results):
+    """Closed markers are not listed; each sweep call takes at most DISPATCH_SWEEP_LIMIT open
+    entries and the next call goes on from where it stopped; one left `publishing` by a sweep
+    that died is never published again."""
+    path = stand(sweep_limit=2)
+    for number in range(3):
+        assert path.push({**GOOD, "jobId": f"job_{number}"}, f"55{number}")["status"] == "started"
+    for number in range(20):
+        path.markers.create(f"1{number:03d}", {"state": "ended", "outcome": "completed"})
+    path.markers.create(
+        "open/999",
+        {"state": "publishing", "sweptAt": time.time() - 3600, "execution": "x", "jobId": "j"},
     )
-    server = Uvicorn(app)
-    try:
-        for number, message in enumerate((done, lost)):
-            assert (
-                post_push(server.url, message, message_id=f"77{number}").json()["status"]
-                == "started"
-            )
-        assert cloud_run.wait(2, timeout_s=60)
-        assert all(
-            [a.term_signal for a in e.attempts] == [9, 9] for e in cloud_run.executions.values()
-        ), "both attempts killed"
-        reply = requests.post(server.url + "/sweep", timeout=60).json()
-        assert (reply["open"], reply["published"]) == (2, 2), reply
-        published = {json.loads(m.data)["jobId"]: json.loads(m.data) for m in results(2)}
-        assert published["job_done"]["status"] == "completed"
-        assert published["job_done"]["stems"] == last_json(finished.stdout)["stems"]
-        assert published["job_lost"]["status"] == "failed"
-        assert published["job_lost"]["error"]["code"] == "execution_lost"
-        assert published["job_lost"]["error"]["retryable"] is True
-        again = requests.post(server.url + "/sweep", timeout=60).json()
-        assert again["open"] == 0 and results(1, timeout_s=3) == []
-    finally:
-        server.close()
-        cloud_run.close()
+    assert path.cloud_run.wait(3, timeout_s=60)
+    first, second = path.sweep(), path.sweep()
+    assert (first["open"], first["published"]) == (2, 2), first
+    assert (second["open"], second["published"], second["stuck"]) == (2, 1, 1), second
+    assert second["next"] == "999" and len(results(3)) == 3
+    third = path.sweep()  # past the last entry: the next call starts over
+    assert (third["open"], third["next"]) == (0, ""), third
+    fourth = path.sweep()  # the three are closed (deleted); the stuck one stays, unsent
+    assert (fourth["open"], fourth["stuck"], fourth["published"]) == (1, 1, 0), fourth
+    assert results(1, timeout_s=3) == []
+
+
+def test_the_job_learns_maxretries_from_the_dispatcher_and_reports_once(
+    stand, results, pubsub_emulator, tmp_path
+):
+    """`gcloud run jobs update --max-retries 2` after deploying with MAX_RETRIES=1: the
+    dispatcher passes the execution's real maxRetries, so only the real last attempt of a
+    task whose storage is down publishes `failed`, and the sweep counts it as reported."""
+    from conftest import job_env
+
+    env = job_env(
+        tmp_path / "model",
+        tmp_path / "out",
+        STORAGE_MODE="gcs",
+        GCS_BUCKET=stand.bucket,
+        STORAGE_EMULATOR_HOST="http://127.0.0.1:9",
+        RETRY_DEADLINE_S="1",
+        MAX_RETRIES="1",
+        PUBSUB_RESULTS_TOPIC=results.topic,
+        **{"GCP_PROJECT_ID": PROJECT, **pubsub_emulator.env},
+    )
+    path = stand([sys.executable, "-m", "job", "run"], env, max_retries=2)
+    message = {**GOOD, "originalStemUri": f"gs://{stand.bucket}/originals/song.mp3"}
+    assert path.push(message, "661")["status"] == "started"
+    assert path.cloud_run.wait(1, timeout_s=120)
+    [execution] = path.cloud_run.executions.values()
+    assert [a.exit_code for a in execution.attempts] == [75, 75, 75]
+    [result] = results(1)
+    assert json.loads(result.data)["error"]["code"] == "storage_unavailable"
+    reply = path.sweep()
+    assert (reply["open"], reply["reported"], reply["published"]) == (1, 1, 0), reply
+    assert results(1, timeout_s=3) == []

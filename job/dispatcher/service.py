@@ -2,20 +2,28 @@
 retry can fix:
 
   bad message       -> a `failed` result on the results topic, 200 (never retried)
-  started / dup     -> 200
+  started / dup     -> 200 (a redelivery after the sweep closed the marker too)
   transient fault   -> 503 (Cloud Run API quota or outage after bounded retries, GCS or
-                       Pub/Sub unavailable); 409 while another delivery holds the claim
+                       Pub/Sub unavailable, an execution started but not recorded); 409
+                       while another delivery holds the claim
+  no messageId      -> 400 (nothing to dedupe or sweep by; no Pub/Sub push lacks one)
   job misconfigured -> 500 (not found, permission denied): redelivered until the operator
                        fixes it or the dead-letter policy takes the message
 """
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
 from job.dispatcher.envelope import Pushed
-from job.dispatcher.executions import make_jobs_client, start_execution
+from job.dispatcher.executions import (
+    find_execution,
+    job_max_retries,
+    make_jobs_client,
+    start_execution,
+)
 from job.dispatcher.settings import DispatcherSettings
 from job.dispatcher.sweep import SweepClients, Sweeper
 from job.errors import ConfigError, JobError
@@ -98,34 +106,50 @@ class Dispatcher:
                 )
             return self._results
 
+    @property
+    def admin(self) -> SweepClients:
+        """The Admin API's executions and tasks, and Cloud Storage: what the sweep reads."""
+        with self._lock:
+            self._sweep_clients = self._sweep_clients or SweepClients()
+            return self._sweep_clients
+
     def sweep(self) -> Outcome:
         """Report the tracks of executions that ended without a result (sweep.py)."""
-        with self._lock:
-            clients = self._sweep_clients = self._sweep_clients or SweepClients()
-        return Outcome(200, {"status": "swept", **Sweeper(self, clients).sweep()})
+        sweeper = Sweeper(self, self.admin, self.settings.sweep_limit, self.settings.sweep_budget_s)
+        return Outcome(200, {"status": "swept", **sweeper.sweep()})
 
     def dispatch(self, delivery: Pushed) -> Outcome:
         """One push: a bad message is reported and acked; a duplicate starts nothing; a new
-        message claims its marker, starts one execution and records it there."""
+        message claims its marker, starts one execution and records it there. A push with no
+        messageId could not be deduped or swept: it is refused, as no Pub/Sub push lacks one."""
+        if not delivery.message_id:
+            return Outcome(
+                400, {"status": "invalid_envelope", "error": "the delivery has no messageId"}
+            )
         try:
             request = parse_message(delivery.data)
         except JobError as error:
             return self._refuse(delivery, error)
         ids = {"jobId": request.job_id, "messageId": delivery.message_id}
-        key = marker_key(delivery.message_id) if delivery.message_id else None
-        generation = None
-        if key:
-            generation = self._claim(key, request, delivery, ids)
-            if isinstance(generation, Outcome):
-                return generation
+        key = marker_key(delivery.message_id)
+        generation = self._claim(key, request, delivery, ids)
+        if isinstance(generation, Outcome):
+            return generation
         try:
-            execution = start_execution(self.jobs, self.settings, request)
+            max_retries = job_max_retries(self.jobs, self.settings)
+            execution = start_execution(self.jobs, self.settings, request, max_retries, key)
         except Exception as exc:
-            if key:
+            found = self._started_anyway(key, exc)
+            if found is None:
                 self.claims.release(key, generation)
-            return self._not_started(request, exc, ids)
-        if key:
-            self.claims.record(key, generation, request.job_id, execution, to_message(request))
+                return self._not_started(request, exc, ids)
+            execution, max_retries = found
+        message = to_message(request)
+        if not self.claims.record(key, generation, request.job_id, execution, message, max_retries):
+            # Pub/Sub redelivers; once the claim is stale the redelivery finds the execution
+            return Outcome(
+                503, {"status": "retry", "reason": "execution started, not recorded", **ids}
+            )
         log.info(
             "started %s for job %s (message %s via %s)",
             execution,
@@ -138,7 +162,7 @@ class Dispatcher:
     def _claim(self, key: str, request, delivery: Pushed, ids: dict):
         """The marker's generation, now this delivery's; or the Outcome when it is not."""
         try:
-            claim = self.claims.claim(key, request.job_id)
+            claim = self.claims.claim(key, request.job_id, to_message(request), self._find)
         except Exception as exc:  # GCS down: we cannot tell a duplicate, so Pub/Sub retries
             log.warning("dedupe marker unavailable for message %s: %s", key, exc)
             return Outcome(503, {"status": "retry", "reason": "dedupe marker unavailable", **ids})
@@ -155,6 +179,21 @@ class Dispatcher:
         if claim.generation is None:
             return Outcome(409, {"status": "in_progress", "messageId": delivery.message_id})
         return claim.generation
+
+    def _find(self, key: str, since: float):
+        """What a stale claim's dispatcher may have started (executions.find_execution)."""
+        return find_execution(self.admin.fill().executions, self.settings, key, since)
+
+    def _started_anyway(self, key: str, exc: Exception):
+        """After a run_job that failed transiently (its reply lost, say): the execution Cloud
+        Run may have started all the same, so that the claim is not released over it."""
+        if not is_transient(exc):
+            return None
+        try:
+            return self._find(key, time.time() - self.settings.claim_ttl_s)
+        except Exception as lookup:  # unknown: released, as before
+            log.warning("could not look for an execution of message %s: %s", key, lookup)
+            return None
 
     def _not_started(self, request, exc: Exception, ids: dict) -> Outcome:
         """run_job failed: Pub/Sub redelivers (503 when a retry may help, else 500)."""

@@ -28,6 +28,8 @@ class DispatcherSettings:
     claim_ttl_s: float = 90.0  # a claim older than this with no execution is stale
     api_attempts: int = 4  # run_job tries on quota / transient errors
     api_deadline_s: float = 30.0  # keep below the push subscription's ack deadline
+    sweep_limit: int = 100  # open entries one sweep call looks at
+    sweep_budget_s: float = 30.0  # a sweep call stops taking entries after this
     host: str = "0.0.0.0"
     port: int = 8000  # Cloud Run sets PORT to the container port
     push_audience: str = ""  # set: every push needs a Google OIDC token for it
@@ -70,6 +72,8 @@ ENV = {
     "DISPATCH_CLAIM_TTL_S": ("claim_ttl_s", lambda n, v: parse_float(n, v, 0)),
     "DISPATCH_API_ATTEMPTS": ("api_attempts", lambda n, v: parse_int(n, v, 1, 10)),
     "DISPATCH_API_DEADLINE_S": ("api_deadline_s", lambda n, v: parse_float(n, v, 0)),
+    "DISPATCH_SWEEP_LIMIT": ("sweep_limit", lambda n, v: parse_int(n, v, 1, 1000)),
+    "DISPATCH_SWEEP_BUDGET_S": ("sweep_budget_s", lambda n, v: parse_float(n, v, 1)),
     "PUSH_AUDIENCE": ("push_audience", parse_text),
     "PUSH_SERVICE_ACCOUNT": ("push_service_accounts", _emails),
 }
