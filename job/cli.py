@@ -144,7 +144,7 @@ def run(
 
     The track comes from --message or JOB_MESSAGE, else from --input/--release-id/--track-id
     or their env variables. Exit 0 completed (or reused), 65 bad input, 75 retry may help
-    (and interrupted), 78 configuration; see the README's exit codes.
+    (and interrupted), 78 configuration; see the README's exit codes and docs/errors.md.
     """
     raw = message if message is not None else os.environ.get("JOB_MESSAGE", "")
     try:

@@ -1,7 +1,7 @@
 """Every setting, read from the environment once (flags override by passing `overrides`).
 
 The original worker's variables keep their names and defaults; new ones are listed in
-the README. A bad value raises ConfigError with one line naming the variable.
+docs/configuration.md. A bad value raises ConfigError with one line naming the variable.
 """
 
 import os
@@ -37,7 +37,7 @@ class Settings:
     seed: int = 0
     output_format: str = "mp3"
     mp3_bitrate: int = 320
-    mp3_quality: int = 5  # LAME algorithm quality, 0 best/slowest (README)
+    mp3_quality: int = 5  # LAME algorithm quality, 0 best/slowest (docs/configuration.md)
     outputs: tuple = ()  # empty: every source of the model
     peaks_samples_per_pixel: int = 256
     peaks_bits: int = 8

@@ -41,7 +41,7 @@ LEASE_S = 60
 
 
 @dataclass
-class Pulled:
+class Delivery:
     """A pulled message and what it asks for: a valid request, or the failed result of a
     message that is not one."""
 
@@ -50,7 +50,7 @@ class Pulled:
     refusal: dict | None = None  # the failed result of an invalid message
 
     @classmethod
-    def parse(cls, received) -> "Pulled":
+    def parse(cls, received) -> "Delivery":
         data = received.message.data
         try:
             return cls(received, request=messages.parse_message(data))
@@ -162,9 +162,8 @@ class Concluder:
 
 class Drainer:
     """One drain process: its clients, its model cache and the track finishing in the
-    background while the next separates. Longer than a unit should be because that state is
-    shared by every step of a batch (pull, fetch ahead, handle, finish, conclude); each
-    method is one step."""
+    background while the next separates, the state every step of a batch shares (pull, fetch
+    ahead, handle, finish, conclude)."""
 
     def __init__(self, settings):
         self.settings = settings
@@ -210,7 +209,7 @@ class Drainer:
                 return self.job(request, earlier).fetch(request, ahead=True)
         return None
 
-    def handle(self, delivery: Pulled, keeper: LeaseKeeper, fetch=None) -> None:
+    def handle(self, delivery: Delivery, keeper: LeaseKeeper, fetch=None) -> None:
         """Separate this message's track, then finish it (encoders' tail, upload, result, ack)
         in a thread of its own while the next message separates: the model never waits for
         them. One track finishes at a time, so results and acks keep the messages' order."""
@@ -261,7 +260,7 @@ class Drainer:
             raise error
 
     def run_batch(self, batch, keeper: LeaseKeeper) -> None:
-        deliveries = [Pulled.parse(received) for received in batch]
+        deliveries = [Delivery.parse(received) for received in batch]
         stopped = None  # why the rest of the batch goes back unstarted
         try:
             self.handle_all(deliveries, keeper)

@@ -3,7 +3,7 @@
 A `JobError` is a failure we understand: it carries a stable `code` for dashboards, a message a
 person can act on, and whether a retry may help. `CODES` is the one list of codes: what each
 means for a retry, for the process's exit code and for an HTTP answer, so run, drain, serve and
-the dispatcher read the same verdict (the README's table is checked against it).
+the dispatcher read the same verdict (docs/errors.md's table is checked against it).
 """
 
 import contextlib

@@ -85,7 +85,11 @@ class Intake:
         # it with; otherwise it is worked out later, beside the model's load
         model = self.model_cache.identity() if found and self.model_cache is not None else None
         if manifest.matches(
-            found, original.identity, self.settings, outputs_of(request, self.settings), model
+            found,
+            original.identity,
+            manifest.Recipe.of(self.settings),
+            outputs_of(request, self.settings.outputs),
+            model,
         ):
             return TrackInput(original, found)
         if self.model_cache is not None:

@@ -3,6 +3,7 @@ which input, model and settings made it, so a redelivered message can be answere
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 from pathlib import Path
@@ -48,12 +49,32 @@ def key(found: dict) -> tuple:
     )
 
 
-def bitrate(settings) -> str | None:
-    return f"{settings.mp3_bitrate}k" if settings.output_format == "mp3" else None
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What a set is made with, as its manifest records it: settings MODEL_NAME, OUTPUT_FORMAT,
+    MP3_BITRATE, MP3_QUALITY, SHIFTS and SILENT_BELOW_LU (docs/configuration.md), under the
+    settings' own names."""
+
+    model_name: str
+    output_format: str
+    mp3_bitrate: int
+    mp3_quality: int
+    shifts: int
+    silent_below_lu: float
+
+    @classmethod
+    def of(cls, settings) -> Recipe:
+        return cls(
+            **{field.name: getattr(settings, field.name) for field in dataclasses.fields(cls)}
+        )
+
+
+def bitrate(recipe) -> str | None:
+    return f"{recipe.mp3_bitrate}k" if recipe.output_format == "mp3" else None
 
 
 def matches(
-    manifest: dict | None, identity: dict, settings, asked, model: dict | None = None
+    manifest: dict | None, identity: dict, recipe, asked, model: dict | None = None
 ) -> bool:
     """Whether `manifest` is a complete set of the outputs `asked` (names as a request or
     OUTPUTS gives them) for this exact input, model, format and bitrate (`key`).
@@ -73,10 +94,10 @@ def matches(
     return key(manifest) == (
         VERSION,
         identity,
-        settings.model_name,
+        recipe.model_name,
         digest,
-        settings.output_format,
-        bitrate(settings),
+        recipe.output_format,
+        bitrate(recipe),
         wanted,
         frozenset(wanted),
     )
@@ -132,7 +153,7 @@ def source(request: messages.JobRequest, decoded: audio.DecodedAudio) -> dict:
     }
 
 
-def entry(path, url: str, figures: dict, peaks_url, mix: dict | None, settings) -> dict:
+def entry(path, url: str, figures: dict, peaks_url, mix: dict | None, recipe) -> dict:
     """One output's manifest entry: where it is, what it holds, and how loud it is."""
     found = {
         "url": url,
@@ -144,14 +165,14 @@ def entry(path, url: str, figures: dict, peaks_url, mix: dict | None, settings) 
     if peaks_url is not None:
         found["peaks"] = peaks_url
         found["silent"] = is_silent(
-            figures.get("loudnessLufs"), (mix or {}).get("loudnessLufs"), settings.silent_below_lu
+            figures.get("loudnessLufs"), (mix or {}).get("loudnessLufs"), recipe.silent_below_lu
         )
     return found
 
 
 def build(
     request: messages.JobRequest,
-    settings,
+    recipe,
     identity: dict,
     decoded: audio.DecodedAudio,
     outputs,
@@ -174,15 +195,15 @@ def build(
         "releaseId": request.release_id,
         "trackId": request.track_id,
         "artistId": request.artist_id,
-        "model": settings.model_name,
+        "model": recipe.model_name,
         "modelDigest": model.get("digest"),
         "modelFiles": model.get("files"),
         "modelSources": model.get("sources"),
         "modelLicense": model.get("license"),
-        "format": settings.output_format,
-        "bitrate": bitrate(settings),
-        "mp3Quality": settings.mp3_quality if settings.output_format == "mp3" else None,
-        "shifts": settings.shifts,
+        "format": recipe.output_format,
+        "bitrate": bitrate(recipe),
+        "mp3Quality": recipe.mp3_quality if recipe.output_format == "mp3" else None,
+        "shifts": recipe.shifts,
         "input": identity,
         "source": source(request, decoded),
         "durationS": round(decoded.duration_s, 3),
@@ -190,7 +211,7 @@ def build(
         "outputs": list(outputs),
         "stems": {
             name: entry(
-                files[name], urls[name], stats[name], urls.get(f"{name}.peaks"), mix, settings
+                files[name], urls[name], stats[name], urls.get(f"{name}.peaks"), mix, recipe
             )
             for name in outputs
         },
@@ -199,5 +220,5 @@ def build(
         built["engine"] = engine
     if mix is not None:
         built["mix"] = mix
-        built["silentBelowLu"] = settings.silent_below_lu
+        built["silentBelowLu"] = recipe.silent_below_lu
     return built

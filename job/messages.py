@@ -54,10 +54,11 @@ def split_names(text: str) -> list:
     return [part for part in text.split(",") if part.strip()]
 
 
-def outputs_of(request: JobRequest, settings) -> tuple:
-    """The outputs this request asks for: its own list, else the OUTPUTS setting (empty: every
-    source of the model; job/outputs.py resolves the names once the model is known)."""
-    return request.outputs or settings.outputs
+def outputs_of(request: JobRequest, default: tuple) -> tuple:
+    """The outputs this request asks for: its own list, else `default` (the OUTPUTS setting;
+    empty: every source of the model; job/outputs.py resolves the names once the model is
+    known)."""
+    return request.outputs or default
 
 
 def check_id(name: str, value) -> str:

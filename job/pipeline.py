@@ -1,6 +1,6 @@
 """One track end to end: fetch (locate, skip if done, download, decode), separate while the
 encoders run, store the outputs and their peaks and then the manifest. `start()` stops once the
-model is free (a Finishing does the rest), so a drain's next track separates meanwhile.
+model is free (a PendingResult does the rest), so a drain's next track separates meanwhile.
 
 `process()` never raises for a failure it understands: it returns the stem-results dict,
 `failed` with an error code when something is wrong, so every caller (run, drain, HTTP)
@@ -19,7 +19,7 @@ import numpy as np
 
 from job import manifest, messages, outputs
 from job.audio import decode as audio
-from job.audio.encode import MixMeter, open_encoders
+from job.audio.encode import Encoding, MixMeter, open_encoders
 from job.config import Settings
 from job.errors import Cancel, ConfigError, Interrupted, JobError
 from job.intake import Intake
@@ -83,18 +83,16 @@ def process(
 
 def start(
     request: messages.JobRequest, job: Job, trusted: bool = False, fetch: Intake | None = None
-) -> "Finishing":
+) -> "PendingResult":
     """Fetch and separate one track, and return what is left to do (the encoders' tail, the
-    upload, the manifest) as a Finishing: the model is free once this returns, so a drain
+    upload, the manifest) as a PendingResult: the model is free once this returns, so a drain
     separates its next track while this one finishes in another thread."""
-    finishing = Finishing(request, job, fetch or job.fetch(request, trusted))
-    finishing.step(
-        lambda: _process(request, job, finishing.fetch, finishing.timings, finishing.engine)
-    )
-    return finishing
+    pending = PendingResult(request, job, fetch or job.fetch(request, trusted))
+    pending.run(lambda: _process(request, job, pending.fetch, pending.timings, pending.engine))
+    return pending
 
 
-class Finishing:
+class PendingResult:
     """One track between its separation and its result; `result()` does the rest, once."""
 
     def __init__(self, request, job: Job, fetch: Intake):
@@ -102,17 +100,17 @@ class Finishing:
         self.timings = fetch.timings
         self.engine = {}  # the engine's figures for this track, recorded when it separated
         self.started = time.monotonic()
-        self.rest = None  # the remaining step; None once there is none
+        self.next_step = None  # the remaining step; None once there is none
         self.outcome = None
 
-    def step(self, work) -> None:
+    def run(self, work) -> None:
         """Run one step; a failure it understands becomes the failed result. Only a
         ConfigError escapes (no track can succeed: the caller exits 78)."""
-        self.rest = None
+        self.next_step = None
         try:
             done = work()
             if callable(done):
-                self.rest = done
+                self.next_step = done
             else:
                 self.outcome = done
         except JobError as error:
@@ -134,7 +132,7 @@ class Finishing:
             )
             self._failed(JobError("internal_error", f"{type(exc).__name__}: {exc}", retryable=True))
         finally:
-            if self.rest is None:  # the result is known, or nothing more will run
+            if self.next_step is None:  # the result is known, or nothing more will run
                 self.close()
 
     def _failed(self, error: JobError) -> None:
@@ -156,8 +154,8 @@ class Finishing:
 
     def result(self) -> dict:
         """The stem-results dict, completed or failed (doing the rest first if needed)."""
-        if self.rest is not None:
-            self.step(self.rest)
+        if self.next_step is not None:
+            self.run(self.next_step)
         return self.outcome
 
 
@@ -209,7 +207,7 @@ def log_summary(request, result: dict, job: Job, fetch: Intake, engine: dict) ->
 
 def _process(request, job: Job, fetch: Intake, timings: dict, record: dict) -> dict:
     s, storage = job.settings, job.storage
-    asked = messages.outputs_of(request, s)
+    asked = messages.outputs_of(request, s.outputs)
     fetched = fetch.wait()
     found = fetched.manifest
     if fetched.decoded is not None and fetch.ahead:
@@ -217,7 +215,7 @@ def _process(request, job: Job, fetch: Intake, timings: dict, record: dict) -> d
         with stage(timings, "locate"):
             found = storage.read_manifest(request.release_id, request.track_id)
     model = job.model_cache.identity()
-    if manifest.matches(found, fetched.original.identity, s, asked, model):
+    if manifest.matches(found, fetched.original.identity, manifest.Recipe.of(s), asked, model):
         log.info(
             "job %s: outputs already complete for this input, not separating again", request.job_id
         )
@@ -250,7 +248,7 @@ def _store(request, job: Job, fetched, model, encoded, timings, chosen) -> dict:
                 raise Interrupted()
             built = manifest.build(
                 request,
-                s,
+                manifest.Recipe.of(s),
                 fetched.original.identity,
                 decoded,
                 chosen,
@@ -325,7 +323,7 @@ def _separate(
         slot: [sources[i] for i in indices]
         for slot, indices in zip(outputs.NI_SLOTS, outputs.ni_slots(sources), strict=True)
     }
-    encoders = open_encoders(scratch, chosen, s, slots)
+    encoders = open_encoders(scratch, chosen, Encoding.of(s), slots)
     workers, reader, mix_reader = dict(encoders), None, None
     try:
         picks = pickers(sources, chosen)

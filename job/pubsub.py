@@ -157,8 +157,7 @@ def earlier_deliveries(message) -> int | None:
 class LeaseKeeper:
     """Holds pulled messages and extends their ack deadline every `deadline_s / 3` seconds until
     each is acked or nacked. Use as a context manager: leaving it nacks whatever is still held,
-    so an unfinished message goes straight back to the queue. One class because the held
-    set, its lock and the extending thread belong together; each method is short."""
+    so an unfinished message goes straight back to the queue."""
 
     def __init__(
         self, subscriber, subscription_path: str, deadline_s: int = 60, call_deadline_s: float = 5.0

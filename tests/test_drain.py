@@ -621,7 +621,7 @@ def test_an_ack_that_fails_after_the_publish_is_logged_and_its_redelivery_publis
     for key, value in cloud.env.items():
         monkeypatch.setenv(key, value)
     from job.config import load_settings
-    from job.drain import Drainer, Pulled
+    from job.drain import Delivery, Drainer
     from job.pubsub import LeaseKeeper, pull
 
     cloud.publish(b"not json: a bad message gets one failed result")
@@ -630,7 +630,7 @@ def test_an_ack_that_fails_after_the_publish_is_logged_and_its_redelivery_publis
     with LeaseKeeper(drainer.subscriber, drainer.subscription, 10) as keeper:
         keeper.hold([received])
         keeper.subscription_path += "-gone"  # the ack goes nowhere: NotFound, not retried
-        drainer.concluder.conclude(received, Pulled.parse(received).refusal, keeper)
+        drainer.concluder.conclude(received, Delivery.parse(received).refusal, keeper)
     assert drainer.outcomes == [EXIT_OK]
     assert "failed after its result was published" in caplog.text
     ((first, attributes),) = cloud.results_now(1)

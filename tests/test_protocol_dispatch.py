@@ -31,7 +31,7 @@ from job import cli, manifest, messages, outputs, runtime
 from job.config import load_settings
 from job.dispatcher import dedupe, service, sweep
 from job.dispatcher.dedupe import MemoryMarkers
-from job.dispatcher.envelope import Pushed
+from job.dispatcher.envelope import Envelope
 from job.dispatcher.service import Dispatcher
 from job.dispatcher.settings import DispatcherSettings
 from job.dispatcher.sweep import SweepClients
@@ -265,7 +265,7 @@ class DispatchProtocol(RuleBasedStateMachine):
     def deliver(self, number):
         """A push: the first, a duplicate, or a redelivery after a 409, a late or lost 200."""
         m = self.messages[number]
-        pushed = Pushed(json.dumps(m).encode(), f"m{number}", {}, "pubsub-push", 1)
+        pushed = Envelope(json.dumps(m).encode(), f"m{number}", {}, "pubsub-push", 1)
         try:
             status = self.dispatcher.dispatch(pushed).status
         except Crash:

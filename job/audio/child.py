@@ -73,7 +73,7 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What the child may use: settings DECODE_MEMORY_MB, DECODE_TIME_BASE_S,
-    DECODE_TIME_FACTOR and DECODE_KILL_RETRIES (README)."""
+    DECODE_TIME_FACTOR and DECODE_KILL_RETRIES (docs/configuration.md)."""
 
     memory_mb: int = 1024
     time_base_s: float = 30.0  # start-up, probing, and room for a loaded host

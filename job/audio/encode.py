@@ -199,7 +199,8 @@ class NiStemsEncoder(BlockWorker):
 @dataclasses.dataclass(frozen=True)
 class Encoding:
     """How the outputs are written and measured: settings OUTPUT_FORMAT, MP3_BITRATE,
-    MP3_QUALITY, OUTPUT_ANALYSIS and the PEAKS_* (README), under the settings' own names."""
+    MP3_QUALITY, OUTPUT_ANALYSIS and the PEAKS_* (docs/configuration.md), under the settings'
+    own names."""
 
     output_format: str
     mp3_bitrate: int

@@ -4,7 +4,7 @@ A Cloud Run job cannot subscribe to Pub/Sub, so this small HTTP service receives
 (a direct Pub/Sub push, Google's recommended path, or an Eventarc CloudEvent), validates it,
 and starts the job with the message in its JOB_MESSAGE env override. One module per step:
 
-  envelope     the request -> a Pushed (message bytes, messageId)
+  envelope     the request -> an Envelope (message bytes, messageId)
   service      the decisions and the status each answer gets
   dedupe       one execution per messageId (GCS markers with generation preconditions)
   executions   run_job with the env override, bounded retries

@@ -1,6 +1,6 @@
 """What a push request carries: a Pub/Sub push body, the same body under Eventarc's binary-mode
 ce-* headers, or a structured CloudEvent whose `data` is that body. All three come down to one
-Pushed: the message bytes, its messageId (the dedupe key) and its attributes."""
+Envelope: the message bytes, its messageId (the dedupe key) and its attributes."""
 
 import base64
 import binascii
@@ -15,7 +15,7 @@ class EnvelopeError(ValueError):
 
 
 @dataclass(frozen=True)
-class Pushed:
+class Envelope:
     data: bytes  # the Pub/Sub message payload (base64-decoded)
     message_id: str | None
     attributes: dict
@@ -42,8 +42,8 @@ def _unwrap(headers, document) -> tuple:
     return payload, transport, event_id
 
 
-def parse_envelope(headers, body: bytes) -> Pushed:
-    """The Pushed in a request, or EnvelopeError saying why there is none."""
+def parse_envelope(headers, body: bytes) -> Envelope:
+    """The Envelope in a request, or EnvelopeError saying why there is none."""
     try:
         document = json.loads(body or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -60,7 +60,7 @@ def parse_envelope(headers, body: bytes) -> Pushed:
     message_id = message.get("messageId") or message.get("message_id") or event_id
     attempt = payload.get("deliveryAttempt")
     attributes = message.get("attributes")
-    return Pushed(
+    return Envelope(
         data,
         str(message_id) if message_id else None,
         attributes if isinstance(attributes, dict) else {},

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from job.dispatcher.dedupe import Claims, GcsMarkers, MemoryMarkers, marker_key
-from job.dispatcher.envelope import Pushed
+from job.dispatcher.envelope import Envelope
 from job.dispatcher.executions import (
     find_execution,
     job_max_retries,
@@ -55,9 +55,9 @@ def check_credentials() -> None:
 
 
 class Dispatcher:
-    """Validate, dedupe, start the job, report bad input. Clients may be injected (tests);
-    otherwise they are made on first use, so the service starts and answers /health without
-    credentials. Each decision is its own short method over those clients."""
+    """What the dispatcher decides for one push: validate, dedupe, start the job, report bad
+    input, and the status each answer gets. Clients may be injected (tests); otherwise they are
+    made on first use, so the service starts and answers /health without credentials."""
 
     def __init__(
         self,
@@ -118,7 +118,7 @@ class Dispatcher:
         sweeper = Sweeper(self, self.admin, self.settings.sweep_limit, self.settings.sweep_budget_s)
         return Outcome(200, {"status": "swept", **sweeper.sweep()})
 
-    def dispatch(self, delivery: Pushed) -> Outcome:
+    def dispatch(self, delivery: Envelope) -> Outcome:
         """One push: a bad message is reported and acked; a duplicate starts nothing; a new
         message claims its marker, starts one execution and records it there. A push with no
         messageId could not be deduped or swept: it is refused, as no Pub/Sub push lacks one."""
@@ -159,7 +159,7 @@ class Dispatcher:
         )
         return Outcome(200, {"status": "started", "execution": execution, **ids})
 
-    def _claim(self, key: str, request, delivery: Pushed, ids: dict):
+    def _claim(self, key: str, request, delivery: Envelope, ids: dict):
         """The marker's generation, now this delivery's; or the Outcome when it is not."""
         try:
             claim = self.claims.claim(key, request.job_id, to_message(request), self._find)
@@ -209,7 +209,7 @@ class Dispatcher:
             {"status": "retry", "reason": f"Cloud Run API: {exc}"[:500], **ids},
         )
 
-    def _refuse(self, delivery: Pushed, error: JobError) -> Outcome:
+    def _refuse(self, delivery: Envelope, error: JobError) -> Outcome:
         """A bad message is reported `failed` and acknowledged; if the report cannot be
         published, Pub/Sub must redeliver so that it is not lost."""
         try:

@@ -98,9 +98,9 @@ def ended_unreported(clients: SweepClients, name: str, believed=None):
 
 
 class Sweeper:
-    """One sweep over the open entries of `dispatcher` (a service.Dispatcher): per entry, the
-    execution's state, then the result it still owes. Short methods over one sweep's clients
-    and counts."""
+    """One bounded sweep over the open entries of `dispatcher` (a service.Dispatcher): per
+    entry, the execution's state, then the result it still owes; `sweep()` returns what it
+    found and did, with the cursor the next call resumes from."""
 
     def __init__(self, dispatcher, clients: SweepClients, limit: int = 100, budget_s=30.0):
         self.dispatcher = dispatcher

@@ -67,8 +67,8 @@ def concurrent_write(prefix: str, what: str) -> JobError:
 
 class GcsCommit:
     """One writer's claim on a track, its fenced uploads, and its manifest (a context manager:
-    entering claims). One class because the claim's generation fences every later write;
-    each step is its own short method."""
+    entering claims). Every write after the claim is conditioned on a generation read while the
+    claim stood, so a writer that has lost the track cannot overwrite the one that holds it."""
 
     def __init__(self, storage, release_id: str, track_id: str):
         self.storage, self.release_id, self.track_id = storage, release_id, track_id

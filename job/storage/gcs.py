@@ -86,11 +86,9 @@ class _ChecksummedFile:
 
 
 class GcsStorage:
-    """Originals from allowed buckets; stems and manifests in `bucket`.
-
-    One class for the Storage protocol and the object primitives GcsCommit fences (upload,
-    generation, manifest put): they share one client, bucket and retry budget (`_call`). It
-    is long only in the sum of its methods, none of which is."""
+    """Originals from allowed buckets; stems and manifests in `bucket`: the Storage protocol
+    and the object primitives GcsCommit fences (upload, generation, the JSON put of the manifest
+    and the claim), over one client, bucket and retry budget (`_call`)."""
 
     def __init__(
         self,

@@ -15,8 +15,8 @@ from job.storage.base import MANIFEST, Original, atomic_write, check_size, publi
 
 
 class LocalStorage:
-    """Originals from local paths; stems under OUTPUT_DIR/RELEASE/TRACK/. The Storage
-    protocol's methods, each short; the path checks they share keep them in one class."""
+    """Originals from local paths; stems under OUTPUT_DIR/RELEASE/TRACK/: the Storage protocol
+    on a filesystem, every name checked before it becomes a path (IDs, INPUT_DIR)."""
 
     def __init__(
         self,
