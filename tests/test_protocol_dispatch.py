@@ -185,8 +185,9 @@ class Stems:
     def matches(self, request) -> bool:
         job = load_settings({})
         found = self.manifests.get(request.track_id)
-        asked = messages.outputs_of(request, job)
-        return manifest.matches(found, self.identity(request.original_uri), job, asked)
+        asked = messages.outputs_of(request, job.outputs)
+        recipe = manifest.Recipe.of(job)
+        return manifest.matches(found, self.identity(request.original_uri), recipe, asked)
 
 
 class Results:
@@ -342,7 +343,7 @@ class DispatchProtocol(RuleBasedStateMachine):
         ids = messages.request_ids(request)
         if exit in ("0", "sigkill-after-manifest"):
             identity = self.stems.identity(request.original_uri)
-            asked = messages.outputs_of(request, job_settings)
+            asked = messages.outputs_of(request, job_settings.outputs)
             made = self.stems.made_for(request, asked, identity)
             self.stems.manifests[request.track_id] = made
         if exit.startswith("sigkill"):

@@ -293,6 +293,7 @@ class _Collect(logging.Handler):
 def main(argv) -> None:
     """The child: limit and fence itself, decode, answer once in JSON on the pipe it was given."""
     fd, path, target, max_duration_s, memory_mb = argv
+    confine.preload()
     answer = Connection(int(fd), readable=False)
     limit = int(memory_mb) << 20
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))

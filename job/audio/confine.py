@@ -120,6 +120,16 @@ def drop_capabilities() -> str:
     return "dropped"
 
 
+def preload() -> None:
+    """Load libseccomp before the child opens anything: pyseccomp finds it with ctypes'
+    find_library, which runs ldconfig as a process of its own (a pipe and /dev/null, for a
+    moment). Done first, the decoder's descriptors are only ever its answer and its files."""
+    try:
+        import pyseccomp  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        pass  # confine() reports it when it tries the filter
+
+
 def _filter():
     """The seccomp filter: everything allowed but what the module docstring lists."""
     import pyseccomp as seccomp  # loads libseccomp; ImportError/RuntimeError where it is absent

@@ -229,5 +229,6 @@ class Sweeper:
             original = storage.describe_original(request.original_uri, trusted=True)
         except JobError:  # gone or unreadable: nothing to vouch for
             return None
-        asked = outputs_of(request, settings)
-        return found if manifest.matches(found, original.identity, settings, asked) else None
+        asked = outputs_of(request, settings.outputs)
+        recipe = manifest.Recipe.of(settings)
+        return found if manifest.matches(found, original.identity, recipe, asked) else None
