@@ -22,7 +22,7 @@ publish, a published-record, an ack that may each fail: a message never gets two
 the record and the ack both failed: the documented window), and once acked or dead-lettered it
 has exactly one (unless the publish failed on its last delivery).
 
-`hack/protocol_check.py` runs many more examples with a seed.
+`hack/protocol-check` runs many more examples with a seed.
 """
 
 import threading
