@@ -12,13 +12,15 @@ topic missing or forbidden) nacks everything held and exits 78: no message can s
 worker, and none may be concluded as failed for it.
 
 Exactly one result per message: on its last delivery before the dead-letter topic (the
-subscription's dead-letter policy, read at start, or MAX_DELIVERY_ATTEMPTS) a retryable failure
-is published as `failed` and acked rather than dead-lettered unheard. An ack that fails after
+subscription's dead-letter policy, or MAX_DELIVERY_ATTEMPTS) a retryable failure is published
+as `failed` and acked rather than dead-lettered unheard. The policy is read when a delivery
+first fails, not at start: an empty queue's job exits at once. An ack that fails after
 the publish is logged, not raised: the message may come back, and each delivery first looks for
 the record the drain keeps of every result it published (`Storage.published`), so a redelivery
 is acked without a second result or a second separation.
 """
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -64,9 +66,11 @@ class Concluder:
     clients and the model, so that tests/test_protocol_commit.py drives it over many
     deliveries."""
 
-    def __init__(self, publisher, storage, last_delivery: int = 0):
+    def __init__(self, publisher, storage, last_delivery):
         self.publisher, self.storage = publisher, storage
-        self.last_delivery = last_delivery  # the delivery attempt that is a message's last
+        # () -> the delivery attempt that is a message's last (0: none is), asked only when a
+        # delivery fails: an empty queue or a batch that succeeds never reads the policy
+        self.last_delivery = last_delivery
         self.outcomes = []  # an exit code per message concluded or given back
 
     def conclude(self, received, result: dict, keeper: LeaseKeeper) -> None:
@@ -107,7 +111,8 @@ class Concluder:
             raise ConfigError(failure.message)
 
     def is_last(self, received) -> bool:
-        return bool(self.last_delivery) and delivery_attempt(received) >= self.last_delivery
+        attempt = delivery_attempt(received)  # 0 without a dead-letter policy
+        return bool(attempt) and 0 < self.last_delivery() <= attempt
 
     def record(self, received, result: dict) -> None:
         """Keep the record that this message's result is published (before the ack, which
@@ -175,7 +180,12 @@ class Drainer:
         self.publisher = runtime.results_publisher(settings)
         self.storage = runtime.make_storage(settings, restrict_inputs=True)
         self.model_cache = None
-        self.concluder = Concluder(self.publisher, self.storage)
+        limit = functools.cache(
+            lambda: dead_letter_limit(
+                self.subscriber, self.subscription, settings.max_delivery_attempts
+            )
+        )
+        self.concluder = Concluder(self.publisher, self.storage, limit)
         self.outcomes = self.concluder.outcomes
         self.finishing = None  # ((release, track), thread) of the track finishing
         self.finish_error = None
@@ -309,9 +319,6 @@ class Drainer:
     def run(self) -> int:
         wanted = self.settings.max_messages
         runtime.preflight(self.settings, self.storage, self.publisher)
-        self.concluder.last_delivery = dead_letter_limit(
-            self.subscriber, self.subscription, self.settings.max_delivery_attempts
-        )
         with LeaseKeeper(self.subscriber, self.subscription, LEASE_S) as keeper:
             while len(self.outcomes) < wanted and not self.cancel.is_set():
                 batch = pull(

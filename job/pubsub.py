@@ -126,9 +126,10 @@ def delivery_attempt(message) -> int:
 
 def dead_letter_limit(subscriber, subscription_path: str, fallback: int) -> int:
     """The delivery attempt after which the subscription dead-letters a message: its
-    dead-letter policy's `max_delivery_attempts` (0: it has none, nothing is dead-lettered),
-    read once at start; `fallback` (MAX_DELIVERY_ATTEMPTS) when the policy cannot be read,
-    as with the subscriber role alone, which may pull but not get the subscription."""
+    dead-letter policy's `max_delivery_attempts` (0: it has none, nothing is dead-lettered);
+    `fallback` (MAX_DELIVERY_ATTEMPTS) when the policy cannot be read, as with the subscriber
+    role alone, which may pull but not get the subscription. The drain asks once, when a
+    delivery first fails."""
     try:
         subscription = subscriber.get_subscription(
             request={"subscription": subscription_path}, timeout=10.0, retry=None

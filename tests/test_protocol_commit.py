@@ -358,7 +358,7 @@ class Deliveries(RuleBasedStateMachine):
         super().__init__()
         self.bucket = Bucket()
         self.publisher, self.keeper = FakePublisher(), FakeKeeper()
-        self.concluder = Concluder(self.publisher, BucketStorage(self.bucket), LAST)
+        self.concluder = Concluder(self.publisher, BucketStorage(self.bucket), lambda: LAST)
         self.attempt = 0
         self.acked = self.dead = False
         self.excused = False  # a documented window was used (record and ack both failed)
